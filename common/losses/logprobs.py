@@ -1,0 +1,75 @@
+"""Log-probabilities and entropies of sampled tokens without a float32 ``log_softmax`` over ``(B, T, V)``.
+
+Naive reference (what this module equals, to float rounding)::
+
+    logits = hidden @ W.T / temperature                            # (N, V) float32
+    logp   = logits.log_softmax(-1).gather(-1, targets[:, None])   # (N,)
+    H      = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+
+Here the rows are processed in chunks of ``chunk_size`` and each chunk is wrapped in activation
+checkpointing, so neither the forward nor the backward pass holds more than one ``(chunk_size, V)`` block of
+logits: peak memory is O(chunk_size·V) instead of O(N·V), for one extra chunk matmul in the backward pass.
+Only the rows that are needed (completion positions) are passed in.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+
+def _chunk_logprobs_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, inv_temp: float):
+    logits = F.linear(hidden, weight, bias).float() * inv_temp  # (n, V) float32
+    lse = torch.logsumexp(logits, dim=-1)  # (n,)
+    logp = logits.gather(-1, targets[:, None]).squeeze(-1) - lse  # (n,)
+    probs = torch.softmax(logits, dim=-1)
+    entropy = lse - (probs * logits).sum(-1)  # (n,)  H = lse − E_p[logit]
+    return logp, entropy
+
+
+def token_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    *,
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+) -> tuple[Tensor, Tensor]:
+    """Log-prob and entropy of ``targets`` under ``softmax(hidden @ weight.T / temperature)``.
+
+    Shapes: hidden (N, H), weight (V, H), targets (N,) -> logprobs (N,) float32, entropy (N,) float32.
+    Gradients flow to ``hidden`` and ``weight`` through both outputs.
+    """
+    if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
+        raise ValueError(f"hidden must be (N, H) and targets (N,), got {tuple(hidden.shape)} and {tuple(targets.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+    inv_temp = 1.0 / temperature
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    logps, ents = [], []
+    for s in range(0, hidden.shape[0], chunk_size):  # ok: loop over chunks of rows, not samples
+        args = (hidden[s : s + chunk_size], weight, bias, targets[s : s + chunk_size], inv_temp)
+        lp, ent = checkpoint(_chunk_logprobs_entropy, *args, use_reentrant=False) if needs_grad else _chunk_logprobs_entropy(*args)
+        logps.append(lp)
+        ents.append(ent)
+    if not logps:
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return empty, empty
+    return torch.cat(logps), torch.cat(ents)
+
+
+def selective_log_softmax(logits: Tensor, targets: Tensor, *, temperature: float = 1.0, chunk_size: int = 1024) -> Tensor:
+    """``log_softmax(logits / temperature).gather(-1, targets)`` for logits that already exist, one chunk of
+    rows at a time in float32. Shapes: logits (..., V), targets (...) -> (...) float32."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    idx = targets.reshape(-1)
+    out = []
+    for s in range(0, flat.shape[0], chunk_size):  # ok: loop over chunks of rows
+        chunk = flat[s : s + chunk_size].float() / temperature
+        out.append(chunk.gather(-1, idx[s : s + chunk_size, None]).squeeze(-1) - torch.logsumexp(chunk, -1))
+    return torch.cat(out).reshape(targets.shape) if out else logits.new_zeros(targets.shape, dtype=torch.float32)

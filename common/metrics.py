@@ -1,0 +1,98 @@
+"""Evaluation metrics over groups of sampled answers (torchmetrics, summed across processes).
+
+`P` prompts, `n` samples per prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+
+def pass_at_k(correct: Tensor, k: int) -> Tensor:
+    """Unbiased pass@k per prompt (Chen et al. 2021, arXiv 2107.03374, eq. 1 and its numerically stable form):
+
+        pass@k = 1 - C(n - c, k) / C(n, k) = 1 - prod_{i = n-c+1}^{n} (1 - k / i)
+
+    with `n` samples and `c` correct ones. When n - c < k the product has the factor i = k,
+    which is 0, so pass@k = 1 with no special case.
+
+    Shapes: correct (P, n) bool -> (P,) float64.
+    """
+    if correct.dim() != 2 or correct.dtype != torch.bool:
+        raise ValueError(f"correct must be a (P, n) bool tensor, got {correct.dtype} of shape {tuple(correct.shape)}")
+    n = correct.shape[1]
+    if not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 1 <= k <= n samples per prompt, got k={k}, n={n}")
+    c = correct.sum(dim=1, keepdim=True)  # (P, 1)
+    i = torch.arange(1, n + 1, device=correct.device, dtype=torch.float64)  # (n,)
+    factors = torch.where(i > n - c, 1.0 - k / i, torch.ones_like(i))  # (P, n)
+    return 1.0 - factors.prod(dim=1)  # (P,)
+
+
+class PassAtK(Metric):
+    """Mean unbiased pass@k over prompts (see `pass_at_k`). `update(correct)` with correct (P, n) bool, n >= k."""
+
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive int, got {k!r}")
+        self.k = k
+        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, correct: Tensor) -> None:
+        scores = pass_at_k(correct, self.k)  # (P,)
+        self.total += scores.sum()
+        self.count += scores.numel()
+
+    def compute(self) -> Tensor:
+        return self.total / self.count
+
+
+def majority_vote(answers: Sequence[str | None]) -> str | None:
+    """Most frequent non-None answer; ties go to the answer that appears first; None if there is none."""
+    counts: dict[str, int] = {}  # insertion order = first occurrence
+    for answer in answers:
+        if answer is not None:
+            counts[answer] = counts.get(answer, 0) + 1
+    return max(counts, key=counts.__getitem__) if counts else None  # max keeps the first of equal maxima
+
+
+class MajorityAtK(Metric):
+    """maj@k: accuracy of the majority vote over the first `k` answers of each prompt.
+
+    `update(answers, targets)`: answers[p] holds at least k answers (str, or None for "no
+    answer", which never wins); targets[p] the reference. Answers are compared as strings,
+    so normalise them first (e.g. with `common.rewards.math.last_number`).
+    """
+
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive int, got {k!r}")
+        self.k = k
+        self.add_state("correct", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, answers: Sequence[Sequence[str | None]], targets: Sequence[str]) -> None:
+        if len(answers) != len(targets):
+            raise ValueError(f"answers and targets must have the same length, got {len(answers)} and {len(targets)}")
+        for p, prompt_answers in enumerate(answers):
+            if len(prompt_answers) < self.k:
+                raise ValueError(f"answers[{p}] has {len(prompt_answers)} answers, maj@{self.k} needs >= {self.k}")
+        hits = sum(majority_vote(a[: self.k]) == t for a, t in zip(answers, targets))  # a None vote never equals a str
+        self.correct += hits
+        self.count += len(targets)
+
+    def compute(self) -> Tensor:
+        return self.correct.double() / self.count

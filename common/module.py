@@ -1,0 +1,267 @@
+"""PolicyOptimizationModule: the one RL update loop every domain shares (DESIGN.md, "The update loop").
+
+One ``training_step`` on a batch of prompts:
+
+    1. rollout(prompts)            -> RolloutBatch, G samples per prompt          (domain)
+    2. score(rollouts)             -> rewards (B,), components (B, K)            (domain)
+    3. reference / old log-probs   (reference = adapter disabled under LoRA)
+    4. advantage(rollouts)         -> (B,) or (B, T)                              (YAML: common.advantages.*)
+    5. select(rollouts)            -> filters, down-sampling, buffers            (YAML: common.sampling.*)
+    6. mu epochs over minibatches  -> loss (YAML: common.losses.*), backward, clip, step
+    7. log                         -> train/*, perf/*, sample completions
+
+Domains override ``rollout``, ``score`` and (for non-causal-LM policies) ``sequence_logprobs``. The Trainer
+owns devices, precision, logging and checkpointing; this module owns the algorithm.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from common.advantages.base import AdvantageEstimator
+from common.advantages.group import GRPO
+from common.batch import RolloutBatch
+from common.losses.aggregate import Normaliser
+from common.losses.kl import kl_estimate
+from common.losses.logprobs import token_logprobs
+from common.losses.ppo_clip import ClippedPolicyLoss
+from common.models import LoRA, PolicySource, TinyLlama
+from common.ops import masked_mean
+from common.rewards.base import RewardFunction, reward_name, score_components
+from common.sampling.base import Selector
+from common.rollout.base import RolloutBackend, Sampling
+from common.rollout.hf import HFBackend
+
+class PolicyOptimizationModule(L.LightningModule):
+    """The shared GRPO-family update loop (manual optimisation).
+
+    Args:
+        policy: where the policy comes from (``common.models.BundledSmolLM2``, ``Pretrained``, ``TinyLlama``).
+        rewards: reward functions ``fn(completions, samples) -> (B,)``; their weighted sum is the reward.
+        reward_weights: one weight per reward function (default all 1).
+        reward_failure: "raise" (default: name the failing prompt and completion) or "zero" (score 0, count it).
+        advantage: the advantage estimator (default GRPO with group std).
+        loss: the policy loss (default ``ClippedPolicyLoss()``: GRPO's clip 0.2, no KL).
+        selector: optional filter / down-sampler / buffer applied after advantages (step 5).
+        rollout_backend: generation backend (default HF ``generate``).
+        sampling: sampling options for training rollouts.
+        group_size: G, completions per prompt.
+        mu: epochs over each rollout batch (GRPO's μ; 1 = one pass).
+        minibatch_size: rows per optimiser step (default: the whole rollout batch, one step per rollout).
+        micro_batch_size: rows per forward/backward (gradient accumulation; does not change the result).
+        kl_in_reward: coefficient of the per-sequence KL (k1) subtracted from the reward (0 = off; the
+            in-loss KL is the loss's ``beta``).
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        max_grad_norm: gradient clipping by global norm (0 = off).
+        lora: LoRA adapters (None = full fine-tuning).
+        logprob_chunk_size: rows per chunk of the chunked log-softmax.
+        log_samples_every: steps between sample completions written to TensorBoard (0 = never).
+    """
+
+    def __init__(
+        self,
+        policy: PolicySource | None = None,
+        rewards: Sequence[RewardFunction] = (),
+        reward_weights: Sequence[float] | None = None,
+        reward_failure: Literal["raise", "zero"] = "raise",
+        advantage: AdvantageEstimator | None = None,
+        loss: ClippedPolicyLoss | None = None,
+        selector: Selector | None = None,
+        rollout_backend: RolloutBackend | None = None,
+        sampling: Sampling | None = None,
+        group_size: int = 8,
+        mu: int = 1,
+        minibatch_size: int | None = None,
+        micro_batch_size: int | None = None,
+        kl_in_reward: float = 0.0,
+        lr: float = 1e-5,
+        weight_decay: float = 0.0,
+        max_grad_norm: float = 1.0,
+        lora: LoRA | None = None,
+        logprob_chunk_size: int = 1024,
+        log_samples_every: int = 10,
+    ):
+        super().__init__()
+        problems = []
+        if group_size < 1:
+            problems.append(f"group_size must be >= 1, got {group_size}")
+        if mu < 1:
+            problems.append(f"mu must be >= 1, got {mu}")
+        for name, v in (("minibatch_size", minibatch_size), ("micro_batch_size", micro_batch_size)):
+            if v is not None and v < 1:
+                problems.append(f"{name} must be a positive integer or None, got {v}")
+        if reward_weights is not None and len(reward_weights) != len(rewards):
+            problems.append(f"reward_weights has {len(reward_weights)} entries for {len(rewards)} reward functions")
+        if reward_failure not in ("raise", "zero"):
+            problems.append(f"reward_failure must be 'raise' or 'zero', got {reward_failure!r}")
+        if problems:
+            raise ValueError(f"{type(self).__name__}: " + "; ".join(problems))
+        self.automatic_optimization = False
+        self.source = policy if policy is not None else TinyLlama()
+        self.reward_fns = list(rewards)
+        self.register_buffer("reward_weights", torch.tensor(list(reward_weights or [1.0] * len(self.reward_fns)), dtype=torch.float32), persistent=False)
+        self.reward_failure = reward_failure
+        self.advantage = advantage if advantage is not None else GRPO()
+        self.loss_fn = loss if loss is not None else ClippedPolicyLoss()
+        self.selector = selector
+        self.backend = rollout_backend if rollout_backend is not None else HFBackend()
+        self.sampling = sampling if sampling is not None else Sampling()
+        self.group_size, self.mu = group_size, mu
+        self.minibatch_size, self.micro_batch_size = minibatch_size, micro_batch_size
+        self.kl_in_reward, self.lr, self.weight_decay, self.max_grad_norm = kl_in_reward, lr, weight_decay, max_grad_norm
+        self.lora, self.logprob_chunk_size, self.log_samples_every = lora, logprob_chunk_size, log_samples_every
+        self.policy, self.tokenizer = self.source.load()
+        # Dropout stays off (eval mode) throughout: the ratio π/π_old must be exactly 1 on the first pass, and
+        # sampling, old and reference log-probs must see the same function. (Lightning warns about eval-mode
+        # modules at fit start; that is intended.)
+        self.policy.eval()
+        if lora is not None:
+            self.policy = lora.apply(self.policy)
+        self.reference = None
+        if (self.loss_fn.needs_reference or kl_in_reward > 0) and lora is None:
+            self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
+        self.register_buffer("reward_failures", torch.zeros((), dtype=torch.long))
+
+    # ------------------------------------------------------------------ domain hooks
+    def rollout(self, prompts: Any, *, greedy: bool = False, num_samples: int | None = None) -> RolloutBatch:
+        """Step 1: sample completions for a batch of prompts (domain-specific)."""
+        raise NotImplementedError
+
+    def score(self, rollouts: RolloutBatch) -> RolloutBatch:
+        """Step 2: rewards (B,) as the weighted sum of the reward functions' components (B, K)."""
+        comps, failed = score_components(self.reward_fns, rollouts.completions, rollouts.samples, self.reward_failure)
+        comps = comps.to(self.device)
+        self.reward_failures += failed.sum().to(self.reward_failures.device)
+        rewards = comps @ self.reward_weights.to(comps.device) if comps.shape[1] else torch.zeros(rollouts.batch_size, device=self.device)
+        return rollouts.replace(rewards=rewards, reward_components=comps, reward_names=tuple(reward_name(f) for f in self.reward_fns))
+
+    def sequence_logprobs(self, batch: RolloutBatch, model: torch.nn.Module | None = None) -> tuple[Tensor, Tensor]:
+        """Log-probs and entropies of the completion tokens under ``model`` (default the policy), at the sampling
+        temperature, with logits only at completion positions. Shapes: -> (B, T), (B, T) float32; 0 off the mask."""
+        model = model if model is not None else self.policy
+        attn = batch.attention_mask  # (B, P + T)
+        position_ids = (attn.long().cumsum(1) - 1).clamp(min=0)  # as generate() builds them for left padding
+        hidden = model.get_decoder()(input_ids=batch.input_ids, attention_mask=attn.long(), position_ids=position_ids).last_hidden_state
+        P, T = batch.prompt_ids.shape[1], batch.completion_ids.shape[1]
+        h = hidden[:, P - 1 : P + T - 1]  # (B, T, H): the positions that predict completion tokens
+        m = batch.completion_mask  # (B, T)
+        head = model.get_output_embeddings()
+        lp, ent = token_logprobs(h[m], head.weight, batch.completion_ids[m], bias=head.bias,
+                                 temperature=self.sampling.temperature, chunk_size=self.logprob_chunk_size)  # (N,), (N,)
+        logprobs = torch.zeros(m.shape, device=lp.device, dtype=lp.dtype).masked_scatter(m, lp)
+        entropy = torch.zeros(m.shape, device=ent.device, dtype=ent.dtype).masked_scatter(m, ent)
+        return logprobs, entropy
+
+    # ------------------------------------------------------------------ the loop
+    def training_step(self, prompts: Any, batch_idx: int) -> None:
+        t0 = time.perf_counter()
+        rollouts = self.rollout(prompts)  # 1
+        t1 = time.perf_counter()
+        rollouts = self.score(rollouts)  # 2
+        rollouts = self.reference_logprobs(rollouts)  # 3
+        rollouts = rollouts.replace(advantages=self.advantage(rollouts))  # 4
+        raw = rollouts
+        if self.selector is not None:  # 5
+            rollouts = self.selector(rollouts)
+        t2 = time.perf_counter()
+        metrics = self.update(rollouts) if rollouts.batch_size else {}  # 6
+        t3 = time.perf_counter()
+        self.log_step(raw, metrics, rollout_s=t1 - t0, prep_s=t2 - t1, update_s=t3 - t2)  # 7
+
+    @torch.no_grad()
+    def reference_logprobs(self, rollouts: RolloutBatch) -> RolloutBatch:
+        """Step 3: reference log-probs (if a KL term needs them) and KL-in-reward shaping.
+
+        Old log-probs are computed in :meth:`update` only when the policy moves before a row is used
+        (``mu > 1`` or several minibatches); with one optimiser step per rollout they equal the current
+        log-probs detached, so that forward pass is skipped.
+        """
+        if not (self.loss_fn.needs_reference or self.kl_in_reward > 0):
+            return rollouts
+        ref = self._micro_logprobs(rollouts, reference=True)
+        rollouts = rollouts.replace(ref_logprobs=ref)
+        if self.kl_in_reward > 0:
+            cur = self._micro_logprobs(rollouts, reference=False)
+            kl = (kl_estimate(cur, ref, "k1") * rollouts.completion_mask).sum(1)  # (B,)
+            rollouts = rollouts.replace(rewards=rollouts.rewards - self.kl_in_reward * kl)
+        return rollouts
+
+    def _micro_logprobs(self, rollouts: RolloutBatch, *, reference: bool) -> Tensor:
+        out = []
+        for micro in rollouts.split(self.micro_batch_size or rollouts.batch_size):
+            if reference and self.reference is None:  # LoRA: the reference is the adapter switched off
+                with self.policy.disable_adapter():
+                    out.append(self.sequence_logprobs(micro)[0])
+            else:
+                out.append(self.sequence_logprobs(micro, self.reference if reference else None)[0])
+        return torch.cat(out)
+
+    def update(self, rollouts: RolloutBatch) -> dict[str, Tensor]:
+        """Step 6: ``mu`` epochs over minibatches; gradient accumulation over micro-batches with the loss
+        normalised by the whole minibatch (so the split never changes the result)."""
+        opt = self.optimizers()
+        B = rollouts.batch_size
+        mb_size = self.minibatch_size or B
+        one_step = self.mu == 1 and mb_size >= B
+        if not one_step:
+            with torch.no_grad():
+                rollouts = rollouts.replace(old_logprobs=self._micro_logprobs(rollouts, reference=False))
+        totals: dict[str, Tensor] = {}
+        steps = 0
+        for _ in range(self.mu):
+            for mb in rollouts.split(mb_size):
+                norm = Normaliser.of(mb.completion_mask, self.sampling.max_new_tokens)
+                for micro in mb.split(self.micro_batch_size or mb.batch_size):
+                    logprobs, entropy = self.sequence_logprobs(micro)
+                    old = micro.old_logprobs if micro.old_logprobs is not None else logprobs.detach()
+                    out = self.loss_fn(logprobs, old, micro.advantages, micro.completion_mask,
+                                       ref_logprobs=micro.ref_logprobs, entropy=entropy, normaliser=norm)
+                    self.manual_backward(out.loss)
+                    for k, v in {"loss": out.loss.detach(), **out.metrics}.items():
+                        totals[k] = totals.get(k, 0.0) + v  # each is pre-divided by the minibatch normaliser
+                if self.max_grad_norm > 0:
+                    self.clip_gradients(opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                steps += 1
+        self.backend.sync_weights(self.policy)
+        return {k: v / steps for k, v in totals.items()}
+
+    # ------------------------------------------------------------------ logging
+    def log_step(self, rollouts: RolloutBatch, metrics: dict[str, Tensor], *, rollout_s: float, prep_s: float, update_s: float) -> None:
+        B = rollouts.batch_size
+        log = {f"train/{k}": v for k, v in metrics.items()}
+        log["train/reward"] = rollouts.rewards.mean()
+        for k, name in enumerate(rollouts.reward_names):
+            log[f"train/reward/{name}"] = rollouts.reward_components[:, k].mean()
+        if rollouts.correct is not None:
+            log["train/accuracy"] = rollouts.correct.float().mean()
+        adv = rollouts.advantages if rollouts.advantages.dim() == 1 else masked_mean(rollouts.advantages, rollouts.completion_mask, 1)
+        log["train/zero_adv_frac"] = (adv == 0).float().mean()
+        log["train/response_len"] = rollouts.lengths.float().mean()
+        log["train/reward_failures"] = self.reward_failures.float()
+        if rollouts.truncated is not None:
+            log["train/truncated_frac"] = rollouts.truncated.float().mean()
+        tokens = rollouts.lengths.sum().float()
+        log["perf/rollout_s"] = torch.tensor(rollout_s)
+        log["perf/update_s"] = torch.tensor(prep_s + update_s)
+        log["perf/tokens_per_s"] = tokens / max(rollout_s, 1e-9)
+        self.log_dict(log, prog_bar=False, on_step=True, on_epoch=False, batch_size=B)
+        self.log("reward", log["train/reward"], prog_bar=True, on_step=True, logger=False, batch_size=B)
+        step = self.global_step
+        if self.log_samples_every and step % self.log_samples_every == 0 and hasattr(self.logger, "experiment") and hasattr(self.logger.experiment, "add_text"):
+            lines = [f"**reward {float(r):.2f}** `{s.get('prompt', '')}` → `{c}`" for r, s, c in
+                     zip(rollouts.rewards[: self.group_size].tolist(), rollouts.samples, rollouts.completions)]
+            self.logger.experiment.add_text("samples", "\n\n".join(lines), step)
+
+    def configure_optimizers(self):
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)

@@ -1,0 +1,143 @@
+"""Group and mask primitives shared by every estimator and loss.
+
+Groups are given by ``group_ids: LongTensor[B]`` with values in ``[0, num_groups)``. Groups need not be
+contiguous (members may be interleaved) nor of equal size. Every reduction is a scatter (``index_add_``,
+``scatter_reduce_``) over ``group_ids``: no Python loop over samples or groups, no host sync.
+
+Group reductions return one value per group, shape ``(num_groups,)``; index with ``[group_ids]`` to
+broadcast back to samples. ``num_groups`` defaults to ``B``, an upper bound when every group is non-empty,
+so no ``max()`` has to be read back from the device; slots of empty groups hold 0 (sums, counts, means,
+stds) or the reduction's identity replaced by 0 (max, min, median).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "check_groups",
+    "group_sum",
+    "group_count",
+    "group_mean",
+    "group_std",
+    "group_max",
+    "group_min",
+    "group_median",
+    "masked_sum",
+    "masked_mean",
+]
+
+
+def check_groups(values: Tensor, group_ids: Tensor, num_groups: int | None = None, name: str = "rewards") -> int:
+    """Validate ``values (B, ...)`` against ``group_ids (B,)``; return ``num_groups`` (default ``B``).
+
+    Raises ``ValueError`` naming the argument for: a non-integer or non-1-D ``group_ids``, a length
+    mismatch, ids outside ``[0, num_groups)``, or values on another device.
+    """
+    if not torch.is_tensor(group_ids) or group_ids.dim() != 1 or group_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"group_ids must be a 1-D integer tensor (B,), got "
+            f"{getattr(group_ids, 'dtype', type(group_ids))} with shape {tuple(getattr(group_ids, 'shape', ()))}"
+        )
+    if not torch.is_tensor(values) or values.dim() == 0 or values.shape[0] != group_ids.shape[0]:
+        raise ValueError(
+            f"{name} must have the same leading size B as group_ids {tuple(group_ids.shape)}, "
+            f"got shape {tuple(getattr(values, 'shape', ()))}"
+        )
+    if values.device != group_ids.device:
+        raise ValueError(f"{name} is on {values.device} but group_ids is on {group_ids.device}; move both to one device")
+    n = group_ids.shape[0] if num_groups is None else int(num_groups)
+    if group_ids.numel() and bool(((group_ids < 0) | (group_ids >= max(n, 1))).any()):  # one check, one sync
+        raise ValueError(
+            f"group_ids must lie in [0, {n}) (num_groups={'B' if num_groups is None else n}), got values in "
+            f"[{int(group_ids.min())}, {int(group_ids.max())}]; renumber groups with torch.unique(..., return_inverse=True)"
+        )
+    return n
+
+
+def group_sum(x: Tensor, group_ids: Tensor, num_groups: int | None = None) -> Tensor:
+    """``out[k] = Σ_{i: g_i = k} x_i``. Shapes: x (B, ...), group_ids (B,) -> (num_groups, ...)."""
+    n = check_groups(x, group_ids, num_groups, "x")
+    out = x.new_zeros((n, *x.shape[1:]))
+    return out.index_add_(0, group_ids, x)
+
+
+def group_count(group_ids: Tensor, num_groups: int | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``n_k = #{i : g_i = k}``. Shapes: group_ids (B,) -> (num_groups,)."""
+    ones = torch.ones(group_ids.shape, dtype=dtype, device=group_ids.device)
+    return group_sum(ones, group_ids, num_groups)
+
+
+def group_mean(x: Tensor, group_ids: Tensor, num_groups: int | None = None) -> Tensor:
+    """``μ_k = (1/n_k) Σ_{g_i=k} x_i``; 0 for empty groups. Shapes: (B,) -> (num_groups,)."""
+    n = group_count(group_ids, num_groups, x.dtype)  # (N,)
+    return group_sum(x, group_ids, num_groups) / n.clamp(min=1)
+
+
+def group_std(x: Tensor, group_ids: Tensor, num_groups: int | None = None, ddof: int = 1) -> Tensor:
+    """Per-group standard deviation ``sqrt(Σ (x_i − μ_k)² / (n_k − ddof))``; ``ddof=1`` is the unbiased
+    estimate (``torch.std``'s default, used by verl and TRL). Groups with ``n_k <= ddof`` get 0.
+
+    Two-pass (centre first, then square) so that large equal values give exactly 0, not rounding noise.
+    Shapes: x (B,), group_ids (B,) -> (num_groups,).
+    """
+    mean = group_mean(x, group_ids, num_groups)  # (N,)
+    sq = group_sum((x - mean[group_ids]) ** 2, group_ids, num_groups)  # (N,)
+    dof = group_count(group_ids, num_groups, x.dtype) - ddof  # (N,)
+    return torch.where(dof > 0, sq / dof.clamp(min=1), torch.zeros_like(sq)).sqrt()
+
+
+def _group_extreme(x: Tensor, group_ids: Tensor, num_groups: int | None, reduce: str) -> Tensor:
+    n = check_groups(x, group_ids, num_groups, "x")
+    fill = torch.finfo(x.dtype).min if reduce == "amax" else torch.finfo(x.dtype).max
+    out = x.new_full((n,), fill).scatter_reduce_(0, group_ids, x, reduce=reduce, include_self=True)
+    empty = group_count(group_ids, n) == 0
+    return out.masked_fill(empty, 0.0)
+
+
+def group_max(x: Tensor, group_ids: Tensor, num_groups: int | None = None) -> Tensor:
+    """``max_{g_i=k} x_i``; 0 for empty groups. Shapes: (B,) -> (num_groups,)."""
+    return _group_extreme(x, group_ids, num_groups, "amax")
+
+
+def group_min(x: Tensor, group_ids: Tensor, num_groups: int | None = None) -> Tensor:
+    """``min_{g_i=k} x_i``; 0 for empty groups. Shapes: (B,) -> (num_groups,)."""
+    return _group_extreme(x, group_ids, num_groups, "amin")
+
+
+def group_median(x: Tensor, group_ids: Tensor, num_groups: int | None = None) -> Tensor:
+    """Per-group median; for an even group the mean of the two middle values (numpy's convention;
+    ``torch.median`` would return the lower one). 0 for empty groups. Shapes: (B,) -> (num_groups,).
+
+    Vectorised by one lexicographic sort on (group, value): sort by value, then stable-sort by group, so
+    group k occupies the sorted slice ``[start_k, start_k + n_k)`` and its middle elements are read directly.
+    """
+    n = check_groups(x, group_ids, num_groups, "x")
+    by_value = torch.argsort(x, stable=True)  # (B,)
+    by_group = torch.argsort(group_ids[by_value], stable=True)  # (B,)
+    sorted_x = x[by_value][by_group]  # (B,) grouped, ascending within each group
+    count = group_count(group_ids, n, torch.long)  # (N,)
+    start = torch.cumsum(count, 0) - count  # (N,)
+    last = sorted_x.numel() - 1
+    lo = (start + (count - 1).clamp(min=0) // 2).clamp(max=max(last, 0))  # (N,)
+    hi = (start + count // 2).clamp(max=max(last, 0))  # (N,)
+    if sorted_x.numel() == 0:
+        return x.new_zeros(n)
+    median = 0.5 * (sorted_x[lo] + sorted_x[hi])  # (N,)
+    return median.masked_fill(count == 0, 0.0)
+
+
+def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """``Σ x·m`` over ``dim`` (all if None). Positions outside the mask never contribute, even if NaN there."""
+    if mask.shape != x.shape:
+        raise ValueError(f"mask must have the shape of x {tuple(x.shape)}, got {tuple(mask.shape)}")
+    xm = torch.where(mask.bool(), x, torch.zeros_like(x))
+    return xm.sum() if dim is None else xm.sum(dim)
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """``Σ x·m / Σ m`` over ``dim``; 0 where the mask is empty (never NaN)."""
+    total = masked_sum(x, mask, dim)
+    count = mask.sum() if dim is None else mask.sum(dim)
+    return total / count.clamp(min=1).to(total.dtype)

@@ -1,0 +1,64 @@
+"""The protocol every generation backend implements (HF ``generate`` here, vLLM in ``vllm.py``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from torch import Tensor, nn
+
+from common.batch import RolloutBatch
+
+
+@dataclass
+class Sampling:
+    """Sampling options shared by every backend.
+
+    Args:
+        max_new_tokens: generation budget T_max per completion.
+        temperature: softmax temperature; log-probs are computed at the same temperature.
+        top_p: nucleus sampling mass (1.0 = off).
+        top_k: keep the k most likely tokens (0 = off).
+        stop_strings: end a completion when its text contains one of these (the stop string is kept).
+        logprobs: also return the sampler's log-probs of the sampled tokens (``behaviour_logprobs``).
+    """
+
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop_strings: tuple[str, ...] = ()
+    logprobs: bool = False
+
+    def __post_init__(self):
+        if self.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (use greedy=True for argmax decoding), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        self.stop_strings = tuple(self.stop_strings)
+
+
+@runtime_checkable
+class RolloutBackend(Protocol):
+    def generate(
+        self,
+        policy: nn.Module,
+        tokenizer,
+        prompt_ids: Tensor,  # (P, L) left-padded
+        prompt_mask: Tensor,  # (P, L) bool
+        num_samples: int,
+        sampling: Sampling,
+        *,
+        greedy: bool = False,
+    ) -> RolloutBatch:
+        """``num_samples`` completions per prompt; row ``p·num_samples + j`` is sample j of prompt p and
+        ``group_ids`` is ``p``. Token ids in, token ids out (text is decoded for rewards, never re-encoded)."""
+        ...
+
+    def sync_weights(self, policy: nn.Module) -> None:
+        """Make the backend sample from ``policy``'s current weights (a no-op when it shares them)."""
+        ...

@@ -1,0 +1,104 @@
+"""Rollouts with transformers' ``generate``: batched, KV-cached, ``n`` samples per prompt."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from common.batch import RolloutBatch
+from common.losses.logprobs import selective_log_softmax
+from common.rollout.base import Sampling
+
+
+def completion_mask(completion_ids: Tensor, eos_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Valid positions up to and including the first EOS, and whether an EOS was produced.
+
+    Shapes: completion_ids (B, T), eos_ids (E,) -> mask (B, T) bool, ended (B,) bool.
+    """
+    is_eos = torch.isin(completion_ids, eos_ids)  # (B, T)
+    after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0  # strictly after the first EOS
+    return ~after_eos, is_eos.any(1)
+
+
+def _stop_string_lengths(tokenizer, completion_ids: Tensor, mask: Tensor, stops: tuple[str, ...]) -> Tensor:
+    """Smallest prefix length whose text contains a stop string (binary search over prefixes; O(log T)
+    decodes per completion that contains one). Shapes: (B, T), (B, T) -> (B,) long, T+1 where none."""
+    lengths = torch.full((completion_ids.shape[0],), completion_ids.shape[1] + 1, dtype=torch.long)
+    rows = completion_ids.tolist()
+    valid = mask.sum(1).tolist()
+    for i, (ids, n) in enumerate(zip(rows, valid)):  # ok: host-side text search, only with stop strings
+        def hit(k: int) -> bool:
+            text = tokenizer.decode(ids[:k], skip_special_tokens=False)
+            return any(s in text for s in stops)
+
+        if not hit(n):
+            continue
+        lo, hi = 1, n
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if hit(mid) else (mid + 1, hi)
+        lengths[i] = lo
+    return lengths
+
+
+class HFBackend:
+    """``model.generate`` with sampling (or greedy), left-padded prompts, per-token behaviour log-probs.
+
+    The policy is the model being trained, so there are no weights to sync.
+    """
+
+    def sync_weights(self, policy: nn.Module) -> None:
+        return None
+
+    @torch.no_grad()
+    def generate(
+        self, policy: nn.Module, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, num_samples: int,
+        sampling: Sampling, *, greedy: bool = False,
+    ) -> RolloutBatch:
+        if num_samples <= 0:
+            raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
+        eos = policy.generation_config.eos_token_id if policy.generation_config.eos_token_id is not None else tokenizer.eos_token_id
+        eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=prompt_ids.device)
+        kwargs = dict(
+            input_ids=prompt_ids, attention_mask=prompt_mask.long(), max_new_tokens=sampling.max_new_tokens,
+            num_return_sequences=num_samples, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids.tolist(),
+            return_dict_in_generate=True, output_logits=sampling.logprobs, use_cache=True,
+        )
+        if greedy:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None)
+        if sampling.stop_strings:
+            kwargs.update(stop_strings=list(sampling.stop_strings), tokenizer=tokenizer)
+        was_training = policy.training
+        policy.eval()
+        out = policy.generate(**kwargs)
+        policy.train(was_training)
+
+        L = prompt_ids.shape[1]
+        completion_ids = out.sequences[:, L:]  # (B, T)
+        mask, ended = completion_mask(completion_ids, eos_ids)  # (B, T), (B,)
+        if sampling.stop_strings:
+            stop_len = _stop_string_lengths(tokenizer, completion_ids.cpu(), mask.cpu(), sampling.stop_strings)
+            stopped = stop_len <= completion_ids.shape[1]
+            pos = torch.arange(completion_ids.shape[1])
+            mask = mask & (pos[None, :] < stop_len[:, None]).to(mask.device)
+            ended = ended | stopped.to(ended.device)
+        behaviour = None
+        if sampling.logprobs:
+            logits = torch.stack(out.logits, dim=1)  # (B, T, V) raw logits of each step
+            temperature = 1.0 if greedy else sampling.temperature
+            behaviour = selective_log_softmax(logits, completion_ids, temperature=temperature).masked_fill(~mask, 0.0)
+        completion_ids = completion_ids.masked_fill(~mask, tokenizer.pad_token_id)
+        texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        P = prompt_ids.shape[0]
+        return RolloutBatch(
+            prompt_ids=prompt_ids.repeat_interleave(num_samples, 0),
+            prompt_mask=prompt_mask.bool().repeat_interleave(num_samples, 0),
+            completion_ids=completion_ids,
+            completion_mask=mask,
+            group_ids=torch.arange(P, device=prompt_ids.device).repeat_interleave(num_samples),
+            behaviour_logprobs=behaviour,
+            truncated=~ended,
+            completions=texts,
+        )

@@ -1,0 +1,16 @@
+"""Shared fixtures: tiny real models built from config, seeded; the bundled tokenizer; small prompt sets."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+@pytest.fixture(scope="session")
+def bundled_path():
+    from common.models import bundled_smollm2_path
+
+    return bundled_smollm2_path()
