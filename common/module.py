@@ -64,6 +64,8 @@ class PolicyOptimizationModule(L.LightningModule):
         lora: LoRA adapters (None = full fine-tuning).
         logprob_chunk_size: rows per chunk of the chunked log-softmax.
         log_samples_every: steps between sample completions written to TensorBoard (0 = never).
+        share_prompt: run each group's prompt once in the update and expand its key/value cache to the group's
+            rows (exact; about G times fewer prompt tokens). False = one plain forward per row.
     """
 
     def __init__(
@@ -88,6 +90,7 @@ class PolicyOptimizationModule(L.LightningModule):
         lora: LoRA | None = None,
         logprob_chunk_size: int = 1024,
         log_samples_every: int = 10,
+        share_prompt: bool = True,
     ):
         super().__init__()
         problems = []
@@ -118,6 +121,7 @@ class PolicyOptimizationModule(L.LightningModule):
         self.minibatch_size, self.micro_batch_size = minibatch_size, micro_batch_size
         self.kl_in_reward, self.lr, self.weight_decay, self.max_grad_norm = kl_in_reward, lr, weight_decay, max_grad_norm
         self.lora, self.logprob_chunk_size, self.log_samples_every = lora, logprob_chunk_size, log_samples_every
+        self.share_prompt = share_prompt
         self.policy, self.tokenizer = self.source.load()
         # Dropout stays off (eval mode) throughout: the ratio π/π_old must be exactly 1 on the first pass, and
         # sampling, old and reference log-probs must see the same function. (Lightning warns about eval-mode
@@ -147,11 +151,7 @@ class PolicyOptimizationModule(L.LightningModule):
         """Log-probs and entropies of the completion tokens under ``model`` (default the policy), at the sampling
         temperature, with logits only at completion positions. Shapes: -> (B, T), (B, T) float32; 0 off the mask."""
         model = model if model is not None else self.policy
-        attn = batch.attention_mask  # (B, P + T)
-        position_ids = (attn.long().cumsum(1) - 1).clamp(min=0)  # as generate() builds them for left padding
-        hidden = model.get_decoder()(input_ids=batch.input_ids, attention_mask=attn.long(), position_ids=position_ids).last_hidden_state
-        P, T = batch.prompt_ids.shape[1], batch.completion_ids.shape[1]
-        h = hidden[:, P - 1 : P + T - 1]  # (B, T, H): the positions that predict completion tokens
+        h = self.completion_hidden(model, batch)  # (B, T, H): hidden states that predict the completion tokens
         m = batch.completion_mask  # (B, T)
         head = model.get_output_embeddings()
         lp, ent = token_logprobs(h[m], head.weight, batch.completion_ids[m], bias=head.bias,
@@ -159,6 +159,37 @@ class PolicyOptimizationModule(L.LightningModule):
         logprobs = torch.zeros(m.shape, device=lp.device, dtype=lp.dtype).masked_scatter(m, lp)
         entropy = torch.zeros(m.shape, device=ent.device, dtype=ent.dtype).masked_scatter(m, ent)
         return logprobs, entropy
+
+    def completion_hidden(self, model: torch.nn.Module, batch: RolloutBatch) -> Tensor:
+        """Last-layer hidden states at the positions that predict the completion tokens. Shapes: -> (B, T, H).
+
+        The G rows of a group share one prompt, so the prompt is run once per group and its key/value cache
+        is expanded to the group's rows (gradients flow through the expansion, so this is exact, not an
+        approximation); only the completion tokens are run per row. A batch whose group rows differ in their
+        prompts takes the plain path: one forward over prompt + completion for every row.
+        """
+        decoder = model.get_decoder()
+        P = batch.prompt_ids.shape[1]
+        attn = batch.attention_mask.long()  # (B, P + T)
+        position_ids = (attn.cumsum(1) - 1).clamp(min=0)  # as generate() builds them for left padding
+        groups, inverse = torch.unique(batch.group_ids, return_inverse=True)  # (U,), (B,)
+        first = torch.full_like(groups, batch.batch_size).scatter_reduce_(
+            0, inverse, torch.arange(batch.batch_size, device=inverse.device), reduce="amin")  # (U,) a row per group
+        shared = self.share_prompt and len(groups) < batch.batch_size and bool(
+            (batch.prompt_ids == batch.prompt_ids[first][inverse]).all())
+        if not shared:
+            hidden = decoder(input_ids=batch.input_ids, attention_mask=attn, position_ids=position_ids).last_hidden_state
+            return hidden[:, P - 1 : -1]
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        prompt = decoder(input_ids=batch.prompt_ids[first], attention_mask=attn[first, :P],
+                         position_ids=position_ids[first, :P], past_key_values=cache, use_cache=True)  # (U, P, H)
+        cache.batch_select_indices(inverse)  # (U, ...) -> (B, ...) rows of the shared prompt cache
+        completion = decoder(input_ids=batch.completion_ids, attention_mask=attn, position_ids=position_ids[:, P:],
+                             past_key_values=cache, use_cache=True).last_hidden_state  # (B, T, H)
+        last_prompt = prompt.last_hidden_state[inverse, -1:]  # (B, 1, H) predicts the first completion token
+        return torch.cat([last_prompt, completion[:, :-1]], dim=1)
 
     # ------------------------------------------------------------------ the loop
     def training_step(self, prompts: Any, batch_idx: int) -> None:

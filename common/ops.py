@@ -19,6 +19,7 @@ __all__ = [
     "check_groups",
     "group_sum",
     "group_count",
+    "group_first",
     "group_mean",
     "group_std",
     "group_max",
@@ -65,12 +66,27 @@ def group_sum(x: Tensor, group_ids: Tensor, num_groups: int | None = None) -> Te
 
 def group_count(group_ids: Tensor, num_groups: int | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
     """``n_k = #{i : g_i = k}``. Shapes: group_ids (B,) -> (num_groups,)."""
+    check_groups(group_ids, group_ids, num_groups, "group_ids")
     ones = torch.ones(group_ids.shape, dtype=dtype, device=group_ids.device)
     return group_sum(ones, group_ids, num_groups)
 
 
+def group_first(x: Tensor, group_ids: Tensor, num_groups: int | None = None) -> Tensor:
+    """The value of each group's first member (lowest row); 0 for empty groups. Shapes: (B,) -> (num_groups,).
+
+    Subtracting it before a reduction makes the values of an all-equal group exactly 0, so their mean,
+    deviations and std are exactly 0 too (no rounding residue such as 7 x 0.1 / 7 != 0.1 in float32)."""
+    n = check_groups(x, group_ids, num_groups, "x")
+    B = group_ids.shape[0]
+    rows = torch.arange(B, device=group_ids.device)
+    first = torch.full((n,), B, dtype=torch.long, device=group_ids.device).scatter_reduce_(0, group_ids, rows, reduce="amin")
+    present = first < B
+    return torch.where(present, x[first.clamp(max=max(B - 1, 0))] if B else x.new_zeros(n), x.new_zeros(n))
+
+
 def group_mean(x: Tensor, group_ids: Tensor, num_groups: int | None = None) -> Tensor:
     """``μ_k = (1/n_k) Σ_{g_i=k} x_i``; 0 for empty groups. Shapes: (B,) -> (num_groups,)."""
+    check_groups(x, group_ids, num_groups, "x")
     n = group_count(group_ids, num_groups, x.dtype)  # (N,)
     return group_sum(x, group_ids, num_groups) / n.clamp(min=1)
 
@@ -79,9 +95,10 @@ def group_std(x: Tensor, group_ids: Tensor, num_groups: int | None = None, ddof:
     """Per-group standard deviation ``sqrt(Σ (x_i − μ_k)² / (n_k − ddof))``; ``ddof=1`` is the unbiased
     estimate (``torch.std``'s default, used by verl and TRL). Groups with ``n_k <= ddof`` get 0.
 
-    Two-pass (centre first, then square) so that large equal values give exactly 0, not rounding noise.
-    Shapes: x (B,), group_ids (B,) -> (num_groups,).
+    Values are shifted by a member of their group (:func:`group_first`) and then centred (two passes), so an
+    all-equal group gives exactly 0, not rounding noise. Shapes: x (B,), group_ids (B,) -> (num_groups,).
     """
+    x = x - group_first(x, group_ids, num_groups)[group_ids]  # (B,) exact zeros for equal groups
     mean = group_mean(x, group_ids, num_groups)  # (N,)
     sq = group_sum((x - mean[group_ids]) ** 2, group_ids, num_groups)  # (N,)
     dof = group_count(group_ids, num_groups, x.dtype) - ddof  # (N,)

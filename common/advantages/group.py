@@ -14,11 +14,13 @@ from torch import Tensor
 
 from common.advantages.base import AdvantageEstimator, check_rewards
 from common.batch import RolloutBatch
-from common.ops import check_groups, group_count, group_mean, group_std, group_sum
+from common.ops import check_groups, group_count, group_first, group_mean, group_std, group_sum
 
-# A group's rewards count as "all equal" when their std is below this fraction of (1 + |mean|): dividing
-# float rounding noise (r_i − μ ≈ 1e-8 for equal rewards like 0.1) by (σ + eps) would give spurious ±O(1).
-_EQUAL_REL_TOL = 1e-6
+
+def _shifted(rewards: Tensor, group_ids: Tensor, num_groups: int) -> Tensor:
+    """Rewards minus a member of their group: advantages are shift-invariant per group, and an all-equal
+    group becomes exact zeros, so its advantage is exactly 0 (no float residue such as 7 x 0.1 / 7 != 0.1)."""
+    return rewards - group_first(rewards, group_ids, num_groups)[group_ids]  # (B,)
 
 
 def grpo(
@@ -38,18 +40,16 @@ def grpo(
     Shapes: rewards (B,), group_ids (B,) -> (B,). All-equal groups and groups of one give exactly 0.
     """
     check_rewards(rewards)
-    num_groups = check_groups(rewards, group_ids, num_groups)
-    mu = group_mean(rewards, group_ids, num_groups)  # (N,)
-    sigma = group_std(rewards, group_ids, num_groups)  # (N,)
-    equal = (sigma <= _EQUAL_REL_TOL * (1 + mu.abs()))[group_ids]  # (B,)
-    centred = rewards - mu[group_ids]  # (B,)
-    if scale == "group":
-        centred = centred / (sigma[group_ids] + eps)
-    elif scale == "batch":
-        centred = centred / (rewards.std(unbiased=True) + eps) if rewards.numel() > 1 else centred
-    elif scale != "none":
+    if scale not in ("group", "batch", "none"):
         raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
-    return centred.masked_fill(equal, 0.0)
+    num_groups = check_groups(rewards, group_ids, num_groups)
+    r = _shifted(rewards, group_ids, num_groups)  # (B,)
+    centred = r - group_mean(r, group_ids, num_groups)[group_ids]  # (B,) exactly 0 in all-equal groups
+    if scale == "group":
+        return centred / (group_std(r, group_ids, num_groups)[group_ids] + eps)
+    if scale == "batch" and rewards.numel() > 1:
+        return centred / (rewards.std(unbiased=True) + eps)
+    return centred
 
 
 def dr_grpo(rewards: Tensor, group_ids: Tensor, *, num_groups: int | None = None) -> Tensor:
@@ -69,10 +69,11 @@ def rloo(rewards: Tensor, group_ids: Tensor, *, num_groups: int | None = None) -
     """
     check_rewards(rewards)
     num_groups = check_groups(rewards, group_ids, num_groups)
+    r = _shifted(rewards, group_ids, num_groups)  # (B,)
     n = group_count(group_ids, num_groups, rewards.dtype)[group_ids]  # (B,)
-    others = group_sum(rewards, group_ids, num_groups)[group_ids] - rewards  # (B,)
+    others = group_sum(r, group_ids, num_groups)[group_ids] - r  # (B,)
     baseline = others / (n - 1).clamp(min=1)  # (B,)
-    return torch.where(n > 1, rewards - baseline, torch.zeros_like(rewards))
+    return torch.where(n > 1, r - baseline, torch.zeros_like(r))
 
 
 def reinforce_pp(rewards: Tensor, group_ids: Tensor, *, eps: float = 1e-6, num_groups: int | None = None) -> Tensor:
@@ -86,9 +87,8 @@ def reinforce_pp(rewards: Tensor, group_ids: Tensor, *, eps: float = 1e-6, num_g
     centred = grpo(rewards, group_ids, scale="none", num_groups=num_groups)  # (B,)
     if centred.numel() < 2:
         return torch.zeros_like(centred)
-    std = centred.std(unbiased=True)
-    white = (centred - centred.mean()) / (std + eps)
-    return torch.where(std > _EQUAL_REL_TOL, white, torch.zeros_like(white))
+    shifted = centred - centred[0]  # exact zeros when every A' is equal
+    return (shifted - shifted.mean()) / (shifted.std(unbiased=True) + eps)
 
 
 class GRPO(AdvantageEstimator):
@@ -132,6 +132,8 @@ class ReinforcePP(AdvantageEstimator):
     """
 
     def __init__(self, eps: float = 1e-6):
+        if eps < 0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
         self.eps = eps
 
     def __call__(self, batch: RolloutBatch) -> Tensor:  # (B,)

@@ -32,7 +32,7 @@ def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, estimator: KLEstimator =
     elif estimator == "k2":
         kl = 0.5 * delta**2
     elif estimator == "k3":
-        kl = torch.exp(delta) - delta - 1.0
+        kl = torch.expm1(delta) - delta  # expm1 keeps k3 >= 0 in float32 near δ = 0
     else:
         raise ValueError(f"kl estimator must be 'k1', 'k2' or 'k3', got {estimator!r}")
     return kl.clamp(-_MAX_KL, _MAX_KL)

@@ -66,6 +66,10 @@ def token_logprobs(
 def selective_log_softmax(logits: Tensor, targets: Tensor, *, temperature: float = 1.0, chunk_size: int = 1024) -> Tensor:
     """``log_softmax(logits / temperature).gather(-1, targets)`` for logits that already exist, one chunk of
     rows at a time in float32. Shapes: logits (..., V), targets (...) -> (...) float32."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
     flat = logits.reshape(-1, logits.shape[-1])
     idx = targets.reshape(-1)
     out = []

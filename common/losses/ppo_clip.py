@@ -121,6 +121,8 @@ class ClippedPolicyLoss:
             problems.append(f"beta must be >= 0, got {beta}")
         if kl_estimator not in ("k1", "k2", "k3"):
             problems.append(f"kl_estimator must be 'k1', 'k2' or 'k3', got {kl_estimator!r}")
+        if entropy_coef < 0:
+            problems.append(f"entropy_coef must be >= 0 (it weights a bonus), got {entropy_coef}")
         if problems:
             raise ValueError("ClippedPolicyLoss: " + "; ".join(problems))
         self.eps_low, self.eps_high, self.dual_clip, self.ratio_level = eps_low, eps_high, dual_clip, ratio_level

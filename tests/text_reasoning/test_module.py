@@ -135,3 +135,17 @@ def test_kl_penalty_uses_a_frozen_reference_and_lora_uses_the_disabled_adapter()
         expected = lora.sequence_logprobs(batch)[0]
     torch.testing.assert_close(ref, expected)
     assert not torch.allclose(ref, lora.sequence_logprobs(batch)[0].detach())
+
+
+def test_shared_prompt_forward_equals_the_plain_forward_with_gradients():
+    """Running each group's prompt once and expanding its KV cache gives the same log-probs and gradients."""
+    shared, plain = make_module(share_prompt=True), make_module(share_prompt=False)
+    torch.manual_seed(0)
+    batch = shared.rollout([{"prompt": "1+2"}, {"prompt": "12345+678"}], num_samples=3)
+    grads = []
+    for module in (shared, plain):
+        lp, ent = module.sequence_logprobs(batch)
+        (lp.sum() + ent.sum()).backward()
+        grads.append((lp.detach(), torch.cat([p.grad.flatten() for p in module.policy.parameters()])))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-5)
