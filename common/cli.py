@@ -9,6 +9,7 @@ change of held-out accuracy.
 from __future__ import annotations
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from common.module import PolicyOptimizationModule
@@ -16,6 +17,11 @@ from common.module import PolicyOptimizationModule
 
 class AdvlabCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
+        # Validation need not run during fit, so checkpoint on training steps: last.ckpt every 50 optimiser
+        # steps and at the end of fit (`--checkpoint.every_n_train_steps` to change).
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0,
+                             "checkpoint.every_n_train_steps": 50, "checkpoint.save_on_train_epoch_end": True})
         parser.add_argument("--evaluate", type=bool, default=False,
                             help="fit only: validate before and after training and print the held-out accuracy change")
 
@@ -47,10 +53,6 @@ def main(args=None) -> None:
         trainer_defaults={
             "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs"}},
             "enable_progress_bar": True,
-            # validation need not run during fit, so checkpoint on training steps: last.ckpt every 50 steps and at the end
-            "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                           "init_args": {"save_last": True, "save_top_k": 0, "every_n_train_steps": 50,
-                                         "save_on_train_epoch_end": True}}],
         },
         save_config_kwargs={"overwrite": True},
         args=args,
