@@ -12,6 +12,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from common.checkpoint import AtomicCheckpointIO
 from common.module import PolicyOptimizationModule
 
 
@@ -24,6 +25,12 @@ class AdvlabCLI(LightningCLI):
                              "checkpoint.every_n_train_steps": 50, "checkpoint.save_on_train_epoch_end": True})
         parser.add_argument("--evaluate", type=bool, default=False,
                             help="fit only: validate before and after training and print the held-out accuracy change")
+
+    def instantiate_trainer(self, **kwargs):
+        # Checkpoints are written atomically unless the user configured their own checkpoint IO.
+        if not self._get(self.config_init, "trainer", default={}).get("plugins"):
+            kwargs["plugins"] = [AtomicCheckpointIO()]
+        return super().instantiate_trainer(**kwargs)
 
     def _evaluate(self) -> bool:
         return self.subcommand == "fit" and bool(self.config["fit"].get("evaluate", False))

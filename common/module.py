@@ -64,6 +64,10 @@ class PolicyOptimizationModule(L.LightningModule):
         lora: LoRA adapters (None = full fine-tuning).
         logprob_chunk_size: rows per chunk of the chunked log-softmax.
         log_samples_every: steps between sample completions written to TensorBoard (0 = never).
+        max_consecutive_skips: a non-finite loss or gradient skips the optimiser step (logged as
+            ``train/skipped_steps``); this many skips in a row raise.
+        reward_timeout_s: a reward function call that takes longer fails (then ``reward_failure`` decides);
+            None = no limit.
         share_prompt: run each group's prompt once in the update and expand its key/value cache to the group's
             rows (exact; about G times fewer prompt tokens). False = one plain forward per row.
     """
@@ -91,6 +95,8 @@ class PolicyOptimizationModule(L.LightningModule):
         logprob_chunk_size: int = 1024,
         log_samples_every: int = 10,
         share_prompt: bool = True,
+        max_consecutive_skips: int = 3,
+        reward_timeout_s: float | None = 60.0,
     ):
         super().__init__()
         problems = []
@@ -122,6 +128,9 @@ class PolicyOptimizationModule(L.LightningModule):
         self.kl_in_reward, self.lr, self.weight_decay, self.max_grad_norm = kl_in_reward, lr, weight_decay, max_grad_norm
         self.lora, self.logprob_chunk_size, self.log_samples_every = lora, logprob_chunk_size, log_samples_every
         self.share_prompt = share_prompt
+        self.max_consecutive_skips, self.reward_timeout_s = max_consecutive_skips, reward_timeout_s
+        self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("consecutive_skips", torch.zeros((), dtype=torch.long))
         self.policy, self.tokenizer = self.source.load()
         # Dropout stays off (eval mode) throughout: the ratio π/π_old must be exactly 1 on the first pass, and
         # sampling, old and reference log-probs must see the same function. (Lightning warns about eval-mode
@@ -141,7 +150,8 @@ class PolicyOptimizationModule(L.LightningModule):
 
     def score(self, rollouts: RolloutBatch) -> RolloutBatch:
         """Step 2: rewards (B,) as the weighted sum of the reward functions' components (B, K)."""
-        comps, failed = score_components(self.reward_fns, rollouts.completions, rollouts.samples, self.reward_failure)
+        comps, failed = score_components(self.reward_fns, rollouts.completions, rollouts.samples, self.reward_failure,
+                                         timeout_s=self.reward_timeout_s)
         comps = comps.to(self.device)
         self.reward_failures += failed.sum().to(self.reward_failures.device)
         rewards = comps @ self.reward_weights.to(comps.device) if comps.shape[1] else torch.zeros(rollouts.batch_size, device=self.device)
@@ -250,21 +260,72 @@ class PolicyOptimizationModule(L.LightningModule):
         for _ in range(self.mu):
             for mb in rollouts.split(mb_size):
                 norm = Normaliser.of(mb.completion_mask, self.sampling.max_new_tokens)
+                mb_loss = torch.zeros((), device=self.device)
                 for micro in mb.split(self.micro_batch_size or mb.batch_size):
                     logprobs, entropy = self.sequence_logprobs(micro)
                     old = micro.old_logprobs if micro.old_logprobs is not None else logprobs.detach()
                     out = self.loss_fn(logprobs, old, micro.advantages, micro.completion_mask,
                                        ref_logprobs=micro.ref_logprobs, entropy=entropy, normaliser=norm)
                     self.manual_backward(out.loss)
+                    mb_loss = mb_loss + out.loss.detach()
                     for k, v in {"loss": out.loss.detach(), **out.metrics}.items():
                         totals[k] = totals.get(k, 0.0) + v  # each is pre-divided by the minibatch normaliser
-                if self.max_grad_norm > 0:
-                    self.clip_gradients(opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                grad_norm = self.step_if_finite(opt, mb_loss)
+                totals["grad_norm"] = totals.get("grad_norm", 0.0) + grad_norm
                 steps += 1
         self.backend.sync_weights(self.policy)
         return {k: v / steps for k, v in totals.items()}
+
+    def step_if_finite(self, opt, loss: Tensor) -> Tensor:
+        """Clip and step unless the loss or the gradient is non-finite; then skip the step (weights are never
+        updated with NaN/inf), count it, and raise after ``max_consecutive_skips`` skips in a row."""
+        grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        if bool(torch.isfinite(grad_norm) & torch.isfinite(loss)):  # ok: one sync per optimiser step
+            if self.max_grad_norm > 0:
+                self.clip_gradients(opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+            opt.step()
+            self.consecutive_skips.zero_()
+        else:
+            self.skipped_steps += 1
+            self.consecutive_skips += 1
+            if int(self.consecutive_skips) >= self.max_consecutive_skips:
+                raise FloatingPointError(
+                    f"{int(self.consecutive_skips)} optimiser steps in a row had a non-finite loss ({float(loss)}) or "
+                    f"gradient norm ({float(grad_norm)}); stopping. Lower lr, check rewards and the reference, or raise "
+                    "max_consecutive_skips."
+                )
+        opt.zero_grad(set_to_none=True)
+        return grad_norm.detach()
+
+    # ------------------------------------------------------------------ checkpointed state
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """RNG streams, so a resumed run samples exactly what the uninterrupted one would have."""
+        import random
+
+        import numpy as np
+
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        checkpoint["advlab_rng"] = {  # plain types and tensors only: Lightning loads with weights_only=True
+            "torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
+        if torch.cuda.is_available():
+            checkpoint["advlab_rng"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        import random
+
+        import numpy as np
+
+        rng = checkpoint.get("advlab_rng")
+        if rng is None:
+            return
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        kind, keys, pos, has_gauss, gauss = rng["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
 
     # ------------------------------------------------------------------ logging
     def log_step(self, rollouts: RolloutBatch, metrics: dict[str, Tensor], *, rollout_s: float, prep_s: float, update_s: float) -> None:
@@ -279,6 +340,7 @@ class PolicyOptimizationModule(L.LightningModule):
         log["train/zero_adv_frac"] = (adv == 0).float().mean()
         log["train/response_len"] = rollouts.lengths.float().mean()
         log["train/reward_failures"] = self.reward_failures.float()
+        log["train/skipped_steps"] = self.skipped_steps.float()
         if rollouts.truncated is not None:
             log["train/truncated_frac"] = rollouts.truncated.float().mean()
         tokens = rollouts.lengths.sum().float()

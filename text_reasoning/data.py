@@ -7,12 +7,12 @@ HF ``datasets``. Batches are lists of sample dicts (``prompt``, ``answer``, ``ta
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 from typing import Literal
 
 import lightning as L
-from torch.utils.data import DataLoader
+import torch
+from torch.utils.data import DataLoader, IterableDataset
 
 from common.rewards.math import extract_boxed, gsm8k_answer
 from text_reasoning import tasks
@@ -107,12 +107,34 @@ class LocalFile(TaskSource):
         return out
 
 
+class PromptStream(IterableDataset):
+    """An endless, reproducible stream of prompt batches starting at batch ``start``.
+
+    Pass ``c`` over the data is a permutation drawn from ``seed + c``, so batch ``b`` is a pure function of
+    ``(data, batch_size, seed, b)``: resuming at ``start = b`` continues exactly where a run stopped.
+    """
+
+    def __init__(self, samples: list[dict], batch_size: int, seed: int, start: int = 0):
+        if batch_size <= 0 or batch_size > len(samples):
+            raise ValueError(f"batch_size must be in [1, {len(samples)}] (the number of samples), got {batch_size}")
+        self.samples, self.batch_size, self.seed, self.start = samples, batch_size, seed, start
+
+    def __iter__(self):
+        per_pass = len(self.samples) // self.batch_size
+        b = self.start
+        while True:
+            pass_idx, j = divmod(b, per_pass)
+            order = torch.randperm(len(self.samples), generator=torch.Generator().manual_seed(self.seed + pass_idx))
+            yield [self.samples[i] for i in order[j * self.batch_size : (j + 1) * self.batch_size].tolist()]
+            b += 1
+
+
 class ReasoningData(L.LightningDataModule):
     """Training prompts drawn from ``tasks`` and a held-out validation set that shares no prompt with them.
 
     Args:
         tasks: task sources; the training set is their union (equal shares).
-        train_size: training problems (an epoch is train_size / prompts_per_step steps).
+        train_size: training problems; the stream cycles through them, reshuffled on every pass.
         val_size: held-out problems for validation (greedy accuracy, pass@k).
         prompts_per_step: prompts in a training batch (each is sampled G times by the module).
         val_batch_size: prompts per validation batch.
@@ -134,6 +156,20 @@ class ReasoningData(L.LightningDataModule):
         self.prompts_per_step, self.val_batch_size = prompts_per_step, val_batch_size
         self.train_set: list[dict] = []
         self.val_set: list[dict] = []
+        self.batches_served = 0  # training batches handed to the module; restored from checkpoints
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        # Called for the batch about to be trained on (not for the one Lightning prefetches), so this count is
+        # the exact data position to resume from.
+        if self.trainer is not None and self.trainer.training:
+            self.batches_served += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"batches_served": self.batches_served}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batches_served = int(state["batches_served"])
 
     def setup(self, stage: str | None = None) -> None:
         if self.val_set:
@@ -145,12 +181,15 @@ class ReasoningData(L.LightningDataModule):
         for i, t in enumerate(self.tasks):
             n = self.train_size // k + (i < self.train_size % k)
             train += [p for p in t.make(n + len(held_out), self.seed + i) if p.prompt not in held_out][:n]
-        random.Random(self.seed).shuffle(train)
         self.train_set = [p.as_sample() for p in train]
         self.val_set = [p.as_sample() for p in val]
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.prompts_per_step, shuffle=False, collate_fn=list, drop_last=True)
+        stream = PromptStream(self.train_set, self.prompts_per_step, self.seed, start=self.batches_served)
+        # Its own generator: creating a DataLoader iterator draws a seed, which must not come from (and shift)
+        # the global RNG that sampling uses, or a resumed run would sample differently from an uninterrupted one.
+        return DataLoader(stream, batch_size=None, generator=torch.Generator().manual_seed(self.seed))
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.val_batch_size, shuffle=False, collate_fn=list)
+        return DataLoader(self.val_set, batch_size=self.val_batch_size, shuffle=False, collate_fn=list,
+                          generator=torch.Generator().manual_seed(self.seed))

@@ -8,6 +8,7 @@ returns None/NaN or hangs is a bug or a pathological input, handled by :class:`R
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -48,24 +49,51 @@ class RewardFailure(RuntimeError):
     pass
 
 
+def call_with_timeout(fn: Callable[..., Any], *args: Any, timeout_s: float | None) -> Any:
+    """``fn(*args)``, raising ``TimeoutError`` after ``timeout_s`` seconds (None = wait forever).
+
+    The call runs in a daemon thread; a call that times out is abandoned, not killed (Python threads cannot
+    be), so reward code that may truly hang must bound itself too (math-verify does, with its own timeout).
+    """
+    if timeout_s is None:
+        return fn(*args)
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn(*args)
+        except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = err
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        raise TimeoutError(f"{reward_name(fn)} did not return within {timeout_s} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
 def score_components(
     fns: Sequence[RewardFn],
     completions: Sequence[str],
     samples: Sequence[Mapping[str, Any]],
     on_failure: Literal["raise", "zero"] = "raise",
+    timeout_s: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Evaluate every reward function on the batch: components (B, K) and failed (B,) bool.
 
-    A function is called once on the whole batch. If it raises or returns a non-finite value, it is called
-    again one completion at a time to find the failing samples: ``on_failure="raise"`` raises naming the
-    prompt and completion; ``"zero"`` gives those samples 0 and marks them in ``failed``.
+    A function is called once on the whole batch. If it raises, times out, returns None or a non-finite
+    value, it is called again one completion at a time to find the failing samples: ``on_failure="raise"``
+    raises naming the prompt and completion; ``"zero"`` gives those samples 0 and marks them in ``failed``.
     """
     B = len(completions)
     cols, failed = [], torch.zeros(B, dtype=torch.bool)
     for fn in fns:
         name = reward_name(fn)
         try:
-            col = _as_rewards(fn(completions, samples), B, name)
+            col = _as_rewards(call_with_timeout(fn, completions, samples, timeout_s=timeout_s), B, name)
             if bool(torch.isfinite(col).all()):
                 cols.append(col)
                 continue
@@ -74,7 +102,7 @@ def score_components(
         col = torch.zeros(B)
         for i in range(B):  # ok: only on failure, to name the failing sample
             try:
-                v = _as_rewards(fn([completions[i]], [samples[i]]), 1, name)[0]
+                v = _as_rewards(call_with_timeout(fn, [completions[i]], [samples[i]], timeout_s=timeout_s), 1, name)[0]
                 if not torch.isfinite(v):
                     raise ValueError(f"non-finite reward {float(v)}")
                 col[i] = v
