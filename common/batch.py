@@ -101,5 +101,40 @@ class RolloutBatch:
     def to(self, device: torch.device | str) -> "RolloutBatch":
         return self._map(lambda t: t.to(device), lambda seq: seq)
 
+    @property
+    def num_groups(self) -> Tensor:  # () number of distinct group ids
+        return torch.unique(self.group_ids).numel()
+
+    @staticmethod
+    def cat(batches: list["RolloutBatch"]) -> "RolloutBatch":
+        """Rows of several batches; group ids of each later batch are offset so groups never merge. Prompt and
+        completion widths are padded (left and right respectively) to the widest batch."""
+        if len(batches) == 1:
+            return batches[0]
+        P = max(b.prompt_ids.shape[1] for b in batches)
+        T = max(b.completion_ids.shape[1] for b in batches)
+        out: dict[str, Any] = {}
+        offset, gids = 0, []
+        for b in batches:
+            gids.append(b.group_ids + offset)
+            offset += int(b.group_ids.max()) + 1 if b.batch_size else 0
+        for f in dataclasses.fields(RolloutBatch):
+            vals = [getattr(b, f.name) for b in batches]
+            if f.name == "group_ids":
+                out[f.name] = torch.cat(gids)
+            elif all(torch.is_tensor(v) for v in vals):
+                if f.name in ("prompt_ids", "prompt_mask"):
+                    vals = [torch.nn.functional.pad(v, (P - v.shape[1], 0)) for v in vals]
+                elif vals[0].dim() == 2 and vals[0].shape[1] == batches[0].completion_ids.shape[1] and f.name != "reward_components":
+                    vals = [torch.nn.functional.pad(v, (0, T - v.shape[1])) for v in vals]
+                out[f.name] = torch.cat(vals)
+            elif all(v is None for v in vals) or f.name == "reward_names":
+                out[f.name] = vals[0]
+            elif all(isinstance(v, list) for v in vals):
+                out[f.name] = [x for v in vals for x in v]
+            else:
+                raise ValueError(f"RolloutBatch.cat: field {f.name} is set in some batches and not in others")
+        return RolloutBatch(**out)
+
     def replace(self, **changes: Any) -> "RolloutBatch":
         return dataclasses.replace(self, **changes)

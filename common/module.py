@@ -31,6 +31,7 @@ from common.batch import RolloutBatch
 from common.losses.aggregate import Normaliser
 from common.losses.kl import kl_estimate
 from common.losses.logprobs import token_logprobs
+from common.losses.base import PolicyLoss
 from common.losses.ppo_clip import ClippedPolicyLoss
 from common.models import LoRA, PolicySource, TinyLlama
 from common.ops import masked_mean
@@ -68,6 +69,8 @@ class PolicyOptimizationModule(L.LightningModule):
             ``train/skipped_steps``); this many skips in a row raise.
         reward_timeout_s: a reward function call that takes longer fails (then ``reward_failure`` decides);
             None = no limit.
+        max_generation_rounds: how often a step may sample its prompts while the selector wants more rows
+            (DAPO's dynamic sampling; 1 = sample once).
         share_prompt: run each group's prompt once in the update and expand its key/value cache to the group's
             rows (exact; about G times fewer prompt tokens). False = one plain forward per row.
     """
@@ -79,7 +82,7 @@ class PolicyOptimizationModule(L.LightningModule):
         reward_weights: Sequence[float] | None = None,
         reward_failure: Literal["raise", "zero"] = "raise",
         advantage: AdvantageEstimator | None = None,
-        loss: ClippedPolicyLoss | None = None,
+        loss: PolicyLoss | None = None,
         selector: Selector | None = None,
         rollout_backend: RolloutBackend | None = None,
         sampling: Sampling | None = None,
@@ -97,6 +100,7 @@ class PolicyOptimizationModule(L.LightningModule):
         share_prompt: bool = True,
         max_consecutive_skips: int = 3,
         reward_timeout_s: float | None = 60.0,
+        max_generation_rounds: int = 1,
     ):
         super().__init__()
         problems = []
@@ -109,6 +113,8 @@ class PolicyOptimizationModule(L.LightningModule):
                 problems.append(f"{name} must be a positive integer or None, got {v}")
         if reward_weights is not None and len(reward_weights) != len(rewards):
             problems.append(f"reward_weights has {len(reward_weights)} entries for {len(rewards)} reward functions")
+        if max_generation_rounds < 1:
+            problems.append(f"max_generation_rounds must be >= 1, got {max_generation_rounds}")
         if reward_failure not in ("raise", "zero"):
             problems.append(f"reward_failure must be 'raise' or 'zero', got {reward_failure!r}")
         if problems:
@@ -129,6 +135,7 @@ class PolicyOptimizationModule(L.LightningModule):
         self.lora, self.logprob_chunk_size, self.log_samples_every = lora, logprob_chunk_size, log_samples_every
         self.share_prompt = share_prompt
         self.max_consecutive_skips, self.reward_timeout_s = max_consecutive_skips, reward_timeout_s
+        self.max_generation_rounds = max_generation_rounds
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("consecutive_skips", torch.zeros((), dtype=torch.long))
         self.policy, self.tokenizer = self.source.load()
@@ -203,19 +210,39 @@ class PolicyOptimizationModule(L.LightningModule):
 
     # ------------------------------------------------------------------ the loop
     def training_step(self, prompts: Any, batch_idx: int) -> None:
+        self.loss_fn.set_step(self.global_step)
         t0 = time.perf_counter()
-        rollouts = self.rollout(prompts)  # 1
+        rollouts, seen, rollout_s = self.collect(prompts)  # 1-5
         t1 = time.perf_counter()
-        rollouts = self.score(rollouts)  # 2
-        rollouts = self.reference_logprobs(rollouts)  # 3
-        rollouts = rollouts.replace(advantages=self.advantage(rollouts))  # 4
-        raw = rollouts
-        if self.selector is not None:  # 5
-            rollouts = self.selector(rollouts)
-        t2 = time.perf_counter()
         metrics = self.update(rollouts) if rollouts.batch_size else {}  # 6
-        t3 = time.perf_counter()
-        self.log_step(raw, metrics, rollout_s=t1 - t0, prep_s=t2 - t1, update_s=t3 - t2)  # 7
+        t2 = time.perf_counter()
+        metrics["selected_frac"] = torch.tensor(rollouts.batch_size / seen.batch_size)
+        self.log_step(seen, metrics, rollout_s=rollout_s, prep_s=t1 - t0 - rollout_s, update_s=t2 - t1)  # 7
+
+    def collect(self, prompts: Any) -> tuple[RolloutBatch, RolloutBatch, float]:
+        """Steps 1-5, refilled: sample, score, reference log-probs, advantages, selection. While the selector
+        wants more rows (DAPO's dynamic sampling), the step's prompts are sampled again, up to
+        ``max_generation_rounds`` times. Returns (rows to train on, every row sampled, seconds spent sampling)."""
+        kept, seen, rollout_s = None, [], 0.0
+        for _ in range(self.max_generation_rounds):
+            start = time.perf_counter()
+            rollouts = self.rollout(prompts)  # 1
+            rollout_s += time.perf_counter() - start
+            rollouts = self.reference_logprobs(self.score(rollouts))  # 2, 3
+            out = self.advantage(rollouts)  # 4
+            advantages, keep = out if isinstance(out, tuple) else (out, None)
+            rollouts = rollouts.replace(advantages=advantages)
+            seen.append(rollouts)
+            if keep is not None:  # e.g. MC-GRPO's pivot rows
+                rollouts = rollouts.select(keep)
+            if self.selector is not None:  # 5
+                rollouts = self.selector(rollouts)
+            kept = rollouts if kept is None else RolloutBatch.cat([kept, rollouts])
+            if self.selector is None or not self.selector.wants_more(kept):
+                break
+        if self.selector is not None:
+            kept = self.selector.finalize(kept)
+        return kept, RolloutBatch.cat(seen), rollout_s
 
     @torch.no_grad()
     def reference_logprobs(self, rollouts: RolloutBatch) -> RolloutBatch:
@@ -265,7 +292,7 @@ class PolicyOptimizationModule(L.LightningModule):
                     logprobs, entropy = self.sequence_logprobs(micro)
                     old = micro.old_logprobs if micro.old_logprobs is not None else logprobs.detach()
                     out = self.loss_fn(logprobs, old, micro.advantages, micro.completion_mask,
-                                       ref_logprobs=micro.ref_logprobs, entropy=entropy, normaliser=norm)
+                                       ref_logprobs=micro.ref_logprobs, entropy=entropy, normaliser=norm, batch=micro)
                     self.manual_backward(out.loss)
                     mb_loss = mb_loss + out.loss.detach()
                     for k, v in {"loss": out.loss.detach(), **out.metrics}.items():

@@ -57,6 +57,14 @@ def check_groups(values: Tensor, group_ids: Tensor, num_groups: int | None = Non
     return n
 
 
+def _check_vector(x: Tensor, group_ids: Tensor, num_groups: int | None) -> int:
+    """:func:`check_groups` for the statistics defined on ``x (B,)`` only (group_sum takes ``(B, ...)``)."""
+    n = check_groups(x, group_ids, num_groups, "x")
+    if x.dim() != 1:
+        raise ValueError(f"x must be 1-D (B,), got shape {tuple(x.shape)}; group_sum reduces (B, ...) values")
+    return n
+
+
 def group_sum(x: Tensor, group_ids: Tensor, num_groups: int | None = None) -> Tensor:
     """``out[k] = Σ_{i: g_i = k} x_i``. Shapes: x (B, ...), group_ids (B,) -> (num_groups, ...)."""
     n = check_groups(x, group_ids, num_groups, "x")
@@ -76,7 +84,7 @@ def group_first(x: Tensor, group_ids: Tensor, num_groups: int | None = None) -> 
 
     Subtracting it before a reduction makes the values of an all-equal group exactly 0, so their mean,
     deviations and std are exactly 0 too (no rounding residue such as 7 x 0.1 / 7 != 0.1 in float32)."""
-    n = check_groups(x, group_ids, num_groups, "x")
+    n = _check_vector(x, group_ids, num_groups)
     B = group_ids.shape[0]
     rows = torch.arange(B, device=group_ids.device)
     first = torch.full((n,), B, dtype=torch.long, device=group_ids.device).scatter_reduce_(0, group_ids, rows, reduce="amin")
@@ -86,7 +94,7 @@ def group_first(x: Tensor, group_ids: Tensor, num_groups: int | None = None) -> 
 
 def group_mean(x: Tensor, group_ids: Tensor, num_groups: int | None = None) -> Tensor:
     """``μ_k = (1/n_k) Σ_{g_i=k} x_i``; 0 for empty groups. Shapes: (B,) -> (num_groups,)."""
-    check_groups(x, group_ids, num_groups, "x")
+    _check_vector(x, group_ids, num_groups)
     n = group_count(group_ids, num_groups, x.dtype)  # (N,)
     return group_sum(x, group_ids, num_groups) / n.clamp(min=1)
 
@@ -106,7 +114,9 @@ def group_std(x: Tensor, group_ids: Tensor, num_groups: int | None = None, ddof:
 
 
 def _group_extreme(x: Tensor, group_ids: Tensor, num_groups: int | None, reduce: str) -> Tensor:
-    n = check_groups(x, group_ids, num_groups, "x")
+    n = _check_vector(x, group_ids, num_groups)
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating tensor for group_{reduce[1:]}, got {x.dtype}")
     fill = torch.finfo(x.dtype).min if reduce == "amax" else torch.finfo(x.dtype).max
     out = x.new_full((n,), fill).scatter_reduce_(0, group_ids, x, reduce=reduce, include_self=True)
     empty = group_count(group_ids, n) == 0
@@ -130,7 +140,7 @@ def group_median(x: Tensor, group_ids: Tensor, num_groups: int | None = None) ->
     Vectorised by one lexicographic sort on (group, value): sort by value, then stable-sort by group, so
     group k occupies the sorted slice ``[start_k, start_k + n_k)`` and its middle elements are read directly.
     """
-    n = check_groups(x, group_ids, num_groups, "x")
+    n = _check_vector(x, group_ids, num_groups)
     by_value = torch.argsort(x, stable=True)  # (B,)
     by_group = torch.argsort(group_ids[by_value], stable=True)  # (B,)
     sorted_x = x[by_value][by_group]  # (B,) grouped, ascending within each group
@@ -149,6 +159,8 @@ def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     """``Σ x·m`` over ``dim`` (all if None). Positions outside the mask never contribute, even if NaN there."""
     if mask.shape != x.shape:
         raise ValueError(f"mask must have the shape of x {tuple(x.shape)}, got {tuple(mask.shape)}")
+    if mask.device != x.device:
+        raise ValueError(f"mask is on {mask.device} but x is on {x.device}; move both to one device")
     xm = torch.where(mask.bool(), x, torch.zeros_like(x))
     return xm.sum() if dim is None else xm.sum(dim)
 

@@ -9,14 +9,15 @@ from common.batch import RolloutBatch
 
 
 class AdvantageEstimator:
-    """Base class: ``estimator(batch) -> advantages``, (B,) sequence-level or (B, T) token-level.
+    """Base class: ``estimator(batch) -> advantages``, (B,) sequence-level or (B, T) token-level, or
+    ``(advantages, keep)`` with ``keep (B,) bool`` when the method drops rows (MC-GRPO's pivots).
 
     Subclasses bind hyperparameters in a typed ``__init__`` (so YAML can name them by ``class_path``)
     and call a pure tensor function of the same family. Stateful estimators are ``nn.Module``s with buffers,
     so their state is in the Lightning checkpoint.
     """
 
-    def __call__(self, batch: RolloutBatch) -> Tensor:
+    def __call__(self, batch: RolloutBatch) -> Tensor | tuple[Tensor, Tensor]:
         raise NotImplementedError
 
 

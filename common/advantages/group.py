@@ -39,10 +39,10 @@ def grpo(
 
     Shapes: rewards (B,), group_ids (B,) -> (B,). All-equal groups and groups of one give exactly 0.
     """
-    check_rewards(rewards)
     if scale not in ("group", "batch", "none"):
         raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
-    num_groups = check_groups(rewards, group_ids, num_groups)
+    num_groups = check_groups(rewards, group_ids, num_groups)  # before check_rewards: devices first
+    check_rewards(rewards)
     r = _shifted(rewards, group_ids, num_groups)  # (B,)
     centred = r - group_mean(r, group_ids, num_groups)[group_ids]  # (B,) exactly 0 in all-equal groups
     if scale == "group":
@@ -67,8 +67,8 @@ def rloo(rewards: Tensor, group_ids: Tensor, *, num_groups: int | None = None) -
 
     Shapes: (B,), (B,) -> (B,). Groups of one and all-equal groups give 0.
     """
+    num_groups = check_groups(rewards, group_ids, num_groups)  # before check_rewards: devices first
     check_rewards(rewards)
-    num_groups = check_groups(rewards, group_ids, num_groups)
     r = _shifted(rewards, group_ids, num_groups)  # (B,)
     n = group_count(group_ids, num_groups, rewards.dtype)[group_ids]  # (B,)
     others = group_sum(r, group_ids, num_groups)[group_ids] - r  # (B,)

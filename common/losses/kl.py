@@ -26,6 +26,8 @@ def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, estimator: KLEstimator =
     """Per-token KL(π ‖ π_ref) estimate. Shapes: (B, T), (B, T) -> (B, T); values in [−10, 10]."""
     if logprobs.shape != ref_logprobs.shape:
         raise ValueError(f"logprobs {tuple(logprobs.shape)} and ref_logprobs {tuple(ref_logprobs.shape)} must match")
+    if ref_logprobs.device != logprobs.device:
+        raise ValueError(f"ref_logprobs is on {ref_logprobs.device} but logprobs is on {logprobs.device}")
     delta = (ref_logprobs - logprobs).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)  # (B, T)
     if estimator == "k1":
         kl = -delta

@@ -45,6 +45,15 @@ def token_logprobs(
     """
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
         raise ValueError(f"hidden must be (N, H) and targets (N,), got {tuple(hidden.shape)} and {tuple(targets.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"weight must be (V, H) with H = {hidden.shape[1]} (hidden's), got {tuple(weight.shape)}")
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(f"bias must be (V,) = {tuple(weight.shape[:1])}, got {tuple(bias.shape)}")
+    if targets.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"targets must be integer token ids, got {targets.dtype}")
+    for name, t in (("weight", weight), ("targets", targets), ("bias", bias)):
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}; move both to one device")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if chunk_size <= 0:
@@ -66,6 +75,12 @@ def token_logprobs(
 def selective_log_softmax(logits: Tensor, targets: Tensor, *, temperature: float = 1.0, chunk_size: int = 1024) -> Tensor:
     """``log_softmax(logits / temperature).gather(-1, targets)`` for logits that already exist, one chunk of
     rows at a time in float32. Shapes: logits (..., V), targets (...) -> (...) float32."""
+    ids_ok = targets.dtype in (torch.int32, torch.int64) and targets.device == logits.device
+    if targets.shape != logits.shape[:-1] or not ids_ok:
+        raise ValueError(
+            f"targets must be integer token ids of shape {tuple(logits.shape[:-1])} (logits less V) on "
+            f"{logits.device}, got {targets.dtype} {tuple(targets.shape)} on {targets.device}"
+        )
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if chunk_size <= 0:

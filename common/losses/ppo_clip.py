@@ -13,13 +13,13 @@ Special cases are settings: GRPO is ε_low = ε_high = 0.2 with ``seq_mean_token
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
 
 from common.losses.aggregate import AGGREGATIONS, Aggregation, Normaliser, aggregate
+from common.losses.base import LossOutput, PolicyLoss
 from common.losses.kl import KLEstimator, kl_estimate
 from common.ops import masked_sum
 
@@ -29,10 +29,8 @@ from common.ops import masked_sum
 _MAX_LOG_RATIO = 10.0
 
 
-@dataclass
-class LossOutput:
-    loss: Tensor  # () the scalar to backpropagate
-    metrics: dict[str, Tensor] = field(default_factory=dict)  # detached, already divided by the global normaliser
+if TYPE_CHECKING:
+    from common.batch import RolloutBatch
 
 
 def clipped_surrogate(
@@ -51,15 +49,21 @@ def clipped_surrogate(
     Shapes: logprobs, old_logprobs, mask (B, T); advantages (B,) or (B, T).
     Returns ``(loss (B, T), ratio (B, T), clipped (B, T) bool)``; positions outside ``mask`` are 0/False.
     """
-    if logprobs.shape != old_logprobs.shape or logprobs.shape != mask.shape:
+    if logprobs.dim() != 2 or logprobs.shape != old_logprobs.shape or logprobs.shape != mask.shape:
         raise ValueError(
             f"logprobs {tuple(logprobs.shape)}, old_logprobs {tuple(old_logprobs.shape)} and mask "
             f"{tuple(mask.shape)} must all be (B, T)"
         )
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor (B, T), got {mask.dtype}")
+    for name, t in (("old_logprobs", old_logprobs), ("advantages", advantages), ("mask", mask)):
+        if t.device != logprobs.device:
+            raise ValueError(f"{name} is on {t.device} but logprobs is on {logprobs.device}; move both to one device")
+    B, T = logprobs.shape
+    if advantages.dim() not in (1, 2) or advantages.shape[0] != B or advantages.shape[1:] not in ((), (1,), (T,)):
+        raise ValueError(f"advantages must be (B,) or (B, T) with B, T = {tuple(logprobs.shape)}, got {tuple(advantages.shape)}")
     if advantages.dim() == 1:
         advantages = advantages[:, None]  # (B, 1) broadcast over T
-    if advantages.shape[0] != logprobs.shape[0] or advantages.shape[-1] not in (1, logprobs.shape[1]):
-        raise ValueError(f"advantages must be (B,) or (B, T) with B, T = {tuple(logprobs.shape)}, got {tuple(advantages.shape)}")
     log_ratio = torch.where(mask, logprobs - old_logprobs, torch.zeros_like(logprobs))  # (B, T)
     if ratio_level == "sequence":
         seq = masked_sum(log_ratio, mask, dim=1) / mask.sum(1).clamp(min=1)  # (B,)
@@ -79,7 +83,7 @@ def clipped_surrogate(
     return loss.masked_fill(~mask, 0.0), ratio.masked_fill(~mask, 0.0), was_clipped & mask
 
 
-class ClippedPolicyLoss:
+class ClippedPolicyLoss(PolicyLoss):
     """Clipped surrogate + KL penalty + entropy bonus, aggregated independently of the micro-batch split.
 
     Args:
@@ -142,8 +146,14 @@ class ClippedPolicyLoss:
         ref_logprobs: Tensor | None = None,
         entropy: Tensor | None = None,
         normaliser: Normaliser | None = None,
+        batch: "RolloutBatch | None" = None,
     ) -> LossOutput:
         """Shapes: logprobs, old_logprobs, mask, ref_logprobs, entropy (B, T); advantages (B,) or (B, T)."""
+        if entropy is not None and (entropy.shape != logprobs.shape or entropy.device != logprobs.device):
+            raise ValueError(
+                f"entropy must be like logprobs, {tuple(logprobs.shape)} on {logprobs.device}, "
+                f"got {tuple(entropy.shape)} on {entropy.device}"
+            )
         norm = normaliser if normaliser is not None else Normaliser.of(mask)
         pg, ratio, clipped = clipped_surrogate(
             logprobs, old_logprobs, advantages, mask,
