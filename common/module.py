@@ -283,8 +283,8 @@ class PolicyOptimizationModule(L.LightningModule):
             with torch.no_grad():
                 rollouts = rollouts.replace(old_logprobs=self._micro_logprobs(rollouts, reference=False))
         totals: dict[str, Tensor] = {}
-        steps = 0
-        for _ in range(self.mu):
+        steps, entropies = 0, []
+        for epoch in range(self.mu):
             for mb in rollouts.split(mb_size):
                 norm = Normaliser.of(mb.completion_mask, self.sampling.max_new_tokens)
                 mb_loss = torch.zeros((), device=self.device)
@@ -295,12 +295,16 @@ class PolicyOptimizationModule(L.LightningModule):
                                        ref_logprobs=micro.ref_logprobs, entropy=entropy, normaliser=norm, batch=micro)
                     self.manual_backward(out.loss)
                     mb_loss = mb_loss + out.loss.detach()
+                    if epoch == 0:
+                        entropies.append(entropy.detach())
                     for k, v in {"loss": out.loss.detach(), **out.metrics}.items():
                         totals[k] = totals.get(k, 0.0) + v  # each is pre-divided by the minibatch normaliser
                 grad_norm = self.step_if_finite(opt, mb_loss)
                 totals["grad_norm"] = totals.get("grad_norm", 0.0) + grad_norm
                 steps += 1
         self.backend.sync_weights(self.policy)
+        if hasattr(self.backend, "observe"):  # samplers that adapt to the policy's entropy (HAPO)
+            self.backend.observe(torch.cat(entropies), rollouts.completion_mask)  # rows in rollout order
         return {k: v / steps for k, v in totals.items()}
 
     def step_if_finite(self, opt, loss: Tensor) -> Tensor:

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from common.batch import RolloutBatch
 from common.losses.logprobs import selective_log_softmax
 from common.rollout.base import Sampling
+from common.rollout.temperature import AdaptiveTemperature
 
 
 def completion_mask(completion_ids: Tensor, eos_ids: Tensor) -> tuple[Tensor, Tensor]:
@@ -41,14 +42,27 @@ def _stop_string_lengths(tokenizer, completion_ids: Tensor, mask: Tensor, stops:
     return lengths
 
 
-class HFBackend:
+class HFBackend(nn.Module):
     """``model.generate`` with sampling (or greedy), left-padded prompts, per-token behaviour log-probs.
 
-    The policy is the model being trained, so there are no weights to sync.
+    The policy is the model being trained, so there are no weights to sync. It is an ``nn.Module`` so that
+    the state of a sampler it holds (adaptive temperature) is in the checkpoint.
+
+    Args:
+        adaptive_temperature: per-token temperature from the last step's entropies (HAPO); None = off.
     """
+
+    def __init__(self, adaptive_temperature: AdaptiveTemperature | None = None):
+        super().__init__()
+        self.adaptive_temperature = adaptive_temperature
 
     def sync_weights(self, policy: nn.Module) -> None:
         return None
+
+    def observe(self, entropy: Tensor, mask: Tensor) -> None:
+        """Called by the update loop with the step's token entropies (B, T) under the old policy."""
+        if self.adaptive_temperature is not None:
+            self.adaptive_temperature.observe(entropy, mask)
 
     @torch.no_grad()
     def generate(
@@ -70,6 +84,8 @@ class HFBackend:
             kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None)
         if sampling.stop_strings:
             kwargs.update(stop_strings=list(sampling.stop_strings), tokenizer=tokenizer)
+        if self.adaptive_temperature is not None and not greedy:
+            kwargs.update(logits_processor=[self.adaptive_temperature])
         was_training = policy.training
         policy.eval()
         out = policy.generate(**kwargs)
