@@ -214,7 +214,7 @@ class PolicyOptimizationModule(L.LightningModule):
         t0 = time.perf_counter()
         rollouts, seen, rollout_s = self.collect(prompts)  # 1-5
         t1 = time.perf_counter()
-        metrics = self.update(rollouts) if rollouts.batch_size else {}  # 6
+        metrics = self.update(rollouts) if rollouts.batch_size else self.empty_update()  # 6
         t2 = time.perf_counter()
         metrics["selected_frac"] = torch.tensor(rollouts.batch_size / seen.batch_size)
         self.log_step(seen, metrics, rollout_s=rollout_s, prep_s=t1 - t0 - rollout_s, update_s=t2 - t1)  # 7
@@ -306,6 +306,14 @@ class PolicyOptimizationModule(L.LightningModule):
         if hasattr(self.backend, "observe"):  # samplers that adapt to the policy's entropy (HAPO)
             self.backend.observe(torch.cat(entropies), rollouts.completion_mask)  # rows in rollout order
         return {k: v / steps for k, v in totals.items()}
+
+    def empty_update(self) -> dict[str, Tensor]:
+        """Nothing was selected (e.g. dynamic sampling found no informative group): take an optimiser step with
+        no gradients, which changes no parameter but counts the step, so ``max_steps`` is still reached."""
+        opt = self.optimizers()
+        opt.zero_grad(set_to_none=True)
+        opt.step()
+        return {"empty_steps": torch.ones(())}
 
     def step_if_finite(self, opt, loss: Tensor) -> Tensor:
         """Clip and step unless the loss or the gradient is non-finite; then skip the step (weights are never

@@ -1,4 +1,4 @@
-"""Group-relative advantages: GRPO, Dr.GRPO, RLOO, REINFORCE++-baseline.
+"""Group-relative advantages: GRPO, Dr.GRPO, RLOO, REINFORCE++-baseline, MC-GRPO, NGRPO.
 
 Each estimator is a pure function ``f(rewards (B,), group_ids (B,), ...) -> advantages (B,)`` plus a small
 class that binds its hyperparameters for YAML (``model.advantage: {class_path: common.advantages.group.GRPO}``).
@@ -14,7 +14,7 @@ from torch import Tensor
 
 from common.advantages.base import AdvantageEstimator, check_rewards
 from common.batch import RolloutBatch
-from common.ops import check_groups, group_count, group_first, group_mean, group_std, group_sum
+from common.ops import check_groups, group_count, group_first, group_mean, group_median, group_std, group_sum
 
 
 def _shifted(rewards: Tensor, group_ids: Tensor, num_groups: int) -> Tensor:
@@ -138,3 +138,137 @@ class ReinforcePP(AdvantageEstimator):
 
     def __call__(self, batch: RolloutBatch) -> Tensor:  # (B,)
         return reinforce_pp(batch.rewards, batch.group_ids, eps=self.eps)
+
+
+# ------------------------------------------------------------------------------------ MC-GRPO and NGRPO
+
+MCScale = Literal["mad", "std", "none"]
+
+
+def mc_grpo(
+    rewards: Tensor,
+    group_ids: Tensor,
+    *,
+    scale: MCScale = "mad",
+    eps: float = 1e-3,
+    num_groups: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Median-centred GRPO (MC-GRPO; arXiv 2601.22582; authors' code ``grpo_trainer_math.py``).
+
+        n = G + 1 rollouts per prompt (odd), med_g = median_g(r), MAD_g = median_g(|r − med_g|)
+        A_i = (r_i − med_g) / (MAD_g + eps)      scale="mad" (authors' code; eps 1e-3)
+        A_i = (r_i − med_g) / (σ_g + eps)        scale="std" (σ unbiased, over all n rewards)
+        A_i =  r_i − med_g                       scale="none"
+        keep_i = (i is not the pivot of its group)   one member equal to med_g per group (lowest row) is dropped
+
+    Returns ``(advantages (B,), keep (B,) bool)``: the module trains on ``keep`` rows only, G per prompt.
+    Other members tied with the median keep A = 0 and stay in the batch (they count in token-mean
+    denominators, as in the authors' code). Binary rewards with n = 3 give MAD = 0, so A = ±1/eps = ±1000.
+    All-equal groups: A = 0, pivot still dropped. Raises ValueError for an even group size.
+    """
+    if scale not in ("mad", "std", "none"):
+        raise ValueError(f"scale must be 'mad', 'std' or 'none', got {scale!r}")
+    if eps <= 0 and scale != "none":
+        raise ValueError(f"eps must be > 0 (MAD is 0 whenever two of three rewards agree), got {eps}")
+    num_groups = check_groups(rewards, group_ids, num_groups)
+    check_rewards(rewards)
+    count = group_count(group_ids, num_groups, torch.long)  # (N,)
+    even = (count > 0) & (count % 2 == 0)  # (N,)
+    if bool(even.any()):  # ok: one sync, for the error message
+        raise ValueError(
+            f"mc_grpo needs an odd group size (num_generations = G + 1, e.g. group_size 3 for G = 2), got group "
+            f"size(s) {sorted(set(count[even].tolist()))}; set the module's group_size to an odd number"
+        )
+    r = _shifted(rewards, group_ids, num_groups)  # (B,) exact zeros in all-equal groups
+    med = group_median(r, group_ids, num_groups)  # (N,) a member of each odd group
+    centred = r - med[group_ids]  # (B,) exactly 0 for the median's ties
+    if scale == "mad":
+        centred = centred / (group_median(centred.abs(), group_ids, num_groups)[group_ids] + eps)
+    elif scale == "std":
+        centred = centred / (group_std(r, group_ids, num_groups)[group_ids] + eps)
+    B = rewards.shape[0]
+    rows = torch.arange(B, device=rewards.device)  # (B,)
+    candidate = torch.where(r == med[group_ids], rows, torch.full_like(rows, B))  # (B,) median members
+    pivot = torch.full((num_groups,), B, dtype=torch.long, device=rewards.device)
+    pivot = pivot.scatter_reduce_(0, group_ids, candidate, reduce="amin")  # (N,) lowest median row per group
+    return centred, rows != pivot[group_ids]
+
+
+def ngrpo(
+    rewards: Tensor,
+    group_ids: Tensor,
+    *,
+    max_reward: float = 1.0,
+    num_virtual: int = 1,
+    eps: float = 1e-6,
+    num_groups: int | None = None,
+) -> Tensor:
+    """Negative-enhanced GRPO advantage calibration (NGRPO; arXiv 2509.18851, §3.1; authors' verl code
+    ``compute_ngrpo_outcome_advantage``): each group gets ``num_virtual`` virtual samples of reward ``max_reward``.
+
+        R'_g = {r_i : g_i = g} ∪ {r_max} × v
+        A_i  = (r_i − mean(R'_g)) / (std(R'_g, ddof=1) + eps)         only the real samples get an advantage
+
+    So an all-wrong group is pushed down (G = 8, r = 0: A = −1/sqrt(G + 1) = −1/3) and an all-correct group
+    gets exactly 0. ``num_virtual=0`` is GRPO. Groups of one are not special-cased: with the virtual sample they
+    have two values (the authors' μ=0, σ=1 rule for one-sample groups is not applied; unverified which size it
+    tests). Shapes: (B,), (B,) -> (B,). Raises ValueError if a reward exceeds ``max_reward``.
+    """
+    if num_virtual < 0:
+        raise ValueError(f"num_virtual must be an integer >= 0, got {num_virtual}")
+    num_groups = check_groups(rewards, group_ids, num_groups)
+    check_rewards(rewards)
+    if bool((rewards > max_reward).any()):  # ok: one sync, for the error message
+        raise ValueError(
+            f"max_reward={max_reward} must be >= every reward (the virtual sample is the best possible one), got "
+            f"rewards up to {float(rewards.max())}; raise max_reward to the reward's upper bound"
+        )
+    s = rewards - max_reward  # (B,) <= 0; the virtual samples sit at exactly 0, all-correct rows too
+    n = group_count(group_ids, num_groups, rewards.dtype) + num_virtual  # (N,) |R'_g|
+    mean = group_sum(s, group_ids, num_groups) / n.clamp(min=1)  # (N,) virtual samples add 0 to the sum
+    sq = group_sum((s - mean[group_ids]) ** 2, group_ids, num_groups) + num_virtual * mean**2  # (N,)
+    std = torch.where(n > 1, sq / (n - 1).clamp(min=1), torch.zeros_like(sq)).sqrt()  # (N,) ddof = 1
+    centred = s - mean[group_ids]  # (B,)
+    return torch.where(std[group_ids] > 0, centred / (std[group_ids] + eps), torch.zeros_like(centred))
+
+
+class MCGRPO(AdvantageEstimator):
+    """MC-GRPO (see :func:`mc_grpo`): returns ``(advantages, keep)``; the module drops each group's pivot.
+
+    Use it with an odd ``group_size`` (G + 1; the paper's focus is G = 2, so 3).
+
+    Args:
+        scale: "mad" (authors' code), "std" (unbiased group std) or "none" (median-centred only).
+        eps: added to the scale before dividing (authors' code 1e-3).
+    """
+
+    def __init__(self, scale: MCScale = "mad", eps: float = 1e-3):
+        if scale not in ("mad", "std", "none"):
+            raise ValueError(f"scale must be 'mad', 'std' or 'none', got {scale!r}")
+        if eps <= 0 and scale != "none":
+            raise ValueError(f"eps must be > 0 (MAD is 0 whenever two of three rewards agree), got {eps}")
+        self.scale, self.eps = scale, eps
+
+    def __call__(self, batch: RolloutBatch) -> tuple[Tensor, Tensor]:  # (B,), (B,) bool
+        return mc_grpo(batch.rewards, batch.group_ids, scale=self.scale, eps=self.eps)
+
+
+class NGRPO(AdvantageEstimator):
+    """NGRPO advantage calibration (see :func:`ngrpo`). Pair with ClippedPolicyLoss(eps_low=0.16,
+    eps_high=0.24, aggregation="token_mean") and the DropAllCorrect selector, as in the paper.
+
+    Args:
+        max_reward: reward of the virtual sample, the best reward possible (1.0 for 0/1 verifiers).
+        num_virtual: virtual samples per group (authors' code 1; 0 = GRPO).
+        eps: added to the std before dividing (verl's 1e-6).
+    """
+
+    def __init__(self, max_reward: float = 1.0, num_virtual: int = 1, eps: float = 1e-6):
+        if num_virtual < 0:
+            raise ValueError(f"num_virtual must be an integer >= 0, got {num_virtual}")
+        if eps < 0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        self.max_reward, self.num_virtual, self.eps = max_reward, num_virtual, eps
+
+    def __call__(self, batch: RolloutBatch) -> Tensor:  # (B,)
+        return ngrpo(batch.rewards, batch.group_ids, max_reward=self.max_reward, num_virtual=self.num_virtual, eps=self.eps)

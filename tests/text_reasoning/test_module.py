@@ -149,3 +149,14 @@ def test_shared_prompt_forward_equals_the_plain_forward_with_gradients():
         grads.append((lp.detach(), torch.cat([p.grad.flatten() for p in module.policy.parameters()])))
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=1e-5)
     torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-5)
+
+
+def test_a_step_that_selects_nothing_still_counts_and_changes_no_weight():
+    from common.sampling.filters import DynamicSampling
+
+    module = make_module(rewards=[SevensReward()], selector=DynamicSampling(max_groups=2), max_generation_rounds=2)
+    module.reward_fns = [lambda completions, samples: torch.zeros(len(completions))]  # nothing is informative
+    before = [p.detach().clone() for p in module.policy.parameters()]
+    trainer = fit(module, digit_prompts(8), steps=2)
+    assert trainer.global_step == 2
+    assert all(torch.equal(p, q) for p, q in zip(before, module.policy.parameters()))
