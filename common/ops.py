@@ -4,6 +4,9 @@ Groups are given by ``group_ids: LongTensor[B]`` with values in ``[0, num_groups
 contiguous (members may be interleaved) nor of equal size. Every reduction is a scatter (``index_add_``,
 ``scatter_reduce_``) over ``group_ids``: no Python loop over samples or groups, no host sync.
 
+Every group reduction validates its inputs (one host sync for the id range) unless called with
+``validate=False`` by code that has already called :func:`check_groups` once for the same ids.
+
 Group reductions return one value per group, shape ``(num_groups,)``; index with ``[group_ids]`` to
 broadcast back to samples. ``num_groups`` defaults to ``B``, an upper bound when every group is non-empty,
 so no ``max()`` has to be read back from the device; slots of empty groups hold 0 (sums, counts, means,
@@ -57,34 +60,38 @@ def check_groups(values: Tensor, group_ids: Tensor, num_groups: int | None = Non
     return n
 
 
-def _check_vector(x: Tensor, group_ids: Tensor, num_groups: int | None) -> int:
+def _check_vector(x: Tensor, group_ids: Tensor, num_groups: int | None, validate: bool = True) -> int:
     """:func:`check_groups` for the statistics defined on ``x (B,)`` only (group_sum takes ``(B, ...)``)."""
+    if not validate:
+        return group_ids.shape[0] if num_groups is None else int(num_groups)
     n = check_groups(x, group_ids, num_groups, "x")
     if x.dim() != 1:
         raise ValueError(f"x must be 1-D (B,), got shape {tuple(x.shape)}; group_sum reduces (B, ...) values")
     return n
 
 
-def group_sum(x: Tensor, group_ids: Tensor, num_groups: int | None = None) -> Tensor:
+def group_sum(x: Tensor, group_ids: Tensor, num_groups: int | None = None, *, validate: bool = True) -> Tensor:
     """``out[k] = Σ_{i: g_i = k} x_i``. Shapes: x (B, ...), group_ids (B,) -> (num_groups, ...)."""
-    n = check_groups(x, group_ids, num_groups, "x")
+    n = check_groups(x, group_ids, num_groups, "x") if validate else (group_ids.shape[0] if num_groups is None else int(num_groups))
     out = x.new_zeros((n, *x.shape[1:]))
     return out.index_add_(0, group_ids, x)
 
 
-def group_count(group_ids: Tensor, num_groups: int | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+def group_count(group_ids: Tensor, num_groups: int | None = None, dtype: torch.dtype = torch.float32, *,
+                validate: bool = True) -> Tensor:
     """``n_k = #{i : g_i = k}``. Shapes: group_ids (B,) -> (num_groups,)."""
-    check_groups(group_ids, group_ids, num_groups, "group_ids")
+    if validate:
+        check_groups(group_ids, group_ids, num_groups, "group_ids")
     ones = torch.ones(group_ids.shape, dtype=dtype, device=group_ids.device)
-    return group_sum(ones, group_ids, num_groups)
+    return group_sum(ones, group_ids, num_groups, validate=False)
 
 
-def group_first(x: Tensor, group_ids: Tensor, num_groups: int | None = None) -> Tensor:
+def group_first(x: Tensor, group_ids: Tensor, num_groups: int | None = None, *, validate: bool = True) -> Tensor:
     """The value of each group's first member (lowest row); 0 for empty groups. Shapes: (B,) -> (num_groups,).
 
     Subtracting it before a reduction makes the values of an all-equal group exactly 0, so their mean,
     deviations and std are exactly 0 too (no rounding residue such as 7 x 0.1 / 7 != 0.1 in float32)."""
-    n = _check_vector(x, group_ids, num_groups)
+    n = _check_vector(x, group_ids, num_groups, validate)
     B = group_ids.shape[0]
     rows = torch.arange(B, device=group_ids.device)
     first = torch.full((n,), B, dtype=torch.long, device=group_ids.device).scatter_reduce_(0, group_ids, rows, reduce="amin")
@@ -92,59 +99,61 @@ def group_first(x: Tensor, group_ids: Tensor, num_groups: int | None = None) -> 
     return torch.where(present, x[first.clamp(max=max(B - 1, 0))] if B else x.new_zeros(n), x.new_zeros(n))
 
 
-def group_mean(x: Tensor, group_ids: Tensor, num_groups: int | None = None) -> Tensor:
+def group_mean(x: Tensor, group_ids: Tensor, num_groups: int | None = None, *, validate: bool = True) -> Tensor:
     """``μ_k = (1/n_k) Σ_{g_i=k} x_i``; 0 for empty groups. Shapes: (B,) -> (num_groups,)."""
-    _check_vector(x, group_ids, num_groups)
-    n = group_count(group_ids, num_groups, x.dtype)  # (N,)
-    return group_sum(x, group_ids, num_groups) / n.clamp(min=1)
+    _check_vector(x, group_ids, num_groups, validate)
+    n = group_count(group_ids, num_groups, x.dtype, validate=False)  # (N,)
+    return group_sum(x, group_ids, num_groups, validate=False) / n.clamp(min=1)
 
 
-def group_std(x: Tensor, group_ids: Tensor, num_groups: int | None = None, ddof: int = 1) -> Tensor:
+def group_std(x: Tensor, group_ids: Tensor, num_groups: int | None = None, ddof: int = 1, *,
+              validate: bool = True) -> Tensor:
     """Per-group standard deviation ``sqrt(Σ (x_i − μ_k)² / (n_k − ddof))``; ``ddof=1`` is the unbiased
     estimate (``torch.std``'s default, used by verl and TRL). Groups with ``n_k <= ddof`` get 0.
 
     Values are shifted by a member of their group (:func:`group_first`) and then centred (two passes), so an
     all-equal group gives exactly 0, not rounding noise. Shapes: x (B,), group_ids (B,) -> (num_groups,).
     """
-    x = x - group_first(x, group_ids, num_groups)[group_ids]  # (B,) exact zeros for equal groups
-    mean = group_mean(x, group_ids, num_groups)  # (N,)
-    sq = group_sum((x - mean[group_ids]) ** 2, group_ids, num_groups)  # (N,)
-    dof = group_count(group_ids, num_groups, x.dtype) - ddof  # (N,)
+    _check_vector(x, group_ids, num_groups, validate)
+    x = x - group_first(x, group_ids, num_groups, validate=False)[group_ids]  # (B,) exact zeros for equal groups
+    mean = group_mean(x, group_ids, num_groups, validate=False)  # (N,)
+    sq = group_sum((x - mean[group_ids]) ** 2, group_ids, num_groups, validate=False)  # (N,)
+    dof = group_count(group_ids, num_groups, x.dtype, validate=False) - ddof  # (N,)
     return torch.where(dof > 0, sq / dof.clamp(min=1), torch.zeros_like(sq)).sqrt()
 
 
-def _group_extreme(x: Tensor, group_ids: Tensor, num_groups: int | None, reduce: str) -> Tensor:
-    n = _check_vector(x, group_ids, num_groups)
+def _group_extreme(x: Tensor, group_ids: Tensor, num_groups: int | None, reduce: str, validate: bool = True) -> Tensor:
+    n = _check_vector(x, group_ids, num_groups, validate)
     if not x.is_floating_point():
         raise ValueError(f"x must be a floating tensor for group_{reduce[1:]}, got {x.dtype}")
     fill = torch.finfo(x.dtype).min if reduce == "amax" else torch.finfo(x.dtype).max
     out = x.new_full((n,), fill).scatter_reduce_(0, group_ids, x, reduce=reduce, include_self=True)
-    empty = group_count(group_ids, n) == 0
+    empty = group_count(group_ids, n, validate=False) == 0
     return out.masked_fill(empty, 0.0)
 
 
-def group_max(x: Tensor, group_ids: Tensor, num_groups: int | None = None) -> Tensor:
+def group_max(x: Tensor, group_ids: Tensor, num_groups: int | None = None, *, validate: bool = True) -> Tensor:
     """``max_{g_i=k} x_i``; 0 for empty groups. Shapes: (B,) -> (num_groups,)."""
-    return _group_extreme(x, group_ids, num_groups, "amax")
+    return _group_extreme(x, group_ids, num_groups, "amax", validate)
 
 
-def group_min(x: Tensor, group_ids: Tensor, num_groups: int | None = None) -> Tensor:
+def group_min(x: Tensor, group_ids: Tensor, num_groups: int | None = None, *, validate: bool = True) -> Tensor:
     """``min_{g_i=k} x_i``; 0 for empty groups. Shapes: (B,) -> (num_groups,)."""
-    return _group_extreme(x, group_ids, num_groups, "amin")
+    return _group_extreme(x, group_ids, num_groups, "amin", validate)
 
 
-def group_median(x: Tensor, group_ids: Tensor, num_groups: int | None = None) -> Tensor:
+def group_median(x: Tensor, group_ids: Tensor, num_groups: int | None = None, *, validate: bool = True) -> Tensor:
     """Per-group median; for an even group the mean of the two middle values (numpy's convention;
     ``torch.median`` would return the lower one). 0 for empty groups. Shapes: (B,) -> (num_groups,).
 
     Vectorised by one lexicographic sort on (group, value): sort by value, then stable-sort by group, so
     group k occupies the sorted slice ``[start_k, start_k + n_k)`` and its middle elements are read directly.
     """
-    n = _check_vector(x, group_ids, num_groups)
+    n = _check_vector(x, group_ids, num_groups, validate)
     by_value = torch.argsort(x, stable=True)  # (B,)
     by_group = torch.argsort(group_ids[by_value], stable=True)  # (B,)
     sorted_x = x[by_value][by_group]  # (B,) grouped, ascending within each group
-    count = group_count(group_ids, n, torch.long)  # (N,)
+    count = group_count(group_ids, n, torch.long, validate=False)  # (N,)
     start = torch.cumsum(count, 0) - count  # (N,)
     last = sorted_x.numel() - 1
     lo = (start + (count - 1).clamp(min=0) // 2).clamp(max=max(last, 0))  # (N,)

@@ -20,7 +20,7 @@ from common.ops import check_groups, group_count, group_first, group_mean, group
 def _shifted(rewards: Tensor, group_ids: Tensor, num_groups: int) -> Tensor:
     """Rewards minus a member of their group: advantages are shift-invariant per group, and an all-equal
     group becomes exact zeros, so its advantage is exactly 0 (no float residue such as 7 x 0.1 / 7 != 0.1)."""
-    return rewards - group_first(rewards, group_ids, num_groups)[group_ids]  # (B,)
+    return rewards - group_first(rewards, group_ids, num_groups, validate=False)[group_ids]  # (B,)
 
 
 def grpo(
@@ -44,9 +44,9 @@ def grpo(
     num_groups = check_groups(rewards, group_ids, num_groups)  # before check_rewards: devices first
     check_rewards(rewards)
     r = _shifted(rewards, group_ids, num_groups)  # (B,)
-    centred = r - group_mean(r, group_ids, num_groups)[group_ids]  # (B,) exactly 0 in all-equal groups
+    centred = r - group_mean(r, group_ids, num_groups, validate=False)[group_ids]  # (B,) exactly 0 in all-equal groups
     if scale == "group":
-        return centred / (group_std(r, group_ids, num_groups)[group_ids] + eps)
+        return centred / (group_std(r, group_ids, num_groups, validate=False)[group_ids] + eps)
     if scale == "batch" and rewards.numel() > 1:
         return centred / (rewards.std(unbiased=True) + eps)
     return centred
@@ -70,8 +70,8 @@ def rloo(rewards: Tensor, group_ids: Tensor, *, num_groups: int | None = None) -
     num_groups = check_groups(rewards, group_ids, num_groups)  # before check_rewards: devices first
     check_rewards(rewards)
     r = _shifted(rewards, group_ids, num_groups)  # (B,)
-    n = group_count(group_ids, num_groups, rewards.dtype)[group_ids]  # (B,)
-    others = group_sum(r, group_ids, num_groups)[group_ids] - r  # (B,)
+    n = group_count(group_ids, num_groups, rewards.dtype, validate=False)[group_ids]  # (B,)
+    others = group_sum(r, group_ids, num_groups, validate=False)[group_ids] - r  # (B,)
     baseline = others / (n - 1).clamp(min=1)  # (B,)
     return torch.where(n > 1, r - baseline, torch.zeros_like(r))
 
@@ -180,12 +180,12 @@ def mc_grpo(
             f"size(s) {sorted(set(count[even].tolist()))}; set the module's group_size to an odd number"
         )
     r = _shifted(rewards, group_ids, num_groups)  # (B,) exact zeros in all-equal groups
-    med = group_median(r, group_ids, num_groups)  # (N,) a member of each odd group
+    med = group_median(r, group_ids, num_groups, validate=False)  # (N,) a member of each odd group
     centred = r - med[group_ids]  # (B,) exactly 0 for the median's ties
     if scale == "mad":
-        centred = centred / (group_median(centred.abs(), group_ids, num_groups)[group_ids] + eps)
+        centred = centred / (group_median(centred.abs(), group_ids, num_groups, validate=False)[group_ids] + eps)
     elif scale == "std":
-        centred = centred / (group_std(r, group_ids, num_groups)[group_ids] + eps)
+        centred = centred / (group_std(r, group_ids, num_groups, validate=False)[group_ids] + eps)
     B = rewards.shape[0]
     rows = torch.arange(B, device=rewards.device)  # (B,)
     candidate = torch.where(r == med[group_ids], rows, torch.full_like(rows, B))  # (B,) median members
@@ -224,9 +224,9 @@ def ngrpo(
             f"rewards up to {float(rewards.max())}; raise max_reward to the reward's upper bound"
         )
     s = rewards - max_reward  # (B,) <= 0; the virtual samples sit at exactly 0, all-correct rows too
-    n = group_count(group_ids, num_groups, rewards.dtype) + num_virtual  # (N,) |R'_g|
-    mean = group_sum(s, group_ids, num_groups) / n.clamp(min=1)  # (N,) virtual samples add 0 to the sum
-    sq = group_sum((s - mean[group_ids]) ** 2, group_ids, num_groups) + num_virtual * mean**2  # (N,)
+    n = group_count(group_ids, num_groups, rewards.dtype, validate=False) + num_virtual  # (N,) |R'_g|
+    mean = group_sum(s, group_ids, num_groups, validate=False) / n.clamp(min=1)  # (N,) virtual samples add 0 to the sum
+    sq = group_sum((s - mean[group_ids]) ** 2, group_ids, num_groups, validate=False) + num_virtual * mean**2  # (N,)
     std = torch.where(n > 1, sq / (n - 1).clamp(min=1), torch.zeros_like(sq)).sqrt()  # (N,) ddof = 1
     centred = s - mean[group_ids]  # (B,)
     return torch.where(std[group_ids] > 0, centred / (std[group_ids] + eps), torch.zeros_like(centred))

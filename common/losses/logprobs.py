@@ -6,9 +6,9 @@ Naive reference (what this module equals, to float rounding)::
     logp   = logits.log_softmax(-1).gather(-1, targets[:, None])   # (N,)
     H      = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
 
-Here the rows are processed in chunks of ``chunk_size`` and each chunk is wrapped in activation
-checkpointing, so neither the forward nor the backward pass holds more than one ``(chunk_size, V)`` block of
-logits: peak memory is O(chunk_size·V) instead of O(N·V), for one extra chunk matmul in the backward pass.
+Here the rows are processed in chunks of ``chunk_size``; for large batches each chunk is also wrapped in
+activation checkpointing, so neither the forward nor the backward pass holds more than one ``(chunk_size, V)``
+block of logits: peak memory is O(chunk_size·V) instead of O(N·V), for one extra chunk matmul in the backward.
 Only the rows that are needed (completion positions) are passed in.
 """
 
@@ -19,13 +19,17 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+# Above this size of float32 logits for the whole batch (N·V·4 bytes), chunks are recomputed in the backward
+# pass instead of kept: 1 GiB is ~5,400 rows of SmolLM2's 49,152-token vocabulary.
+_RECOMPUTE_ABOVE_BYTES = 1 << 30
+
 
 def _chunk_logprobs_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, inv_temp: float):
     logits = F.linear(hidden, weight, bias).float() * inv_temp  # (n, V) float32
-    lse = torch.logsumexp(logits, dim=-1)  # (n,)
-    logp = logits.gather(-1, targets[:, None]).squeeze(-1) - lse  # (n,)
-    probs = torch.softmax(logits, dim=-1)
-    entropy = lse - (probs * logits).sum(-1)  # (n,)  H = lse − E_p[logit]
+    logp_all = torch.log_softmax(logits, dim=-1)  # (n, V)
+    logp = logp_all.gather(-1, targets[:, None]).squeeze(-1)  # (n,)
+    # H = −Σ p log p on the normalised log-probs: lse − Σ p·logit would cancel two large numbers in float32
+    entropy = -(logp_all.exp() * logp_all).sum(-1)  # (n,)
     return logp, entropy
 
 
@@ -37,9 +41,13 @@ def token_logprobs(
     bias: Tensor | None = None,
     temperature: float = 1.0,
     chunk_size: int = 1024,
+    recompute: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Log-prob and entropy of ``targets`` under ``softmax(hidden @ weight.T / temperature)``.
 
+    ``recompute`` wraps each chunk in activation checkpointing (logits are recomputed in the backward pass:
+    O(chunk·V) memory for one extra chunk matmul); None = only when the float32 logits of all N rows would
+    exceed ``_RECOMPUTE_ABOVE_BYTES``, so small batches do not pay the extra matmul.
     Shapes: hidden (N, H), weight (V, H), targets (N,) -> logprobs (N,) float32, entropy (N,) float32.
     Gradients flow to ``hidden`` and ``weight`` through both outputs.
     """
@@ -60,10 +68,12 @@ def token_logprobs(
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
     inv_temp = 1.0 / temperature
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    if recompute is None:
+        recompute = hidden.shape[0] * weight.shape[0] * 4 > _RECOMPUTE_ABOVE_BYTES
     logps, ents = [], []
     for s in range(0, hidden.shape[0], chunk_size):  # ok: loop over chunks of rows, not samples
         args = (hidden[s : s + chunk_size], weight, bias, targets[s : s + chunk_size], inv_temp)
-        lp, ent = checkpoint(_chunk_logprobs_entropy, *args, use_reentrant=False) if needs_grad else _chunk_logprobs_entropy(*args)
+        lp, ent = checkpoint(_chunk_logprobs_entropy, *args, use_reentrant=False) if needs_grad and recompute else _chunk_logprobs_entropy(*args)
         logps.append(lp)
         ents.append(ent)
     if not logps:

@@ -19,12 +19,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from common.losses.hapo import EntropyStats, hapo_entropy_stats, normalised_entropy
+
 # Entropies are floored before the log so a one-hot distribution (H = 0) gives a finite z.
 _MIN_ENTROPY = 1e-8
 
 
 class AdaptiveTemperature(nn.Module):
-    """A transformers logits processor with checkpointed statistics (buffers).
+    """A transformers logits processor with checkpointed statistics (buffers). The statistics and h̃ are
+    HAPO's normalised entropy from ``common.losses.hapo`` (one definition for the sampler and the loss).
 
     Args:
         tau: τ_T, the relative temperature swing (HAPO 0.05).
@@ -38,30 +41,27 @@ class AdaptiveTemperature(nn.Module):
             raise ValueError(f"tau must be in [0, 1) so temperatures stay positive, got {tau}")
         if not 0 < pivot < 1:
             raise ValueError(f"pivot must be a quantile in (0, 1), got {pivot}")
-        self.tau, self.pivot, self.code_compat = tau, pivot, code_compat
-        for name in ("q", "s", "pos_scale", "neg_scale"):
+        self.tau, self.quantile, self.code_compat = tau, pivot, code_compat
+        for name in EntropyStats._fields:  # q (pivot), s (scale), pos_scale, neg_scale
             self.register_buffer(name, torch.ones(()))
         self.register_buffer("ready", torch.zeros((), dtype=torch.bool))
 
+    @property
+    def stats(self) -> EntropyStats:
+        return EntropyStats(*(getattr(self, name) for name in EntropyStats._fields))
+
     def normalised(self, z: Tensor) -> Tensor:
         """h̃ for log-entropies ``z`` under the stored statistics; any shape -> same shape, in [−1, 1]."""
-        h = (z - self.q) / self.s
-        neg = h / (-self.neg_scale if self.code_compat else self.neg_scale)
-        return torch.where(h > 0, h / self.pos_scale, neg).clamp(-1.0, 1.0)
+        h = normalised_entropy(z.exp().reshape(1, -1), torch.ones(1, z.numel(), dtype=torch.bool), self.stats)
+        return h.reshape(z.shape).clamp(-1.0, 1.0)
 
     @torch.no_grad()
     def observe(self, entropy: Tensor, mask: Tensor) -> None:
         """Update the statistics from a step's token entropies. Shapes: (B, T), (B, T) bool."""
-        z = torch.log(entropy[mask].float().clamp(min=_MIN_ENTROPY))  # (N,)
-        if z.numel() == 0:
+        if not bool(mask.any()):
             return
-        q = torch.quantile(z, self.pivot, interpolation="nearest")
-        s = ((z - q) ** 2).mean().clamp(min=_MIN_ENTROPY).sqrt()
-        h = (z - q) / s
-        self.q.copy_(q)
-        self.s.copy_(s)
-        self.pos_scale.copy_(h.clamp(min=0).max().clamp(min=_MIN_ENTROPY))
-        self.neg_scale.copy_((-h).clamp(min=0).max().clamp(min=_MIN_ENTROPY))
+        for name, value in zip(EntropyStats._fields, hapo_entropy_stats(entropy.float(), mask, self.quantile, self.code_compat)):
+            getattr(self, name).copy_(value)
         self.ready.fill_(True)
 
     def temperature_factor(self, scores: Tensor) -> Tensor:

@@ -187,3 +187,19 @@ def test_selective_log_softmax_bad_chunk_size_raises(chunk_size: int) -> None:
     # chunk_size = −3 would otherwise make range() empty and return all-zero log-probs silently
     with pytest.raises(ValueError, match="chunk_size"):
         selective_log_softmax(torch.randn(3, V), torch.zeros(3, dtype=torch.long), chunk_size=chunk_size)
+
+
+def test_recompute_path_equals_the_stored_path_values_and_gradients():
+    """Activation checkpointing per chunk (the large-batch path) changes memory, not numbers."""
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16, dtype=torch.float64)
+    weight = torch.randn(50, 16, dtype=torch.float64)
+    targets = torch.randint(0, 50, (37,))
+    out = []
+    for recompute in (True, False):
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        lp, ent = token_logprobs(h, w, targets, chunk_size=8, recompute=recompute)
+        (lp.sum() + 0.5 * ent.sum()).backward()
+        out.append((lp.detach(), ent.detach(), h.grad, w.grad))
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)

@@ -20,9 +20,9 @@ def observed(code_compat=False) -> AdaptiveTemperature:
 def test_statistics_match_the_formula():
     at = observed()
     # z = [-2,-1,0,1,2]; nearest 0.8-quantile: position 0.8*4 = 3.2 -> index 3 -> q = 1
-    assert float(at.q) == pytest.approx(1.0)
+    assert float(at.pivot) == pytest.approx(1.0)
     # s = sqrt(mean((z-q)^2)) = sqrt((9+4+1+0+1)/5) = sqrt(3)
-    assert float(at.s) == pytest.approx(math.sqrt(3.0))
+    assert float(at.scale) == pytest.approx(math.sqrt(3.0))
     # h = (z-1)/sqrt3 ; max h = 1/sqrt3, |min h| = 3/sqrt3
     assert float(at.pos_scale) == pytest.approx(1 / math.sqrt(3)) and float(at.neg_scale) == pytest.approx(3 / math.sqrt(3))
     z = torch.tensor([-2.0, 0.0, 1.0, 2.0, 5.0])
@@ -70,4 +70,4 @@ def test_hf_backend_samples_with_it_and_the_module_feeds_it():
     L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False).fit(module, DataLoader(digit_prompts(4), batch_size=2, collate_fn=list))
     assert bool(module.backend.adaptive_temperature.ready)
-    assert "backend.adaptive_temperature.q" in module.state_dict()
+    assert "backend.adaptive_temperature.pivot" in module.state_dict()

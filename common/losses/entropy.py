@@ -1,0 +1,248 @@
+"""Entropy-aware token selection for the clipped surrogate: which tokens get policy gradient.
+
+1. Top-entropy-quantile filter ("Beyond the 80/20 Rule: High-Entropy Minority Tokens Drive Effective RL for LLM
+   Reasoning", Wang et al. 2025, arXiv 2506.01939, §4 eq. 6): only the ρ = 20% highest-entropy "forking" tokens
+   of the batch get gradient; the denominator of the token-mean keeps every token.
+
+       J = (1/Σ_i L_i) Σ_{i,t} 1[H_it >= τ_ρ] · min(ρ_it A_it, clip(ρ_it, 1 − ε_low, 1 + ε_high) A_it)
+
+2. Clip-Cov and KL-Cov ("The Entropy Mechanism of Reinforcement Learning for Reasoning Language Models",
+   Cui et al. 2025, arXiv 2505.22617, §4.2 eqs. 11-12; code PRIME-RL/Entropy-Mechanism-of-RL,
+   verl ``compute_policy_loss_clip_cov`` / ``compute_policy_loss_kl_cov``). Entropy falls when tokens with a
+   high covariance between log-prob and advantage are pushed; so
+
+       Cov_it = (ℓ_it − mean_valid ℓ)·(A_it − mean_valid A)                       (detached, per token)
+       Clip-Cov: draw ⌊r·N⌋ (at least 1) tokens uniformly from {lb < Cov < ub, not PPO-clipped}; their loss
+                 and gradient are set to 0                                         (eq. 11)
+       KL-Cov:   the top ⌊k·N⌋ (at least 1) tokens by Cov get −A ρ + β|ℓ − ℓ^old|; all others −A ρ  (eq. 12)
+
+   N is the number of valid tokens of the micro-batch.
+
+Implementation: dropping a token's policy gradient is done by zeroing its advantage (a (B, T) advantage), which
+makes its clipped loss and its gradient exactly 0 while it still counts in every denominator.
+
+Deviations / caveats: the entropy threshold and the covariance means are taken over the **micro-batch** (the
+authors' verl code computes them per micro-batch, so a split changes the selection); with ``micro_batch_size``
+None they are over the whole optimiser minibatch. The entropy threshold is the ⌈ρN⌉-th largest entropy (ties at
+the threshold are all kept), not ``torch.quantile``'s interpolated value. Clip-Cov's random draw uses a
+``torch.Generator`` reseeded with ``seed + global_step`` at every ``set_step``, so a run and a resumed run draw
+the same tokens without checkpointing RNG state.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from common.losses.aggregate import AGGREGATIONS, Aggregation, Normaliser, aggregate
+from common.losses.base import LossOutput, PolicyLoss
+from common.losses.kl import KLEstimator
+from common.losses.ppo_clip import ClippedPolicyLoss, clipped_surrogate
+from common.ops import masked_mean, masked_sum
+
+if TYPE_CHECKING:
+    from common.batch import RolloutBatch
+
+# log ρ is clamped to ±_MAX_LOG_RATIO before exp() in KL-Cov's unclipped surrogate (the verl code clamps at ±20);
+# e^10 is finite even in fp16, and beyond it the token's ratio gradient is 0.
+_MAX_LOG_RATIO = 10.0
+
+
+def _token_advantages(advantages: Tensor, mask: Tensor) -> Tensor:
+    """(B,) or (B, 1) or (B, T) -> (B, T) broadcast over T."""
+    B = mask.shape[0]
+    if advantages.shape in ((B,), (B, 1)):
+        return advantages.reshape(B, 1).expand(mask.shape)
+    if advantages.shape != mask.shape:
+        raise ValueError(f"advantages must be (B,) or (B, T) = {tuple(mask.shape)}, got {tuple(advantages.shape)}")
+    return advantages
+
+
+def top_entropy_mask(entropy: Tensor, mask: Tensor, quantile: float) -> Tensor:
+    """Tokens whose entropy is among the top ``quantile`` fraction of the valid tokens (at least one).
+
+    Naive reference: ``H >= sorted(H[mask], descending)[ceil(quantile·N) − 1]``. Computed by one sort with
+    invalid tokens at −inf, no host sync. Shapes: entropy, mask (B, T) -> (B, T) bool.
+    """
+    if entropy.shape != mask.shape:
+        raise ValueError(f"entropy {tuple(entropy.shape)} and mask {tuple(mask.shape)} must both be (B, T)")
+    if not 0 < quantile <= 1:
+        raise ValueError(f"quantile must be in (0, 1], got {quantile}")
+    h = entropy.detach().masked_fill(~mask, -torch.inf).flatten()  # (B·T,)
+    desc = torch.sort(h, descending=True).values  # (B·T,)
+    n = mask.sum()  # ()
+    k = torch.ceil(quantile * n.to(h.dtype)).long().clamp(min=1, max=max(h.numel(), 1))  # ()
+    threshold = desc[k - 1] if h.numel() else h.new_tensor(0.0)  # () the k-th largest entropy
+    return mask & (entropy.detach() >= threshold)
+
+
+def token_covariance(logprobs: Tensor, advantages: Tensor, mask: Tensor) -> Tensor:
+    """``Cov_it = (ℓ_it − mean ℓ)(A_it − mean A)``, means over the valid tokens (arXiv 2505.22617 eq. 10, per
+    token, detached). Shapes: logprobs, mask (B, T); advantages (B,) or (B, T) -> (B, T); −inf off the mask."""
+    A = _token_advantages(advantages, mask).detach().to(logprobs.dtype)  # (B, T)
+    lp = logprobs.detach()
+    cov = (lp - masked_mean(lp, mask)) * (A - masked_mean(A, mask))  # (B, T)
+    return cov.masked_fill(~mask, -torch.inf)
+
+
+def _rank_select(keys: Tensor, eligible: Tensor, count: Tensor) -> Tensor:
+    """The ``count`` eligible positions with the smallest keys (fewer if fewer are eligible), without a host sync.
+    Shapes: keys, eligible (B, T); count () -> (B, T) bool."""
+    flat = keys.masked_fill(~eligible, torch.inf).flatten()  # (B·T,)
+    order = torch.argsort(flat, stable=True)  # (B·T,)
+    rank = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))  # (B·T,)
+    return eligible & (rank.view(keys.shape) < count)
+
+
+def clip_cov_select(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *, ratio: float,
+                    lb: float, ub: float, eps_low: float, eps_high: float, generator: torch.Generator) -> Tensor:
+    """Clip-Cov's tokens to detach (arXiv 2505.22617 eq. 11): ``max(1, ⌊ratio·N⌋)`` drawn uniformly (with
+    ``generator``) from the valid, not-PPO-clipped tokens with ``lb < Cov < ub``. Shapes: (B, T) -> (B, T) bool."""
+    with torch.no_grad():
+        _, _, clipped = clipped_surrogate(logprobs, old_logprobs, advantages, mask, eps_low=eps_low, eps_high=eps_high)
+        cov = token_covariance(logprobs, advantages, mask)  # (B, T)
+        eligible = mask & ~clipped & (cov > lb) & (cov < ub)
+        n = torch.floor(ratio * mask.sum().to(torch.float64)).long().clamp(min=1)  # ()
+        keys = torch.rand(mask.shape, generator=generator, device=generator.device).to(mask.device)  # (B, T)
+        return _rank_select(keys, eligible, n)
+
+
+def kl_cov_select(logprobs: Tensor, advantages: Tensor, mask: Tensor, *, ratio: float) -> Tensor:
+    """KL-Cov's penalised tokens (arXiv 2505.22617 eq. 12): the ``max(1, ⌊ratio·N⌋)`` valid tokens with the
+    largest Cov. Shapes: (B, T) -> (B, T) bool."""
+    with torch.no_grad():
+        cov = token_covariance(logprobs, advantages, mask)  # (B, T)
+        n = torch.floor(ratio * mask.sum().to(torch.float64)).long().clamp(min=1)  # ()
+        return _rank_select(-cov, mask, n)
+
+
+class EntropyTopQuantileLoss(ClippedPolicyLoss):
+    """Clipped surrogate on the top-``quantile`` entropy tokens only (Wang et al. 2025, arXiv 2506.01939).
+
+    ``ClippedPolicyLoss`` with the advantage set to 0 on the other tokens (they keep counting in the
+    denominators). Defaults follow the paper's DAPO base: clip-higher (0.2, 0.28), token-mean, no KL.
+
+    Args:
+        quantile: ρ, the fraction of valid tokens (highest entropy) that get gradient (paper 0.2).
+        eps_low, eps_high, dual_clip, ratio_level, aggregation, beta, kl_estimator, entropy_coef: as in
+            :class:`~common.losses.ppo_clip.ClippedPolicyLoss`.
+    """
+
+    def __init__(self, quantile: float = 0.2, eps_low: float = 0.2, eps_high: float = 0.28,
+                 dual_clip: float | None = None, aggregation: Aggregation = "token_mean", beta: float = 0.0,
+                 kl_estimator: KLEstimator = "k3", entropy_coef: float = 0.0):
+        if not 0 < quantile <= 1:
+            raise ValueError(f"EntropyTopQuantileLoss: quantile must be in (0, 1], got {quantile}")
+        super().__init__(eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, aggregation=aggregation,
+                         beta=beta, kl_estimator=kl_estimator, entropy_coef=entropy_coef)
+        self.quantile = quantile
+
+    def __call__(self, logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
+                 ref_logprobs: Tensor | None = None, entropy: Tensor | None = None,
+                 normaliser: Normaliser | None = None, batch: "RolloutBatch | None" = None) -> LossOutput:
+        if entropy is None:
+            raise ValueError("EntropyTopQuantileLoss needs entropy (B, T): the module passes the policy's token entropy")
+        keep = top_entropy_mask(entropy, mask, self.quantile)  # (B, T)
+        A = _token_advantages(advantages, mask) * keep  # (B, T) zero off the forking tokens
+        out = super().__call__(logprobs, old_logprobs, A, mask, ref_logprobs=ref_logprobs, entropy=entropy,
+                               normaliser=normaliser, batch=batch)
+        norm = normaliser if normaliser is not None else Normaliser.of(mask)
+        out.metrics["kept_frac"] = keep.sum().detach() / norm.num_tokens
+        return out
+
+
+class ClipCovLoss(ClippedPolicyLoss):
+    """Clip-Cov (Cui et al. 2025, arXiv 2505.22617 eq. 11): the clipped surrogate with a random
+    ``ratio`` share of the high-covariance tokens detached (see :func:`clip_cov_select`).
+
+    Args:
+        ratio: r, share of valid tokens detached (paper 2e-4; at least one token per micro-batch).
+        lb, ub: the covariance band (lb, ub) the detached tokens are drawn from (paper 1 and 5).
+        seed: seed of the token draw; the generator is reseeded with ``seed + global_step`` each step.
+        eps_low, eps_high, dual_clip, aggregation, beta, kl_estimator, entropy_coef: as in ClippedPolicyLoss.
+    """
+
+    def __init__(self, ratio: float = 2e-4, lb: float = 1.0, ub: float = 5.0, seed: int = 0, eps_low: float = 0.2,
+                 eps_high: float = 0.2, dual_clip: float | None = None, aggregation: Aggregation = "token_mean",
+                 beta: float = 0.0, kl_estimator: KLEstimator = "k3", entropy_coef: float = 0.0):
+        problems = []
+        if not 0 < ratio <= 1:
+            problems.append(f"ratio must be in (0, 1], got {ratio}")
+        if not lb < ub:
+            problems.append(f"lb must be < ub, got lb={lb}, ub={ub}")
+        if problems:
+            raise ValueError("ClipCovLoss: " + "; ".join(problems))
+        super().__init__(eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, aggregation=aggregation,
+                         beta=beta, kl_estimator=kl_estimator, entropy_coef=entropy_coef)
+        self.ratio, self.lb, self.ub, self.seed = ratio, lb, ub, seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._step = 0
+
+    def set_step(self, global_step: int) -> None:
+        self._step = int(global_step)
+        self._generators.clear()  # reseeded lazily on the device of the next batch
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        device = torch.device(device)
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed + self._step)
+        return self._generators[device]
+
+    def __call__(self, logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
+                 ref_logprobs: Tensor | None = None, entropy: Tensor | None = None,
+                 normaliser: Normaliser | None = None, batch: "RolloutBatch | None" = None) -> LossOutput:
+        drop = clip_cov_select(logprobs, old_logprobs, advantages, mask, ratio=self.ratio, lb=self.lb, ub=self.ub,
+                               eps_low=self.eps_low, eps_high=self.eps_high, generator=self.generator(logprobs.device))
+        A = _token_advantages(advantages, mask).masked_fill(drop, 0.0)  # (B, T) corr = 0 on the drawn tokens
+        out = super().__call__(logprobs, old_logprobs, A, mask, ref_logprobs=ref_logprobs, entropy=entropy,
+                               normaliser=normaliser, batch=batch)
+        norm = normaliser if normaliser is not None else Normaliser.of(mask)
+        out.metrics["cov_clip_frac"] = drop.sum().detach() / norm.num_tokens
+        return out
+
+
+class KLCovLoss(PolicyLoss):
+    """KL-Cov (Cui et al. 2025, arXiv 2505.22617 eq. 12): unclipped ``−A ρ`` on every token plus
+    ``coef·|ℓ − ℓ^old|`` on the top-``ratio`` tokens by covariance (see :func:`kl_cov_select`).
+
+    Args:
+        ratio: k, share of valid tokens penalised (paper 2e-3 for 7B; 2e-4 for 32B).
+        coef: β, the coefficient of |ℓ − ℓ^old| (paper 1).
+        aggregation: token aggregation of the per-token loss (paper: token_mean).
+    """
+
+    def __init__(self, ratio: float = 2e-3, coef: float = 1.0, aggregation: Aggregation = "token_mean"):
+        problems = []
+        if not 0 < ratio <= 1:
+            problems.append(f"ratio must be in (0, 1], got {ratio}")
+        if coef < 0:
+            problems.append(f"coef must be >= 0, got {coef}")
+        if aggregation not in AGGREGATIONS:
+            problems.append(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+        if problems:
+            raise ValueError("KLCovLoss: " + "; ".join(problems))
+        self.ratio, self.coef, self.aggregation = ratio, coef, aggregation
+
+    def __call__(self, logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
+                 ref_logprobs: Tensor | None = None, entropy: Tensor | None = None,
+                 normaliser: Normaliser | None = None, batch: "RolloutBatch | None" = None) -> LossOutput:
+        if logprobs.dim() != 2 or logprobs.shape != old_logprobs.shape or logprobs.shape != mask.shape:
+            raise ValueError(f"logprobs {tuple(logprobs.shape)}, old_logprobs {tuple(old_logprobs.shape)} and mask "
+                             f"{tuple(mask.shape)} must all be (B, T)")
+        norm = normaliser if normaliser is not None else Normaliser.of(mask)
+        A = _token_advantages(advantages, mask).to(logprobs.dtype)  # (B, T)
+        log_ratio = torch.where(mask, logprobs - old_logprobs, torch.zeros_like(logprobs))  # (B, T)
+        ratio = torch.exp(log_ratio.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))  # (B, T)
+        picked = kl_cov_select(logprobs, A, mask, ratio=self.ratio)  # (B, T)
+        per_token = -A * ratio + self.coef * picked * log_ratio.abs()  # (B, T)
+        loss = aggregate(per_token, mask, self.aggregation, norm)
+        metrics = {
+            "pg_loss": loss.detach(),
+            "ratio": masked_sum(ratio, mask).detach() / norm.num_tokens,
+            "kl_cov_frac": picked.sum().detach() / norm.num_tokens,
+        }
+        if entropy is not None:
+            metrics["entropy"] = masked_sum(entropy, mask).detach() / norm.num_tokens
+        return LossOutput(loss=loss, metrics=metrics)
