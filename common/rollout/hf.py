@@ -50,11 +50,27 @@ class HFBackend(nn.Module):
 
     Args:
         adaptive_temperature: per-token temperature from the last step's entropies (HAPO); None = off.
+        share_prefill: prefill each prompt once and expand its key/value cache to its G samples.
     """
 
-    def __init__(self, adaptive_temperature: AdaptiveTemperature | None = None):
+    def __init__(self, adaptive_temperature: AdaptiveTemperature | None = None, share_prefill: bool = True):
         super().__init__()
-        self.adaptive_temperature = adaptive_temperature
+        self.adaptive_temperature, self.share_prefill = adaptive_temperature, share_prefill
+
+    @staticmethod
+    def _shared_prefill(policy: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, num_samples: int):
+        """Run each prompt once (all but its last token) and hand ``generate`` the key/value cache expanded to
+        the ``num_samples`` rows of its group, instead of letting it prefill every copy: G times fewer prefill
+        tokens. Positions follow generate()'s rule for left padding, so the cache is the one it would build."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        mask = prompt_mask.long()  # (P, L)
+        position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+        policy(input_ids=prompt_ids[:, :-1], attention_mask=mask[:, :-1], position_ids=position_ids[:, :-1],
+               past_key_values=cache, use_cache=True)
+        cache.batch_repeat_interleave(num_samples)  # (P, ...) -> (P·G, ...)
+        return cache
 
     def sync_weights(self, policy: nn.Module) -> None:
         return None
@@ -74,8 +90,9 @@ class HFBackend(nn.Module):
         eos = policy.generation_config.eos_token_id if policy.generation_config.eos_token_id is not None else tokenizer.eos_token_id
         eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=prompt_ids.device)
         kwargs = dict(
-            input_ids=prompt_ids, attention_mask=prompt_mask.long(), max_new_tokens=sampling.max_new_tokens,
-            num_return_sequences=num_samples, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids.tolist(),
+            input_ids=prompt_ids.repeat_interleave(num_samples, 0),  # (P·G, L): row p·G + j is sample j of prompt p
+            attention_mask=prompt_mask.long().repeat_interleave(num_samples, 0), max_new_tokens=sampling.max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids.tolist(),
             return_dict_in_generate=True, output_logits=sampling.logprobs, use_cache=True,
         )
         if greedy:
@@ -88,6 +105,8 @@ class HFBackend(nn.Module):
             kwargs.update(logits_processor=[self.adaptive_temperature])
         was_training = policy.training
         policy.eval()
+        if self.share_prefill and num_samples > 1 and prompt_ids.shape[1] > 1:
+            kwargs.update(past_key_values=self._shared_prefill(policy, prompt_ids, prompt_mask, num_samples))
         out = policy.generate(**kwargs)
         policy.train(was_training)
 

@@ -160,3 +160,19 @@ def test_a_step_that_selects_nothing_still_counts_and_changes_no_weight():
     trainer = fit(module, digit_prompts(8), steps=2)
     assert trainer.global_step == 2
     assert all(torch.equal(p, q) for p, q in zip(before, module.policy.parameters()))
+
+
+def test_shared_prefill_generates_exactly_what_a_per_copy_prefill_generates():
+    """The HF backend prefills each prompt once and expands the cache to its G rows: same tokens (greedy and
+    seeded sampling) and the same behaviour log-probs as letting generate() prefill every copy."""
+    module = make_module(sampling=Sampling(max_new_tokens=6, logprobs=True))
+    prompts = [{"prompt": "1+2"}, {"prompt": "12345+678"}]
+    out = {}
+    for share in (True, False):
+        module.backend.share_prefill = share
+        torch.manual_seed(0)
+        out[share] = (module.rollout(prompts, greedy=True, num_samples=2), module.rollout(prompts, num_samples=3))
+    for shared, plain in zip(out[True], out[False]):
+        assert torch.equal(shared.completion_ids, plain.completion_ids)
+        assert torch.equal(shared.completion_mask, plain.completion_mask)
+        torch.testing.assert_close(shared.behaviour_logprobs, plain.behaviour_logprobs, rtol=0, atol=1e-5)
