@@ -5,7 +5,7 @@
 
 Both variants run forward AND backward of ``sum(logprobs) + sum(entropy)`` to ``hidden`` and ``weight``.
 Time and values/gradients are compared side by side in one process (A B A B ...). Peak memory is measured in a
-fresh subprocess per variant: the increase of ``ru_maxrss`` over one forward+backward (on CUDA
+fresh subprocess per variant: the increase of the peak RSS (VmHWM) over one forward+backward (on CUDA
 ``torch.cuda.max_memory_allocated``). The weight is SmolLM2-135M's tied embedding (random if the bundled
 model is not cached); hidden rows are N(0, 1) scaled by its final RMSNorm weight; targets are uniform ids.
 
@@ -92,6 +92,15 @@ def _rss_now() -> int:
     raise OSError("no VmRSS")
 
 
+def _peak_rss() -> int:
+    """VmHWM (peak RSS of this process). Not getrusage's ru_maxrss: on Linux a child started by fork+exec
+    inherits its parent's ru_maxrss, so a worker would report the launching benchmark's (larger) peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _reset_peak_rss() -> bool:
     try:
         Path("/proc/self/clear_refs").write_text("5")
@@ -113,11 +122,11 @@ def mem_worker(variant: str, n: int, device: str) -> None:
     # Loading the inputs (safetensors pages) may already have set a high-water mark above what the
     # forward+backward reaches; Linux resets it on "5" > /proc/self/clear_refs (ru_maxrss and VmHWM both).
     reset = _reset_peak_rss()
-    before = _rss_now() if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before = _rss_now() if reset else _peak_rss()
     t0 = time.perf_counter()
     out = fwd_bwd(VARIANTS[variant], hidden, weight, targets)
     seconds = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    after = _peak_rss()
     res = {"rss_increase": after - before, "rss_before": before, "rss_after": after, "peak_reset": reset, "seconds": seconds}
     if device == "cuda":
         torch.cuda.synchronize()
@@ -233,7 +242,7 @@ def main() -> None:
         body += (f"\nOurs alone at N = {full_label} = {full_n:,} (the one forward+backward of its memory subprocess): "
                  f"{fmt_s(t_ours_full)}, i.e. {t_ours_full / full_n * n_cmp:.2f} s per {n_cmp:,} rows vs "
                  f"{t_ours:.2f} s measured side by side at {n_cmp:,}.\n")
-    body += "\n## Peak memory (fresh subprocess per variant; increase of ru_maxrss over one forward+backward)\n\n"
+    body += "\n## Peak memory (fresh subprocess per variant; increase of peak RSS (VmHWM) over one forward+backward)\n\n"
     body += table(["size", "N", "variant", "peak increase", "how"], mem_rows)
     body += "\n## Values and gradients (last rep of each)\n\n" + table(
         ["quantity", "max abs diff ours vs plain", "relative to max abs plain"],
