@@ -32,5 +32,5 @@ def check_rewards(rewards: Tensor, name: str = "rewards") -> None:
         raise ValueError(f"{name} must be a floating tensor, got {rewards.dtype}")
     bad = ~torch.isfinite(rewards)
     if bool(bad.any()):
-        idx = bad.nonzero().flatten()[:5].tolist()
+        idx = bad.nonzero().flatten()[:5].tolist()  # ok: error path only
         raise ValueError(f"{name} must be finite, got NaN/inf at rows {idx}; set the reward failure policy instead")

@@ -177,7 +177,7 @@ def mc_grpo(
     if bool(even.any()):  # ok: one sync, for the error message
         raise ValueError(
             f"mc_grpo needs an odd group size (num_generations = G + 1, e.g. group_size 3 for G = 2), got group "
-            f"size(s) {sorted(set(count[even].tolist()))}; set the module's group_size to an odd number"
+            f"size(s) {sorted(set(count[even].tolist()))}; set the module's group_size to an odd number"  # ok: error path only
         )
     r = _shifted(rewards, group_ids, num_groups)  # (B,) exact zeros in all-equal groups
     med = group_median(r, group_ids, num_groups, validate=False)  # (N,) a member of each odd group
