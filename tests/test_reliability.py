@@ -59,6 +59,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    killed_at = _step_of(last)  # a later checkpoint may have landed between the read and the kill
     assert killed_at is not None and 2 <= killed_at < 8, f"killed at step {killed_at}"
     subprocess.run([*RUN, "--trainer.max_steps", "8", "--ckpt_path", str(last)], cwd=broken, check=True,
                    capture_output=True, timeout=300)
