@@ -18,6 +18,13 @@ class LossOutput:
     metrics: dict[str, Tensor] = field(default_factory=dict)  # detached, already divided by the global normaliser
 
 
+def check_token_shapes(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor) -> None:
+    """Raise ``ValueError`` unless logprobs, old_logprobs and mask are all the same (B, T)."""
+    if logprobs.dim() != 2 or logprobs.shape != old_logprobs.shape or logprobs.shape != mask.shape:
+        raise ValueError(f"logprobs {tuple(logprobs.shape)}, old_logprobs {tuple(old_logprobs.shape)} and mask "
+                         f"{tuple(mask.shape)} must all be (B, T)")
+
+
 class PolicyLoss:
     """Base class of policy losses, called once per micro-batch by the update loop::
 

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from common.losses.aggregate import Normaliser
-from common.losses.base import LossOutput, PolicyLoss
+from common.losses.base import LossOutput, PolicyLoss, check_token_shapes
 from common.ops import group_count, group_max, group_sum, masked_sum
 
 if TYPE_CHECKING:
@@ -132,9 +132,7 @@ class DRPOLoss(PolicyLoss):
                  ref_logprobs: Tensor | None = None, entropy: Tensor | None = None,
                  normaliser: Normaliser | None = None, batch: "RolloutBatch | None" = None) -> LossOutput:
         """Shapes: logprobs, old_logprobs, mask (B, T); ``batch`` the same B rows (group ids, correctness)."""
-        if logprobs.dim() != 2 or logprobs.shape != old_logprobs.shape or logprobs.shape != mask.shape:
-            raise ValueError(f"logprobs {tuple(logprobs.shape)}, old_logprobs {tuple(old_logprobs.shape)} and mask "
-                             f"{tuple(mask.shape)} must all be (B, T)")
+        check_token_shapes(logprobs, old_logprobs, mask)
         B = logprobs.shape[0]
         positive = self._positive(batch, B, logprobs.device)
         norm = normaliser if normaliser is not None else Normaliser.of(mask)

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from common.losses.aggregate import AGGREGATIONS, Aggregation, Normaliser, aggregate
-from common.losses.base import LossOutput, PolicyLoss
+from common.losses.base import LossOutput, PolicyLoss, check_token_shapes
 from common.losses.kl import KLEstimator
 from common.losses.ppo_clip import ClippedPolicyLoss, clipped_surrogate
 from common.ops import masked_mean, masked_sum
@@ -228,9 +228,7 @@ class KLCovLoss(PolicyLoss):
     def __call__(self, logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
                  ref_logprobs: Tensor | None = None, entropy: Tensor | None = None,
                  normaliser: Normaliser | None = None, batch: "RolloutBatch | None" = None) -> LossOutput:
-        if logprobs.dim() != 2 or logprobs.shape != old_logprobs.shape or logprobs.shape != mask.shape:
-            raise ValueError(f"logprobs {tuple(logprobs.shape)}, old_logprobs {tuple(old_logprobs.shape)} and mask "
-                             f"{tuple(mask.shape)} must all be (B, T)")
+        check_token_shapes(logprobs, old_logprobs, mask)
         norm = normaliser if normaliser is not None else Normaliser.of(mask)
         A = _token_advantages(advantages, mask).to(logprobs.dtype)  # (B, T)
         log_ratio = torch.where(mask, logprobs - old_logprobs, torch.zeros_like(logprobs))  # (B, T)

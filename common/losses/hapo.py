@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from common.losses.aggregate import AGGREGATIONS, Aggregation, Normaliser, aggregate
-from common.losses.base import LossOutput, PolicyLoss
+from common.losses.base import LossOutput, PolicyLoss, check_token_shapes
 from common.ops import masked_mean, masked_sum
 
 if TYPE_CHECKING:
@@ -146,9 +146,7 @@ class HAPOLoss(PolicyLoss):
                  ref_logprobs: Tensor | None = None, entropy: Tensor | None = None,
                  normaliser: Normaliser | None = None, batch: "RolloutBatch | None" = None) -> LossOutput:
         """Shapes: logprobs, old_logprobs, mask, entropy (B, T); advantages (B,) or (B, T)."""
-        if logprobs.dim() != 2 or logprobs.shape != old_logprobs.shape or logprobs.shape != mask.shape:
-            raise ValueError(f"logprobs {tuple(logprobs.shape)}, old_logprobs {tuple(old_logprobs.shape)} and mask "
-                             f"{tuple(mask.shape)} must all be (B, T)")
+        check_token_shapes(logprobs, old_logprobs, mask)
         if entropy is None or entropy.shape != mask.shape:
             raise ValueError(f"HAPOLoss needs entropy (B, T) = {tuple(mask.shape)}, got "
                              f"{None if entropy is None else tuple(entropy.shape)}")
