@@ -18,65 +18,19 @@ from torch.utils.data import DataLoader
 from common.checkpoint import AtomicCheckpointIO
 from common.rewards.base import RewardFailure, RewardFunction, score_components
 
-ROOT = Path(__file__).resolve().parents[1]
-RUN = [
-    sys.executable, "-m", "common.cli", "fit", "--config", str(ROOT / "configs/text_reasoning/grpo_arithmetic.yaml"),
-    "--model.init_args.policy", "common.models.TinyLlama",
-    "--model.init_args.rewards", '[{"class_path": "common.rewards.length.LengthReward", "init_args": {"target": 12}}]',
-    "--model.init_args.sampling.max_new_tokens", "6", "--model.init_args.lr", "1e-3",
-    "--data.init_args.train_size", "24", "--data.init_args.val_size", "4",  # 24 prompts = 6 steps a pass
-    "--checkpoint.every_n_train_steps", "2",
-]
-
-
-def _events(run_dir: Path, tag: str) -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run_dir))
-    acc.Reload()
-    return {e.step: e.value for e in acc.Scalars(tag)}
-
-
-def _step_of(ckpt: Path) -> int | None:
-    try:
-        return torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"]
-    except Exception:  # noqa: BLE001 - not there yet
-        return None
+from resume import TINY, assert_sigkill_resume_exact, cli, events
 
 
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     """Train 8 steps straight; separately, SIGKILL a run right after a checkpoint and resume it to step 8. The
-    losses after the resume point and the final weights and optimiser state must be identical (CPU, seeded):
-    RNG streams, data position (a second pass over the data, reshuffled) and AdamW state all come back."""
-    straight, broken = tmp_path / "straight", tmp_path / "broken"
-    straight.mkdir(), broken.mkdir()
-    subprocess.run([*RUN, "--trainer.max_steps", "8"], cwd=straight, check=True, capture_output=True, timeout=300)
-
-    proc = subprocess.Popen([*RUN, "--trainer.max_steps", "1000"], cwd=broken, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = broken / "runs/lightning_logs/version_0/checkpoints/last.ckpt"
-    deadline = time.time() + 300
-    while (killed_at := _step_of(last)) is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = _step_of(last)  # a later checkpoint may have landed between the read and the kill
-    assert killed_at is not None and 2 <= killed_at < 8, f"killed at step {killed_at}"
-    subprocess.run([*RUN, "--trainer.max_steps", "8", "--ckpt_path", str(last)], cwd=broken, check=True,
-                   capture_output=True, timeout=300)
-
-    a = torch.load(straight / "runs/lightning_logs/version_0/checkpoints/last.ckpt", map_location="cpu", weights_only=False)
-    b = torch.load(broken / "runs/lightning_logs/version_1/checkpoints/last.ckpt", map_location="cpu", weights_only=False)
-    assert a["global_step"] == b["global_step"] == 8
-    for name, tensor in a["state_dict"].items():
-        torch.testing.assert_close(b["state_dict"][name], tensor, rtol=0, atol=0, msg=name)
-    for (ka, sa), (kb, sb) in zip(a["optimizer_states"][0]["state"].items(), b["optimizer_states"][0]["state"].items()):
-        torch.testing.assert_close(sb["exp_avg"], sa["exp_avg"], rtol=0, atol=0)
-    for tag in ("train/reward", "train/loss", "train/grad_norm"):
-        seen_a = _events(straight / "runs/lightning_logs/version_0", tag)
-        seen_b = _events(broken / "runs/lightning_logs/version_1", tag)
-        assert sorted(seen_b) == list(range(killed_at, 8)), (tag, seen_b)  # the resumed run logged steps k..7
-        assert [seen_b[s] for s in sorted(seen_b)] == [seen_a[s] for s in sorted(seen_b)], tag
-    assert len(set(_events(straight / "runs/lightning_logs/version_0", "train/reward").values())) > 1
+    losses after the resume point, the final weights, every checkpointed tensor and the optimiser state must be
+    identical (CPU, seeded): RNG streams, data position (a second pass over the data, reshuffled) and AdamW state
+    all come back."""
+    run = cli("configs/text_reasoning/grpo_arithmetic.yaml", *TINY, "--model.init_args.rewards",
+              '[{"class_path": "common.rewards.length.LengthReward", "init_args": {"target": 12}}]')
+    ckpt = assert_sigkill_resume_exact(tmp_path, run, max_steps=8, tags=("train/reward", "train/loss", "train/grad_norm"))
+    assert ckpt["global_step"] == 8
+    assert len(set(events(tmp_path / "straight/runs/lightning_logs/version_0", "train/reward").values())) > 1
 
 
 _WRITER = """
