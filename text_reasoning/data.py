@@ -155,6 +155,7 @@ class ReasoningData(L.LightningDataModule):
         self.train_size, self.val_size, self.seed = train_size, val_size, seed
         self.prompts_per_step, self.val_batch_size = prompts_per_step, val_batch_size
         self.train_set: list[dict] = []
+        self.train_sources: list[int] = []
         self.val_set: list[dict] = []
         self.batches_served = 0  # training batches handed to the module; restored from checkpoints
 
@@ -177,11 +178,14 @@ class ReasoningData(L.LightningDataModule):
         k = len(self.tasks)
         val = [p for i, t in enumerate(self.tasks) for p in t.make(self.val_size // k + (i < self.val_size % k), self.seed + 1_000_003)]
         held_out = {p.prompt for p in val}
-        train = []
+        train, sources = [], []
         for i, t in enumerate(self.tasks):
             n = self.train_size // k + (i < self.train_size % k)
-            train += [p for p in t.make(n + len(held_out), self.seed + i) if p.prompt not in held_out][:n]
+            made = [p for p in t.make(n + len(held_out), self.seed + i) if p.prompt not in held_out][:n]
+            train += made
+            sources += [i] * len(made)
         self.train_set = [p.as_sample() for p in train]
+        self.train_sources = sources  # (train_size,) index of the task source of each training sample
         self.val_set = [p.as_sample() for p in val]
 
     def train_dataloader(self) -> DataLoader:
