@@ -4,6 +4,7 @@ and logged metric (tests/support/resume.py), and the method's state really chang
 
 from __future__ import annotations
 
+import torch
 from resume import TINY, assert_sigkill_resume_exact, cli
 
 SMALL = ["--model.init_args.group_size", "2", "--data.init_args.prompts_per_step", "4"]
@@ -15,3 +16,12 @@ def test_dump_curriculum_resumes_exactly(tmp_path):
     assert int(counts.sum()) == 6 * 4 * 2  # 6 steps x 4 prompts x G = 2 rows, all observed
     assert int((counts > 0).sum()) >= 2  # more than one distribution was drawn
     assert ckpt["CurriculumData"]["batches_served"] == 6
+
+
+def test_spo_value_tracker_resumes_exactly(tmp_path):
+    run = cli("configs/text_reasoning/spo_stream.yaml", *TINY, "--data.init_args.prompts_per_step", "6")
+    ckpt = assert_sigkill_resume_exact(tmp_path, run, max_steps=6, tags=("train/reward", "train/loss", "train/spo_kl"))
+    state = ckpt["state_dict"]
+    assert int(state["advantage.visits"].sum()) == 6 * 6  # 6 steps x 6 single-sample prompts
+    assert float(state["advantage.kl_total"]) > 0  # the policy moved and the drift was recorded
+    assert not torch.equal(state["advantage.alpha"], torch.full_like(state["advantage.alpha"], 4.0))  # α moved off the prior
