@@ -31,7 +31,7 @@ from common.batch import RolloutBatch
 from common.losses.aggregate import Normaliser
 from common.losses.kl import kl_estimate
 from common.losses.logprobs import token_logprobs
-from common.losses.base import PolicyLoss
+from common.losses.base import LossOutput, PolicyLoss
 from common.losses.ppo_clip import ClippedPolicyLoss
 from common.models import LoRA, PolicySource, TinyLlama
 from common.ops import masked_mean
@@ -229,7 +229,7 @@ class PolicyOptimizationModule(L.LightningModule):
             rollouts = self.rollout(prompts)  # 1
             rollout_s += time.perf_counter() - start
             rollouts = self.reference_logprobs(self.score(rollouts))  # 2, 3
-            out = self.advantage(rollouts)  # 4
+            out = self.estimate_advantages(rollouts)  # 4
             advantages, keep = out if isinstance(out, tuple) else (out, None)
             rollouts = rollouts.replace(advantages=advantages)
             seen.append(rollouts)
@@ -243,6 +243,10 @@ class PolicyOptimizationModule(L.LightningModule):
         if self.selector is not None:
             kept = self.selector.finalize(kept)
         return kept, RolloutBatch.cat(seen), rollout_s
+
+    def estimate_advantages(self, rollouts: RolloutBatch) -> Tensor | tuple[Tensor, Tensor]:
+        """Step 4: the configured estimator. A critic-based subclass (T-PPO) overrides this to feed it values."""
+        return self.advantage(rollouts)
 
     @torch.no_grad()
     def reference_logprobs(self, rollouts: RolloutBatch) -> RolloutBatch:
@@ -293,6 +297,7 @@ class PolicyOptimizationModule(L.LightningModule):
                     old = micro.old_logprobs if micro.old_logprobs is not None else logprobs.detach()
                     out = self.loss_fn(logprobs, old, micro.advantages, micro.completion_mask,
                                        ref_logprobs=micro.ref_logprobs, entropy=entropy, normaliser=norm, batch=micro)
+                    out = self.auxiliary_loss(micro, out, norm)
                     self.manual_backward(out.loss)
                     mb_loss = mb_loss + out.loss.detach()
                     if epoch == 0:
@@ -306,6 +311,11 @@ class PolicyOptimizationModule(L.LightningModule):
         if hasattr(self.backend, "observe"):  # samplers that adapt to the policy's entropy (HAPO)
             self.backend.observe(torch.cat(entropies), rollouts.completion_mask)  # rows in rollout order
         return {k: v / steps for k, v in totals.items()}
+
+    def auxiliary_loss(self, micro: RolloutBatch, out: LossOutput, normaliser: Normaliser) -> LossOutput:
+        """Add terms trained together with the policy loss on ``micro`` (a critic's value loss, T-PPO); called
+        right after the micro-batch's policy forward. Default: none."""
+        return out
 
     def empty_update(self) -> dict[str, Tensor]:
         """Nothing was selected (e.g. dynamic sampling found no informative group): take an optimiser step with

@@ -1,0 +1,87 @@
+"""T-PPO's critic module on a tiny real model with real generation: EGAE advantages from the value head, the value
+loss on complete responses only, both parameter groups trained, and an exact kill-and-resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from common.advantages.gae import EGAE, egae
+from common.losses.aggregate import Normaliser
+from common.losses.base import LossOutput
+from common.models import TinyLlama
+from common.rewards.length import LengthReward
+from common.rollout.base import Sampling
+from helpers import DIGITS, digit_prompts
+from resume import TINY, assert_sigkill_resume_exact, cli
+from text_reasoning.critic import TruncatedPPOModule
+
+
+def make_module(**overrides) -> TruncatedPPOModule:
+    kwargs = dict(policy=TinyLlama(hidden_size=32, num_layers=1, num_heads=2, alphabet=DIGITS, seed=0),
+                  rewards=[LengthReward(target=3)], sampling=Sampling(max_new_tokens=5), group_size=8,
+                  advantage=EGAE(gamma=1.0, lam=0.9), log_samples_every=0)
+    kwargs.update(overrides)
+    return TruncatedPPOModule(**kwargs)
+
+
+def rollouts_with_both_kinds(module):
+    torch.manual_seed(0)
+    rollouts = module.score(module.rollout(digit_prompts(4)))
+    assert bool(rollouts.truncated.any()) and bool((~rollouts.truncated).any())  # both kinds in the batch
+    return rollouts
+
+
+def test_advantages_are_egae_of_the_value_heads_predictions():
+    module = make_module()
+    torch.nn.init.normal_(module.critic.net[-1].weight, std=1.0)  # a non-zero critic
+    rollouts = rollouts_with_both_kinds(module)
+    adv = module.estimate_advantages(rollouts)
+    with torch.no_grad():
+        values = module.critic(module.completion_hidden(module.policy, rollouts)).masked_fill(~rollouts.completion_mask, 0)
+    torch.testing.assert_close(adv, egae(rollouts.rewards, values, rollouts.completion_mask, rollouts.truncated,
+                                         gamma=1.0, lam=0.9))
+    # a truncated response's reward is unknown to EGAE: changing it changes nothing
+    other = rollouts.replace(rewards=torch.where(rollouts.truncated, rollouts.rewards + 5.0, rollouts.rewards))
+    torch.testing.assert_close(module.estimate_advantages(other), adv)
+
+
+def test_value_loss_ignores_truncated_responses_and_trains_only_the_head():
+    module = make_module()
+    rollouts = rollouts_with_both_kinds(module)
+    norm = Normaliser.of(rollouts.completion_mask)
+
+    def head_grad(batch):
+        module.zero_grad(set_to_none=True)
+        module.sequence_logprobs(batch)  # the update's forward; auxiliary_loss reads its hidden states
+        out = module.auxiliary_loss(batch, LossOutput(loss=torch.zeros(())), norm)
+        out.loss.backward()
+        return out, module.critic.net[-1].weight.grad.clone()
+
+    out, grad = head_grad(rollouts)
+    _, grad_other = head_grad(rollouts.replace(rewards=torch.where(rollouts.truncated, rollouts.rewards - 7.0, rollouts.rewards)))
+    torch.testing.assert_close(grad, grad_other)  # truncated rows' rewards never reach the value loss
+    assert float(grad.abs().sum()) > 0
+    assert all(p.grad is None for p in module.policy.parameters())  # detached: the backbone gets nothing
+    # at V = 0 the loss is ½ Σ_complete-tokens G² / N with G = R on every token of a complete row (γ = 1)
+    complete = ~rollouts.truncated
+    expected = 0.5 * float((rollouts.rewards[complete] ** 2 * rollouts.lengths[complete]).sum()) / float(norm.num_tokens)
+    assert float(out.metrics["value_loss"]) == pytest.approx(expected, rel=1e-6)
+
+
+def test_the_critic_needs_egae():
+    from common.advantages.group import GRPO
+
+    with pytest.raises(ValueError, match="advantage must be"):
+        make_module(advantage=GRPO())
+
+
+def test_sigkill_resume_is_exact_and_the_critic_learns(tmp_path):
+    run = cli("configs/text_reasoning/tppo.yaml", *TINY, "--model.init_args.policy.init_args.alphabet", DIGITS,
+              "--model.init_args.rewards", '[{"class_path": "common.rewards.length.LengthReward", "init_args": {"target": 3}}]',
+              "--model.init_args.micro_batch_size", "8")
+    ckpt = assert_sigkill_resume_exact(tmp_path, run, max_steps=6, tags=("train/reward", "train/loss", "train/value_loss"))
+    head = ckpt["state_dict"]["critic.net.0.weight"]
+    assert float(head.abs().sum()) > 0  # started at zero: the value head was trained
+    groups = ckpt["optimizer_states"][0]["param_groups"]
+    assert len(groups) == 2 and groups[1]["lr"] == 1e-3  # the head's own parameter group (value_lr)
