@@ -5,7 +5,7 @@ and logged metric (tests/support/resume.py), and the method's state really chang
 from __future__ import annotations
 
 import torch
-from resume import TINY, assert_sigkill_resume_exact, cli
+from resume import TINY, assert_sigkill_resume_exact, cli, events
 
 SMALL = ["--model.init_args.group_size", "2", "--data.init_args.prompts_per_step", "4"]
 
@@ -25,3 +25,18 @@ def test_spo_value_tracker_resumes_exactly(tmp_path):
     assert int(state["advantage.visits"].sum()) == 6 * 6  # 6 steps x 6 single-sample prompts
     assert float(state["advantage.kl_total"]) > 0  # the policy moved and the drift was recorded
     assert not torch.equal(state["advantage.alpha"], torch.full_like(state["advantage.alpha"], 4.0))  # α moved off the prior
+
+
+def test_selective_sample_buffer_resumes_exactly(tmp_path):
+    # a length reward: the tiny random policy's completions differ in length, so some groups are informative and
+    # some not; min_nonzero above the informative count makes every step replay from the buffer
+    run = cli("configs/text_reasoning/ssb.yaml", *TINY, *SMALL, "--model.init_args.selector.min_nonzero", "8",
+              "--model.init_args.rewards",
+              '[{"class_path": "common.rewards.length.LengthReward", "init_args": {"target": 12}}]')
+    ckpt = assert_sigkill_resume_exact(tmp_path, run, max_steps=6, tags=("train/reward", "train/loss", "train/selected_frac"))
+    state = ckpt["state_dict"]
+    assert int(state["selector.step"]) == 6
+    buffered = state["selector._extra_state"]["rows"]
+    assert len(buffered["completions"]) > 0 and bool((buffered["advantages"] != 0).all())
+    selected = events(tmp_path / "straight/runs/lightning_logs/version_0", "train/selected_frac")
+    assert max(selected.values()) > 1  # some step trained on replayed rows beyond its own
