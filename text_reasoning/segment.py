@@ -11,9 +11,8 @@
   of its children, and the training rows are the tree's edges (prompt = the parent's full text, completion = the
   child's segment, reward = V(child), group = the parent), so ``SPOTree`` computes V(child) − V(parent).
 
-Deviation from the paper (SPO-tree): the authors keep an on-policy replay buffer of edges (≤ 8 iterations, ≤ 32
-edges per question per iteration); here every step trains on all of its own tree's edges with A ≠ 0 and nothing is
-carried across steps, so there is no cross-step state to checkpoint.
+The authors' on-policy edge replay buffer (≤ 8 iterations, ≤ 32 edges per question per iteration) is the selector
+``common.sampling.segment_buffer.SegmentEdgeBuffer``; without it every step trains on all its tree's edges with A ≠ 0.
 """
 
 from __future__ import annotations
@@ -203,14 +202,15 @@ class SegmentTreeModule(_SegmentGeneration):
         leaves = torch.cat([lvl["value"][lvl["leaf"]] for lvl in levels])
         if self._trainer is not None:
             self.log("train/leaf_reward", leaves.mean(), on_step=True, on_epoch=False, batch_size=leaves.numel())
+        widen = torch.nn.functional.pad
         batch = RolloutBatch(
-            prompt_ids=torch.cat([torch.nn.functional.pad(l["prompt_ids"], (P - l["prompt_ids"].shape[1], 0), value=pad) for l in levels]),
-            prompt_mask=torch.cat([torch.nn.functional.pad(l["prompt_mask"], (P - l["prompt_mask"].shape[1], 0)) for l in levels]),
-            completion_ids=torch.cat([torch.nn.functional.pad(l["seg_ids"], (0, S - l["seg_ids"].shape[1]), value=pad) for l in levels]),
-            completion_mask=torch.cat([torch.nn.functional.pad(l["seg_mask"], (0, S - l["seg_mask"].shape[1])) for l in levels]),
-            group_ids=torch.unique(torch.cat([l["parent"] for l in levels]), return_inverse=True)[1],  # siblings
-            rewards=torch.cat([l["value"] for l in levels]),
-            samples=[dict(prompts[r]) for l in levels for r in l["root"].tolist()],
-            completions=[t for l in levels for t in l["template"].completions],
+            prompt_ids=torch.cat([widen(lv["prompt_ids"], (P - lv["prompt_ids"].shape[1], 0), value=pad) for lv in levels]),
+            prompt_mask=torch.cat([widen(lv["prompt_mask"], (P - lv["prompt_mask"].shape[1], 0)) for lv in levels]),
+            completion_ids=torch.cat([widen(lv["seg_ids"], (0, S - lv["seg_ids"].shape[1]), value=pad) for lv in levels]),
+            completion_mask=torch.cat([widen(lv["seg_mask"], (0, S - lv["seg_mask"].shape[1])) for lv in levels]),
+            group_ids=torch.unique(torch.cat([lv["parent"] for lv in levels]), return_inverse=True)[1],  # siblings
+            rewards=torch.cat([lv["value"] for lv in levels]),
+            samples=[dict(prompts[r]) for lv in levels for r in lv["root"].tolist()],
+            completions=[t for lv in levels for t in lv["template"].completions],
         )
         return batch
