@@ -152,3 +152,17 @@ def test_probability_mask_loss_value_and_gradient() -> None:
     assert float(empty.loss) == 0.0
     with pytest.raises(ValueError, match="threshold must be"):
         ProbabilityMaskLoss(threshold=0.0)
+
+
+def test_degenerate_inputs_give_zeros_never_nan() -> None:
+    empty = torch.zeros(2, 4, dtype=torch.bool)  # empty completions: no token, no cut point
+    p = torch.full((2, 4), 0.5)
+    A = spo_chain(torch.tensor([1.0, 0.0]), cut_starts(p, empty), torch.zeros(2, 4), empty, p)
+    assert (A == 0).all()
+    # equal rewards and equal MC values: every segment difference is 0
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    A = spo_chain(torch.tensor([0.5, 0.5]), cut_starts(p, mask, interval=2), torch.full((2, 4), 0.5), mask, p)
+    assert (A == 0).all()
+    # a tree whose siblings all have equal values: no edge is kept, advantages exactly 0
+    values, parents = torch.tensor([1.0, 1.0, 0.0, 0.0]), torch.tensor([0, 0, 1, 1])
+    assert (spo_tree(values, parents) == 0).all() and (spo_tree(values, parents, mode="grpo") == 0).all()
