@@ -7,7 +7,8 @@ Paper: "Skywork R1V2: Multimodal Hybrid Reinforcement Learning for Reasoning" (W
     after advantages:   𝔅 ← 𝔅 ∪ {(x_i, y_i, A_i) : A_i ≠ 0}                      FIFO, capacity C, max age
     update batch:       if #{A_i ≠ 0} < B_eff, draw k = min(B_eff − #{A_i ≠ 0}, |𝔅|) rows from 𝔅 without
                         replacement with P(j) ∝ abs(A_j) (token-level A: the masked mean of abs(A)), and append them
-    replayed rows keep their stored advantage; they leave the buffer once replayed [our choice]
+    replayed rows keep their stored advantage; ``consume=True`` removes them once replayed, ``consume=False`` keeps
+    them until capacity or ``max_age`` evicts them (both are readings of the paper; neither is confirmed)
 
 The draw happens before this step's rows are stored, so a step never replays its own samples. Old log-probs of the
 replayed rows are recomputed by the update loop under the current policy (ratio 1 on the first pass), as for every
@@ -45,9 +46,10 @@ class SelectiveSampleBuffer(Selector, torch.nn.Module):
         min_nonzero: B_eff, the informative (A ≠ 0) rows an update should have.
         capacity: C, rows kept in the buffer (oldest dropped first).
         max_age: rows stored more than this many steps ago are dropped (None = never).
+        consume: a replayed row leaves the buffer (True) or may be replayed again in later steps (False).
     """
 
-    def __init__(self, min_nonzero: int, capacity: int = 256, max_age: int | None = None):
+    def __init__(self, min_nonzero: int, capacity: int = 256, max_age: int | None = None, consume: bool = True):
         torch.nn.Module.__init__(self)
         problems = []
         if min_nonzero < 1:
@@ -58,7 +60,7 @@ class SelectiveSampleBuffer(Selector, torch.nn.Module):
             problems.append(f"max_age must be >= 1 or None, got {max_age}")
         if problems:
             raise ValueError("SelectiveSampleBuffer: " + "; ".join(problems))
-        self.min_nonzero, self.capacity, self.max_age = min_nonzero, capacity, max_age
+        self.min_nonzero, self.capacity, self.max_age, self.consume = min_nonzero, capacity, max_age, consume
         self.register_buffer("step", torch.zeros((), dtype=torch.long))  # () calls so far
         self.rows: RolloutBatch | None = None  # (C',) buffered rows, C' <= capacity
         self.stored_at = torch.zeros(0, dtype=torch.long)  # (C',) step each buffered row was stored at
@@ -72,13 +74,14 @@ class SelectiveSampleBuffer(Selector, torch.nn.Module):
         self.stored_at = self.stored_at[keep]
 
     def replay(self, k: int) -> RolloutBatch:
-        """Draw and remove ``k`` buffered rows, P ∝ abs(A); each replayed row becomes its own group."""
+        """Draw ``k`` buffered rows, P ∝ abs(A) (removed if ``consume``); each replayed row becomes its own group."""
         weights = advantage_magnitude(self.rows.advantages, self.rows.completion_mask).double().cpu()  # (C',)
         pick = torch.multinomial(weights, k, replacement=False)  # (k,)
         out = self.rows.select(pick)
-        keep = torch.ones(len(self), dtype=torch.bool)
-        keep[pick] = False
-        self._keep(keep)
+        if self.consume:
+            keep = torch.ones(len(self), dtype=torch.bool)
+            keep[pick] = False
+            self._keep(keep)
         return out.replace(group_ids=torch.arange(k, device=out.group_ids.device))
 
     def store(self, rows: RolloutBatch) -> None:

@@ -57,6 +57,14 @@ def test_draws_are_proportional_to_abs_advantage() -> None:
     assert chi2 < 16.27  # chi-square critical value, 3 degrees of freedom, p = 0.001 (seed 0 gives 11.37)
 
 
+def test_without_consume_replayed_rows_stay_until_they_expire() -> None:
+    ssb = SelectiveSampleBuffer(min_nonzero=2, max_age=2, consume=False)
+    ssb(batch_of([1.0, 0.0], tag=0))  # step 1: stores c0-0
+    assert ssb(batch_of([0.0], tag=1)).completions[-1] == "c0-0" and len(ssb) == 1  # step 2: replayed, kept
+    assert ssb(batch_of([0.0], tag=2)).completions[-1] == "c0-0"  # step 3: age 2, replayed again
+    assert ssb(batch_of([0.0], tag=3)).batch_size == 1 and len(ssb) == 0  # step 4: age 3 > max_age: expired
+
+
 def test_capacity_drops_the_oldest_and_max_age_expires_rows() -> None:
     ssb = SelectiveSampleBuffer(min_nonzero=1, capacity=3)
     ssb(batch_of([1.0, 2.0], tag=0))
