@@ -75,10 +75,11 @@ def gto_surrogate(logp: Tensor, ref_logp: Tensor, length: Tensor, advantages: Te
     """L_GTO: per-token geometric-mean ratio to the frozen reference along Ŝ_i, PPO clip, mean over groups of
     the group mean. Shapes: logp, ref_logp (Bt,) summed log-probs of Ŝ_i; length (Bt,) l_i; advantages,
     group_ids (Bt,) -> loss (), clip fraction ()."""
-    n = length.clamp(min=1).to(logp.dtype)  # l_i = 0: both sums are 0, s_i = 1 with zero gradient
+    n = length.clamp(min=1).to(logp.dtype)
+    has_branch = (length > 0)[:, None]  # (Bt, 1) l_i = 0: s_i = 1 with zero gradient, the term is −A_i
     per_row, ratio, clipped = clipped_surrogate((logp / n)[:, None], (ref_logp / n)[:, None], advantages[:, None],
-                                                torch.ones_like(logp, dtype=torch.bool)[:, None],
-                                                eps_low=clip_eps, eps_high=clip_eps)  # (Bt, 1) each
+                                                has_branch, eps_low=clip_eps, eps_high=clip_eps)  # (Bt, 1) each
+    per_row = torch.where(has_branch, per_row, -advantages[:, None].to(per_row.dtype))
     groups, inverse = torch.unique(group_ids, return_inverse=True)
     per_group = torch.zeros(len(groups), dtype=per_row.dtype, device=per_row.device).index_add_(0, inverse, per_row[:, 0])
     count = torch.zeros(len(groups), dtype=per_row.dtype, device=per_row.device).index_add_(
