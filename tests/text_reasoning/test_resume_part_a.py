@@ -40,3 +40,14 @@ def test_selective_sample_buffer_resumes_exactly(tmp_path):
     assert len(buffered["completions"]) > 0 and bool((buffered["advantages"] != 0).all())
     selected = events(tmp_path / "straight/runs/lightning_logs/version_0", "train/selected_frac")
     assert max(selected.values()) > 1  # some step trained on replayed rows beyond its own
+
+
+def test_r3_replay_buffer_resumes_exactly(tmp_path):
+    # the tiny random policy answers nothing right, so every group is all wrong: the buffer fills (no correct answer
+    # to replay yet; replay itself is tested in tests/common/sampling/test_replay.py) and SERR re-scores the truncated
+    # rows; 8 prompts, 4 a step, so prompts come back every other step
+    run = cli("configs/text_reasoning/r3.yaml", *TINY, *SMALL, "--data.init_args.train_size", "8")
+    ckpt = assert_sigkill_resume_exact(tmp_path, run, max_steps=6, tags=("train/reward", "train/loss", "train/serr_frac"))
+    state = ckpt["state_dict"]["selector._extra_state"]
+    assert len(state["keys"]) == 6 * 4 * 2  # 6 steps x 4 prompts x G = 2 rows; each prompt 3 visits x 2 <= per_prompt 8
+    assert len(set(state["keys"])) == 8
