@@ -14,7 +14,10 @@ steps 1..k at its own position (the tree of a decoding-time path). The token-lev
 
     L_token = Σ_{k=0}^{n-1} γ^k · CE(p_T(·|x_{≤t+k+1}), q^{(k)}_t)     γ = 0.8, averaged over valid t
 
-The draft vocabulary here is the target's (no d2t map); the embedding is the target's, frozen. The norm and LM
+The draft vocabulary is the target's, or (EAGLE-3's ``d2t`` map) a subset of Vd frequent target tokens: the head
+then has Vd rows, the loss uses the target's distribution restricted to the subset and skips positions whose
+target argmax is outside it, and ``logits`` scatters back to the full vocabulary (-inf elsewhere), so decoding
+never proposes a token outside the subset. The embedding is the target's, frozen. The norm and LM
 head start from the target's; they are trained (EAGLE-3's own head) unless ``train_head=False`` (then frozen).
 Shapes: B sequences, L pair positions, h hidden, H heads, V vocabulary, C context keys.
 """
@@ -74,7 +77,8 @@ class Draft(nn.Module):
     """
 
     def __init__(self, hidden_size: int, vocab_size: int, num_heads: int, intermediate_size: int,
-                 rms_eps: float = 1e-6, rope_theta: float = 10000.0, train_head: bool = True):
+                 rms_eps: float = 1e-6, rope_theta: float = 10000.0, train_head: bool = True,
+                 draft_vocab: Tensor | None = None):
         super().__init__()
         h = hidden_size
         if h % num_heads:
@@ -88,25 +92,41 @@ class Draft(nn.Module):
         self.gate, self.up = nn.Linear(h, intermediate_size, bias=False), nn.Linear(h, intermediate_size, bias=False)
         self.down = nn.Linear(intermediate_size, h, bias=False)
         self.norm = RMSNorm(h, rms_eps)
-        self.lm_head = nn.Linear(h, vocab_size, bias=False)
+        self.vocab_size = vocab_size
+        d2t = torch.arange(vocab_size) if draft_vocab is None else torch.as_tensor(draft_vocab, dtype=torch.long)
+        if d2t.dim() != 1 or len(d2t) > vocab_size or bool((d2t < 0).any() | (d2t >= vocab_size).any()):
+            raise ValueError(f"draft_vocab must be a 1-D tensor of distinct target token ids < {vocab_size}")
+        self.register_buffer("d2t", d2t)  # (Vd,) draft index -> target token
+        self.full_vocab = draft_vocab is None
+        self.lm_head = nn.Linear(h, len(d2t), bias=False)
         self.norm.requires_grad_(train_head)
         self.lm_head.requires_grad_(train_head)
 
     @classmethod
-    def from_target(cls, target: nn.Module, train_head: bool = True, seed: int = 0) -> "Draft":
+    def from_target(cls, target: nn.Module, train_head: bool = True, seed: int = 0,
+                    draft_vocab: Tensor | None = None) -> "Draft":
         c = target.config
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             draft = cls(c.hidden_size, c.vocab_size, c.num_attention_heads, c.intermediate_size,
-                        getattr(c, "rms_norm_eps", 1e-6), float(getattr(c, "rope_theta", None) or 10000.0), train_head)
+                        getattr(c, "rms_norm_eps", 1e-6), float(getattr(c, "rope_theta", None) or 10000.0), train_head,
+                        draft_vocab)
         draft.embed.weight.data.copy_(target.get_input_embeddings().weight.data)
-        draft.lm_head.weight.data.copy_(target.get_output_embeddings().weight.data)
+        draft.lm_head.weight.data.copy_(target.get_output_embeddings().weight.data[draft.d2t])
         draft.norm.weight.data.copy_(target.model.norm.weight.data)
         return draft.to(target.dtype)
 
-    def logits(self, g: Tensor) -> Tensor:
-        """g (..., h) -> (..., V)."""
+    def draft_logits(self, g: Tensor) -> Tensor:
+        """g (..., h) -> (..., Vd) over the draft vocabulary."""
         return self.lm_head(self.norm(g))
+
+    def logits(self, g: Tensor) -> Tensor:
+        """g (..., h) -> (..., V) over the target vocabulary (-inf outside the draft vocabulary)."""
+        z = self.draft_logits(g)
+        if self.full_vocab:
+            return z
+        full = z.new_full((*z.shape[:-1], self.vocab_size), float("-inf"))
+        return full.index_copy_(-1, self.d2t, z)
 
     def layer(self, tokens: Tensor, features: Tensor, pos: Tensor, past: tuple[Tensor, Tensor] | None,
               mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -187,9 +207,14 @@ def ttt_loss(draft: Draft, target_feats: Tensor, target_logits: Tensor, input_id
         n = max(L - k - 1, 0)  # pair t predicts with target logits at t+k+1 <= S-1
         if n == 0:
             break
-        p = target_logits[:, 1 + k : 1 + k + n].float().softmax(-1)  # (B, n, V)
-        logq = draft.logits(g[:, :n]).float().log_softmax(-1)  # (B, n, V)
+        z = target_logits[:, 1 + k : 1 + k + n]  # (B, n, V)
         m = valid[:, 1 + k : 1 + k + n] & valid[:, :n]  # (B, n) both ends real
+        if not draft.full_vocab:  # EAGLE-3: the target restricted to the draft vocabulary; skip argmax outside it
+            in_vocab = torch.zeros(z.shape[-1], dtype=torch.bool, device=z.device).index_fill_(0, draft.d2t, True)
+            m = m & in_vocab[z.argmax(-1)]
+            z = z[..., draft.d2t]  # (B, n, Vd)
+        p = z.float().softmax(-1)
+        logq = draft.draft_logits(g[:, :n]).float().log_softmax(-1)  # (B, n, Vd)
         ce = -(p * logq).sum(-1)  # (B, n)
         loss = loss + decay**k * (ce * m).sum() / m.sum().clamp(min=1)
         if k == 0:

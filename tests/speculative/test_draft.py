@@ -72,3 +72,30 @@ def test_draft_copies_and_freezes_the_target_embedding():
     assert Draft.from_target(target).lm_head.weight.requires_grad  # EAGLE-3: its own trainable head
     with pytest.raises(ValueError, match="divisible by num_heads"):
         Draft(30, 11, 4, 64)
+
+
+def test_reduced_draft_vocabulary():
+    """EAGLE-3's d2t: the head covers a subset; logits are -inf elsewhere; the loss restricts the target."""
+    from speculative.decode import SpeculativeDecoder, greedy_decode
+
+    target = tiny_target()
+    d2t = torch.tensor([0, 2, 3, 5, 7, 8])
+    draft = Draft.from_target(target, seed=4, draft_vocab=d2t)
+    g = torch.randn(3, 32, dtype=torch.float64)
+    z = draft.logits(g)
+    outside = torch.ones(11, dtype=torch.bool)
+    outside[d2t] = False
+    assert torch.isinf(z[:, outside]).all() and torch.isfinite(z[:, d2t]).all()
+    prompt = torch.tensor([[1, 4, 9, 10]])
+    assert torch.equal(SpeculativeDecoder(target, draft, 3, 2, 6).generate(prompt, 12), greedy_decode(target, prompt, 12))
+    ids = torch.randint(0, 11, (1, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        feats, logits, _ = target_features(target, ids, feature_layers(2))
+        loss, _ = ttt_loss(draft, feats, logits, ids, torch.ones_like(ids, dtype=torch.bool), steps=1)
+        outs = ttt_unroll(draft, feats, ids, steps=1)
+    terms = [-(logits[0, t + 1, d2t].softmax(-1) * draft.draft_logits(outs[0][0, t]).log_softmax(-1)).sum()
+             for t in range(4) if int(logits[0, t + 1].argmax()) in d2t.tolist()]  # argmax outside: skipped
+    expected = sum(terms) / max(len(terms), 1)
+    assert loss.item() == pytest.approx(float(expected), rel=1e-6)
+    with pytest.raises(ValueError, match="draft_vocab must be"):
+        Draft.from_target(target, draft_vocab=torch.tensor([0, 11]))
