@@ -1,5 +1,6 @@
 """T-PPO's critic module on a tiny real model with real generation: EGAE advantages from the value head, the value
-loss on complete responses only, both parameter groups trained, and an exact kill-and-resume."""
+loss on complete responses only, successive batching of unfinished responses, both parameter groups trained, and
+an exact kill-and-resume (critic, optimiser and in-flight responses)."""
 
 from __future__ import annotations
 
@@ -69,6 +70,28 @@ def test_value_loss_ignores_truncated_responses_and_trains_only_the_head():
     assert float(out.metrics["value_loss"]) == pytest.approx(expected, rel=1e-6)
 
 
+def test_successive_batching_continues_unfinished_responses_for_another_window():
+    module = make_module(sampling=Sampling(max_new_tokens=3), max_windows=2)
+    torch.manual_seed(0)
+    module._collecting = True  # as inside collect(): training rollouts
+    first = module.rollout(digit_prompts(4))
+    carried = [dict(r) for r in module.in_flight.rows]
+    assert bool(first.truncated.any()) and len(carried) == int(first.truncated.sum())  # every unfinished one waits
+    second = module.rollout(digit_prompts(4, seed=1))
+    module._collecting = False
+    assert second.batch_size == 32 + len(carried)
+    for j, r in enumerate(carried):
+        i = 32 + j
+        prompt = second.prompt_ids[i][second.prompt_mask[i]].tolist()
+        assert prompt == r["context"]  # the new window continues from the problem + everything generated
+        assert second.completions[i].startswith(r["text"]) and second.samples[i]["window"] == 2
+        assert second.samples[i]["prompt"] == r["sample"]["prompt"]
+    assert not bool(second.truncated[32:].any())  # window 2 of 2: final, whether or not it ended
+    assert all(r["window"] == 1 for r in module.in_flight.rows)  # only fresh responses wait now
+    greedy = module.rollout(digit_prompts(2), greedy=True)  # validation never touches the in-flight rows
+    assert greedy.batch_size == 2 and len(module.in_flight.rows) == int(second.truncated.sum())
+
+
 def test_the_critic_needs_egae():
     from common.advantages.group import GRPO
 
@@ -79,9 +102,11 @@ def test_the_critic_needs_egae():
 def test_sigkill_resume_is_exact_and_the_critic_learns(tmp_path):
     run = cli("configs/text_reasoning/tppo.yaml", *TINY, "--model.init_args.policy.init_args.alphabet", DIGITS,
               "--model.init_args.rewards", '[{"class_path": "common.rewards.length.LengthReward", "init_args": {"target": 3}}]',
-              "--model.init_args.micro_batch_size", "8")
+              "--model.init_args.micro_batch_size", "8", "--model.init_args.max_windows", "2")
     ckpt = assert_sigkill_resume_exact(tmp_path, run, max_steps=6, tags=("train/reward", "train/loss", "train/value_loss"))
     head = ckpt["state_dict"]["critic.net.0.weight"]
     assert float(head.abs().sum()) > 0  # started at zero: the value head was trained
     groups = ckpt["optimizer_states"][0]["param_groups"]
     assert len(groups) == 2 and groups[1]["lr"] == 1e-3  # the head's own parameter group (value_lr)
+    rows = ckpt["state_dict"]["in_flight._extra_state"]["rows"]
+    assert rows and all(r["window"] == 1 for r in rows)  # responses in flight at the end were compared exactly
