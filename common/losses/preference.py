@@ -134,8 +134,8 @@ def _sequence_scores(logprobs: Tensor, mask: Tensor) -> Tensor:
 
 
 def _group_share(group_ids: Tensor, mask: Tensor, norm: Normaliser) -> tuple[Tensor, Tensor, int]:
-    """Local group ids of a micro-batch, and the factor that turns a sum over its groups into its share of
-    (1/K) Σ_k over the optimiser batch: (1/K_micro)·(B'_micro/B')."""
+    """Local group ids of a micro-batch in [0, B), the factor that turns a sum over its groups into its share of
+    (1/K) Σ_k over the optimiser batch, (1/K_micro)·(B'_micro/B'), and the number of group slots B."""
     _, local = torch.unique(group_ids, return_inverse=True)  # (B,) in [0, K_micro)
     B = group_ids.shape[0]
     K_micro = (group_count(local, B) > 0).sum()  # ()
@@ -188,13 +188,13 @@ class DPOLoss(PolicyLoss):
         B = logprobs.shape[0]
         r = _rewards_of(batch, B, logprobs.device, "DPOLoss")
         norm = normaliser if normaliser is not None else Normaliser.of(mask)
-        local, share, K = _group_share(batch.group_ids.to(logprobs.device), mask, norm)
+        local, share, slots = _group_share(batch.group_ids.to(logprobs.device), mask, norm)
         logratio = _sequence_scores(logprobs, mask) - _sequence_scores(ref_logprobs, mask)  # (B,) s − s^ref
-        chosen, rejected, has_pair = preference_pairs(r, local, mask.any(1), K)  # (K,) each
+        chosen, rejected, has_pair = preference_pairs(r, local, mask.any(1), slots)  # (B,) each, one per group slot
         per_pair = dpo_loss(logratio[chosen], logratio[rejected], beta=self.beta, label_smoothing=self.label_smoothing)
-        per_pair = torch.where(has_pair, per_pair, torch.zeros_like(per_pair))  # (K,)
+        per_pair = torch.where(has_pair, per_pair, torch.zeros_like(per_pair))  # (B,)
         loss = per_pair.sum() * share
-        margin = (logratio[chosen] - logratio[rejected]).detach()  # (K,) Δ
+        margin = (logratio[chosen] - logratio[rejected]).detach()  # (B,) Δ per group slot
         pairs = has_pair.float()
         metrics = {
             "pg_loss": loss.detach(),
@@ -249,18 +249,18 @@ class ADPOLoss(PolicyLoss):
         B = logprobs.shape[0]
         r = _rewards_of(batch, B, logprobs.device, "ADPOLoss")
         norm = normaliser if normaliser is not None else Normaliser.of(mask)
-        local, share, K = _group_share(batch.group_ids.to(logprobs.device), mask, norm)
+        local, share, slots = _group_share(batch.group_ids.to(logprobs.device), mask, norm)
         valid = mask.any(1)  # (B,)
         if self.drop_all_failed:
-            any_success = group_max(torch.where(valid, r, torch.zeros_like(r)), local, K, validate=False) > 0  # (K,)
+            any_success = group_max(torch.where(valid, r, torch.zeros_like(r)), local, slots, validate=False) > 0  # (B,)
             valid = valid & any_success[local]
-        q = adpo_targets(r.to(logprobs.dtype), local, beta_r=self.beta_r, valid=valid, num_groups=K)  # (B,)
+        q = adpo_targets(r.to(logprobs.dtype), local, beta_r=self.beta_r, valid=valid, num_groups=slots)  # (B,)
         s, s_a = _sequence_scores(logprobs, mask), _sequence_scores(anchor_lp, mask).detach()  # (B,) each
-        per_group = adpo_loss(s, s_a, q, local, tau=self.tau, valid=valid, num_groups=K)  # (K,)
+        per_group = adpo_loss(s, s_a, q, local, tau=self.tau, valid=valid, num_groups=slots)  # (B,) per group slot
         loss = per_group.sum() * share
         metrics = {
             "pg_loss": loss.detach(),
-            "list_frac": (group_sum(valid.float(), local, K, validate=False) > 1).float().sum() * share,
+            "list_frac": (group_sum(valid.float(), local, slots, validate=False) > 1).float().sum() * share,
             "kl": masked_sum(logprobs.detach() - anchor_lp, mask) / norm.num_tokens,
         }
         if entropy is not None:

@@ -125,9 +125,10 @@ def test_bad_loss_is_rejected():
         make_module(ema_rate=0.0)
 
 
-def test_ema_teacher_survives_sigkill_and_resume_exactly(tmp_path):
+@pytest.mark.parametrize("recipe", ["sdpo", "srpo"])
+def test_ema_teacher_survives_sigkill_and_resume_exactly(tmp_path, recipe):
     # every row counts as a success (threshold −100), so every row has a sibling teacher and the loss is non-zero
-    run = cli("configs/text_reasoning/sdpo.yaml", *TINY, "--model.init_args.rewards",
+    run = cli(f"configs/text_reasoning/{recipe}.yaml", *TINY, "--model.init_args.rewards",
               '[{"class_path": "common.rewards.length.LengthReward", "init_args": {"target": 12}}]',
               "--model.init_args.success_threshold", "-100", "--model.init_args.loss.init_args.top_k", "8",
               "--model.init_args.ema_rate", "0.5")
@@ -137,7 +138,5 @@ def test_ema_teacher_survives_sigkill_and_resume_exactly(tmp_path):
     policy = {k[len("policy."):]: v for k, v in state.items() if k.startswith("policy.")}
     assert teacher and teacher.keys() == policy.keys()
     assert any(not torch.equal(teacher[k], policy[k]) for k in teacher), "EMA teacher equals the student"
-    from common.models import TinyLlama as Tiny
-
-    initial = dict(Tiny().load()[0].named_parameters())
+    initial = dict(TinyLlama().load()[0].named_parameters())
     assert any(not torch.equal(teacher[k], initial[k].detach()) for k in initial), "the teacher never moved"
