@@ -1,6 +1,7 @@
 """ADHint rollouts (arXiv 2512.13095): per prompt, n naive (hint-free) samples estimate the difficulty, then G − n
 samples start from a hint — a prefix of the reference solution, forced as the first tokens of the response — whose
-length grows with the difficulty. Advantages and the hint-token masking are in ``common/advantages/adhint.py``.
+length grows with the difficulty. Advantages and the hint-token masking are in ``common/advantages/adhint.py``, the
+consistency-based gradient modulation of hint tokens (CGM) in ``common/losses/adhint.py``.
 
     Diff_q = 1 − mean reward of the n naive samples of prompt q       (rewards clamped to [0, 1])
     ω_q    = hint_ratio(Diff_q)  (0 when Diff_q = 0)                   hint = first ⌊ω_q·|y*|⌋ tokens of y*

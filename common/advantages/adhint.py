@@ -15,8 +15,13 @@ Hint-based RL prepends a prefix of a reference solution (the "hint") to the resp
     selective masking: on a hinted rollout with A_i < 0 the hint tokens get advantage 0 (no gradient pushes the
                       reference solution's probability down); its own continuation keeps A_i.               [2nd]
 
+    CGM (proposal):   on hint tokens w_t = exp(−|log H_t − log H̄_cont|), H̄_cont the mean entropy of the row's own
+                      continuation; the token's advantage is multiplied by w_t
+                      (``common.losses.adhint.ADHintLoss``)                                             [PROPOSAL]
+
 The estimator returns token-level advantages (B, T), so any clipped loss applies the masking exactly (A = 0 gives a
-zero gradient). Consistency-based gradient modulation (CGM; formula unverified) is not implemented.
+zero gradient); ``ADHintLoss`` adds CGM on top of the clipped loss (it needs the policy's entropies, which only the
+loss sees).
 """
 
 from __future__ import annotations
@@ -92,3 +97,4 @@ class ADHint(AdvantageEstimator):
         T = batch.completion_mask.shape[1]
         hint_mask = torch.arange(T, device=k.device)[None, :] < k[:, None]  # (B, T)
         return adhint_advantages(batch.rewards, batch.group_ids, k > 0, hint_mask & batch.completion_mask, eps=self.eps)
+
