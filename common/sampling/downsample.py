@@ -58,6 +58,8 @@ def max_variance_subset(advantages: Tensor, n: int) -> Tensor:
         raise ValueError(f"n (rows to keep) must be >= 1, got {n}")
     B = advantages.shape[0]
     n = min(n, B)
+    if n == 0:
+        return torch.zeros(0, dtype=torch.bool, device=advantages.device)
     a, order = torch.sort(advantages.detach().double(), stable=True)  # (B,), (B,)
     zero = a.new_zeros(1)
     c1 = torch.cat([zero, a.cumsum(0)])  # (B + 1,) prefix sums

@@ -64,6 +64,7 @@ def test_max_variance_subset_ties_and_bad_input() -> None:
     # all equal: every subset has variance 0; the first maximiser j = 0 keeps the n last rows (stable sort)
     assert max_variance_subset(torch.zeros(5), 2).tolist() == [False, False, False, True, True]
     assert max_variance_subset(torch.tensor([1.0, -1.0]), 5).tolist() == [True, True]  # n > B keeps all
+    assert max_variance_subset(torch.zeros(0), 3).tolist() == []  # an empty batch stays empty
     with pytest.raises(ValueError, match="advantages must be a 1-D floating"):
         max_variance_subset(torch.zeros(2, 3), 1)
     with pytest.raises(ValueError, match="n .* must be >= 1"):
