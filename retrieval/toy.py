@@ -18,6 +18,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from common.advantages.factorised import factorised_advantages, span_masks
+from common.advantages.group import grpo
+from common.losses.aggregate import aggregate
+from common.losses.ppo_clip import clipped_surrogate
+
 
 def toy_features(samples: list[dict], vectors: Tensor) -> tuple[Tensor, Tensor]:
     """Features and graded relevance of recommendation samples. Shapes: -> (N, C, 2d), (N, C)."""
@@ -98,3 +103,62 @@ class PointerPolicy(nn.Module):
             chosen = chosen | torch.nn.functional.one_hot(a, C).bool()
             actions.append(a)
         return torch.stack(actions, 1)
+
+
+def teacher_sft(policy: PointerPolicy, x: Tensor, first: Tensor, steps: int, g: torch.Generator, lr: float = 3e-3,
+                noise: float = 1.5, batch_size: int = 64) -> None:
+    """Warm start on a noisy teacher (the spec's "mediocre" SFT policy): slate = top-n by ``first`` + noise,
+    ranking = top-k of the slate by another noisy score. Shapes: x (N, C, F), first (N, C)."""
+    opt = torch.optim.Adam(policy.parameters(), lr=lr)
+    sd = first.std()
+    for _ in range(steps):
+        idx = torch.randint(len(x), (batch_size,), generator=g)
+        s1 = first[idx] + noise * sd * torch.randn(first[idx].shape, generator=g)
+        slate = s1.topk(policy.n_slate, 1).indices  # (b, n)
+        s2 = (first[idx] + noise * sd * torch.randn(first[idx].shape, generator=g)).gather(1, slate)
+        ranking = slate.gather(1, s2.topk(policy.rank_k, 1).indices)  # (b, k)
+        loss = -policy.log_probs(x[idx], torch.cat([slate, ranking], 1)).sum(1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def train_rl(policy: PointerPolicy, x: Tensor, rel: Tensor, *, factorised: bool, swap_phases: bool = False, steps: int,
+             g: torch.Generator, prompts: int = 32, G: int = 8, lr: float = 3e-3, log_every: int = 10) -> list[tuple]:
+    """RL with one optimiser step per rollout batch: F-GRPO (``factorised``: per-phase advantages with
+    ``seq_mean_token_sum``, the two-phase objective) or joint-reward GRPO (Dr.GRPO centring of R_gen + R_rank on
+    every action, ``seq_mean_token_mean``). Returns [(step, mean R_gen, mean R_rank)] of the sampled rollouts."""
+    opt = torch.optim.Adam(policy.parameters(), lr=lr)
+    n, k = policy.n_slate, policy.rank_k
+    B = prompts * G
+    mask = torch.ones(B, n + k, dtype=torch.bool)  # (B, S)
+    phases = span_masks(torch.tensor([[0, n]]).expand(B, 2), mask)  # (B, 2, S) slate actions, then ranking actions
+    if swap_phases:
+        phases = phases.flip(1)
+    gids = torch.arange(prompts).repeat_interleave(G)  # (B,)
+    curve = []
+    for step in range(steps):
+        idx = torch.randint(len(x), (prompts,), generator=g).repeat_interleave(G)  # (B,)
+        xb, rb = x[idx], rel[idx]
+        actions = policy.sample(xb, generator=g)  # (B, S)
+        r_gen, r_rank = coverage_t(actions[:, :n], rb), ndcg_t(actions[:, n:], rb, k)  # (B,) each
+        if step % log_every == 0 or step == steps - 1:
+            curve.append((step, float(r_gen.mean()), float(r_rank.mean())))
+        if factorised:
+            adv = factorised_advantages(torch.stack([r_gen, r_rank], 1), phases, gids)  # (B, S)
+        else:
+            adv = grpo(r_gen + r_rank, gids, scale="none")  # (B,)
+        logp = policy.log_probs(xb, actions)  # (B, S)
+        pg, _, _ = clipped_surrogate(logp, logp.detach(), adv, mask)
+        loss = aggregate(pg, mask, "seq_mean_token_sum" if factorised else "seq_mean_token_mean")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return curve
+
+
+def greedy_rankings(policy: PointerPolicy, x: Tensor) -> list[list[int]]:
+    """The greedy ranking of each prompt as candidate ids 1..C. Shapes: x (N, C, F) -> N lists of k ids."""
+    with torch.no_grad():
+        actions = policy.sample(x, greedy=True)
+    return (actions[:, policy.n_slate :] + 1).tolist()

@@ -81,11 +81,9 @@ def test_factorised_advantage_on_a_real_batch(tok):
 
 
 def test_toy_policy_rewards_match_text_rewards_and_swapped_arm_is_worse():
+    from retrieval.metrics import RankingMetrics
     from retrieval.tasks import catalogue, recommendation
-    from retrieval.toy import PointerPolicy, coverage_t, ndcg_t, toy_features
-
-    sys.path.insert(0, str(ROOT / "reproductions"))
-    import fgrpo
+    from retrieval.toy import PointerPolicy, coverage_t, greedy_rankings, ndcg_t, teacher_sft, toy_features, train_rl
 
     cat = catalogue(200, 8, seed=0)
     samples = recommendation(400, seed=1, cat=cat, max_slate=8, rank_k=5)
@@ -100,20 +98,27 @@ def test_toy_policy_rewards_match_text_rewards_and_swapped_arm_is_worse():
                                torch.tensor([coverage([c + 1 for c in a[:8]], r) for a, r in zip(actions.tolist(), rel[:16].tolist())]))
     torch.testing.assert_close(ndcg_t(actions[:, 8:], rel[:16], 5),
                                torch.tensor([ndcg_at_k([c + 1 for c in a[8:]], r, 5) for a, r in zip(actions.tolist(), rel[:16].tolist())]))
-    # log-probs of the sampled actions sum to a proper distribution's: teacher forcing reproduces sampling's choices
-    greedy = policy.sample(x[:16], greedy=True)
-    lp = policy.log_probs(x[:16], greedy)
-    assert torch.isfinite(lp).all() and (lp <= 0).all()
+    # teacher-forced log-probs against a plain loop: slate steps choose among unchosen pool items, ranking steps
+    # among unranked slate items, each a softmax of its phase's head over what is still allowed
+    lp = policy.log_probs(x[:4], actions[:4])  # (4, 13)
+    lg = policy.logits(x[:4]).detach()  # (4, 2, 20)
+    for i, a in enumerate(actions[:4].tolist()):
+        for s_, c in enumerate(a):
+            phase, done = (0, a[:s_]) if s_ < 8 else (1, a[8:s_])
+            allowed = [j for j in range(20) if j not in done and (phase == 0 or j in a[:8])]
+            ref = lg[i, phase, c] - torch.logsumexp(lg[i, phase, allowed], 0)
+            torch.testing.assert_close(lp[i, s_].detach(), ref, rtol=1e-5, atol=1e-5)
     # the swapped-mask sanity arm (slate tokens trained on the ranking reward and vice versa) ends worse
     first = x[..., :8].sum(-1)
-    g = torch.Generator().manual_seed(0)
-    fgrpo.sft(policy, x, first, 40, g)
+    teacher_sft(policy, x, first, 40, torch.Generator().manual_seed(0))
     results = {}
-    for arm in ("fgrpo", "fgrpo_swapped"):
+    for swap in (False, True):
         p = PointerPolicy(x.shape[-1], n_slate=8, rank_k=5)
         p.load_state_dict(policy.state_dict())
-        fgrpo.rl(p, x, rel, arm, 60, torch.Generator().manual_seed(1), 16, 8, 3e-3, 10)
-        results[arm] = fgrpo.evaluate(p, x[:200], rel[:200])["ndcg@3"]
+        train_rl(p, x, rel, factorised=True, swap_phases=swap, steps=60, g=torch.Generator().manual_seed(1), prompts=16)
+        m = RankingMetrics(ndcg_k=(3,), recall_k=(5,))
+        m.update(greedy_rankings(p, x[:200]), rel[:200].tolist())
+        results["fgrpo_swapped" if swap else "fgrpo"] = float(m.compute()["ndcg@3"])
     assert results["fgrpo_swapped"] < results["fgrpo"] - 0.05, results
 
 
