@@ -154,8 +154,9 @@ def test_gto_training_moves_the_draft_and_never_the_frozen_reference(tmp_path, m
                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
     trainer.fit(module, datamodule=data)
     saved = load_file(str(ref_path))
-    for name, value in module.reference_draft.state_dict().items():
-        assert torch.equal(value, saved[name]), f"the reference draft's {name} changed"
-    moved = [n for n, v in module.draft.state_dict().items() if not torch.equal(v, saved[n])]
+    ref_state, state = module.reference_draft.state_dict(), module.draft.state_dict()
+    for name, value in saved.items():
+        assert torch.equal(ref_state[name], value), f"the reference draft's {name} changed"
+    moved = [n for n in saved if not torch.equal(state[n], saved[n])]
     assert "fc.weight" in moved and "q_proj.weight" in moved
     assert all(not p.requires_grad for p in module.reference_draft.parameters())
