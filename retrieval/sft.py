@@ -64,7 +64,7 @@ def sft_warm_start(model, tokenizer, samples: Sequence[dict], *, steps: int = 10
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     model.train(was_training)
     return losses
 
