@@ -3,7 +3,9 @@
 ``common/losses/srpo.py``; this module supplies what they need from the model:
 
     1. teacher context (after scoring):  x̃_i = reprompt(x, solution_i)
-           "{prompt}\\n\\nCorrect solution:\\n\\n{solution}\\n\\n\\n\\nCorrectly solve the original question."
+           "{prompt}\\nCorrect solution:\\n\\n{solution}\\n\\n\\n\\nCorrectly solve the original question."
+       (templates as in the SDPO code's config: reprompt "{prompt}{solution}{feedback}\\n\\nCorrectly solve the original
+       question.", solution "\\nCorrect solution:\\n\\n{successful_previous_attempt}\\n\\n"; no feedback here)
        solution_i = the first successful sibling j ≠ i of the same prompt (reward >= success_threshold), thinking
        tags stripped; h_i = 1 iff one exists (no environment feedback in these tasks)
     2. in the update, from the micro-batch's single policy forward: the student's full next-token log-probs at the
@@ -41,7 +43,7 @@ def teacher_contexts(prompts: Sequence[str], completions: Sequence[str], success
                      group_ids: Sequence[int], *, dont_reprompt_on_self_success: bool = True,
                      remove_thinking: bool = True,
                      reprompt_template: str = "{prompt}{solution}\n\nCorrectly solve the original question.",
-                     solution_template: str = "\n\nCorrect solution:\n\n{solution}\n\n") -> list[str | None]:
+                     solution_template: str = "\nCorrect solution:\n\n{solution}\n\n") -> list[str | None]:
     """The teacher's prompt for every row, or None where no successful sibling exists (SDPO code
     ``_maybe_build_self_distillation_batch``): the first successful row of the same group, excluding the row
     itself when ``dont_reprompt_on_self_success``. Host-side text: one pass over B strings."""
@@ -88,7 +90,7 @@ class SelfDistillationModule(TextReasoningModule):
         dont_reprompt_on_self_success: bool = True,
         remove_thinking: bool = True,
         reprompt_template: str = "{prompt}{solution}\n\nCorrectly solve the original question.",
-        solution_template: str = "\n\nCorrect solution:\n\n{solution}\n\n",
+        solution_template: str = "\nCorrect solution:\n\n{solution}\n\n",
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
