@@ -14,7 +14,7 @@ seq_mean_token_mean; swapped = F-GRPO with the phase masks exchanged; plus SFT-o
 
     python reproductions/fgrpo.py            # 3 seeds, writes reports/fgrpo.md and reports/fgrpo.png
     python reproductions/fgrpo.py --smoke    # 1 seed, 100 steps
-    python reproductions/fgrpo.py --smollm2-only   # the short SmolLM2 run (~15 min on 2 cores), kept for the report
+    python reproductions/fgrpo.py --smollm2-only   # the short SmolLM2 run (~10 min of CPU), kept for the report
     python reproductions/fgrpo.py --pools latent   # one kind of pool only
 """
 
@@ -187,7 +187,9 @@ def smollm2_section(out: Path) -> str:
             f"lr 1e-5, 32 new tokens) from the same warm start; greedy evaluation on {r['val_prompts']} held-out prompts. "
             f"This is a smoke-scale run of the whole text path (prompt -> generation -> parser -> per-phase rewards -> "
             f"phase masks -> factorised advantages -> update), not a comparison: {r['rl_steps']} steps cannot separate "
-            f"the arms.\n\n" + "\n".join(rows))
+            f"the arms.\n\n" + "\n".join(rows) + "\n\nOne seed and 16 prompts: differences between the rows are not "
+            "evidence for either arm (greedy decoding of a barely warm-started 135M model flips between well-formed and "
+            "malformed answers after a few small updates). Seconds are wall time on a 2-core machine shared with other jobs.")
 
 
 def main() -> None:
@@ -201,7 +203,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--pools", nargs="+", choices=("latent", "embedding"), default=["latent", "embedding"])
     ap.add_argument("--out", type=Path, default=ROOT / "reproductions" / "reports")
-    ap.add_argument("--smollm2", action="store_true", help="also the short SmolLM2 run (~15 min on 2 cores); "
+    ap.add_argument("--smollm2", action="store_true", help="also the short SmolLM2 run (~10 min of CPU); "
                     "its result is kept in reports/fgrpo.smollm2.json and shown in the report")
     ap.add_argument("--smollm2-only", action="store_true", help="only the SmolLM2 run (updates fgrpo.smollm2.json)")
     ap.add_argument("--smollm2-sft-steps", type=int, default=30)
