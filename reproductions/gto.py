@@ -210,6 +210,12 @@ re-ranking in {100 * m0[0]['greedy_pruned']:.0f} % of cycles and the accepted br
 {100 * m0[0]['accepted_is_greedy']:.0f} % of the cycles that accept a drafted token (paper, LLaMA-3.1-8B: 19-34 %
 and 36-49 %); where these are far from 0 % / 100 % the toy has the misalignment GTO targets.
 
+Reading: τ is capped at {TREE["depth"] + 2} here (depth + 1 drafted tokens + the bonus); M0 already reaches
+{100 * m0[0]['tau'] / (TREE["depth"] + 2):.0f} % of the cap, and continual token-only training from M0 still gains
+{100 * (c0 / m0[0]['tau'] - 1):+.1f} % (paper: about +1 %, i.e. their EAGLE-3 drafts were converged and ours is not).
+So at this scale the token-level loss has not run out of signal, and GTO's extra term — at equal steps — does
+not add to it.
+
 Tested here: the direction and size of τ(GTO) vs τ(continual) from the same M0 at equal steps/data, T = 0 and
 T = 1, the misalignment diagnostics, and losslessness. Not tested: the paper's models, data sets (MT-Bench,
 HumanEval, GSM8K), wall-clock speedups at scale, the ablations (no debiasing, m = 1, hard max / mean reward),
