@@ -56,7 +56,8 @@ def _pool(relevant: list[int], ranked_others: list[int], everything: list[int], 
           g: torch.Generator) -> list[int]:
     """relevant + the best ``num_hard`` non-relevant by first-stage score + random fill, shuffled."""
     chosen = list(relevant) + [i for i in dict.fromkeys(ranked_others) if i not in relevant][:num_hard]
-    rest = [i for i in everything if i not in set(chosen)]
+    taken = set(chosen)
+    rest = [i for i in everything if i not in taken]
     fill = torch.randperm(len(rest), generator=g)[: pool_size - len(chosen)].tolist()
     pool = chosen + [rest[j] for j in fill]
     order = torch.randperm(len(pool), generator=g).tolist()
@@ -92,7 +93,8 @@ def recommendation(n: int, seed: int, *, cat: Catalogue, history_len: int = 5, p
     for u in range(n):  # ok: task generation, once per data set
         relevant = true[u].topk(num_rel[u]).indices.tolist()
         ranked = first[u].argsort(descending=True).tolist()
-        pool = _pool(relevant, ranked, [i for i in range(I) if i not in set(history[u].tolist())], pool_size, num_hard, g)
+        seen = set(history[u].tolist())
+        pool = _pool(relevant, ranked, [i for i in range(I) if i not in seen], pool_size, num_hard, g)
         grade = {j: (2.0 if k == 0 else 1.0) for k, j in enumerate(relevant)}
         titles = [cat.titles[j] for j in pool]
         query = "A user watched, in order: " + "; ".join(cat.titles[j] for j in history[u].tolist()) + "."
