@@ -219,7 +219,7 @@ class VLLMBackend(nn.Module):
     def _ensure(self, policy: nn.Module, tokenizer) -> None:
         if self.llm is None:
             self.start(policy, tokenizer)
-        elif self._synced_policy != id(policy):  # another policy object than the one the engine holds
+        elif self._synced_policy != id(policy):  # another policy object than the one the engine holds (a new run)
             self.sync_weights(policy)
 
     # ------------------------------------------------------------------ generation
@@ -267,7 +267,7 @@ class VLLMBackend(nn.Module):
         T = max(1, max(len(s) for s in seqs))
         completion_ids = torch.full((len(seqs), T), tokenizer.pad_token_id, dtype=torch.long)
         length = torch.tensor([len(s) for s in seqs])  # (B,)
-        for i, s in enumerate(seqs):
+        for i, s in enumerate(seqs):  # ok: host-side, the engine returns Python lists
             completion_ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
         pos = torch.arange(T)
         written = pos[None, :] < length[:, None]  # (B, T) tokens the engine produced
@@ -281,7 +281,7 @@ class VLLMBackend(nn.Module):
         behaviour = None
         if sampling.logprobs:
             behaviour = torch.zeros(len(seqs), T, dtype=torch.float32)
-            for i, row in enumerate(lps):
+            for i, row in enumerate(lps):  # ok: host-side, as above
                 behaviour[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
             behaviour = behaviour.masked_fill(~mask, 0.0).to(device)
         completion_ids = completion_ids.masked_fill(~mask, tokenizer.pad_token_id)
