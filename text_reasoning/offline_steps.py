@@ -68,12 +68,13 @@ def prompt_texts(module: TextReasoningModule, samples: Sequence[dict], prefixes:
 
 def step_batch(module: TextReasoningModule, records: Sequence[dict]) -> RolloutBatch:
     """One row per (state, step) record: prompt = problem + prefix (left-padded), completion = the step's tokens
-    (right-padded; EOS appended to a final step). Advantages (B,) and outcome rewards (B,) come from the records."""
+    (right-padded; EOS appended to a final step that ended with one). Advantages (B,) and outcome rewards (B,) come
+    from the records."""
     tok = module.tokenizer
     enc = tok(prompt_texts(module, records, [r["prefix"] for r in records]), return_tensors="pt", padding=True,
               add_special_tokens=False)
     steps = tok([r["step"] for r in records], add_special_tokens=False)["input_ids"]
-    steps = [torch.tensor(ids + ([tok.eos_token_id] if r["terminal"] else []), dtype=torch.long)
+    steps = [torch.tensor(ids + ([tok.eos_token_id] if r["terminal"] and r.get("eos", True) else []), dtype=torch.long)
              for ids, r in zip(steps, records)]  # ok: host-side tokenisation of the offline records
     completion = torch.nn.utils.rnn.pad_sequence(steps, batch_first=True, padding_value=tok.pad_token_id)  # (B, T)
     lengths = torch.tensor([len(s) for s in steps])
@@ -162,12 +163,13 @@ def build_step_records(module: TextReasoningModule, problems: Sequence[dict], sa
     for start in range(0, len(problems), batch_prompts):
         chunk = problems[start:start + batch_prompts]
         rollouts = module.score(module.rollout(chunk, num_samples=samples_per_prompt))
-        for text, sample, reward in zip(rollouts.completions, rollouts.samples, rollouts.rewards.tolist()):
+        for text, sample, reward, cut in zip(rollouts.completions, rollouts.samples, rollouts.rewards.tolist(),
+                                             rollouts.truncated.tolist()):
             steps = split_steps(text, delimiter)
             for k, step in enumerate(steps):
                 records.append({"prompt": sample["prompt"], "answer": sample["answer"], "task": sample["task"],
                                 "prefix": "".join(steps[:k]), "step": step, "terminal": k == len(steps) - 1,
-                                "reward": reward})
+                                "eos": not cut, "reward": reward})
     return records
 
 
@@ -203,16 +205,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="configs/text_reasoning/data/dapo_step_arithmetic.jsonl")
     p.add_argument("--policy", choices=["bundled", "tiny"], default="bundled")
-    p.add_argument("--problems", type=int, default=24)
+    p.add_argument("--problems", type=int, default=8)  # 8 x 4 rollouts: ~10 min of SmolLM2 on a busy 2-core CPU
     p.add_argument("--samples", type=int, default=4)
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--digits", type=int, default=2)
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--digits", type=int, default=1)  # two-digit sums: 0 of 32 rollouts correct (SmolLM2-135M)
+    p.add_argument("--val-size", type=int, default=40)  # the recipe's held-out problems, kept out of the records
+    p.add_argument("--temperature", type=float, default=0.7)  # 1.0 solved 0 of 32 two-digit sums within 40 tokens
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
     module = TextReasoningModule(policy=BundledSmolLM2() if args.policy == "bundled" else TinyLlama(),
-                                 sampling=Sampling(max_new_tokens=args.max_new_tokens), log_samples_every=0)
-    data = ReasoningData(tasks=[Arithmetic(digits=args.digits, ops="+")], train_size=args.problems, val_size=200,
+                                 sampling=Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature),
+                                 log_samples_every=0)
+    data = ReasoningData(tasks=[Arithmetic(digits=args.digits, ops="+")], train_size=args.problems, val_size=args.val_size,
                          seed=args.seed)  # the recipe's validation problems are held out of the records
     data.setup()
     records = build_step_records(module, data.train_set, args.samples)
