@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common.losses.step_advantage import direct_advantage_loss  # noqa: E402
 
 REPORTS = Path(__file__).resolve().parent / "reports"
+RECORDS = Path(__file__).resolve().parents[1] / "configs/text_reasoning/data/dapo_step_arithmetic.jsonl"
 BETAS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 TREES, MC = 1000, 8
 
@@ -109,6 +110,17 @@ def main() -> None:
     worse_flipped = int((worse & flipped).sum())
     gain = j_r - j_ref_r
     reproduced = fixed_ok and improved >= 0.95
+    import json
+
+    records = [json.loads(line) for line in RECORDS.read_text().splitlines() if line.strip()]
+    finals = [r for r in records if r["terminal"]]
+    adv = torch.tensor([r["advantage"] for r in records])
+    lm = (f"{len(records)} step records from {len(finals)} SmolLM2 rollouts on one-digit sums "
+          f"({sum(r['reward'] > 0.5 for r in finals)} correct, {sum(1 for r in finals if not r['eos'])} cut at 40 tokens); "
+          f"critic advantages mean {float(adv.mean()):+.3f}, std {float(adv.std()):.3f}, range [{float(adv.min()):+.2f}, "
+          f"{float(adv.max()):+.2f}]")
+    labels = torch.tensor([r["reward"] for r in records])
+    fit_rmse = float((torch.tensor([r["value"] for r in records]) - labels).pow(2).mean().sqrt())
     verdict = "reproduced" if reproduced else "not reproduced"
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -152,6 +164,9 @@ random trees where J does not improve, the MC critic got the sign of at least on
 gains (LLM scale), iterative DAPO, and the exact loss scaling (unverified in our sources). The LM pipeline (steps
 = lines of SmolLM2 rollouts, a linear critic on the reference model's hidden state, offline actor training) is
 built in `text_reasoning/offline_steps.py` and run by the recipe `configs/text_reasoning/dapo_step.yaml`.
+Its committed data: {lm}. The critic's RMSE on its own (one-sample MC) labels is {fit_rmse:.3f} against a label
+std of {float(labels.std(unbiased=False)):.3f}: fitted on {len(records)} states, with no held-out check, so it is a
+weak critic; the recipe shows the pipeline runs end to end, not that it improves SmolLM2.
 """)
     print(f"dapo_step: claim {verdict}: J(π_ref) {j_ref:.4f} -> J(π) " + ", ".join(f"{r[1]:.4f}@β={r[0]}" for r in rows)
           + f"; random trees improved {improved:.3f} (MC critic); log-ratio ≈ A/β {'holds' if fit_ok else 'fails'} "
