@@ -80,10 +80,10 @@ def train_draft(target, tok, prompts: list[str], minutes: float, max_new_tokens:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--train-prompts", type=int, default=96)
-    ap.add_argument("--eval-prompts", type=int, default=12)
-    ap.add_argument("--train-minutes", type=float, default=6.0)
-    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--train-prompts", type=int, default=64)
+    ap.add_argument("--eval-prompts", type=int, default=8)
+    ap.add_argument("--train-minutes", type=float, default=5.0)
+    ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--retrain", action="store_true")
     args = ap.parse_args()
     if args.quick:
@@ -113,15 +113,16 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     for p in eval_prompts:
         ids = chat_ids(tok, p)
-        ref = greedy_decode(target, ids, n, tok.eos_token_id)
+        per_prompt = {t: DecodeStats() for t in TREES}
+        outs: dict = {}
         fns = {"greedy": lambda: greedy_decode(target, ids, n, tok.eos_token_id)}
         for t in TREES:
-            fns[t] = (lambda t=t: decoders[t].generate(ids, n, tok.eos_token_id))
-        times = alternate(fns, reps=1, warmup=0)
+            fns[t] = (lambda t=t: decoders[t].generate(ids, n, tok.eos_token_id, stats=per_prompt[t]))
+        times = alternate(fns, reps=1, warmup=0, on_result=outs.__setitem__)  # A B C D, once per prompt
+        ref = outs["greedy"]
         greedy_t.append(times["greedy"][0] / ref.shape[1])
         for t in TREES:
-            st = DecodeStats()
-            out = decoders[t].generate(ids, n, tok.eos_token_id, stats=st)
+            st, out = per_prompt[t], outs[t]
             lossless &= torch.equal(out, ref)
             stats[t].accepted += st.accepted
             stats[t].target_calls += st.target_calls
