@@ -136,5 +136,25 @@ class RolloutBatch:
                 raise ValueError(f"RolloutBatch.cat: field {f.name} is set in some batches and not in others")
         return RolloutBatch(**out)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The rows as tensors and plain lists (what a checkpoint loaded with ``weights_only=True`` can hold), for
+        buffers that keep rollouts across steps; :meth:`from_state` rebuilds them."""
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if v is not None:
+                out[f.name] = list(v) if isinstance(v, (list, tuple)) else v
+        return out
+
+    @staticmethod
+    def from_state(state: dict[str, Any]) -> "RolloutBatch | None":
+        """Inverse of :meth:`state_dict` (None for an empty state)."""
+        if not state:
+            return None
+        rows = dict(state)
+        if "reward_names" in rows:
+            rows["reward_names"] = tuple(rows["reward_names"])
+        return RolloutBatch(**rows)
+
     def replace(self, **changes: Any) -> "RolloutBatch":
         return dataclasses.replace(self, **changes)

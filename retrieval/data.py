@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
+from common.data import PromptStream, ResumableData
 from retrieval import tasks
 from retrieval.tasks import Scorer
 
@@ -65,24 +65,7 @@ class MultiHopQA(TaskSource):
         return tasks.multihop_qa(n, seed, scorer=scorer, **self.kw)
 
 
-class PromptStream(IterableDataset):
-    """Endless reproducible prompt batches from batch ``start``: pass c is a permutation drawn from seed + c."""
-
-    def __init__(self, samples: list[dict], batch_size: int, seed: int, start: int = 0):
-        if batch_size <= 0 or batch_size > len(samples):
-            raise ValueError(f"batch_size must be in [1, {len(samples)}] (the number of samples), got {batch_size}")
-        self.samples, self.batch_size, self.seed, self.start = samples, batch_size, seed, start
-
-    def __iter__(self):
-        per_pass, b = len(self.samples) // self.batch_size, self.start
-        while True:
-            c, j = divmod(b, per_pass)
-            order = torch.randperm(len(self.samples), generator=torch.Generator().manual_seed(self.seed + c))
-            yield [self.samples[i] for i in order[j * self.batch_size : (j + 1) * self.batch_size].tolist()]
-            b += 1
-
-
-class RetrievalData(L.LightningDataModule):
+class RetrievalData(ResumableData):
     """Training pools from ``tasks`` and held-out validation pools (different seeds: different users/questions).
 
     Args:
@@ -106,18 +89,6 @@ class RetrievalData(L.LightningDataModule):
         self.prompts_per_step, self.val_batch_size = prompts_per_step, val_batch_size
         self.train_set: list[dict] = []
         self.val_set: list[dict] = []
-        self.batches_served = 0
-
-    def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        if self.trainer is not None and self.trainer.training:
-            self.batches_served += 1
-        return batch
-
-    def state_dict(self) -> dict:
-        return {"batches_served": self.batches_served}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.batches_served = int(state["batches_served"])
 
     def setup(self, stage: str | None = None) -> None:
         if self.val_set:

@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
+from common.data import PromptStream, ResumableData  # noqa: F401 - PromptStream is part of this API
 from common.rewards.math import extract_boxed, gsm8k_answer
 from text_reasoning import tasks
 from text_reasoning.tasks import Problem
@@ -107,29 +107,7 @@ class LocalFile(TaskSource):
         return out
 
 
-class PromptStream(IterableDataset):
-    """An endless, reproducible stream of prompt batches starting at batch ``start``.
-
-    Pass ``c`` over the data is a permutation drawn from ``seed + c``, so batch ``b`` is a pure function of
-    ``(data, batch_size, seed, b)``: resuming at ``start = b`` continues exactly where a run stopped.
-    """
-
-    def __init__(self, samples: list[dict], batch_size: int, seed: int, start: int = 0):
-        if batch_size <= 0 or batch_size > len(samples):
-            raise ValueError(f"batch_size must be in [1, {len(samples)}] (the number of samples), got {batch_size}")
-        self.samples, self.batch_size, self.seed, self.start = samples, batch_size, seed, start
-
-    def __iter__(self):
-        per_pass = len(self.samples) // self.batch_size
-        b = self.start
-        while True:
-            pass_idx, j = divmod(b, per_pass)
-            order = torch.randperm(len(self.samples), generator=torch.Generator().manual_seed(self.seed + pass_idx))
-            yield [self.samples[i] for i in order[j * self.batch_size : (j + 1) * self.batch_size].tolist()]
-            b += 1
-
-
-class ReasoningData(L.LightningDataModule):
+class ReasoningData(ResumableData):
     """Training prompts drawn from ``tasks`` and a held-out validation set that shares no prompt with them.
 
     Args:
@@ -157,20 +135,6 @@ class ReasoningData(L.LightningDataModule):
         self.train_set: list[dict] = []
         self.train_sources: list[int] = []
         self.val_set: list[dict] = []
-        self.batches_served = 0  # training batches handed to the module; restored from checkpoints
-
-    def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        # Called for the batch about to be trained on (not for the one Lightning prefetches), so this count is
-        # the exact data position to resume from.
-        if self.trainer is not None and self.trainer.training:
-            self.batches_served += 1
-        return batch
-
-    def state_dict(self) -> dict:
-        return {"batches_served": self.batches_served}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.batches_served = int(state["batches_served"])
 
     def setup(self, stage: str | None = None) -> None:
         if self.val_set:

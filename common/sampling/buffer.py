@@ -21,7 +21,6 @@ data via ``get_extra_state``), the step each row was stored at, and the step cou
 
 from __future__ import annotations
 
-import dataclasses
 
 import torch
 from torch import Tensor
@@ -113,17 +112,8 @@ class SelectiveSampleBuffer(Selector, torch.nn.Module):
 
     # ------------------------------------------------------------------ checkpointed state
     def get_extra_state(self) -> dict:
-        rows = {}
-        if self.rows is not None:
-            for f in dataclasses.fields(RolloutBatch):
-                v = getattr(self.rows, f.name)
-                if v is not None:
-                    rows[f.name] = list(v) if isinstance(v, (list, tuple)) else v  # plain data (weights_only loads)
-        return {"rows": rows, "stored_at": self.stored_at}
+        return {"rows": self.rows.state_dict() if self.rows is not None else {}, "stored_at": self.stored_at}
 
     def set_extra_state(self, state: dict) -> None:
-        rows = dict(state["rows"])
-        if "reward_names" in rows:
-            rows["reward_names"] = tuple(rows["reward_names"])
-        self.rows = RolloutBatch(**rows) if rows else None
+        self.rows = RolloutBatch.from_state(state["rows"])
         self.stored_at = state["stored_at"].cpu()

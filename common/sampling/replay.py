@@ -21,7 +21,6 @@ completions as plain data) and their prompt keys.
 
 from __future__ import annotations
 
-import dataclasses
 
 import torch
 from torch import Tensor
@@ -145,17 +144,8 @@ class CrossContextReplay(Selector, torch.nn.Module):
 
     # ------------------------------------------------------------------ checkpointed state
     def get_extra_state(self) -> dict:
-        rows = {}
-        if self.rows is not None:
-            for f in dataclasses.fields(RolloutBatch):
-                v = getattr(self.rows, f.name)
-                if v is not None:
-                    rows[f.name] = list(v) if isinstance(v, (list, tuple)) else v
-        return {"rows": rows, "keys": list(self.keys)}
+        return {"rows": self.rows.state_dict() if self.rows is not None else {}, "keys": list(self.keys)}
 
     def set_extra_state(self, state: dict) -> None:
-        rows = dict(state["rows"])
-        if "reward_names" in rows:
-            rows["reward_names"] = tuple(rows["reward_names"])
-        self.rows = RolloutBatch(**rows) if rows else None
+        self.rows = RolloutBatch.from_state(state["rows"])
         self.keys = list(state["keys"])

@@ -1,0 +1,52 @@
+"""Domain-independent data plumbing: an endless reproducible prompt stream and a DataModule that knows its exact
+data position (so a killed run resumes on the batch it would have trained on next)."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.utils.data import IterableDataset
+
+
+class PromptStream(IterableDataset):
+    """An endless, reproducible stream of prompt batches starting at batch ``start``.
+
+    Pass ``c`` over the data is a permutation drawn from ``seed + c``, so batch ``b`` is a pure function of
+    ``(data, batch_size, seed, b)``: resuming at ``start = b`` continues exactly where a run stopped.
+    """
+
+    def __init__(self, samples: list[dict], batch_size: int, seed: int, start: int = 0):
+        if batch_size <= 0 or batch_size > len(samples):
+            raise ValueError(f"batch_size must be in [1, {len(samples)}] (the number of samples), got {batch_size}")
+        self.samples, self.batch_size, self.seed, self.start = samples, batch_size, seed, start
+
+    def __iter__(self):
+        per_pass = len(self.samples) // self.batch_size
+        b = self.start
+        while True:
+            pass_idx, j = divmod(b, per_pass)
+            order = torch.randperm(len(self.samples), generator=torch.Generator().manual_seed(self.seed + pass_idx))
+            yield [self.samples[i] for i in order[j * self.batch_size : (j + 1) * self.batch_size].tolist()]
+            b += 1
+
+
+class ResumableData(L.LightningDataModule):
+    """Counts the training batches handed to the module (``batches_served``, in the checkpoint's DataModule
+    state); a subclass starts its stream at that count (``PromptStream(..., start=self.batches_served)``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.batches_served = 0
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        # Called for the batch about to be trained on (not for the one Lightning prefetches), so this count is
+        # the exact data position to resume from.
+        if self.trainer is not None and self.trainer.training:
+            self.batches_served += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"batches_served": self.batches_served}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batches_served = int(state["batches_served"])
