@@ -12,3 +12,15 @@ def digit_prompts(n: int, seed: int = 0) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     a, b = torch.randint(10, 100, (2, n), generator=g).tolist()
     return [{"prompt": f"{x}+{y}", "answer": str(x + y), "task": "arithmetic"} for x, y in zip(a, b)]
+
+
+def random_token_batch(seed: int, B: int = 6, T: int = 8):
+    """Float64 token-level loss inputs: logprobs, old_logprobs, entropy (B, T); advantages (B,); a ragged mask (B, T)."""
+    g = torch.Generator().manual_seed(seed)
+    old = -torch.rand(B, T, dtype=torch.float64, generator=g) * 3
+    logprobs = old + 0.2 * torch.randn(B, T, dtype=torch.float64, generator=g)
+    entropy = torch.rand(B, T, dtype=torch.float64, generator=g) * 2
+    advantages = torch.randn(B, dtype=torch.float64, generator=g)
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    mask = torch.arange(T)[None, :] < lengths[:, None]
+    return logprobs, old, entropy, advantages, mask

@@ -7,17 +7,8 @@ import torch
 
 from common.losses.aggregate import Normaliser
 from common.losses.hapo import HAPOLoss, hapo_entropy_stats, hapo_token_terms, normalised_entropy
+from helpers import random_token_batch as random_batch
 
-
-def random_batch(seed: int, B: int = 6, T: int = 8):
-    g = torch.Generator().manual_seed(seed)
-    old = -torch.rand(B, T, dtype=torch.float64, generator=g) * 3
-    logprobs = old + 0.2 * torch.randn(B, T, dtype=torch.float64, generator=g)
-    entropy = torch.rand(B, T, dtype=torch.float64, generator=g) * 2
-    advantages = torch.randn(B, dtype=torch.float64, generator=g)
-    lengths = torch.randint(1, T + 1, (B,), generator=g)
-    mask = torch.arange(T)[None, :] < lengths[:, None]
-    return logprobs, old, entropy, advantages, mask
 
 
 # ------------------------------------------------------------------------------------------ h̃
