@@ -168,9 +168,18 @@ class MarkovCorpus(L.LightningDataModule):
 
 _TOPICS = ["the ocean", "a robot", "coffee", "the moon", "a library", "mountains", "a city at night", "rain",
            "a small dog", "the history of bread", "learning to swim", "a train journey", "volcanoes", "music",
-           "friendship", "a garden", "winter", "computers", "the desert", "birds"]
+           "friendship", "a garden", "winter", "computers", "the desert", "birds", "the stars", "a lighthouse",
+           "chess", "the first day of school", "honey bees", "a forest fire", "bicycles", "the human heart",
+           "a snowstorm", "an old castle", "tea", "the internet", "a market", "elephants", "a thunderstorm",
+           "cooking pasta", "the river", "a birthday party", "photography", "the autumn leaves", "a spaceship",
+           "recycling", "a museum", "the wind", "dinosaurs", "a quiet village", "football", "the sun", "penguins",
+           "a haunted house", "electric cars", "the rainforest", "a bakery", "sleep", "a lost key",
+           "the pyramids", "whales", "a painter", "clouds", "a farm"]
 _TEMPLATES = ["Write a short story about {t}.", "Explain {t} to a child.", "Write a poem about {t}.",
-              "Give three facts about {t}.", "Describe {t} in a few sentences.", "Why do people like {t}?"]
+              "Give three facts about {t}.", "Describe {t} in a few sentences.", "Why do people like {t}?",
+              "Write a short blog post about {t}.", "What are the pros and cons of {t}?",
+              "Write a letter to a friend about {t}.", "Tell me something surprising about {t}.",
+              "Summarise what you know about {t}.", "Write a dialogue between two people about {t}."]
 
 
 def generated_prompts(n: int, seed: int = 0) -> list[str]:
@@ -182,16 +191,39 @@ def generated_prompts(n: int, seed: int = 0) -> list[str]:
     return [pool[order[i % len(pool)]] for i in range(n)]
 
 
-def self_generated(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[Tensor]:
-    """Chat-formatted prompt + the target's own greedy response, one 1-D token tensor per prompt."""
+def self_generated(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 1) -> list[Tensor]:
+    """Chat-formatted prompt + the target's own greedy response, one 1-D token tensor per prompt.
+
+    ``batch_size`` 1 decodes each prompt alone (:func:`speculative.decode.greedy_decode`, bit-exact batch-1
+    greedy); larger batches left-pad and call HF ``generate`` (greedy), many times faster on a CPU for data
+    generation; a reduced-precision target may then differ from batch-1 greedy at near-ties of its logits.
+    """
     from speculative.decode import greedy_decode
 
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    chats = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)["input_ids"][0] for p in prompts]
+    eos = tokenizer.eos_token_id
     out = []
-    for p in prompts:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)["input_ids"]
-        resp = greedy_decode(model, ids, max_new_tokens, tokenizer.eos_token_id)
-        out.append(torch.cat([ids[0], resp[0]]))
+    for i in range(0, len(chats), batch_size):
+        chunk = chats[i : i + batch_size]
+        if batch_size == 1:
+            out.append(torch.cat([chunk[0], greedy_decode(model, chunk[0][None], max_new_tokens, eos)[0]]))
+            continue
+        P = max(len(c) for c in chunk)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        ids = torch.full((len(chunk), P), pad, dtype=torch.long)
+        mask = torch.zeros(len(chunk), P, dtype=torch.long)
+        for j, c in enumerate(chunk):  # left padding, once per data set
+            ids[j, P - len(c) :], mask[j, P - len(c) :] = c, 1
+        with torch.no_grad():
+            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=eos, pad_token_id=pad)[:, P:]  # (b, <= max_new_tokens)
+        for c, g in zip(chunk, gen):
+            hits = (g == eos).nonzero()
+            g = g[: int(hits[0, 0]) + 1] if len(hits) else g
+            out.append(torch.cat([c, g]))
     return out
 
 
@@ -213,13 +245,14 @@ class SelfGeneratedResponses(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         n = self.train_size + self.val_size
-        key = f"{type(self.policy).__name__}-{vars(self.policy)}-{n}-{self.max_new_tokens}-{self.seed}"
+        prompts = generated_prompts(n, self.seed)
+        key = f"{type(self.policy).__name__}-{vars(self.policy)}-{prompts}-{self.max_new_tokens}"
         path = cache_dir() / "speculative" / f"responses-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
         if path.exists():
             seqs = torch.load(path, weights_only=True)
         else:
             model, tok = self.policy.load()
-            seqs = self_generated(model.eval(), tok, generated_prompts(n, self.seed), self.max_new_tokens)
+            seqs = self_generated(model.eval(), tok, prompts, self.max_new_tokens)
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(seqs, path)
         ids, valid = pad_right(seqs)

@@ -28,7 +28,7 @@ from torchmetrics import Metric
 from speculative.draft import Draft, feature_layers, target_features
 from speculative.tree import DraftStep, DraftTree, greedy_path_kept, grow_tree, longest_accepted
 
-__all__ = ["AcceptanceLength", "SpeculativeDecoder", "DecodeStats", "greedy_decode", "draft_step", "choose"]
+__all__ = ["AcceptanceLength", "SpeculativeDecoder", "DecodeStats", "greedy_decode", "draft_step", "draft_tree", "choose"]
 
 
 class AcceptanceLength(Metric):
@@ -64,7 +64,9 @@ def choose(logits: Tensor, temperature: float, generator: torch.Generator | None
 
 def draft_step(draft: Draft, ctx: tuple[Tensor, Tensor], ctx_mask: Tensor, root_pos: Tensor) -> DraftStep:
     """The draft forward over a frontier for :func:`grow_tree`: frontier nodes attend the allowed context keys
-    (ctx (Bt, H, C, d), ctx_mask (Bt, C) bool) and their tree ancestors; node positions root_pos (Bt,) + depth."""
+    (ctx (Bt, H, C, d), ctx_mask (Bt, C) bool) and their tree ancestors; node positions root_pos (Bt,) + depth.
+    Tokens are draft-vocabulary indices (``draft.d2t`` maps them to the target's); log-probs are over the draft
+    vocabulary (the same values as over the target's, where the rest is -inf, at Vd/V of the cost)."""
     store: list[tuple[Tensor, Tensor]] = []
 
     def step(tokens: Tensor, features: Tensor, depth: int, ancestors: Tensor) -> tuple[Tensor, Tensor]:
@@ -72,11 +74,24 @@ def draft_step(draft: Draft, ctx: tuple[Tensor, Tensor], ctx_mask: Tensor, root_
         past_k = torch.cat([ctx[0]] + [s[0] for s in store], 2)
         past_v = torch.cat([ctx[1]] + [s[1] for s in store], 2)
         mask = torch.cat([ctx_mask[:, None].expand(Bt, k, ctx_mask.shape[1]), ancestors], -1)  # (Bt, k, C + F)
-        g, kk, vv = draft.layer(tokens, features, (root_pos[:, None] + depth).expand(Bt, k), (past_k, past_v), mask)
+        g, kk, vv = draft.layer(draft.d2t[tokens], features, (root_pos[:, None] + depth).expand(Bt, k),
+                                (past_k, past_v), mask)
         store.append((kk, vv))
-        return g, draft.logits(g).float().log_softmax(-1)
+        return g, draft.draft_logits(g).float().log_softmax(-1)
 
     return step
+
+
+def draft_tree(draft: Draft, ctx: tuple[Tensor, Tensor], ctx_mask: Tensor, root_pos: Tensor, root_hidden: Tensor,
+               *, top_k: int, depth: int, total_tokens: int) -> DraftTree:
+    """The draft's dynamic tree below roots at ``root_pos`` (Bt,) with output hidden states root_hidden (Bt, h):
+    grown over the draft vocabulary, returned with target token ids (root token -1: the caller's)."""
+    step = draft_step(draft, ctx, ctx_mask, root_pos)
+    root_logq = draft.draft_logits(root_hidden).float().log_softmax(-1)  # (Bt, Vd)
+    tree = grow_tree(step, root_logq, root_hidden, top_k=top_k, depth=depth, total_tokens=total_tokens)
+    tree.tokens[:, 1:] = draft.d2t[tree.tokens[:, 1:]]
+    tree.greedy = torch.where(tree.greedy >= 0, draft.d2t[tree.greedy.clamp(min=0)], tree.greedy)
+    return tree
 
 
 def _keep_rows(cache, prefix: int, rows: Tensor) -> None:
@@ -137,10 +152,8 @@ class SpeculativeDecoder:
         root_hidden, root_pos = g[:, -1], torch.tensor([P - 1], device=dev)
         n_out = 1
         while n_out < max_new_tokens and not (eos_token_id is not None and bool((out[-1] == eos_token_id).any())):
-            step = draft_step(self.draft, ctx, torch.ones(1, ctx[0].shape[2], dtype=torch.bool, device=dev), root_pos)
-            root_logq = self.draft.logits(root_hidden).float().log_softmax(-1)  # (1, V)
-            tree = grow_tree(step, root_logq, root_hidden, top_k=self.top_k, depth=self.depth,
-                             total_tokens=self.total_tokens)
+            tree = draft_tree(self.draft, ctx, torch.ones(1, ctx[0].shape[2], dtype=torch.bool, device=dev), root_pos,
+                              root_hidden, top_k=self.top_k, depth=self.depth, total_tokens=self.total_tokens)
             tree.tokens[:, 0] = pending
             feats, logits = self.verify(tree, cache, P)
             stats.target_calls += 1

@@ -190,14 +190,20 @@ def ttt_unroll(draft: Draft, target_feats: Tensor, input_ids: Tensor, steps: int
 
 
 def ttt_loss(draft: Draft, target_feats: Tensor, target_logits: Tensor, input_ids: Tensor, valid: Tensor,
-             steps: int, decay: float = TTT_DECAY) -> tuple[Tensor, Tensor]:
+             steps: int, decay: float = TTT_DECAY, in_vocab: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """EAGLE-3 token-level loss ``Σ_k γ^k CE(p_T, q^{(k)})`` (forward KL to the target's full distribution).
 
     Shapes: target_feats (B, S, 3h), target_logits (B, S, V), input_ids (B, S), valid (B, S) bool (real tokens;
     right padding) -> loss (), top-1 agreement of step 0 with the target argmax ().
+    With a reduced draft vocabulary the logits may come already restricted, (B, S, Vd) in ``d2t`` order (cached
+    target outputs are Vd/V the size), with in_vocab (B, S) bool: the target's full argmax lies in the subset.
     """
     if input_ids.shape[1] < 2:
         raise ValueError(f"input_ids must have at least 2 tokens per sequence, got shape {tuple(input_ids.shape)}")
+    restricted = not draft.full_vocab and target_logits.shape[-1] == len(draft.d2t) != draft.vocab_size
+    if restricted and (in_vocab is None or in_vocab.shape != input_ids.shape):
+        raise ValueError(f"target_logits restricted to the draft vocabulary ({len(draft.d2t)}) need in_vocab of shape "
+                         f"{tuple(input_ids.shape)}, got {None if in_vocab is None else tuple(in_vocab.shape)}")
     B, S = input_ids.shape
     L = S - 1
     outs = ttt_unroll(draft, target_feats, input_ids, steps)
@@ -209,9 +215,11 @@ def ttt_loss(draft: Draft, target_feats: Tensor, target_logits: Tensor, input_id
             break
         z = target_logits[:, 1 + k : 1 + k + n]  # (B, n, V)
         m = valid[:, 1 + k : 1 + k + n] & valid[:, :n]  # (B, n) both ends real
-        if not draft.full_vocab:  # EAGLE-3: the target restricted to the draft vocabulary; skip argmax outside it
-            in_vocab = torch.zeros(z.shape[-1], dtype=torch.bool, device=z.device).index_fill_(0, draft.d2t, True)
-            m = m & in_vocab[z.argmax(-1)]
+        if restricted:
+            m = m & in_vocab[:, 1 + k : 1 + k + n]
+        elif not draft.full_vocab:  # EAGLE-3: the target restricted to the draft vocabulary; skip argmax outside it
+            member = torch.zeros(z.shape[-1], dtype=torch.bool, device=z.device).index_fill_(0, draft.d2t, True)
+            m = m & member[z.argmax(-1)]
             z = z[..., draft.d2t]  # (B, n, Vd)
         p = z.float().softmax(-1)
         logq = draft.draft_logits(g[:, :n]).float().log_softmax(-1)  # (B, n, Vd)

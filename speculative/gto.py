@@ -26,9 +26,9 @@ from torch import Tensor, nn
 
 from common.advantages.group import grpo
 from common.losses.ppo_clip import clipped_surrogate
-from speculative.decode import draft_step
+from speculative.decode import draft_tree
 from speculative.draft import Draft
-from speculative.tree import DraftTree, grow_tree, longest_accepted
+from speculative.tree import DraftTree, longest_accepted
 
 __all__ = ["branch_lengths", "tree_reward", "gto_advantages", "gto_surrogate", "group_roots", "prefix_trees",
            "verify_prefix_trees", "path_logprob"]
@@ -116,9 +116,8 @@ def prefix_trees(draft: Draft, ctx: tuple[Tensor, Tensor], g0: Tensor, input_ids
     keys, values = ctx[0][seq], ctx[1][seq]  # (Bt, H, S-1, d)
     ctx_mask = torch.arange(keys.shape[2], device=roots.device)[None] <= roots[:, None]  # (Bt, S-1)
     root_hidden = g0[seq, roots]  # (Bt, h)
-    step = draft_step(draft, (keys, values), ctx_mask, roots)
-    tree = grow_tree(step, draft.logits(root_hidden).float().log_softmax(-1), root_hidden,
-                     top_k=top_k, depth=depth, total_tokens=total_tokens)
+    tree = draft_tree(draft, (keys, values), ctx_mask, roots, root_hidden, top_k=top_k, depth=depth,
+                      total_tokens=total_tokens)
     tree.tokens[:, 0] = input_ids[seq, roots + 1]
     return tree
 

@@ -97,5 +97,13 @@ def test_reduced_draft_vocabulary():
              for t in range(4) if int(logits[0, t + 1].argmax()) in d2t.tolist()]  # argmax outside: skipped
     expected = sum(terms) / max(len(terms), 1)
     assert loss.item() == pytest.approx(float(expected), rel=1e-6)
+    # cached target outputs: logits already restricted to d2t + where the full argmax lies in it -> the same loss
+    in_vocab = torch.isin(logits.argmax(-1), d2t)  # (1, 6)
+    with torch.no_grad():
+        loss_r, _ = ttt_loss(draft, feats, logits[..., d2t], ids, torch.ones_like(ids, dtype=torch.bool), steps=1,
+                             in_vocab=in_vocab)
+    assert loss_r.item() == pytest.approx(float(expected), rel=1e-6)
+    with pytest.raises(ValueError, match="need in_vocab"):
+        ttt_loss(draft, feats, logits[..., d2t], ids, torch.ones_like(ids, dtype=torch.bool), steps=1)
     with pytest.raises(ValueError, match="draft_vocab must be"):
         Draft.from_target(target, draft_vocab=torch.tensor([0, 11]))
