@@ -112,7 +112,7 @@ def train_draft(target, seqs: list[torch.Tensor], minutes: float, vocab: int, tt
         if step % 100 == 0:
             with torch.no_grad():
                 val_loss, val_acc = loss_on(torch.arange(n_train, len(ids)))
-            print(f"draft step {step}: loss {float(loss):.3f}, top-1 agreement {float(acc):.3f}; held-out loss "
+            print(f"draft step {step}: loss {float(loss.detach()):.3f}, top-1 agreement {float(acc):.3f}; held-out loss "
                   f"{float(val_loss):.3f}, agreement {float(val_acc):.3f} ({time.time() - t0:.0f} s)", flush=True)
     save_draft(draft, path)
     return draft
@@ -162,6 +162,7 @@ def main() -> None:
     tokens = {t: 0 for t in TREES}
     same = {t: 0 for t in TREES}  # prompts whose speculative output equals greedy's
     prefix = {t: 0 for t in TREES}  # tokens before the first difference
+    gaps: list[float] = []  # the target's top-2 logit gap at each first difference
     decoders = {t: SpeculativeDecoder(target, draft, *t) for t in TREES}
     load_before = os.getloadavg()[0]
     for p in eval_prompts:
@@ -180,6 +181,11 @@ def main() -> None:
             diff = (out[0, :m] != ref[0, :m]).nonzero()
             same[t] += int(torch.equal(out, ref))
             prefix[t] += int(diff[0, 0]) if len(diff) else m
+            if len(diff):  # the target's top-2 logit gap where the two parted (one forward over prompt + shared part)
+                with torch.no_grad():
+                    z = target(input_ids=torch.cat([ids, ref[:, : int(diff[0, 0])]], 1)).logits[0, -1].float()
+                top2 = z.topk(2).values
+                gaps.append(float(top2[0] - top2[1]))
             stats[t].accepted += st.accepted
             stats[t].target_calls += st.target_calls
             tokens[t] += out.shape[1]
@@ -198,7 +204,9 @@ def main() -> None:
              "At bfloat16 the tree forward (N+1 tokens) and greedy's one-token forward round differently, so the "
              "two can part at a near-tie of the target's logits: the last two columns count the prompts decoded "
              "identically and the share of tokens before the first difference (each decoder is exact against its own "
-             "forward; the float32 run checks token identity).")
+             "forward; the float32 run checks token identity). "
+             + (f"Where they parted, the target's top-2 logit gap was {min(gaps):.3f}-{max(gaps):.3f} "
+                f"({len(gaps)} cases; a bfloat16 logit near 20 is rounded to multiples of 0.125)." if gaps else ""))
     body = (f"Bundled SmolLM2-135M-Instruct ({args.dtype}), batch 1, T = 0, {len(eval_prompts)} held-out generated "
             f"prompts x up to {n} new tokens (stopping at EOS). Draft: EAGLE-3 head (one decoder layer, draft "
             f"vocabulary of {len(draft.d2t)} tokens), trained {args.train_minutes:g} min of wall clock with the TTT loss "

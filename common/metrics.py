@@ -1,6 +1,5 @@
-"""Evaluation metrics over groups of sampled answers (torchmetrics, summed across processes).
-
-`P` prompts, `n` samples per prompt.
+"""Evaluation metrics (torchmetrics, summed across processes): pass@k and maj@k over groups of sampled answers
+(`P` prompts, `n` samples per prompt), and speculative decoding's mean acceptance length τ.
 """
 
 from __future__ import annotations
@@ -96,3 +95,25 @@ class MajorityAtK(Metric):
 
     def compute(self) -> Tensor:
         return self.correct.double() / self.count
+
+
+class AcceptanceLength(Metric):
+    """Mean acceptance length τ: tokens committed per verification cycle (accepted drafted tokens + 1).
+    ``update(accepted)`` with accepted (C,) the drafted tokens accepted in C cycles."""
+
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("tokens", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("cycles", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, accepted: Tensor) -> None:
+        if accepted.dim() != 1 or bool((accepted < 0).any()):
+            raise ValueError(f"accepted must be a (C,) tensor of non-negative counts, got shape {tuple(accepted.shape)}")
+        self.tokens += (accepted + 1).sum().double()
+        self.cycles += accepted.numel()
+
+    def compute(self) -> Tensor:
+        return self.tokens / self.cycles.clamp(min=1)

@@ -23,34 +23,11 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torchmetrics import Metric
 
 from speculative.draft import Draft, feature_layers, target_features
 from speculative.tree import DraftStep, DraftTree, greedy_path_kept, grow_tree, longest_accepted
 
-__all__ = ["AcceptanceLength", "SpeculativeDecoder", "DecodeStats", "greedy_decode", "draft_step", "draft_tree", "choose"]
-
-
-class AcceptanceLength(Metric):
-    """Mean acceptance length τ: tokens committed per verification cycle (accepted drafted tokens + 1).
-    ``update(accepted)`` with accepted (C,) the drafted tokens accepted in C cycles."""
-
-    higher_is_better = True
-    full_state_update = False
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.add_state("tokens", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("cycles", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, accepted: Tensor) -> None:
-        if accepted.dim() != 1 or bool((accepted < 0).any()):
-            raise ValueError(f"accepted must be a (C,) tensor of non-negative counts, got shape {tuple(accepted.shape)}")
-        self.tokens += (accepted + 1).sum().double()
-        self.cycles += accepted.numel()
-
-    def compute(self) -> Tensor:
-        return self.tokens / self.cycles.clamp(min=1)
+__all__ = ["SpeculativeDecoder", "DecodeStats", "greedy_decode", "draft_step", "draft_tree", "choose"]
 
 
 def choose(logits: Tensor, temperature: float, generator: torch.Generator | None = None) -> Tensor:

@@ -17,9 +17,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from common.metrics import AcceptanceLength
 from common.models import PolicySource
 from common.module import PolicyOptimizationModule
-from speculative.decode import AcceptanceLength, DecodeStats, SpeculativeDecoder
+from speculative.decode import DecodeStats, SpeculativeDecoder
 from speculative.draft import Draft, feature_layers, target_features, ttt_loss
 from speculative.gto import (accepted_branch, group_roots, gto_advantages, gto_surrogate, path_logprob,
                              prefix_trees, tree_reward, verify_prefix_trees)

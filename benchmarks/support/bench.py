@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 THREADS = 2
-RESULTS = Path(__file__).resolve().parent.parent / "results"
+# ADVLAB_BENCH_RESULTS redirects the reports (the tests run benchmarks into a temporary folder)
+RESULTS = Path(os.environ.get("ADVLAB_BENCH_RESULTS") or Path(__file__).resolve().parent.parent / "results")
 
 
 def setup_threads(n: int = THREADS) -> None:

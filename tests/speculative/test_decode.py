@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from speculative.decode import AcceptanceLength, DecodeStats, SpeculativeDecoder, greedy_decode
+from common.metrics import AcceptanceLength
+from speculative.decode import DecodeStats, SpeculativeDecoder, greedy_decode
 from speculative.draft import Draft
 
 
