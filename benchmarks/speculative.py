@@ -35,17 +35,12 @@ import torch  # noqa: E402
 
 from bench import alternate, median, setup_threads, table, write_result  # noqa: E402
 from common.models import BundledSmolLM2, cache_dir  # noqa: E402
-from speculative.data import generated_prompts, pad_right, self_generated  # noqa: E402
+from speculative.data import chat_ids, generated_prompts, pad_right, self_generated  # noqa: E402
 from speculative.decode import DecodeStats, SpeculativeDecoder, greedy_decode  # noqa: E402
 from speculative.draft import Draft, feature_layers, target_features, ttt_loss  # noqa: E402
 from speculative.module import load_draft, save_draft  # noqa: E402
 
 TREES = [(4, 3, 12), (6, 4, 16), (8, 5, 24)]  # (top_k, depth, total_tokens); EAGLE-3 on a GPU: (10, 7, 60)
-
-
-def chat_ids(tok, prompt: str) -> torch.Tensor:
-    return tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                   return_tensors="pt", return_dict=True)["input_ids"]
 
 
 def responses(target, tok, prompts: list[str], max_new_tokens: int, folder: Path) -> list[torch.Tensor]:

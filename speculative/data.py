@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from common.models import BundledSmolLM2, PolicySource, cache_dir
 
-__all__ = ["MarkovSource", "MarkovTarget", "MarkovCorpus", "SelfGeneratedResponses", "generated_prompts"]
+__all__ = ["MarkovSource", "MarkovTarget", "MarkovCorpus", "SelfGeneratedResponses", "generated_prompts", "chat_ids",
+           "self_generated"]
 
 
 class MarkovSource:
@@ -191,6 +192,12 @@ def generated_prompts(n: int, seed: int = 0) -> list[str]:
     return [pool[order[i % len(pool)]] for i in range(n)]
 
 
+def chat_ids(tokenizer, prompt: str) -> Tensor:
+    """A user turn through the tokenizer's chat template, ready for the assistant's reply. -> (1, P) long."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                         return_tensors="pt", return_dict=True)["input_ids"]
+
+
 def self_generated(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 1) -> list[Tensor]:
     """Chat-formatted prompt + the target's own greedy response, one 1-D token tensor per prompt.
 
@@ -202,8 +209,7 @@ def self_generated(model, tokenizer, prompts: list[str], max_new_tokens: int, ba
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    chats = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                           return_tensors="pt", return_dict=True)["input_ids"][0] for p in prompts]
+    chats = [chat_ids(tokenizer, p)[0] for p in prompts]
     eos = tokenizer.eos_token_id
     out = []
     for i in range(0, len(chats), batch_size):

@@ -6,7 +6,6 @@ import torch
 from torch import Tensor, nn
 
 from common.batch import RolloutBatch
-from common.losses.logprobs import selective_log_softmax
 from common.rollout.base import Sampling
 from common.rollout.temperature import AdaptiveTemperature
 
@@ -40,6 +39,30 @@ def _stop_string_lengths(tokenizer, completion_ids: Tensor, mask: Tensor, stops:
             lo, hi = (lo, mid) if hit(mid) else (mid + 1, hi)
         lengths[i] = lo
     return lengths
+
+
+class BehaviourLogProbs:
+    """A transformers logits processor that records log π(x_t) of every sampled token at ``temperature`` while
+    ``generate`` runs. It keeps one step's log-probs (B, V) instead of every step's logits (B, T, V) (12.9 GB in
+    float32 for 512 rows x 128 tokens of a 49 k vocabulary): at step t the last input token is step t-1's sample.
+    transformers applies custom processors before its own temperature / top-k / top-p warpers, so it sees the
+    model's logits (as ``output_logits`` would) when it is the first custom processor."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.last: Tensor | None = None  # (B, V) log-probs of the latest step
+        self.steps: list[Tensor] = []  # (B, 1) per finished step
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if self.last is not None:
+            self.steps.append(self.last.gather(1, input_ids[:, -1:]))
+        self.last = (scores.float() / self.temperature).log_softmax(-1)
+        return scores
+
+    def result(self, completion_ids: Tensor) -> Tensor:
+        """Log-probs of the T generated tokens (the last step's sample read from completion_ids (B, T)) -> (B, T)."""
+        last = [] if self.last is None else [self.last.gather(1, completion_ids[:, -1:])]
+        return torch.cat(self.steps + last, 1)
 
 
 class HFBackend(nn.Module):
@@ -93,16 +116,18 @@ class HFBackend(nn.Module):
             input_ids=prompt_ids.repeat_interleave(num_samples, 0),  # (P·G, L): row p·G + j is sample j of prompt p
             attention_mask=prompt_mask.long().repeat_interleave(num_samples, 0), max_new_tokens=sampling.max_new_tokens,
             pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids.tolist(),
-            return_dict_in_generate=True, output_logits=sampling.logprobs, use_cache=True,
+            return_dict_in_generate=True, use_cache=True,
         )
+        recorder = BehaviourLogProbs(1.0 if greedy else sampling.temperature) if sampling.logprobs else None
+        processors = [p for p in (recorder, None if greedy else self.adaptive_temperature) if p is not None]
         if greedy:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:
             kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None)
         if sampling.stop_strings:
             kwargs.update(stop_strings=list(sampling.stop_strings), tokenizer=tokenizer)
-        if self.adaptive_temperature is not None and not greedy:
-            kwargs.update(logits_processor=[self.adaptive_temperature])
+        if processors:
+            kwargs.update(logits_processor=processors)
         was_training = policy.training
         policy.eval()
         if self.share_prefill and num_samples > 1 and prompt_ids.shape[1] > 1:
@@ -120,10 +145,8 @@ class HFBackend(nn.Module):
             mask = mask & (pos[None, :] < stop_len[:, None]).to(mask.device)
             ended = ended | stopped.to(ended.device)
         behaviour = None
-        if sampling.logprobs:
-            logits = torch.stack(out.logits, dim=1)  # (B, T, V) raw logits of each step
-            temperature = 1.0 if greedy else sampling.temperature
-            behaviour = selective_log_softmax(logits, completion_ids, temperature=temperature).masked_fill(~mask, 0.0)
+        if recorder is not None:
+            behaviour = recorder.result(completion_ids).masked_fill(~mask, 0.0)  # (B, T)
         completion_ids = completion_ids.masked_fill(~mask, tokenizer.pad_token_id)
         texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
         P = prompt_ids.shape[0]
