@@ -18,15 +18,6 @@ from retrieval.rewards import RankingNDCG, SlateCoverage, coverage, format_answe
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is faster than two fighting over a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tok():
     return load_tokenizer(bundled_smollm2_path())

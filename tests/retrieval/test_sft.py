@@ -9,15 +9,6 @@ from retrieval.sft import sft_batch, sft_warm_start, teacher_answer
 from retrieval.tasks import catalogue, recommendation
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is faster than two fighting over a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.slow
 def test_teacher_answer_and_labels_and_a_tiny_model_learns_the_format():
     sample = recommendation(1, seed=0, cat=catalogue(50, seed=0), pool_size=8, num_hard=2, max_slate=4, rank_k=2)[0]  # a short prompt
