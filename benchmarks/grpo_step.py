@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -41,16 +40,12 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "2")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
+from bench import (  # noqa: E402  (before torch: threads, repo root)
+    machine_header, mark, setup_threads, table, write_result,
+)
 
 import torch  # noqa: E402
-
-from support.bench import machine_header, mark, setup_threads, table, write_result  # noqa: E402
 
 SEED = 0
 PROMPTS, G, MAX_NEW, LR, MICRO = 4, 8, 32, 1e-5, 16

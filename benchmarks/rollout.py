@@ -24,16 +24,12 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "2")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
+from bench import (  # noqa: E402  (before torch: threads, repo root)
+    alternate, machine_header, median, setup_threads, table, write_result,
+)
 
 import torch  # noqa: E402
-
-from support.bench import alternate, machine_header, median, setup_threads, table, write_result  # noqa: E402
 
 SEED = 0
 

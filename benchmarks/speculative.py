@@ -30,10 +30,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import torch  # noqa: E402
+from bench import alternate, median, setup_threads, table, write_result  # noqa: E402  (before torch: threads, repo root)
 
-from bench import alternate, median, setup_threads, table, write_result  # noqa: E402
+import torch  # noqa: E402
 from common.models import BundledSmolLM2, cache_dir  # noqa: E402
 from speculative.data import chat_ids, generated_prompts, pad_right, self_generated  # noqa: E402
 from speculative.decode import DecodeStats, SpeculativeDecoder, greedy_decode  # noqa: E402

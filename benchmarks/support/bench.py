@@ -12,11 +12,20 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
+# Every benchmark imports this module before torch: thread and tokenizer settings take effect, and the repository
+# root is importable (common/, speculative/, ...).
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
 
 THREADS = 2
 # ADVLAB_BENCH_RESULTS redirects the reports (the tests run benchmarks into a temporary folder)
