@@ -112,6 +112,22 @@ def train_draft(target, seqs: list[torch.Tensor], minutes: float, vocab: int, tt
     return draft
 
 
+@torch.no_grad()
+def forward_cost(target, prompt: torch.Tensor, n: int, reps: int = 7) -> float:
+    """Median seconds of one target forward over ``n`` new tokens after a cached prompt (the verify step's shape;
+    n = 1 is greedy decoding's step). A fresh cache per repetition; only the n-token forward is timed."""
+    from transformers import DynamicCache
+
+    times = []
+    for _ in range(reps):
+        cache = DynamicCache(config=target.config)
+        target(input_ids=prompt, past_key_values=cache, use_cache=True)
+        t0 = time.perf_counter()
+        target(input_ids=prompt[:, -1:].expand(1, n), past_key_values=cache, use_cache=True)
+        times.append(time.perf_counter() - t0)
+    return median(times)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -185,13 +201,15 @@ def main() -> None:
             tokens[t] += out.shape[1]
             spec_t[t].append(times[t][0] / out.shape[1])
     g = median(greedy_t)
+    one = forward_cost(target, chat_ids(tok, eval_prompts[0]), 1)
     rows = []
     for t in TREES:
+        cost = forward_cost(target, chat_ids(tok, eval_prompts[0]), t[2] + 1) / one
         ratios = [a / b for a, b in zip(greedy_t, spec_t[t])]
         rows.append([f"top-k {t[0]}, depth {t[1]}, {t[2]} tokens", f"{stats[t].tau:.2f}",
                      f"{stats[t].target_calls / tokens[t]:.3f}", f"{median(spec_t[t]) * 1e3:.1f} ms",
                      f"{g * 1e3:.1f} ms", f"{median(ratios):.2f}x", f"{same[t]}/{len(eval_prompts)}",
-                     f"{prefix[t] / tokens[t]:.2f}"])
+                     f"{prefix[t] / tokens[t]:.2f}", f"{cost:.2f}x"])
     best = max(rows, key=lambda r: float(r[5][:-1]))
     exact = ("At float32 speculative decoding must reproduce greedy token for token (decode.py is lossless; "
              "tests/speculative check it exactly)." if args.dtype == "float32" else
@@ -207,7 +225,8 @@ def main() -> None:
             f"(n = {args.ttt_steps}) on the target's greedy responses (up to {args.train_new_tokens} tokens) to "
             f"{len(train_prompts)} other generated prompts. Load average at the start: {load_before:.2f}.\n\n"
             + table(["tree", "τ (tokens / cycle)", "target forwards / token", "spec ms / token", "greedy ms / token",
-                     "speedup (median over prompts)", "identical to greedy", "identical prefix"], rows)
+                     "speedup (median over prompts)", "identical to greedy", "identical prefix",
+                     "target forward over the tree / one token"], rows)
             + f"\nBest: {best[0]}: τ {best[1]}, {best[2]} forwards per token, {best[5]} wall clock.\n"
             + "Target (issue 8): speedup >= 1.5x, τ >= 2.5. " + exact + "\n\n"
             + f"    .venv/bin/python benchmarks/speculative.py --dtype {args.dtype}\n")
