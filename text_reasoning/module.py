@@ -1,8 +1,9 @@
 """GRPO-family training for math and logic reasoning with a causal LM and its chat template.
 
-The update loop is the shared one (common/module.py); this module only says how prompts become token ids
-(chat template, left padding), which completions count as correct, and how validation is scored: greedy
-accuracy on held-out problems and, optionally, unbiased pass@k from sampled completions.
+The update loop is the shared one (common/loop.py) and the policy is ``common.policies.causal_lm.CausalLMPolicy``;
+this module only builds that policy from its arguments, says which completions count as correct, and scores
+validation: greedy accuracy on held-out problems and, optionally, unbiased pass@k from sampled completions.
+Methods (T-PPO's critic, SDPO's teacher, ADHint's hints, ...) are parts listed in ``methods``.
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ from torchmetrics import MeanMetric
 
 from common.batch import RolloutBatch
 from common.metrics import PassAtK
+from common.models import LoRA, PolicySource, TinyLlama
 from common.module import PolicyOptimizationModule
+from common.policies.causal_lm import CausalLMPolicy
 from common.rewards.base import RewardFunction
+from common.rollout.base import RolloutBackend, Sampling
 from text_reasoning.rewards import TaskReward
 
 
@@ -24,62 +28,56 @@ class TextReasoningModule(PolicyOptimizationModule):
     """Reasoning tasks (arithmetic, countdown, logic, GSM8K/MATH files) with a chat-tuned causal LM.
 
     Args:
+        policy: where the weights come from (``common.models.BundledSmolLM2``, ``Pretrained``, ``TinyLlama``).
+        sampling: sampling options for training rollouts.
+        rollout_backend: generation backend (default HF ``generate``; ``common.rollout.vllm.VLLMBackend``).
+        lora: LoRA adapters (None = full fine-tuning; the reference is then the adapter switched off).
+        share_prompt: run each group's prompt once in the update (exact; about G times fewer prompt tokens).
+        logprob_chunk_size: rows per chunk of the chunked log-softmax.
         verifier: decides correctness (accuracy, pass@k); default the task's answer check. If ``rewards`` is
             empty the verifier is also the training reward.
         system_prompt: optional system message placed before every problem.
         instruction: text appended to every problem (e.g. "Put the final answer in \\boxed{}.").
         val_pass_k: k of the validation pass@k, from k sampled completions per problem (0 = off).
-        **kwargs: everything of :class:`common.module.PolicyOptimizationModule`.
+        **kwargs: everything of :class:`common.module.PolicyOptimizationModule` but ``policy``.
     """
+
+    provides = ("correct",)
 
     def __init__(
         self,
-        *args: Any,
+        policy: PolicySource | None = None,
+        sampling: Sampling | None = None,
+        rollout_backend: RolloutBackend | None = None,
+        lora: LoRA | None = None,
+        share_prompt: bool = True,
+        logprob_chunk_size: int = 1024,
         verifier: RewardFunction | None = None,
         system_prompt: str | None = None,
         instruction: str = "",
         val_pass_k: int = 0,
         **kwargs: Any,
     ):
-        super().__init__(*args, **kwargs)
-        self.verifier = verifier if verifier is not None else TaskReward()
-        if not self.reward_fns:
-            self.reward_fns = [self.verifier]
-            self.reward_weights = torch.ones(1)
-        self.system_prompt, self.instruction, self.val_pass_k = system_prompt, instruction, val_pass_k
+        lm = CausalLMPolicy(policy if policy is not None else TinyLlama(), sampling, rollout_backend, lora,
+                            system_prompt, instruction, share_prompt, logprob_chunk_size)
+        verifier = verifier if verifier is not None else TaskReward()
+        if not kwargs.get("rewards"):
+            kwargs["rewards"] = [verifier]
+        super().__init__(lm, **kwargs)
+        self.verifier = verifier
+        self.val_pass_k = val_pass_k
         self.val_accuracy = MeanMetric()
         self.val_pass = PassAtK(val_pass_k) if val_pass_k > 0 else None
         self.val_history: list[tuple[int, float, int]] = []  # (global step, greedy accuracy, problems)
 
-    def encode_prompts(self, samples: Sequence[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Chat-template and left-pad prompts. Shapes: -> ids (P, L) long, mask (P, L) bool."""
-        texts = []
-        for s in samples:
-            messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-            messages.append({"role": "user", "content": s["prompt"] + self.instruction})
-            texts.append(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        return enc["input_ids"].to(self.device), enc["attention_mask"].bool().to(self.device)
-
-    def rollout(self, prompts: Sequence[dict], *, greedy: bool = False, num_samples: int | None = None) -> RolloutBatch:
-        n = num_samples or (1 if greedy else self.group_size)
-        ids, mask = self.encode_prompts(prompts)
-        batch = self.backend.generate(self.policy, self.tokenizer, ids, mask, n, self.sampling, greedy=greedy)
-        samples = [dict(s) for s in prompts for _ in range(n)]
-        return batch.replace(samples=samples)
-
     def verify(self, rollouts: RolloutBatch) -> torch.Tensor:  # (B,) bool
         return torch.as_tensor(self.verifier(rollouts.completions, rollouts.samples), dtype=torch.float32).to(self.device) > 0.5
 
-    def score(self, rollouts: RolloutBatch) -> RolloutBatch:
-        rollouts = super().score(rollouts)
-        return rollouts.replace(correct=self.verify(rollouts))
-
     def validation_step(self, prompts: Sequence[dict], batch_idx: int) -> None:
-        greedy = self.rollout(prompts, greedy=True)
+        greedy = self.policy.rollout(prompts, 1, greedy=True)
         self.val_accuracy.update(self.verify(greedy).float())
         if self.val_pass is not None:
-            sampled = self.rollout(prompts, num_samples=self.val_pass_k)
+            sampled = self.policy.rollout(prompts, self.val_pass_k)
             self.val_pass.update(self.verify(sampled).view(len(prompts), self.val_pass_k))
 
     def on_validation_epoch_end(self) -> None:

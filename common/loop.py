@@ -1,0 +1,267 @@
+"""The one RL step: ``collect`` (steps 1-5) and ``update`` (step 6), as plain code over a Policy and method parts.
+
+Used by the Lightning module (common/module.py), by the reproductions' toy policies and by anything else that
+trains a policy: a ``Loop`` holds no model of its own kind, only the parts it was given.
+
+    1. rollout        policy.rollout(prompts, G)              (or a method's rollout)   -> RolloutBatch
+    2. score          score(batch)                            rewards (B,), components (B, K); methods' after_score
+    3. reference      policy(batch, reference=True)           if the loss or KL-in-reward needs it
+    4. advantages     advantage(batch)                        (B,) or (B, T), or (advantages, keep rows)
+    5. selection      selector(batch)                         filters, down-sampling, buffers; refill rounds (DAPO)
+    6. update         mu epochs x minibatches x micro-batches: policy forward -> loss (+ methods' terms)
+                      -> backward; one optimiser step per minibatch, skipped when non-finite
+
+Micro-batches are normalised by the whole minibatch (``Normaliser``), so the split never changes the gradient.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from common.advantages.base import AdvantageEstimator
+from common.batch import RolloutBatch, check_requirements
+from common.losses.aggregate import Normaliser
+from common.losses.base import LossOutput, PolicyLoss
+from common.losses.kl import kl_estimate
+from common.methods.base import Method
+from common.policies.base import Policy
+from common.sampling.base import Selector
+
+
+class Stepper:
+    """Backward, clip and step, skipping a step whose loss or gradient is non-finite (weights are never updated
+    with NaN/inf); ``max_consecutive_skips`` skips in a row raise. The Lightning module passes its
+    ``manual_backward`` and ``clip_gradients``; plain code uses the defaults.
+
+    Args:
+        optimizer: the optimiser.
+        params: the parameters whose gradient norm is checked and clipped.
+        max_grad_norm: clip the global gradient norm to this (0 = off).
+        max_consecutive_skips: raise after this many skipped steps in a row.
+        backward: ``loss -> None`` (default ``loss.backward()``).
+        clip: ``() -> None`` clipping the gradients (default ``clip_grad_norm_`` of ``params``).
+        skipped, consecutive: () long tensors counting skips (a module's buffers, so they are checkpointed).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, params: Sequence[torch.nn.Parameter], *, max_grad_norm: float = 1.0,
+                 max_consecutive_skips: int = 3, backward: Callable[[Tensor], None] | None = None,
+                 clip: Callable[[], None] | None = None, skipped: Tensor | None = None, consecutive: Tensor | None = None):
+        self.optimizer, self.params = optimizer, list(params)
+        self.max_grad_norm, self.max_consecutive_skips = max_grad_norm, max_consecutive_skips
+        self.backward = backward if backward is not None else (lambda loss: loss.backward())
+        self.clip = clip if clip is not None else (lambda: torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
+        self.skipped = skipped if skipped is not None else torch.zeros((), dtype=torch.long)
+        self.consecutive = consecutive if consecutive is not None else torch.zeros((), dtype=torch.long)
+
+    def step(self, loss: Tensor) -> Tensor:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        if bool(torch.isfinite(grad_norm) & torch.isfinite(loss)):  # ok: one sync per optimiser step
+            if self.max_grad_norm > 0:
+                self.clip()
+            self.optimizer.step()
+            self.consecutive.zero_()
+        else:
+            self.skipped += 1
+            self.consecutive += 1
+            if int(self.consecutive) >= self.max_consecutive_skips:
+                raise FloatingPointError(
+                    f"{int(self.consecutive)} optimiser steps in a row had a non-finite loss ({float(loss)}) or "
+                    f"gradient norm ({float(grad_norm)}); stopping. Lower lr, check rewards and the reference, or raise "
+                    "max_consecutive_skips."
+                )
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm.detach()
+
+    def empty_step(self) -> None:
+        """Nothing was selected: a step with no gradients changes no parameter but counts as a step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.step()
+
+
+@dataclass
+class Collected:
+    kept: RolloutBatch  # rows to train on
+    seen: RolloutBatch  # every row sampled this step (for logging)
+    rollout_s: float  # seconds spent sampling
+
+
+class Loop:
+    """Steps 1-6 over a policy and its parts (module docstring).
+
+    Args:
+        policy: the Policy being trained.
+        score: ``batch -> batch`` with ``rewards`` (B,) (and components) set: the domain's reward functions.
+        advantage: the estimator ``batch -> (B,) | (B, T) | (advantages, keep)``.
+        loss: the policy loss.
+        selector: optional step-5 selector.
+        methods: method parts, applied in order at every hook.
+        group_size: G, samples per prompt.
+        mu: epochs over each rollout batch.
+        minibatch_size: rows per optimiser step (None = the whole batch).
+        micro_batch_size: rows per forward/backward (None = the whole minibatch).
+        kl_in_reward: coefficient of the per-sequence KL (k1) subtracted from the reward.
+        max_generation_rounds: rounds of sampling while the selector wants more rows (DAPO's dynamic sampling).
+        provided: RolloutBatch fields the domain fills (with the policy's and the methods' ``provides``, checked
+            against every part's ``requires``).
+    """
+
+    def __init__(self, policy: Policy, score: Callable[[RolloutBatch], RolloutBatch], advantage: AdvantageEstimator,
+                 loss: PolicyLoss, selector: Selector | None = None, methods: Sequence[Method] = (), *, group_size: int = 8,
+                 mu: int = 1, minibatch_size: int | None = None, micro_batch_size: int | None = None,
+                 kl_in_reward: float = 0.0, max_generation_rounds: int = 1, provided: Sequence[str] = ()):
+        problems = []
+        if group_size < 1:
+            problems.append(f"group_size must be >= 1, got {group_size}")
+        if mu < 1:
+            problems.append(f"mu must be >= 1, got {mu}")
+        for name, v in (("minibatch_size", minibatch_size), ("micro_batch_size", micro_batch_size)):
+            if v is not None and v < 1:
+                problems.append(f"{name} must be a positive integer or None, got {v}")
+        if max_generation_rounds < 1:
+            problems.append(f"max_generation_rounds must be >= 1, got {max_generation_rounds}")
+        if sum(type(m).rollout is not Method.rollout for m in methods) > 1:
+            problems.append("at most one method may replace the rollout, got "
+                            f"{[type(m).__name__ for m in methods if type(m).rollout is not Method.rollout]}")
+        if problems:
+            raise ValueError("Loop: " + "; ".join(problems))
+        self.policy, self.score, self.advantage, self.loss, self.selector = policy, score, advantage, loss, selector
+        self.methods = list(methods)
+        self.group_size, self.mu = group_size, mu
+        self.minibatch_size, self.micro_batch_size = minibatch_size, micro_batch_size
+        self.kl_in_reward, self.max_generation_rounds = kl_in_reward, max_generation_rounds
+        self.needs_reference = loss.needs_reference or kl_in_reward > 0
+        if self.needs_reference:
+            policy.enable_reference()
+        self.needs_hidden = any(m.needs_hidden for m in self.methods)
+        self.needs_old = any(m.needs_old_logprobs for m in self.methods)
+        provides = [*policy.provides, *provided, *(f for m in self.methods for f in m.provides)]
+        check_requirements([advantage, loss, selector, *self.methods], provides)
+        for m in self.methods:
+            m.setup(self)
+
+    # ------------------------------------------------------------------ steps 1-5
+    def rollout(self, prompts: Any) -> RolloutBatch:
+        """Step 1 for training: a method's rollout if one replaces it, else G samples per prompt; then every
+        method's ``after_rollout``."""
+        batch = None
+        for m in self.methods:
+            batch = batch or m.rollout(self, prompts, self.group_size)
+        batch = batch if batch is not None else self.policy.rollout(prompts, self.group_size)
+        for m in self.methods:
+            batch = m.after_rollout(self, batch)
+        return batch
+
+    def collect(self, prompts: Any) -> Collected:
+        """Steps 1-5, refilled: while the selector wants more rows (DAPO's dynamic sampling), the step's prompts are
+        sampled again, up to ``max_generation_rounds`` times. Rows that arrive with rewards (offline records, tree
+        edges) are not scored again; rows that arrive with advantages are not estimated again."""
+        kept, seen, rollout_s = None, [], 0.0
+        for _ in range(self.max_generation_rounds):
+            start = time.perf_counter()
+            batch = self.rollout(prompts)  # 1
+            rollout_s += time.perf_counter() - start
+            if batch.rewards is None:
+                batch = self.score(batch)  # 2
+            for m in self.methods:
+                batch = m.after_score(self, batch)
+            batch = self.reference_logprobs(batch)  # 3
+            keep = None
+            if batch.advantages is None:  # 4
+                out = self.advantage(batch)
+                advantages, keep = out if isinstance(out, tuple) else (out, None)
+                batch = batch.replace(advantages=advantages)
+            seen.append(batch)
+            if keep is not None:  # e.g. MC-GRPO's pivot rows
+                batch = batch.select(keep)
+            if self.selector is not None:  # 5
+                batch = self.selector(batch)
+            kept = batch if kept is None else RolloutBatch.cat([kept, batch])
+            if self.selector is None or not self.selector.wants_more(kept):
+                break
+        if self.selector is not None:
+            kept = self.selector.finalize(kept)
+        return Collected(kept, RolloutBatch.cat(seen), rollout_s)
+
+    @torch.no_grad()
+    def logprobs(self, batch: RolloutBatch, *, reference: bool = False, epoch: int = 0) -> Tensor:
+        """log π (or π_ref) of the batch's actions, micro-batch by micro-batch, without gradient. -> (B, T)."""
+        size = self.micro_batch_size or batch.batch_size
+        return torch.cat([self.policy(micro, epoch=epoch, reference=reference).logprobs for micro in batch.split(size)])
+
+    def reference_logprobs(self, batch: RolloutBatch) -> RolloutBatch:
+        """Step 3: reference log-probs (if a KL term needs them) and KL-in-reward shaping."""
+        if not self.needs_reference:
+            return batch
+        batch = batch.replace(ref_logprobs=self.logprobs(batch, reference=True))
+        if self.kl_in_reward > 0:
+            kl = (kl_estimate(self.logprobs(batch), batch.ref_logprobs, "k1") * batch.completion_mask).sum(1)  # (B,)
+            batch = batch.replace(rewards=batch.rewards - self.kl_in_reward * kl)
+        return batch
+
+    def old_logprobs(self, batch: RolloutBatch) -> Tensor:
+        """log π_old before the update: (B, T), or (B, T, mu) for a policy whose log-probs depend on the epoch."""
+        if not self.policy.epoch_dependent:
+            return self.logprobs(batch)
+        return torch.stack([self.logprobs(batch, epoch=e) for e in range(self.mu)], dim=-1)
+
+    # ------------------------------------------------------------------ step 6
+    def update(self, batch: RolloutBatch, stepper: Stepper) -> dict[str, Tensor]:
+        """``mu`` epochs over minibatches; gradient accumulation over micro-batches with the loss normalised by the
+        whole minibatch. Old log-probs are computed only when the policy moves before a row is used (or a method
+        asks for them); with one optimiser step per rollout they equal the current log-probs detached."""
+        if batch.batch_size == 0:
+            stepper.empty_step()
+            return {"empty_steps": torch.ones(())}
+        B = batch.batch_size
+        mb_size = self.minibatch_size or B
+        if not (self.mu == 1 and mb_size >= B) or self.needs_old or self.policy.epoch_dependent:
+            batch = batch.replace(old_logprobs=self.old_logprobs(batch))
+        totals: dict[str, Tensor] = {}
+        steps, entropies = 0, []
+        for epoch in range(self.mu):
+            for mb in batch.split(mb_size):
+                norm = Normaliser.of(mb.loss_mask, self.policy.horizon)
+                mb_loss = 0.0
+                for micro in mb.split(self.micro_batch_size or mb.batch_size):
+                    out, entropy = self.micro_loss(micro, norm, epoch)
+                    stepper.backward(out.loss)
+                    mb_loss = mb_loss + out.loss.detach()
+                    for k, v in {"loss": out.loss.detach(), **out.metrics}.items():
+                        totals[k] = totals.get(k, 0.0) + v  # each is pre-divided by the minibatch normaliser
+                    if epoch == 0:
+                        entropies.append(entropy)
+                totals["grad_norm"] = totals.get("grad_norm", 0.0) + stepper.step(mb_loss)
+                steps += 1
+        self.policy.sync()
+        metrics = {k: v / steps for k, v in totals.items()}
+        batch = batch.replace(entropy=torch.cat(entropies))  # (B, T) under π_old, rows in rollout order
+        for m in self.methods:
+            metrics.update(m.after_update(self, batch))
+        return metrics
+
+    def micro_loss(self, micro: RolloutBatch, norm: Normaliser, epoch: int) -> tuple[LossOutput, Tensor]:
+        """One micro-batch: the policy forward, the loss (with the methods' inputs) and the methods' extra terms.
+        Returns the loss and the detached token entropies (B, T)."""
+        out = self.policy(micro, epoch=epoch, hidden=self.needs_hidden)
+        old = micro.old_logprobs
+        if old is not None and old.dim() == 3:
+            old = old[..., epoch]
+        inputs: dict[str, Any] = dict(logprobs=out.logprobs, old_logprobs=old if old is not None else out.logprobs.detach(),
+                                      advantages=micro.advantages, mask=micro.loss_mask, ref_logprobs=micro.ref_logprobs,
+                                      entropy=out.entropy, normaliser=norm, batch=micro)
+        for m in self.methods:
+            inputs.update(m.loss_inputs(self, micro, out, inputs))
+        result = self.loss(**inputs)
+        loss, metrics = result.loss, dict(result.metrics)
+        for m in self.methods:
+            extra = m.extra_loss(self, micro, out, norm)
+            if extra is not None:
+                loss, metrics = loss + extra.loss, {**metrics, **extra.metrics}
+        return LossOutput(loss, metrics), inputs["entropy"].detach()

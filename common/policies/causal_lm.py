@@ -1,0 +1,184 @@
+"""CausalLMPolicy: a Hugging Face causal LM as a Policy (chat-templated prompts in, token completions out).
+
+Everything the loop needs from a language model lives here: prompt encoding with the chat template (written once
+for every LM domain), generation through a backend (HF ``generate`` or vLLM), log-probs and entropies of the
+completion tokens by a chunked selective log-softmax (never a float32 ``(B, T, V)`` log-softmax), the shared-prompt
+key/value cache in the update, LoRA (the reference is the adapter switched off) and weight sync to the engine.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Sequence
+from contextlib import nullcontext
+
+import torch
+from torch import Tensor, nn
+
+from common.batch import RolloutBatch
+from common.losses.logprobs import token_logprobs
+from common.models import LoRA, PolicySource
+from common.policies.base import Policy, PolicyOutput
+from common.rollout.base import RolloutBackend, Sampling
+from common.rollout.hf import HFBackend
+
+
+class CausalLMPolicy(Policy):
+    """A causal LM with its tokenizer, sampled through ``backend``.
+
+    Args:
+        source: where the weights come from (``common.models.BundledSmolLM2``, ``Pretrained``, ``TinyLlama``).
+        sampling: sampling options of training rollouts; log-probs are computed at ``sampling.temperature``.
+        backend: generation backend (default HF ``generate``).
+        lora: LoRA adapters (None = full fine-tuning).
+        system_prompt: optional system message placed before every prompt.
+        instruction: text appended to every prompt (e.g. "Put the final answer in \\boxed{}.").
+        share_prompt: in the update, run each group's prompt once and expand its key/value cache to the group's
+            rows (exact; about G times fewer prompt tokens). False = one plain forward per row.
+        logprob_chunk_size: rows per chunk of the chunked log-softmax.
+    """
+
+    provides = ("prompt_ids", "prompt_mask", "truncated", "behaviour_logprobs")
+
+    def __init__(self, source: PolicySource, sampling: Sampling | None = None, backend: RolloutBackend | None = None,
+                 lora: LoRA | None = None, system_prompt: str | None = None, instruction: str = "",
+                 share_prompt: bool = True, logprob_chunk_size: int = 1024):
+        super().__init__()
+        self.source, self.lora = source, lora
+        self.sampling = sampling if sampling is not None else Sampling()
+        self.backend = backend if backend is not None else HFBackend()
+        self.system_prompt, self.instruction = system_prompt, instruction
+        self.share_prompt, self.logprob_chunk_size = share_prompt, logprob_chunk_size
+        self.model, self.tokenizer = source.load()
+        # Dropout stays off (eval mode) throughout: the ratio π/π_old must be exactly 1 on the first pass, and
+        # sampling, old and reference log-probs must see the same function.
+        self.model.eval()
+        if lora is not None:
+            self.model = lora.apply(self.model)
+        self.reference: nn.Module | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def horizon(self) -> int:  # T_max, the generation budget (Dr. GRPO's constant normaliser)
+        return self.sampling.max_new_tokens
+
+    # ------------------------------------------------------------------ rollout
+    def encode(self, samples: Sequence[dict], key: str = "prompt") -> tuple[Tensor, Tensor]:
+        """Chat-template and left-pad ``sample[key]`` (+ the instruction). Shapes: -> ids (P, L) long, mask (P, L) bool."""
+        enc = self.tokenizer(self.prompt_texts(samples, key), return_tensors="pt", padding=True, add_special_tokens=False)
+        return enc["input_ids"].to(self.device), enc["attention_mask"].bool().to(self.device)
+
+    def prompt_texts(self, samples: Sequence[dict], key: str = "prompt") -> list[str]:
+        """The chat-templated text of every sample's prompt, ending with the assistant's generation prompt."""
+        texts = []
+        for s in samples:
+            messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+            messages.append({"role": "user", "content": s[key] + self.instruction})
+            texts.append(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        return texts
+
+    def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, n: int, *, greedy: bool = False,
+                 max_new_tokens: int | None = None) -> RolloutBatch:
+        """``n`` completions of every (left-padded) token prompt, through the backend."""
+        sampling = self.sampling if max_new_tokens is None else dataclasses.replace(self.sampling, max_new_tokens=max_new_tokens)
+        return self.backend.generate(self.model, self.tokenizer, prompt_ids, prompt_mask, n, sampling, greedy=greedy)
+
+    def rollout(self, prompts: Sequence[dict], n: int, *, greedy: bool = False) -> RolloutBatch:
+        ids, mask = self.encode(prompts)
+        batch = self.generate(ids, mask, n, greedy=greedy)
+        return batch.replace(samples=[dict(s) for s in prompts for _ in range(n)])
+
+    def decode(self, completion_ids: Tensor, completion_mask: Tensor) -> list[str]:
+        return self.tokenizer.batch_decode(completion_ids.masked_fill(~completion_mask, self.tokenizer.pad_token_id),
+                                           skip_special_tokens=True)
+
+    # ------------------------------------------------------------------ log-probs
+    def enable_reference(self) -> None:
+        if self.lora is None and self.reference is None:
+            self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+
+    def weights(self, reference: bool = False):
+        """(model, context): the network to run, and the context it runs in (the adapter off for a LoRA reference)."""
+        if not reference:
+            return self.model, nullcontext()
+        if self.lora is not None:
+            return self.model, self.model.disable_adapter()
+        if self.reference is None:
+            raise RuntimeError("CausalLMPolicy: reference log-probs asked for before enable_reference()")
+        return self.reference, nullcontext()
+
+    def forward(self, batch: RolloutBatch, *, epoch: int = 0, reference: bool = False, hidden: bool = False) -> PolicyOutput:
+        """Log-probs and entropies of the completion tokens at the sampling temperature, with logits only at
+        completion positions. Shapes: -> (B, T), (B, T) float32, 0 off the mask; hidden (B, T, H) if asked for."""
+        model, context = self.weights(reference)
+        with context:
+            h = self.completion_hidden(model, batch)  # (B, T, H): hidden states that predict the completion tokens
+            m = batch.completion_mask  # (B, T)
+            head = model.get_output_embeddings()
+            lp, ent = token_logprobs(h[m], head.weight, batch.completion_ids[m], bias=head.bias,
+                                     temperature=self.sampling.temperature, chunk_size=self.logprob_chunk_size)  # (N,), (N,)
+        logprobs = torch.zeros(m.shape, device=lp.device, dtype=lp.dtype).masked_scatter(m, lp)
+        entropy = torch.zeros(m.shape, device=ent.device, dtype=ent.dtype).masked_scatter(m, ent)
+        return PolicyOutput(logprobs, entropy, h if hidden else None)
+
+    def full_logprobs(self, hidden: Tensor, reference: bool = False, teacher: nn.Module | None = None) -> Tensor:
+        """log π over the whole vocabulary from hidden states (N, H) -> (N, V) float32 (distillation losses)."""
+        model = teacher if teacher is not None else self.weights(reference)[0]
+        head = model.get_output_embeddings()
+        logits = torch.nn.functional.linear(hidden, head.weight, head.bias).float() / self.sampling.temperature
+        return torch.log_softmax(logits, dim=-1)
+
+    def completion_hidden(self, model: nn.Module, batch: RolloutBatch) -> Tensor:
+        """Last-layer hidden states at the positions that predict the completion tokens. Shapes: -> (B, T, H).
+
+        The G rows of a group share one prompt, so the prompt is run once per group and its key/value cache
+        is expanded to the group's rows (gradients flow through the expansion, so this is exact, not an
+        approximation); only the completion tokens are run per row. A batch whose group rows differ in their
+        prompts takes the plain path: one forward over prompt + completion for every row.
+        """
+        decoder = model.get_decoder()
+        P = batch.prompt_ids.shape[1]
+        attn = batch.attention_mask.long()  # (B, P + T)
+        position_ids = (attn.cumsum(1) - 1).clamp(min=0)  # as generate() builds them for left padding
+        groups, inverse = torch.unique(batch.group_ids, return_inverse=True)  # (U,), (B,)
+        first = torch.full_like(groups, batch.batch_size).scatter_reduce_(
+            0, inverse, torch.arange(batch.batch_size, device=inverse.device), reduce="amin")  # (U,) a row per group
+        shared = self.share_prompt and len(groups) < batch.batch_size and bool(
+            (batch.prompt_ids == batch.prompt_ids[first][inverse]).all())
+        if not shared:
+            hidden = decoder(input_ids=batch.input_ids, attention_mask=attn, position_ids=position_ids).last_hidden_state
+            return hidden[:, P - 1 : -1]
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        prompt = decoder(input_ids=batch.prompt_ids[first], attention_mask=attn[first, :P],
+                         position_ids=position_ids[first, :P], past_key_values=cache, use_cache=True)  # (U, P, H)
+        cache.batch_select_indices(inverse)  # (U, ...) -> (B, ...) rows of the shared prompt cache
+        completion = decoder(input_ids=batch.completion_ids, attention_mask=attn, position_ids=position_ids[:, P:],
+                             past_key_values=cache, use_cache=True).last_hidden_state  # (B, T, H)
+        last_prompt = prompt.last_hidden_state[inverse, -1:]  # (B, 1, H) predicts the first completion token
+        return torch.cat([last_prompt, completion[:, :-1]], dim=1)
+
+    # ------------------------------------------------------------------ engine
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def sync(self) -> None:
+        self.backend.sync_weights(self.model)
+
+    def sampler_logprobs(self, batch: RolloutBatch) -> Tensor:
+        score = getattr(self.backend, "score", None)
+        if score is None:  # the HF backend samples from these very weights
+            return self(batch).logprobs
+        return score(self.model, self.tokenizer, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
+                     batch.completion_mask)
+
+    def extra_repr(self) -> str:
+        return f"source={type(self.source).__name__}, lora={self.lora is not None}, backend={type(self.backend).__name__}"
+
+
+__all__ = ["CausalLMPolicy"]
