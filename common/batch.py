@@ -32,7 +32,8 @@ from torch import Tensor
 # right-padded along dim 1; every other field must have the same trailing shape in every batch.
 PROMPT_ALIGNED = frozenset({"prompt_ids", "prompt_mask", "teacher_prompt_ids", "teacher_prompt_mask"})
 TIME_ALIGNED = frozenset({"completion_ids", "completion_mask", "behaviour_logprobs", "old_logprobs", "ref_logprobs",
-                          "advantages", "values", "entropy", "token_turn", "env_mask"})
+                          "advantages", "values", "entropy", "token_turn", "env_mask", "segment_starts",
+                          "prefix_values"})
 # Fields every rollout has once the loop has run steps 1-4; components need not declare them.
 ALWAYS = frozenset({"completion_ids", "completion_mask", "group_ids", "rewards", "reward_components", "advantages",
                     "samples", "completions", "reward_names", "inputs"})
@@ -65,6 +66,8 @@ class RolloutBatch:
     window: Tensor | None = None  # (B,) long: generation windows the response has used (T-PPO), 1 = fresh
     preference_score: Tensor | None = None  # (B,) float: label of an offline candidate (DPO / ADPO)
     phase_starts: Tensor | None = None  # (B, K) long: token where each phase of the completion starts (F-GRPO)
+    segment_starts: Tensor | None = None  # (B, T) bool: tokens that start a segment, cut points after y_<s (SPO-chain)
+    prefix_values: Tensor | None = None  # (B, T) float: Monte-Carlo V̂(y_<s) at the segment starts, 0 elsewhere (SPO-chain)
     teacher_prompt_ids: Tensor | None = None  # (B, P') long, left-padded: the self-teacher's context (SDPO / SRPO)
     teacher_prompt_mask: Tensor | None = None  # (B, P') bool
     has_teacher: Tensor | None = None  # (B,) bool: the row has a teacher context
