@@ -46,7 +46,7 @@ def fit(module, prompts, steps: int, seed: int = 0):
 @torch.no_grad()
 def mean_reward(module, prompts, seed=123) -> float:
     torch.manual_seed(seed)
-    rollouts = module.score(module.rollout(prompts))
+    rollouts = module.score(module.loop.rollout(prompts))
     return float(rollouts.rewards.mean())
 
 
@@ -65,7 +65,7 @@ def test_micro_batch_split_does_not_change_the_update():
     for micro in (None, 3, 5):
         module = make_module(micro_batch_size=micro, loss=ClippedPolicyLoss(aggregation="token_mean"))
         fit(module, prompts, steps=1)
-        params.append(torch.cat([p.detach().flatten() for p in module.policy.parameters()]))
+        params.append(torch.cat([p.detach().flatten() for p in module.policy.model.parameters()]))
     torch.testing.assert_close(params[1], params[0], rtol=0, atol=1e-6)
     torch.testing.assert_close(params[2], params[0], rtol=0, atol=1e-6)
 
@@ -77,12 +77,13 @@ def test_sequence_logprobs_equal_a_full_forward_and_the_samplers(temperature):
     module = make_module(sampling=Sampling(max_new_tokens=6, temperature=temperature, logprobs=True))
     torch.manual_seed(0)
     prompts = [{"prompt": "1+2"}, {"prompt": "12345+678"}]
-    batch = module.rollout(prompts, num_samples=3)
-    ours, entropy = module.sequence_logprobs(batch)  # (B, T)
+    batch = module.policy.rollout(prompts, 3)
+    out = module.policy(batch)
+    ours, entropy = out.logprobs, out.entropy  # (B, T)
     with torch.no_grad():
         attn = batch.attention_mask.long()
         pos = (attn.cumsum(1) - 1).clamp(min=0)
-        logits = module.policy(input_ids=batch.input_ids, attention_mask=attn, position_ids=pos).logits.float()
+        logits = module.policy.model(input_ids=batch.input_ids, attention_mask=attn, position_ids=pos).logits.float()
         P = batch.prompt_ids.shape[1]
         logp = (logits[:, P - 1 : -1] / temperature).log_softmax(-1)  # (B, T, V)
         naive = logp.gather(-1, batch.completion_ids[..., None]).squeeze(-1) * batch.completion_mask
@@ -95,10 +96,10 @@ def test_sequence_logprobs_equal_a_full_forward_and_the_samplers(temperature):
 def test_rollout_layout_groups_and_masks():
     module = make_module(sampling=Sampling(max_new_tokens=5))
     torch.manual_seed(0)
-    batch = module.rollout(digit_prompts(3), num_samples=4)
+    batch = module.policy.rollout(digit_prompts(3), 4)
     assert batch.batch_size == 12
     assert batch.group_ids.tolist() == [0] * 4 + [1] * 4 + [2] * 4
-    eos = module.tokenizer.eos_token_id
+    eos = module.policy.tokenizer.eos_token_id
     for ids, mask in zip(batch.completion_ids.tolist(), batch.completion_mask.tolist()):
         n = sum(mask)
         assert mask == [True] * n + [False] * (len(mask) - n)  # a prefix
@@ -109,7 +110,7 @@ def test_rollout_layout_groups_and_masks():
 def test_logged_advantage_is_the_estimator_on_the_scored_rewards():
     module = make_module(advantage=GRPO(scale="group"))
     torch.manual_seed(0)
-    rollouts = module.score(module.rollout(digit_prompts(4)))
+    rollouts = module.score(module.loop.rollout(digit_prompts(4)))
     expected = torch.tensor(
         [float(c.count("7") / max(len(c), 1)) for c in rollouts.completions]
     )
@@ -121,32 +122,32 @@ def test_kl_penalty_uses_a_frozen_reference_and_lora_uses_the_disabled_adapter()
     from common.models import LoRA
 
     full = make_module(loss=ClippedPolicyLoss(beta=0.1))
-    assert full.reference is not None and not any(p.requires_grad for p in full.reference.parameters())
+    assert full.policy.reference is not None and not any(p.requires_grad for p in full.policy.reference.parameters())
     lora = make_module(loss=ClippedPolicyLoss(beta=0.1), lora=LoRA(rank=4, target_modules=["q_proj", "v_proj"]))
-    assert lora.reference is None
+    assert lora.policy.reference is None
     torch.manual_seed(0)
-    batch = lora.rollout(digit_prompts(2), num_samples=2)
+    batch = lora.policy.rollout(digit_prompts(2), 2)
     with torch.no_grad():  # make the adapter matter, then the reference must still be the base model
-        for name, p in lora.policy.named_parameters():
+        for name, p in lora.policy.model.named_parameters():
             if "lora_B" in name:
                 p.add_(0.5)
-    ref = lora.reference_logprobs(lora.score(batch)).ref_logprobs
-    with lora.policy.disable_adapter():
-        expected = lora.sequence_logprobs(batch)[0]
+    ref = lora.loop.reference_logprobs(lora.score(batch)).ref_logprobs
+    with lora.policy.model.disable_adapter():
+        expected = lora.policy(batch).logprobs
     torch.testing.assert_close(ref, expected)
-    assert not torch.allclose(ref, lora.sequence_logprobs(batch)[0].detach())
+    assert not torch.allclose(ref, lora.policy(batch).logprobs.detach())
 
 
 def test_shared_prompt_forward_equals_the_plain_forward_with_gradients():
     """Running each group's prompt once and expanding its KV cache gives the same log-probs and gradients."""
     shared, plain = make_module(share_prompt=True), make_module(share_prompt=False)
     torch.manual_seed(0)
-    batch = shared.rollout([{"prompt": "1+2"}, {"prompt": "12345+678"}], num_samples=3)
+    batch = shared.policy.rollout([{"prompt": "1+2"}, {"prompt": "12345+678"}], 3)
     grads = []
     for module in (shared, plain):
-        lp, ent = module.sequence_logprobs(batch)
-        (lp.sum() + ent.sum()).backward()
-        grads.append((lp.detach(), torch.cat([p.grad.flatten() for p in module.policy.parameters()])))
+        out = module.policy(batch)
+        (out.logprobs.sum() + out.entropy.sum()).backward()
+        grads.append((out.logprobs.detach(), torch.cat([p.grad.flatten() for p in module.policy.model.parameters()])))
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=1e-5)
     torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-5)
 
@@ -169,9 +170,9 @@ def test_shared_prefill_generates_exactly_what_a_per_copy_prefill_generates():
     prompts = [{"prompt": "1+2"}, {"prompt": "12345+678"}]
     out = {}
     for share in (True, False):
-        module.backend.share_prefill = share
+        module.policy.backend.share_prefill = share
         torch.manual_seed(0)
-        out[share] = (module.rollout(prompts, greedy=True, num_samples=2), module.rollout(prompts, num_samples=3))
+        out[share] = (module.policy.rollout(prompts, 2, greedy=True), module.policy.rollout(prompts, 3))
     for shared, plain in zip(out[True], out[False]):
         assert torch.equal(shared.completion_ids, plain.completion_ids)
         assert torch.equal(shared.completion_mask, plain.completion_mask)
