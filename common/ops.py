@@ -30,7 +30,14 @@ __all__ = [
     "group_median",
     "masked_sum",
     "masked_mean",
+    "MAX_LOG_RATIO",
 ]
+
+# The one bound on a log-ratio (log π/π_old, log π_ref/π) before exp(): e^10 ≈ 2.2e4 is finite even in fp16, so a
+# large mismatch between sampler, trainer and reference cannot overflow a ratio, a KL estimate or a loss to inf/NaN.
+# Beyond the bound the token's gradient is 0, which a PPO clip would do to it anyway. Ports that follow an authors'
+# code with another bound (±20 in SDPO's IS weight and HölderPO's power mean) pass theirs per call.
+MAX_LOG_RATIO = 10.0
 
 
 def check_groups(values: Tensor, group_ids: Tensor, num_groups: int | None = None, name: str = "rewards") -> int:

@@ -76,14 +76,14 @@ def gto_surrogate(logp: Tensor, ref_logp: Tensor, length: Tensor, advantages: Te
     the group mean. Shapes: logp, ref_logp (Bt,) summed log-probs of Ŝ_i; length (Bt,) l_i; advantages,
     group_ids (Bt,) -> loss (), clip fraction ()."""
     n = length.clamp(min=1).to(logp.dtype)
-    has_branch = (length > 0)[:, None]  # (Bt, 1) l_i = 0: s_i = 1 with zero gradient, the term is −A_i
-    per_row, ratio, clipped = clipped_surrogate((logp / n)[:, None], (ref_logp / n)[:, None], advantages[:, None],
-                                                has_branch, eps_low=clip_eps, eps_high=clip_eps)  # (Bt, 1) each
-    per_row = torch.where(has_branch, per_row, -advantages[:, None].to(per_row.dtype))
+    has_branch = length > 0  # (Bt,) l_i = 0: s_i = 1 with zero gradient, the term is −A_i
+    per_row, _, clipped = clipped_surrogate(logp / n, ref_logp / n, advantages, has_branch, eps_low=clip_eps,
+                                            eps_high=clip_eps)  # (Bt,) each: one geometric-mean ratio per row
+    per_row = torch.where(has_branch, per_row, -advantages.to(per_row.dtype))
     groups, inverse = torch.unique(group_ids, return_inverse=True)
-    per_group = torch.zeros(len(groups), dtype=per_row.dtype, device=per_row.device).index_add_(0, inverse, per_row[:, 0])
+    per_group = torch.zeros(len(groups), dtype=per_row.dtype, device=per_row.device).index_add_(0, inverse, per_row)
     count = torch.zeros(len(groups), dtype=per_row.dtype, device=per_row.device).index_add_(
-        0, inverse, torch.ones_like(per_row[:, 0]))
+        0, inverse, torch.ones_like(per_row))
     return (per_group / count).mean(), clipped.float().mean()
 
 

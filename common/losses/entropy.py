@@ -40,14 +40,10 @@ from common.losses.aggregate import AGGREGATIONS, Aggregation, Normaliser, aggre
 from common.losses.base import LossOutput, PolicyLoss, check_token_shapes
 from common.losses.kl import KLEstimator
 from common.losses.ppo_clip import ClippedPolicyLoss, clipped_surrogate
-from common.ops import masked_mean, masked_sum
+from common.ops import MAX_LOG_RATIO, masked_mean, masked_sum
 
 if TYPE_CHECKING:
     from common.batch import RolloutBatch
-
-# log ρ is clamped to ±_MAX_LOG_RATIO before exp() in KL-Cov's unclipped surrogate (the verl code clamps at ±20);
-# e^10 is finite even in fp16, and beyond it the token's ratio gradient is 0.
-_MAX_LOG_RATIO = 10.0
 
 
 def _token_advantages(advantages: Tensor, mask: Tensor) -> Tensor:
@@ -232,7 +228,7 @@ class KLCovLoss(PolicyLoss):
         norm = normaliser if normaliser is not None else Normaliser.of(mask)
         A = _token_advantages(advantages, mask).to(logprobs.dtype)  # (B, T)
         log_ratio = torch.where(mask, logprobs - old_logprobs, torch.zeros_like(logprobs))  # (B, T)
-        ratio = torch.exp(log_ratio.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))  # (B, T)
+        ratio = torch.exp(log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))  # (B, T) (the verl code clamps at ±20)
         picked = kl_cov_select(logprobs, A, mask, ratio=self.ratio)  # (B, T)
         per_token = -A * ratio + self.coef * picked * log_ratio.abs()  # (B, T)
         loss = aggregate(per_token, mask, self.aggregation, norm)

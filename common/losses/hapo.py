@@ -32,7 +32,8 @@ from torch import Tensor
 
 from common.losses.aggregate import AGGREGATIONS, Aggregation, Normaliser, aggregate
 from common.losses.base import LossOutput, PolicyLoss, check_token_shapes
-from common.ops import masked_mean, masked_sum
+from common.losses.ppo_clip import clipped_surrogate
+from common.ops import MAX_LOG_RATIO, masked_mean, masked_sum
 
 if TYPE_CHECKING:
     from common.batch import RolloutBatch
@@ -42,9 +43,6 @@ if TYPE_CHECKING:
 _MIN_ENTROPY = 1e-8
 # The RMS spread s is floored at sqrt(_MIN_VAR) (the code's 1e-8), so a batch of equal entropies gives h = 0.
 _MIN_VAR = 1e-8
-# log ρ is clamped to ±_MAX_LOG_RATIO before exp(): e^10 is finite even in fp16; the clip makes the token's
-# gradient 0 far before that.
-_MAX_LOG_RATIO = 10.0
 
 
 class EntropyStats(NamedTuple):
@@ -158,22 +156,17 @@ class HAPOLoss(PolicyLoss):
         norm = normaliser if normaliser is not None else Normaliser.of(mask)
         # 1. normalised entropy h̃ (no grad), from this micro-batch's statistics
         h = normalised_entropy(entropy, mask, hapo_entropy_stats(entropy, mask, self.entropy_pivot, self.code_compat))
-        log_ratio = torch.where(mask, logprobs - old_logprobs, torch.zeros_like(logprobs))  # (B, T)
-        ratio = torch.exp(log_ratio.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))  # (B, T)
+        with torch.no_grad():  # ρ for the neutral band of step 2 (the loss's own ρ is clipped_surrogate's)
+            log_ratio = torch.where(mask, logprobs - old_logprobs, torch.zeros_like(logprobs))  # (B, T)
+            ratio = torch.exp(log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))  # (B, T)
         # 2. asymmetric clip ranges and redistributed advantages (no grad)
-        eps_lo, eps_hi, A = hapo_token_terms(h, ratio.detach(), advantages.detach().to(ratio.dtype),
+        eps_lo, eps_hi, A = hapo_token_terms(h, ratio, advantages.detach().to(ratio.dtype),
                                              eps_low=self.eps_low, eps_high=self.eps_high,
                                              clip_alpha=self.clip_alpha, adv_beta=self.adv_beta)
         # 3. dual-clip PPO with per-token bounds
-        unclipped = -A * ratio
-        clipped = -A * torch.clamp(ratio, 1 - eps_lo, 1 + eps_hi)
-        per_token = torch.maximum(unclipped, clipped)  # (B, T)
-        was_clipped = clipped > unclipped
-        if self.dual_clip is not None:
-            dual = (A < 0) & (per_token > -self.dual_clip * A)
-            per_token = torch.where(dual, -self.dual_clip * A, per_token)
-            was_clipped = was_clipped | dual
-        loss = aggregate(per_token.masked_fill(~mask, 0.0), mask, self.aggregation, norm)
+        per_token, ratio, was_clipped = clipped_surrogate(logprobs, old_logprobs, A, mask, eps_low=eps_lo,
+                                                          eps_high=eps_hi, dual_clip=self.dual_clip)  # (B, T) each
+        loss = aggregate(per_token, mask, self.aggregation, norm)
         metrics = {
             "pg_loss": loss.detach(),
             "clip_frac": masked_sum(was_clipped.float(), mask).detach() / norm.num_tokens,

@@ -15,8 +15,9 @@ mean. ∂R_i/∂ℓ_it = R_i·softmax_t(p·Δ_i)_t: large p concentrates the gra
 most, negative p on those that moved least; at ρ ≡ 1 every p gives the same gradient.
 
 Deviations from the authors' code: Δ is clamped to ±20 before exp (the code does not; p < 0 with ρ → 0
-overflows there); R is computed in log space with a max-shift (same value, never inf); sequences with no valid
-token are excluded (R = 1, zero loss) and the mean is over the B' non-empty sequences of the optimiser batch.
+overflows there; the loss passes 20 per call, the library's bound ``common.ops.MAX_LOG_RATIO`` is ±10); R is
+computed in log space with a max-shift (same value, never inf); sequences with no valid token are excluded
+(R = 1, zero loss) and the mean is over the B' non-empty sequences of the optimiser batch.
 The ``holder_token`` and ``sequence_w_clip`` variants of the code are not implemented.
 """
 
@@ -30,15 +31,12 @@ from torch import Tensor
 
 from common.losses.aggregate import Normaliser
 from common.losses.base import LossOutput, PolicyLoss
-from common.ops import masked_sum
+from common.losses.ppo_clip import clipped_surrogate
+from common.ops import MAX_LOG_RATIO, masked_sum
 
 if TYPE_CHECKING:
     from common.batch import RolloutBatch
 
-# Δ = ℓ − ℓ^old is clamped to ±_MAX_LOG_RATIO before exp(pΔ): with p < 0 a token whose ratio collapsed
-# (Δ → −∞) would otherwise overflow exp(pΔ) to inf (the authors' code has no guard). Beyond the clamp the token
-# gets no gradient, as a PPO clip would do.
-_MAX_LOG_RATIO = 20.0
 # |p| below this is treated as p = 0 (the geometric mean), the limit of the power mean; the code's threshold.
 _P_ZERO = 1e-6
 
@@ -46,12 +44,15 @@ Schedule = Literal["linear_dec", "linear", "sin", "cos", "quad", "quad_dec", "cu
 SCHEDULES: tuple[str, ...] = Schedule.__args__
 
 
-def holder_mean_ratio(log_ratio: Tensor, mask: Tensor, p: float) -> Tensor:
-    """Hölder mean of the token ratios, ``R_i(p) = ((1/L_i) Σ_t m_it exp(pΔ_it))^{1/p}`` (arXiv 2605.12058).
+def holder_mean_log_ratio(log_ratio: Tensor, mask: Tensor, p: float, *, max_log_ratio: float = MAX_LOG_RATIO) -> Tensor:
+    """log R_i(p), the log of the Hölder mean of the token ratios ``R_i(p) = ((1/L_i) Σ_t m_it exp(pΔ_it))^{1/p}``
+    (arXiv 2605.12058), with Δ clamped to ±``max_log_ratio`` first: with p < 0 a token whose ratio collapsed
+    (Δ → −∞) would otherwise overflow exp(pΔ) to inf (the authors' code has no guard); beyond the clamp the token
+    gets no gradient, as a PPO clip would do. A power mean lies between its terms, so |log R| <= max_log_ratio.
 
-    Naive reference: ``(exp(p·Δ)[mask_i].mean())**(1/p)``, and ``exp(Δ[mask_i].mean())`` at p = 0. Computed as
-    ``exp((c + log1p(mean_t expm1(pΔ − c)))/p)`` with ``c = max_t pΔ`` (detached), which is finite for any p and
-    exact near p = 0. Shapes: log_ratio, mask (B, T) -> (B,). A row with no valid token gives R = 1.
+    Naive reference: ``log((exp(p·Δ)[mask_i].mean())**(1/p))``, and ``Δ[mask_i].mean()`` at p = 0. Computed as
+    ``(c + log1p(mean_t expm1(pΔ − c)))/p`` with ``c = max_t pΔ`` (detached), which is finite for any p and
+    exact near p = 0. Shapes: log_ratio, mask (B, T) -> (B,). A row with no valid token gives log R = 0.
     """
     if log_ratio.dim() != 2 or log_ratio.shape != mask.shape:
         raise ValueError(f"log_ratio {tuple(log_ratio.shape)} and mask {tuple(mask.shape)} must both be (B, T)")
@@ -59,16 +60,22 @@ def holder_mean_ratio(log_ratio: Tensor, mask: Tensor, p: float) -> Tensor:
         raise ValueError(f"mask must be a bool tensor (B, T), got {mask.dtype}")
     if not math.isfinite(p):
         raise ValueError(f"p must be a finite float, got {p}")
-    delta = torch.where(mask, log_ratio.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO), torch.zeros_like(log_ratio))  # (B, T)
+    delta = torch.where(mask, log_ratio.clamp(-max_log_ratio, max_log_ratio), torch.zeros_like(log_ratio))  # (B, T)
     L = mask.sum(1).clamp(min=1).to(delta.dtype)  # (B,)
     if abs(p) < _P_ZERO:
-        return torch.exp(delta.sum(1) / L)  # (B,) geometric mean; empty rows: exp(0) = 1
+        return delta.sum(1) / L  # (B,) log of the geometric mean; empty rows: 0
     x = p * delta  # (B, T)
     c = x.masked_fill(~mask, -torch.inf).amax(1).detach()  # (B,) shift: every exponent below is <= 0
     c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))
     e = torch.where(mask, torch.expm1(x - c[:, None]), torch.zeros_like(x))  # (B, T) in (−1, 0]
     log_mean = c + torch.log1p(e.sum(1) / L)  # (B,) log((1/L) Σ exp(pΔ)); empty rows: 0
-    return torch.exp(log_mean / p)
+    return log_mean / p
+
+
+def holder_mean_ratio(log_ratio: Tensor, mask: Tensor, p: float, *, max_log_ratio: float = MAX_LOG_RATIO) -> Tensor:
+    """R_i(p) = exp(:func:`holder_mean_log_ratio`), the Hölder mean of the token ratios. Shapes: (B, T) -> (B,);
+    a row with no valid token gives R = 1."""
+    return torch.exp(holder_mean_log_ratio(log_ratio, mask, p, max_log_ratio=max_log_ratio))
 
 
 def holder_p(step: int, *, p_max: float = 2.0, p_min: float = -2.0, schedule: Schedule = "linear_dec",
@@ -142,18 +149,17 @@ class HolderPolicyLoss(PolicyLoss):
         if advantages.shape != (B,):
             raise ValueError(f"advantages must be sequence-level (B,) = ({B},) for HölderPO, got {tuple(advantages.shape)}")
         norm = normaliser if normaliser is not None else Normaliser.of(mask)
-        R = holder_mean_ratio(logprobs - old_logprobs, mask, self.p)  # (B,)
+        # Δ clamped at ±20, not the library's ±10 (module docstring, Deviations)
+        log_R = holder_mean_log_ratio(logprobs - old_logprobs, mask, self.p, max_log_ratio=20.0)  # (B,)
         valid = mask.any(1)  # (B,) empty completions are excluded
-        unclipped = -advantages * R
-        clipped = -advantages * R.clamp(1.0 - self.eps, 1.0 + self.eps)
-        per_seq = torch.where(valid, torch.maximum(unclipped, clipped), torch.zeros_like(R))  # (B,)
+        per_seq, R, was_clipped = clipped_surrogate(  # (B,) each; |log R| <= 20 already, so no second clamp
+            log_R, torch.zeros_like(log_R), advantages, valid, eps_low=self.eps, eps_high=self.eps, max_log_ratio=math.inf)
         loss = per_seq.sum() / norm.num_sequences
-        was_clipped = (clipped > unclipped) & valid
         metrics = {
             "pg_loss": loss.detach(),
             "holder_p": torch.tensor(self.p, device=loss.device) * valid.sum().detach() / norm.num_sequences,
             "clip_frac": was_clipped.sum().detach().float() / norm.num_sequences,
-            "ratio": torch.where(valid, R, torch.zeros_like(R)).sum().detach() / norm.num_sequences,
+            "ratio": R.sum().detach() / norm.num_sequences,  # R is 0 on empty rows
         }
         if entropy is not None:
             metrics["entropy"] = masked_sum(entropy, mask).detach() / norm.num_tokens

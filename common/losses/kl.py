@@ -13,11 +13,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from common.ops import MAX_LOG_RATIO
+
 KLEstimator = Literal["k1", "k2", "k3"]
 
-# δ is clamped to ±_MAX_LOG_RATIO before exp(): k3 at δ = 10 is e^10 − 11 ≈ 2.2e4, finite even in fp16,
-# so a token whose policy and reference disagree wildly cannot overflow the loss to inf.
-_MAX_LOG_RATIO = 10.0
 # The estimate itself is clamped to ±_MAX_KL (verl's bound) so one token cannot dominate the batch's KL term.
 _MAX_KL = 10.0
 
@@ -28,7 +27,7 @@ def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, estimator: KLEstimator =
         raise ValueError(f"logprobs {tuple(logprobs.shape)} and ref_logprobs {tuple(ref_logprobs.shape)} must match")
     if ref_logprobs.device != logprobs.device:
         raise ValueError(f"ref_logprobs is on {ref_logprobs.device} but logprobs is on {logprobs.device}")
-    delta = (ref_logprobs - logprobs).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)  # (B, T)
+    delta = (ref_logprobs - logprobs).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)  # (B, T): k3 <= e^10 − 11 ≈ 2.2e4
     if estimator == "k1":
         kl = -delta
     elif estimator == "k2":

@@ -6,6 +6,9 @@
     c_it = min(c_it, −c·A_it)   where A_it < 0                          dual-clip (Ye et al. 2020, arXiv 1912.09729 eq. 5)
     loss = agg(c) + β·agg(KL(π‖π_ref)) − α·agg(H)
 
+ε_low and ε_high may differ per token (HAPO's entropy-adaptive ranges), and the ratio may be one per row
+(HölderPO's power mean R_i, GTO's geometric mean over a branch): one clip for all of them.
+
 Special cases are settings: GRPO is ε_low = ε_high = 0.2 with ``seq_mean_token_mean``; DAPO's clip-higher is
 ε_low = 0.2, ε_high = 0.28 with ``token_mean``; Dr.GRPO is ``seq_mean_token_sum_norm`` with β = 0; GSPO is
 ``ratio_level="sequence"`` with ε = 3e-4 / 4e-4.
@@ -21,13 +24,7 @@ from torch import Tensor
 from common.losses.aggregate import AGGREGATIONS, Aggregation, Normaliser, aggregate
 from common.losses.base import LossOutput, PolicyLoss
 from common.losses.kl import KLEstimator, kl_estimate
-from common.ops import masked_sum
-
-# log ρ is clamped to ±_MAX_LOG_RATIO before exp(): ρ ≤ e^10 ≈ 2.2e4 is finite even in fp16, so a large
-# mismatch between the sampler's and the trainer's log-probs cannot overflow to inf/NaN. Beyond the clamp the
-# token's gradient is 0, which is what clipping would do to it anyway.
-_MAX_LOG_RATIO = 10.0
-
+from common.ops import MAX_LOG_RATIO, masked_sum
 
 if TYPE_CHECKING:
     from common.batch import RolloutBatch
@@ -39,40 +36,51 @@ def clipped_surrogate(
     advantages: Tensor,
     mask: Tensor,
     *,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
+    eps_low: float | Tensor = 0.2,
+    eps_high: float | Tensor = 0.2,
     dual_clip: float | None = None,
     ratio_level: Literal["token", "sequence"] = "token",
+    max_log_ratio: float = MAX_LOG_RATIO,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-token clipped surrogate loss (to minimise) and its diagnostics.
+    """Per-action clipped surrogate loss (to minimise) and its diagnostics: the one clip and dual-clip of the
+    library (HAPO's per-token ε, HölderPO's and GTO's per-sequence ratios call it too).
 
-    Shapes: logprobs, old_logprobs, mask (B, T); advantages (B,) or (B, T).
-    Returns ``(loss (B, T), ratio (B, T), clipped (B, T) bool)``; positions outside ``mask`` are 0/False.
+    Shapes: logprobs, old_logprobs, mask (B, T) token actions, or (B,) one action per row (a sequence-level
+    log-ratio the caller formed: HölderPO's log R_i, GTO's per-token geometric mean); advantages (B,) or (B, T);
+    eps_low, eps_high floats or tensors broadcastable to the ratio (per-token clip ranges, HAPO).
+    log ρ is clamped to ±``max_log_ratio`` before exp() (``common.ops.MAX_LOG_RATIO``).
+    Returns ``(loss, ratio, clipped bool)`` shaped like ``logprobs``; positions outside ``mask`` are 0/False.
     """
-    if logprobs.dim() != 2 or logprobs.shape != old_logprobs.shape or logprobs.shape != mask.shape:
+    if logprobs.dim() not in (1, 2) or logprobs.shape != old_logprobs.shape or logprobs.shape != mask.shape:
         raise ValueError(
             f"logprobs {tuple(logprobs.shape)}, old_logprobs {tuple(old_logprobs.shape)} and mask "
-            f"{tuple(mask.shape)} must all be (B, T)"
+            f"{tuple(mask.shape)} must all be (B, T) (or all (B,), one action per row)"
         )
     if mask.dtype != torch.bool:
         raise ValueError(f"mask must be a bool tensor (B, T), got {mask.dtype}")
     for name, t in (("old_logprobs", old_logprobs), ("advantages", advantages), ("mask", mask)):
         if t.device != logprobs.device:
             raise ValueError(f"{name} is on {t.device} but logprobs is on {logprobs.device}; move both to one device")
-    B, T = logprobs.shape
+    B, T = logprobs.shape[0], (logprobs.shape[1] if logprobs.dim() == 2 else 1)
     if advantages.dim() not in (1, 2) or advantages.shape[0] != B or advantages.shape[1:] not in ((), (1,), (T,)):
-        raise ValueError(f"advantages must be (B,) or (B, T) with B, T = {tuple(logprobs.shape)}, got {tuple(advantages.shape)}")
-    if advantages.dim() == 1:
+        raise ValueError(f"advantages must be (B,) or (B, T) for logprobs of shape {tuple(logprobs.shape)}, "
+                         f"got {tuple(advantages.shape)}")
+    if logprobs.dim() == 1:
+        advantages = advantages.reshape(B)  # (B,) one action per row
+    elif advantages.dim() == 1:
         advantages = advantages[:, None]  # (B, 1) broadcast over T
     log_ratio = torch.where(mask, logprobs - old_logprobs, torch.zeros_like(logprobs))  # (B, T)
-    if ratio_level == "sequence":
+    if ratio_level == "sequence" and logprobs.dim() == 2:
         seq = masked_sum(log_ratio, mask, dim=1) / mask.sum(1).clamp(min=1)  # (B,)
         log_ratio = seq[:, None].expand_as(log_ratio)
-    elif ratio_level != "token":
+    elif ratio_level not in ("token", "sequence"):
         raise ValueError(f"ratio_level must be 'token' or 'sequence', got {ratio_level!r}")
-    ratio = torch.exp(log_ratio.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))  # (B, T)
+    ratio = torch.exp(log_ratio.clamp(-max_log_ratio, max_log_ratio))  # (B, T)
     unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+    low, high = 1.0 - eps_low, 1.0 + eps_high  # floats, or per-token tensors
+    if torch.is_tensor(low) or torch.is_tensor(high):
+        low, high = (torch.as_tensor(b, dtype=ratio.dtype, device=ratio.device) for b in (low, high))
+    clipped = -advantages * torch.clamp(ratio, low, high)
     loss = torch.maximum(unclipped, clipped)  # (B, T)
     was_clipped = clipped > unclipped
     if dual_clip is not None:

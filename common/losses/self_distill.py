@@ -32,13 +32,13 @@ from torch import Tensor, nn
 
 from common.losses.aggregate import Normaliser
 from common.losses.base import LossOutput, PolicyLoss, check_token_shapes
-from common.ops import masked_sum
+from common.ops import MAX_LOG_RATIO, masked_sum
 
 if TYPE_CHECKING:
     from common.batch import RolloutBatch
 
-# log ρ is clamped before exp() in the IS weight, as in the authors' code (±20)
-_MAX_LOG_RATIO = 20.0
+# log ρ is clamped before exp() in the IS weight at ±20 as in the authors' code (twice the library's bound)
+_MAX_LOG_RATIO = 2 * MAX_LOG_RATIO
 # log Σ_k p_k is clamped below 0 so the tail log(1 − Σ p) stays finite (authors' code: −1e-7)
 _MAX_LOG_TOPK_MASS = -1e-7
 
