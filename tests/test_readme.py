@@ -41,3 +41,18 @@ def test_every_advlab_command_in_the_readme_parses():
             args.append("--print_config")
         proc = subprocess.run([sys.executable, "-m", "common.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, f"{line}\n{proc.stderr[-2000:]}"
+
+
+def python_blocks_after(heading: str) -> str:
+    """The first ```python block after the paragraph that starts with ``heading``."""
+    start = README.index(heading)
+    return re.search(r"```python\n(.*?)```", README[start:], re.S).group(1)
+
+
+def test_the_adding_a_method_example_runs():
+    exec(compile(python_blocks_after("**Adding a method**"), "README: adding a method", "exec"), {})
+
+
+def test_the_adding_a_domain_example_runs():
+    torch_seed = "import torch; torch.manual_seed(0)\n"
+    exec(compile(torch_seed + python_blocks_after("**Adding a domain**"), "README: adding a domain", "exec"), {})

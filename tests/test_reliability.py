@@ -103,7 +103,7 @@ def test_non_finite_gradients_skip_the_step_and_eventually_raise():
         m = TextReasoningModule(policy=TinyLlama(hidden_size=32, num_layers=1, num_heads=2, alphabet=DIGITS),
                                 rewards=[LengthReward(target=3)], sampling=Sampling(max_new_tokens=6),
                                 group_size=4, log_samples_every=0, max_consecutive_skips=max_skips)
-        head = m.policy.get_output_embeddings().weight
+        head = m.policy.model.get_output_embeddings().weight
         head.register_hook(lambda g: g * math.inf)  # a real backward whose gradient overflows
         return m
 
@@ -113,9 +113,9 @@ def test_non_finite_gradients_skip_the_step_and_eventually_raise():
                   enable_model_summary=False).fit(m, DataLoader(digit_prompts(6), batch_size=2, collate_fn=list))
 
     m = module(max_skips=5)
-    before = [p.detach().clone() for p in m.policy.parameters()]
+    before = [p.detach().clone() for p in m.policy.model.parameters()]
     fit(m)
     assert int(m.skipped_steps) == 3 and m.global_step == 0
-    assert all(torch.equal(p, q) for p, q in zip(before, m.policy.parameters()))  # never updated with inf/NaN
+    assert all(torch.equal(p, q) for p, q in zip(before, m.policy.model.parameters()))  # never updated with inf/NaN
     with pytest.raises(FloatingPointError, match="2 optimiser steps in a row"):
         fit(module(max_skips=2))

@@ -77,7 +77,7 @@ def row(fn: Callable, case: str, expected, **kw) -> None:
 def via_batch(cls):  # an estimator class called on a RolloutBatch
     def call(rewards, group_ids, **init):
         z = torch.zeros(group_ids.shape[0], 1, dtype=L)
-        return cls(**init)(RolloutBatch(z, z.bool(), z, z.bool(), group_ids, rewards=rewards))
+        return cls(**init)(RolloutBatch(prompt_ids=z, prompt_mask=z.bool(), completion_ids=z, completion_mask=z.bool(), group_ids=group_ids, rewards=rewards))
 
     call.__qualname__ = cls.__name__
     return call

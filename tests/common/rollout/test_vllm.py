@@ -163,22 +163,22 @@ def test_short_grpo_run_with_vllm_rollouts(engine):
         loss=RolloutCorrection(ClippedPolicyLoss(), level="token", mode="truncate", cap=2.0),
         sampling=Sampling(max_new_tokens=6, logprobs=True), group_size=4, lr=1e-4, log_samples_every=0,
     )
-    start = [p.detach().clone() for p in module.policy.parameters()]
+    start = [p.detach().clone() for p in module.policy.model.parameters()]
     L.seed_everything(0, verbose=False)
     trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, train_dataloaders=DataLoader(digit_prompts(2), batch_size=1, collate_fn=list))
     assert trainer.global_step == 2
-    assert any(not torch.equal(a, p.detach()) for a, p in zip(start, module.policy.parameters()))
+    assert any(not torch.equal(a, p.detach()) for a, p in zip(start, module.policy.model.parameters()))
     metrics = trainer.callback_metrics
     for key in ("train/is_ratio_mean", "train/is_ratio_capped_frac", "train/is_logp_diff"):
         assert key in metrics and torch.isfinite(metrics[key]), key
     # fp32 on both sides: the mismatch is tiny, so the weights are ~1 and nothing is capped
     assert abs(float(metrics["train/is_ratio_mean"]) - 1) < 1e-2 and float(metrics["train/is_ratio_capped_frac"]) == 0
     torch.manual_seed(2)
-    batch = module.rollout(digit_prompts(1, seed=5), num_samples=2)
-    engine_lp = backend.score(module.policy, tok, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
-    torch.testing.assert_close(engine_lp, hf_logprobs(module.policy, batch), rtol=0, atol=TOL)
+    batch = module.policy.rollout(digit_prompts(1, seed=5), 2)
+    engine_lp = backend.score(module.policy.model, tok, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
+    torch.testing.assert_close(engine_lp, hf_logprobs(module.policy.model, batch), rtol=0, atol=TOL)
 
 
 def test_a_stuck_sync_raises_within_the_timeout(engine):
