@@ -154,7 +154,7 @@ responses have the same mean as full-trajectory GAE (all |z| < 3), while the nai
 (all |z| > 3) on the same walks; on complete rows EGAE is GAE to machine precision, and truncated rows never reach
 the value loss. Not tested: the paper's efficiency claims (2.5x training efficiency, −60% wall-clock on
 Qwen2.5-32B / AIME24), which come from successive batching (in-flight responses continued in the next window).
-That mechanism is built (`TruncatedPPOModule(max_windows > 1)`, in-flight responses checkpointed, tested by an
+That mechanism is built (`common.methods.tppo.TruncatedPPO(max_windows > 1)`, in-flight responses checkpointed, tested by an
 exact kill-and-resume) but its wall-clock benefit needs long generations on an accelerator and is not measured here.
 """)
     print(f"tppo: claim {verdict}: EGAE−GAE max |z| {max(r[4].abs().max().item() for r in rows):.2f} "

@@ -89,21 +89,21 @@ def value_targets(rewards: Tensor, mask: Tensor, truncated: Tensor, *, gamma: fl
 class EGAE(AdvantageEstimator):
     """Token-level (B, T) advantages from a critic's values: GAE on complete rows, EGAE on truncated ones.
 
-    Unlike the group estimators it needs ``values (B, T)``; the critic module
-    (``text_reasoning.critic.TruncatedPPOModule``) computes them and calls ``estimator(batch, values)``.
+    Unlike the group estimators it reads the critic's ``batch.values (B, T)``, which a method provides (T-PPO's
+    ``common.methods.tppo.TruncatedPPO``, listed in ``methods``); a run without one fails at start-up.
 
     Args:
         gamma: discount γ (T-PPO, like VC-PPO, uses 1 for outcome rewards).
         lam: GAE λ of the policy's advantages (VC-PPO's λ_actor ≈ 0.95; T-PPO's value not verified).
     """
 
+    requires = ("values", "truncated")
+
     def __init__(self, gamma: float = 1.0, lam: float = 0.95):
         if not (0.0 <= gamma <= 1.0 and 0.0 <= lam <= 1.0):
             raise ValueError(f"gamma and lam must be in [0, 1], got gamma={gamma}, lam={lam}")
         self.gamma, self.lam = gamma, lam
 
-    def __call__(self, batch, values: Tensor | None = None) -> Tensor:
-        if values is None:
-            raise ValueError("EGAE needs the critic's values (B, T); use it with text_reasoning.critic.TruncatedPPOModule")
-        truncated = batch.truncated if batch.truncated is not None else torch.zeros_like(batch.group_ids, dtype=torch.bool)
-        return egae(batch.rewards, values, batch.completion_mask, truncated, gamma=self.gamma, lam=self.lam)
+    def __call__(self, batch) -> Tensor:
+        batch.require("EGAE (list common.methods.tppo.TruncatedPPO in methods)", "values", "truncated")
+        return egae(batch.rewards, batch.values, batch.completion_mask, batch.truncated, gamma=self.gamma, lam=self.lam)
