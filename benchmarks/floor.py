@@ -82,14 +82,15 @@ def main() -> None:
 
     def step() -> dict:
         t0 = time.perf_counter()
-        ro = module.rollout(next(stream))
+        ro = module.loop.rollout(next(stream))
         t1 = time.perf_counter()
         ro = module.score(ro)
         ro = ro.replace(advantages=module.advantage(ro))
         t2 = time.perf_counter()
-        norm = Normaliser.of(ro.completion_mask, module.sampling.max_new_tokens)
+        norm = Normaliser.of(ro.completion_mask, module.policy.sampling.max_new_tokens)
         for mb in ro.split(micro):
-            lp, ent = module.sequence_logprobs(mb)
+            out = module.policy(mb)
+            lp, ent = out.logprobs, out.entropy
             out = module.loss_fn(lp, lp.detach(), mb.advantages, mb.completion_mask, ref_logprobs=mb.ref_logprobs,
                                  entropy=ent, normaliser=norm)
             out.loss.backward()

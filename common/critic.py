@@ -4,7 +4,7 @@
     V_φ(s_t) = w₂·tanh(W₁ h_t + b₁) + b₂       one hidden layer (hidden > 0)
 
 ``h_t (…, H)`` is the last-layer hidden state after the prompt and the first t completion tokens (the state
-s_t), as ``PolicyOptimizationModule.completion_hidden`` returns it. The output layer starts at zero, so an
+s_t), as ``CausalLMPolicy.forward(batch, hidden=True)`` returns it. The output layer starts at zero, so an
 untrained critic predicts V = 0 everywhere (then GAE with λ = 1, γ = 1 is plain REINFORCE on the outcome).
 It is an ``nn.Module``: its weights are in the Lightning checkpoint with the policy's.
 """
