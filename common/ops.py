@@ -186,3 +186,28 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     total = masked_sum(x, mask, dim)
     count = mask.sum() if dim is None else mask.sum(dim)
     return total / count.clamp(min=1).to(total.dtype)
+
+
+_MIX1, _MIX2, _GOLDEN = -4658895280553007687, -7723592293110705685, -7046029254386353131  # splitmix64 constants (int64)
+
+
+def _splitmix(x: Tensor) -> Tensor:
+    """splitmix64's finaliser on int64 (wrapping arithmetic; logical shifts emulated by masking the sign bits)."""
+    x = (x ^ ((x >> 30) & 0x3FFFFFFFF)) * _MIX1
+    x = (x ^ ((x >> 27) & 0x1FFFFFFFFF)) * _MIX2
+    return x ^ ((x >> 31) & 0x1FFFFFFFF)
+
+
+def seeded_uniform(seeds: Tensor, stream: int, shape: tuple[int, ...]) -> Tensor:
+    """Counter-based uniforms in [0, 1): row b's values depend only on (seeds[b], stream, position), never on
+    which other rows share the call. This is what makes a log-prob estimator's randomness (a masked-diffusion
+    LM's mask, a diffusion step's noise) identical for old, reference and current log-probs of one inner epoch
+    (``stream`` = the epoch) whatever the minibatch / micro-batch split. Shapes: seeds (B,) long -> (B, *shape)
+    float32."""
+    n = 1
+    for s in shape:
+        n *= s
+    counter = torch.arange(n, device=seeds.device, dtype=torch.long)  # (N,)
+    key = _splitmix(seeds.long() * _GOLDEN + int(stream))  # (B,)
+    bits = _splitmix(key[:, None] + counter[None, :] * _GOLDEN)  # (B, N)
+    return ((bits >> 40) & 0xFFFFFF).float().div_(1 << 24).view(seeds.shape[0], *shape)

@@ -1,7 +1,11 @@
 """Small policies that are not language models, trained by the same loop: a categorical policy over K actions
 (contextual bandits) and a Gaussian policy over continuous actions with the shape of a diffusion sampler's chain.
 
-``CategoricalPolicy``: one action per row, a ~ softmax(MLP(x) / τ), x the prompt's context (C,).
+``CategoricalPolicy``: one action per row, a ~ softmax(MLP(x) / τ), x the prompt's context (C,). With
+``mask_prob > 0`` its log-probs are a *randomised estimate*, the shape of a masked-diffusion LM's one-step
+estimator (d1 / IGPO: a random mask per inner iteration): log π̂(a | x) = log softmax(MLP(x ⊙ m / (1 − p)))_a with
+m ~ Bernoulli(1 − p) drawn from the row's recorded seed and the inner epoch (``common.ops.seeded_uniform``), so old,
+reference and current log-probs of one epoch share the mask whatever the micro-batch split.
 
 ``GaussianPolicy``: T steps of a D-dimensional chain, the shape of a diffusion sampler's denoising steps
 (DDPO / Flow-GRPO treat each step as a Gaussian action):
@@ -24,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from common.batch import RolloutBatch
+from common.ops import seeded_uniform
 from common.policies.base import Policy, PolicyOutput
 
 
@@ -76,14 +81,18 @@ class CategoricalPolicy(_ToyPolicy):
         num_actions: K.
         hidden: width of the MLP's hidden layer.
         temperature: τ of sampling and of the log-probs.
+        mask_prob: p of the randomised log-prob estimate (module docstring); 0 = exact log-probs.
         seed: initialisation seed.
     """
 
-    def __init__(self, context_dim: int = 4, num_actions: int = 4, hidden: int = 32, temperature: float = 1.0, seed: int = 0):
+    def __init__(self, context_dim: int = 4, num_actions: int = 4, hidden: int = 32, temperature: float = 1.0,
+                 mask_prob: float = 0.0, seed: int = 0):
         super().__init__()
-        if context_dim < 1 or num_actions < 2 or hidden < 1 or temperature <= 0:
-            raise ValueError(f"CategoricalPolicy needs context_dim >= 1, num_actions >= 2, hidden >= 1, temperature > 0; "
-                             f"got {context_dim}, {num_actions}, {hidden}, {temperature}")
+        if context_dim < 1 or num_actions < 2 or hidden < 1 or temperature <= 0 or not 0 <= mask_prob < 1:
+            raise ValueError(f"CategoricalPolicy needs context_dim >= 1, num_actions >= 2, hidden >= 1, temperature > 0, "
+                             f"0 <= mask_prob < 1; got {context_dim}, {num_actions}, {hidden}, {temperature}, {mask_prob}")
+        self.mask_prob = mask_prob
+        self.epoch_dependent = mask_prob > 0  # old log-probs are then computed per inner epoch
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             self.net = _mlp(context_dim, hidden, num_actions)
@@ -99,12 +108,17 @@ class CategoricalPolicy(_ToyPolicy):
         x, group_ids, samples = self._layout(prompts, n)
         logp = self.log_softmax(x)  # (B, K)
         a = logp.argmax(-1) if greedy else torch.multinomial(logp.exp(), 1).squeeze(1)  # (B,)
+        seeds = torch.randint(0, 2**62, a.shape, device=a.device)  # (B,) the estimator's randomness, recorded
         return RolloutBatch(completion_ids=a[:, None], completion_mask=torch.ones_like(a[:, None], dtype=torch.bool),
-                            group_ids=group_ids, inputs={"context": x}, samples=samples,
+                            group_ids=group_ids, inputs={"context": x}, samples=samples, seeds=seeds,
                             behaviour_logprobs=logp.gather(1, a[:, None]))
 
     def forward(self, batch: RolloutBatch, *, epoch: int = 0, reference: bool = False, hidden: bool = False) -> PolicyOutput:
-        logp = self.log_softmax(batch.inputs["context"], reference)  # (B, K)
+        x = batch.inputs["context"]  # (B, C)
+        if self.mask_prob > 0:  # m ~ Bernoulli(1 − p) from (row seed, epoch): the same draw for old / ref / current
+            keep = seeded_uniform(batch.seeds, epoch, x.shape[1:]) >= self.mask_prob  # (B, C)
+            x = x * keep.to(x.dtype) / (1 - self.mask_prob)
+        logp = self.log_softmax(x, reference)  # (B, K)
         lp = logp.gather(1, batch.completion_ids)  # (B, 1)
         entropy = -(logp.exp() * logp).sum(-1, keepdim=True)  # (B, 1)
         m = batch.completion_mask

@@ -38,6 +38,9 @@ KINDS = {
                     lambda b: Bandit(4, 5).reward(b)),
     "gaussian": (lambda: GaussianPolicy(dim=3, steps=4), lambda n: GaussianTarget(3).prompts(n, 0),
                  lambda b: GaussianTarget(3).reward(b)),
+    # log-probs estimated with a random mask per inner epoch (the masked-diffusion LM's estimator)
+    "seeded_mask": (lambda: CategoricalPolicy(context_dim=6, num_actions=5, mask_prob=0.5),
+                    lambda n: Bandit(6, 5).prompts(n, 0), lambda b: Bandit(6, 5).reward(b)),
 }
 
 
@@ -105,6 +108,22 @@ def test_after_a_step_the_sampler_scores_with_the_trained_weights(kind, one_thre
         after, trainer = policy.sampler_logprobs(fixed), policy(fixed).logprobs
     assert (after - before).abs().max() > 1e-6
     torch.testing.assert_close(after, trainer, rtol=0, atol=1e-10)
+
+
+def test_per_epoch_masks_differ_across_epochs_and_not_across_splits():
+    """The seeded estimator: epoch e's log-probs of a row do not depend on the micro-batch it is computed in, and
+    differ between epochs (a mask drawn per micro-batch, as some dLLM trainers do, would break the first, and
+    a mask drawn once would make mu > 1 see one mask)."""
+    torch.manual_seed(0)
+    policy = CategoricalPolicy(context_dim=6, num_actions=5, mask_prob=0.5).double()
+    batch = policy.rollout(Bandit(6, 5).prompts(6, 0), 4)
+    whole = policy(batch, epoch=1).logprobs
+    parts = torch.cat([policy(m, epoch=1).logprobs for m in batch.split(5)])
+    assert torch.equal(whole, parts)
+    assert (policy(batch, epoch=2).logprobs - whole).abs().max() > 1e-3
+    loop = Loop(policy, score_with(lambda b: Bandit(6, 5).reward(b)), GRPO(), ClippedPolicyLoss(), group_size=4, mu=3)
+    old = loop.old_logprobs(batch)
+    assert old.shape == (24, 1, 3) and torch.equal(old[..., 1], whole)
 
 
 def test_a_missing_field_is_an_error_at_start_up_naming_the_part_and_the_field():

@@ -232,3 +232,18 @@ def test_out_of_range_group_ids_raise(ids: list[int]) -> None:
     for op in (group_median, group_max, group_std):
         with pytest.raises(ValueError, match="group_ids"):
             op(torch.zeros(3), torch.tensor(ids), 2)
+
+
+def test_seeded_uniform_depends_only_on_the_row_seed_stream_and_position():
+    from common.ops import seeded_uniform
+
+    seeds = torch.tensor([5, 9, 5, 2**61 + 3])
+    u = seeded_uniform(seeds, 0, (4000,))  # (4, 4000)
+    assert u.shape == (4, 4000) and u.dtype == torch.float32 and bool(((u >= 0) & (u < 1)).all())
+    assert torch.equal(u[0], u[2]) and not torch.equal(u[0], u[1])  # same seed, same draw
+    assert torch.equal(seeded_uniform(seeds[1:2], 0, (4000,)), u[1:2])  # the other rows do not matter
+    assert (seeded_uniform(seeds, 1, (4000,)) == u).float().mean() < 0.01  # another stream (epoch), another draw
+    # uniform: mean 1/2 and variance 1/12 within 5 standard errors (n = 16000: s.e. of the mean 0.0023)
+    assert abs(float(u.mean()) - 0.5) < 5 * (1 / 12 / u.numel()) ** 0.5
+    assert abs(float(u.var()) - 1 / 12) < 0.004
+    assert seeded_uniform(seeds, 0, (2, 3)).shape == (4, 2, 3)
