@@ -3,9 +3,29 @@ data position (so a killed run resumes on the batch it would have trained on nex
 
 from __future__ import annotations
 
+from typing import Any, TypeVar
+
 import lightning as L
 import torch
 from torch.utils.data import IterableDataset
+
+# Separates seeds derived from one data seed: validation sets are made with ``seed + SEED_STRIDE`` and per-batch
+# generators are seeded with ``seed * SEED_STRIDE + batch``, so different data seeds never share a stream.
+SEED_STRIDE = 1_000_003
+
+Part = TypeVar("Part")
+
+
+def model_part(trainer: L.Trainer | None, attribute: str, kind: type[Part]) -> Part | None:
+    """The training module's component ``attribute`` (its declared ``selector`` or ``advantage``) when it is a
+    ``kind``, else None (no trainer yet, or another component there).
+
+    The one way a data module reaches model state that its draws follow (a curriculum's probabilities, a value
+    tracker's priorities): by the module's declared attribute, not by searching its submodules.
+    """
+    module: Any = trainer.lightning_module if trainer is not None else None
+    part = getattr(module, attribute) if module is not None else None
+    return part if isinstance(part, kind) else None
 
 
 class PromptStream(IterableDataset):

@@ -38,7 +38,7 @@ def rows(adv: torch.Tensor, dist: torch.Tensor) -> RolloutBatch:
     B = adv.shape[0]
     z = torch.zeros(B, 1, dtype=torch.long)
     return RolloutBatch(prompt_ids=z, prompt_mask=z.bool(), completion_ids=z, completion_mask=~z.bool(),
-                        group_ids=torch.arange(B), advantages=adv, samples=[{"distribution": j} for j in dist.tolist()])
+                        group_ids=torch.arange(B), advantages=adv, distribution=dist.long())
 
 
 def run(curriculum: bool, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

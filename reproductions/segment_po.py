@@ -208,7 +208,7 @@ def main() -> None:
 Paper: "Segment Policy Optimization: Effective Segment-Level Credit Assignment in RL for Large Language Models"
 (arXiv 2505.23564; code AIFrameResearch/SPO). Setup: `reproductions/segment_po.py`; implementation
 `common/advantages/segment.py` (`cut_starts`, `segment_advantages`, `spo_chain`, `spo_tree`, `whiten`),
-`common/losses/prob_mask.py`, `text_reasoning/segment.py` (generation of MC continuations and trees),
+`common/losses/prob_mask.py`, `common/methods/segment_po.py` (generation of MC continuations and trees),
 `common/sampling/segment_buffer.py` (SPO-tree's edge replay buffer; not exercised by this toy, which trains on
 each step's own edges); recipes `configs/text_reasoning/spo_chain.yaml`, `spo_tree.yaml`.
 

@@ -38,7 +38,7 @@ def rows(rewards: torch.Tensor, uids: torch.Tensor) -> RolloutBatch:
     B = rewards.shape[0]
     z = torch.zeros(B, 1, dtype=torch.long)
     return RolloutBatch(prompt_ids=z, prompt_mask=z.bool(), completion_ids=z, completion_mask=~z.bool(),
-                        group_ids=torch.arange(B), rewards=rewards.float(), samples=[{"uid": u} for u in uids.tolist()])
+                        group_ids=torch.arange(B), rewards=rewards.float(), prompt_uid=uids.long())
 
 
 def check_stationary(seeds: int = 10) -> tuple[list[float], float]:

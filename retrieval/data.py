@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from torch.utils.data import DataLoader
 
-from common.data import PromptStream, ResumableData
+from common.data import SEED_STRIDE, PromptStream, ResumableData
 from retrieval import tasks
 from retrieval.tasks import Scorer
 
@@ -101,7 +101,7 @@ class RetrievalData(ResumableData):
         k = len(self.tasks)
         for i, t in enumerate(self.tasks):
             self.train_set += t.make(self.train_size // k + (i < self.train_size % k), self.seed + i, scorer)
-            self.val_set += t.make(self.val_size // k + (i < self.val_size % k), self.seed + 1_000_003 + i, scorer)
+            self.val_set += t.make(self.val_size // k + (i < self.val_size % k), self.seed + SEED_STRIDE + i, scorer)
 
     def train_dataloader(self) -> DataLoader:
         stream = PromptStream(self.train_set, self.prompts_per_step, self.seed, start=self.batches_served)

@@ -3,7 +3,9 @@
 Each task source of the data module is one distribution d_j (e.g. Knights-and-Knaves with 2..6 people and
 arithmetic with 1..3 digits). For every prompt slot of a training batch, j ~ P(j) from the curriculum the module
 carries (``model.selector: common.sampling.curriculum.DUMP``) and the prompt ~ Uniform(d_j), with replacement
-(DUMP, arXiv 2504.09710, Algorithm 1).
+(DUMP, arXiv 2504.09710, Algorithm 1). Every sample is tagged ``"distribution"``; the method part
+``common.methods.sample_fields.SampleFields`` (``fields: {distribution: distribution}``) puts it in the declared
+``RolloutBatch.distribution`` field that the curriculum reads.
 
 Exact resume: the distributions are drawn in ``on_before_batch_transfer``, which Lightning calls for the batch
 about to be trained on (not for the one it prefetches), with a generator seeded by (data seed, batch number). The
@@ -15,17 +17,16 @@ from __future__ import annotations
 
 import torch
 
+from common.data import SEED_STRIDE, model_part
 from common.sampling.curriculum import Curriculum
 from text_reasoning.data import ReasoningData
-
-_SEED_STRIDE = 1_000_003  # separates the per-batch generator seeds of different data seeds
 
 
 class CurriculumData(ReasoningData):
     """:class:`text_reasoning.data.ReasoningData` whose training batches follow a distribution-level curriculum.
 
-    Every training sample carries ``"distribution"``: the index of its task source. Without a curriculum in the
-    module (no :class:`common.sampling.curriculum.Curriculum` among its submodules) the distributions are drawn
+    Every training sample carries ``"distribution"``: the index of its task source. Without a curriculum as the
+    module's ``selector`` (a :class:`common.sampling.curriculum.Curriculum`) the distributions are drawn
     uniformly, which is the baseline DUMP is compared with. Validation batches are the plain held-out set.
 
     Args: as :class:`text_reasoning.data.ReasoningData`.
@@ -39,18 +40,16 @@ class CurriculumData(ReasoningData):
         self.pools = [torch.nonzero(sources == j).squeeze(1) for j in range(len(self.tasks))]  # J x (N_j,)
 
     def curriculum(self) -> Curriculum | None:
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        found = [m for m in module.modules() if isinstance(m, Curriculum)] if module is not None else []
-        if len(found) > 1:
-            raise ValueError(f"the module carries {len(found)} curricula; CurriculumData follows exactly one")
-        if found and found[0].num_distributions != len(self.tasks):
-            raise ValueError(f"the curriculum has num_distributions={found[0].num_distributions} but the data module "
+        """The module's ``selector`` if it is a curriculum (checked to have one distribution per task source)."""
+        found = model_part(self.trainer, "selector", Curriculum)
+        if found is not None and found.num_distributions != len(self.tasks):
+            raise ValueError(f"the curriculum has num_distributions={found.num_distributions} but the data module "
                              f"has {len(self.tasks)} task sources; they must match (one distribution per source)")
-        return found[0] if found else None
+        return found
 
     def draw(self, batch_number: int, probs: torch.Tensor) -> list[dict]:
         """The prompts of training batch ``batch_number``: per slot j ~ ``probs`` (J,), prompt ~ Uniform(d_j)."""
-        gen = torch.Generator().manual_seed(self.seed * _SEED_STRIDE + batch_number)
+        gen = torch.Generator().manual_seed(self.seed * SEED_STRIDE + batch_number)
         slots = torch.multinomial(probs.detach().double().cpu(), self.prompts_per_step, replacement=True, generator=gen)  # (S,)
         sizes = torch.tensor([len(p) for p in self.pools], dtype=torch.float64)[slots]  # (S,)
         within = (torch.rand(self.prompts_per_step, generator=gen, dtype=torch.float64) * sizes).long()  # (S,)

@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from torch.utils.data import DataLoader
 
-from common.data import PromptStream, ResumableData  # noqa: F401 - PromptStream is part of this API
+from common.data import SEED_STRIDE, PromptStream, ResumableData  # noqa: F401 - PromptStream is part of this API
 from common.rewards.math import extract_boxed, gsm8k_answer
 from text_reasoning import tasks
 from text_reasoning.tasks import Problem
@@ -140,7 +140,7 @@ class ReasoningData(ResumableData):
         if self.val_set:
             return
         k = len(self.tasks)
-        val = [p for i, t in enumerate(self.tasks) for p in t.make(self.val_size // k + (i < self.val_size % k), self.seed + 1_000_003)]
+        val = [p for i, t in enumerate(self.tasks) for p in t.make(self.val_size // k + (i < self.val_size % k), self.seed + SEED_STRIDE)]
         held_out = {p.prompt for p in val}
         train, sources = [], []
         for i, t in enumerate(self.tasks):

@@ -1,13 +1,14 @@
-"""SPO single-stream (arXiv 2509.13232) for text reasoning: prioritised prompt batches and the policy-drift feed of
-the value tracker (``common.advantages.tracker.SPOTracker``; shared/methods/text.md §11).
+"""SPO single-stream (arXiv 2509.13232) for text reasoning: prioritised prompt batches (shared/methods/text.md §11).
 
-- :class:`PrioritisedData` tags every training sample with ``"uid"`` (its index) and draws each training batch's
-  prompts without replacement from ``w(x) ∝ sqrt(v̂(1 − v̂)) / N_eff^γ + ε_explore`` of the tracker the module
-  carries. The draw happens in ``on_before_batch_transfer`` (the batch about to be trained on) with a generator
-  seeded by (data seed, batch number): a pure function of checkpointed state, so a resumed run continues exactly.
-- :class:`SPOModule` measures each update's KL(π_before ‖ π_after) (k3 on the step's own completions, one extra
-  no-grad forward before and after the update) and feeds it to the tracker, whose forgetting ρ = 2^(−D/D_half)
-  depends on the drift D since a prompt was last seen.
+:class:`PrioritisedData` tags every training sample with ``"uid"`` (its index) and draws each training batch's
+prompts without replacement from ``w(x) ∝ sqrt(v̂(1 − v̂)) / N_eff^γ + ε_explore`` of the module's value tracker
+(its ``advantage``, a ``common.advantages.tracker.SPOTracker``). The draw happens in ``on_before_batch_transfer``
+(the batch about to be trained on) with a generator seeded by (data seed, batch number): a pure function of
+checkpointed state, so a resumed run continues exactly.
+
+The rest of the method is domain-free: ``common.methods.sample_fields.SampleFields`` (``{prompt_uid: uid}``) puts the
+tag in ``RolloutBatch.prompt_uid`` for the tracker, and ``common.methods.spo_stream.SPOStream`` feeds the tracker
+each update's KL(π_before ‖ π_after).
 """
 
 from __future__ import annotations
@@ -18,24 +19,14 @@ import torch
 from torch import Tensor
 
 from common.advantages.tracker import SPOTracker
-from common.batch import RolloutBatch
-from common.losses.kl import kl_estimate
-from common.ops import masked_mean
+from common.data import SEED_STRIDE, model_part
 from common.sampling.priority import spo_priority
 from text_reasoning.data import ReasoningData
-from text_reasoning.module import TextReasoningModule
-
-_SEED_STRIDE = 1_000_003  # separates the per-batch generator seeds of different data seeds
-
-
-def find_tracker(trainer) -> SPOTracker | None:
-    module = trainer.lightning_module if trainer is not None else None
-    found = [m for m in module.modules() if isinstance(m, SPOTracker)] if module is not None else []
-    return found[0] if found else None
 
 
 class PrioritisedData(ReasoningData):
-    """Training prompts drawn by SPO's priority weights (uniformly while the module has no ``SPOTracker``).
+    """Training prompts drawn by SPO's priority weights (uniformly while the module's ``advantage`` is no
+    ``SPOTracker``).
 
     Args:
         gamma: γ of ``N_eff^γ`` in the priority weight, in [0, 1] [UNVERIFIED value].
@@ -58,7 +49,7 @@ class PrioritisedData(ReasoningData):
 
     def probs(self) -> Tensor:
         """P(x) over the training prompts (N,)."""
-        tracker = find_tracker(self.trainer)
+        tracker = model_part(self.trainer, "advantage", SPOTracker)
         n = len(self.train_set)
         if tracker is None:
             return torch.full((n,), 1.0 / n, dtype=torch.float64)
@@ -68,7 +59,7 @@ class PrioritisedData(ReasoningData):
 
     def draw(self, batch_number: int, probs: Tensor) -> list[dict]:
         """The prompts of training batch ``batch_number``: ``prompts_per_step`` distinct prompts ~ ``probs`` (N,)."""
-        gen = torch.Generator().manual_seed(self.seed * _SEED_STRIDE + batch_number)
+        gen = torch.Generator().manual_seed(self.seed * SEED_STRIDE + batch_number)
         picks = torch.multinomial(probs.double().cpu(), self.prompts_per_step, replacement=False, generator=gen)  # (S,)
         return [self.train_set[i] for i in picks.tolist()]
 
@@ -76,25 +67,3 @@ class PrioritisedData(ReasoningData):
         if self.trainer is not None and self.trainer.training:
             batch = self.draw(self.batches_served, self.probs())
         return super().on_before_batch_transfer(batch, dataloader_idx)
-
-
-class SPOModule(TextReasoningModule):
-    """:class:`text_reasoning.module.TextReasoningModule` that feeds its ``SPOTracker`` the policy drift of every
-    update (logged as ``train/spo_kl``) and logs the tracker's mean value over visited prompts
-    (``train/spo_value``). With another estimator it behaves exactly like its parent."""
-
-    def update(self, rollouts: RolloutBatch) -> dict[str, Tensor]:
-        tracker = self.advantage if isinstance(self.advantage, SPOTracker) else None
-        if tracker is None:
-            return super().update(rollouts)
-        with torch.no_grad():
-            before = self._micro_logprobs(rollouts, reference=False)  # (B, T) log π_before
-        metrics = super().update(rollouts)
-        with torch.no_grad():
-            after = self._micro_logprobs(rollouts, reference=False)  # (B, T) log π_after
-            kl = masked_mean(kl_estimate(before, after, "k3"), rollouts.completion_mask)  # () KL(π_before ‖ π_after)
-        tracker.observe_kl(kl)
-        visited = tracker.visits > 0  # (N,)
-        metrics["spo_kl"] = kl
-        metrics["spo_value"] = (tracker.value() * visited).sum() / visited.sum().clamp(min=1)
-        return metrics

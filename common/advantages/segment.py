@@ -27,14 +27,15 @@ Each edge is one training row (prompt = the parent's full text, response = the c
 A ≠ 0 are kept; probability mask and whitening as in the chain. Since V(parent) is the mean over its children,
 Σ_children A = 0 at every node, and the edge advantage is the Dr.GRPO / GRPO advantage of the sibling group.
 
-The MC values need generation from prefixes, which belongs to the domain module: the estimators here take a
-``sampler`` (set by ``text_reasoning.segment.SegmentPOModule``) with ``old_logprobs(batch) -> (B, T)`` and
-``prefix_values(batch, starts, num_samples) -> (B, T)``.
+The estimators are pure functions of the batch. The generation they need (MC continuations from prefixes, the
+tree) is done by the method parts of ``common.methods.segment_po``: ``SegmentChain`` fills ``old_logprobs``,
+``segment_starts`` and ``prefix_values`` after scoring; ``SegmentTree`` grows the tree and returns its edges with
+rewards V(child) and ``old_logprobs``.
 """
 
 from __future__ import annotations
 
-from typing import Literal, Protocol
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -125,29 +126,10 @@ def spo_tree(values: Tensor, parent_ids: Tensor, *, mode: Literal["rloo", "grpo"
     return centred / (group_std(centred, parent_ids, n, ddof=0, validate=False)[parent_ids] + eps)
 
 
-class SegmentSampler(Protocol):
-    """What the SPO estimators need from the module (``text_reasoning.segment.SegmentPOModule`` implements it)."""
-
-    def old_logprobs(self, batch: RolloutBatch) -> Tensor:  # (B, T) log π_old of the sampled tokens
-        ...
-
-    def prefix_values(self, batch: RolloutBatch, starts: Tensor, num_samples: int) -> Tensor:  # (B, T)
-        """Mean reward of ``num_samples`` continuations from every prefix ``y_<s`` with ``starts[i, s]``."""
-        ...
-
-
-class _SegmentEstimator(AdvantageEstimator):
-    sampler: SegmentSampler | None = None
-
-    def _sampler(self) -> SegmentSampler:
-        if self.sampler is None:
-            raise ValueError(f"{type(self).__name__} needs a sampler for continuations and π_old log-probs; use it with "
-                             "model.class_path text_reasoning.segment.SegmentPOModule (or SegmentTreeModule)")
-        return self.sampler
-
-
-class SPOChain(_SegmentEstimator):
-    """SPO-chain (arXiv 2505.23564; authors' ``MathEpisodeGeneratorWithMCAdvantages``): token advantages (B, T).
+class SPOChain(AdvantageEstimator):
+    """SPO-chain (arXiv 2505.23564; authors' ``MathEpisodeGeneratorWithMCAdvantages``): token advantages (B, T)
+    from the batch's π_old log-probs, segment starts and MC prefix values (filled by
+    ``common.methods.segment_po.SegmentChain``, which reads ``interval`` and ``num_samples`` from here).
 
     Args:
         threshold: τ, tokens with π_old probability below it are cut candidates and the only trained tokens (0.9).
@@ -157,6 +139,8 @@ class SPOChain(_SegmentEstimator):
         whitening: whiten over the masked tokens of the batch (on).
         eps: whitening epsilon (1e-8).
     """
+
+    requires = ("old_logprobs", "segment_starts", "prefix_values")
 
     def __init__(self, threshold: float = 0.9, interval: int = 5, num_samples: int = 9, use_prob_mask: bool = True,
                  whitening: bool = True, eps: float = 1e-8):
@@ -172,25 +156,29 @@ class SPOChain(_SegmentEstimator):
         self.threshold, self.interval, self.num_samples = threshold, interval, num_samples
         self.use_prob_mask, self.whitening, self.eps = use_prob_mask, whitening, eps
 
+    def starts(self, old_logprobs: Tensor, mask: Tensor) -> Tensor:
+        """The segment starts of this estimator's cut rule. Shapes: old_logprobs, mask (B, T) -> (B, T) bool."""
+        return cut_starts(old_logprobs.exp(), mask, threshold=self.threshold, interval=self.interval)
+
     def __call__(self, batch: RolloutBatch) -> Tensor:
-        sampler = self._sampler()
-        mask = batch.completion_mask
-        probs = sampler.old_logprobs(batch).exp()  # (B, T)
-        starts = cut_starts(probs, mask, threshold=self.threshold, interval=self.interval)  # (B, T)
-        values = sampler.prefix_values(batch, starts, self.num_samples)  # (B, T)
-        return spo_chain(batch.rewards, starts, values, mask, probs, threshold=self.threshold,
-                         use_prob_mask=self.use_prob_mask, whitening=self.whitening, eps=self.eps)
+        batch.require(type(self).__name__, *self.requires)
+        return spo_chain(batch.rewards, batch.segment_starts, batch.prefix_values, batch.completion_mask,
+                         batch.old_logprobs.exp(), threshold=self.threshold, use_prob_mask=self.use_prob_mask,
+                         whitening=self.whitening, eps=self.eps)
 
 
-class SPOTree(_SegmentEstimator):
+class SPOTree(AdvantageEstimator):
     """SPO-tree edge advantages (arXiv 2505.23564; authors' ``TreeEpisodeGenerator``). Rows are tree edges built
-    by ``SegmentTreeModule``: ``rewards`` hold V(child) and ``group_ids`` the parent. Returns ``(A (B, T), keep)``
+    by ``common.methods.segment_po.SegmentTree``: ``rewards`` hold V(child), ``group_ids`` the parent and
+    ``old_logprobs`` π_old of the segment's tokens. Returns ``(A (B, T), keep)``
     with only the edges of A ≠ 0 kept, probability mask and whitening over the kept edges' masked tokens.
 
     Args:
         mode: "rloo" (V(child) − V(parent), the default) or "grpo" (divided by the siblings' std + eps).
         threshold, use_prob_mask, whitening, eps: as in SPOChain.
     """
+
+    requires = ("old_logprobs",)
 
     def __init__(self, mode: Literal["rloo", "grpo"] = "rloo", threshold: float = 0.9, use_prob_mask: bool = True,
                  whitening: bool = True, eps: float = 1e-8):
@@ -205,6 +193,7 @@ class SPOTree(_SegmentEstimator):
         keep = edge != 0  # (E,)
         mask = batch.completion_mask & keep[:, None]  # (E, T)
         if self.use_prob_mask:
-            mask = mask & (self._sampler().old_logprobs(batch).exp() < self.threshold)
+            batch.require(type(self).__name__, "old_logprobs")
+            mask = mask & (batch.old_logprobs.exp() < self.threshold)
         A = torch.where(mask, edge[:, None].expand_as(mask), torch.zeros_like(mask, dtype=edge.dtype))  # (E, T)
         return (whiten(A, mask, self.eps) if self.whitening else A), keep

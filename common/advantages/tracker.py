@@ -12,11 +12,12 @@ Equations as summarised there (the paper body was not readable; the tracker logi
     α(x) ← ρ(x)·α(x) + r ;  β(x) ← ρ(x)·β(x) + (1 − r)        (= v̂ ← v̂ + (r − v̂) / (ρ N_eff + 1))
 
 D(x) [UNVERIFIED, the spec's proposal]: the policy's KL drift since x was last sampled, ``K_total − K_at_visit(x)``,
-where ``K_total`` sums a per-step KL(π_before ‖ π_after) estimate of each update (fed by :meth:`SPOTracker.observe_kl`,
-``text_reasoning.spo.SPOModule`` does it). Unseen prompts start at v̂ = 0.5 with N_0 = 1 / (1 − ρ_min) pseudo-counts
-(the spec's proposal; the paper's offline estimation with n_0 samples per prompt is not done). Rewards outside
-[0, 1] are rejected: the Beta update is an EMA of v̂ only for rewards in [0, 1]. Several rows of one prompt in a
-batch all use the baseline from before the batch, and the prompt's counts take one decay plus all of them.
+where ``K_total`` sums a per-step KL(π_before ‖ π_after) estimate of each update (fed by :meth:`SPOTracker.observe_kl`;
+the method part ``common.methods.spo_stream.SPOStream`` does it). Unseen prompts start at v̂ = 0.5 with
+N_0 = 1 / (1 − ρ_min) pseudo-counts (the spec's proposal; the paper's offline estimation with n_0 samples per prompt
+is not done). Rewards outside [0, 1] are rejected: the Beta update is an EMA of v̂ only for rewards in [0, 1]. Several
+rows of one prompt in a batch all use the baseline from before the batch, and the prompt's counts take one decay plus
+all of them.
 """
 
 from __future__ import annotations
@@ -58,8 +59,9 @@ def beta_update(alpha: Tensor, beta: Tensor, successes: Tensor, trials: Tensor, 
 class SPOTracker(AdvantageEstimator, torch.nn.Module):
     """SPO's per-prompt value tracker as the advantage estimator (group-free: use ``group_size: 1``).
 
-    Every sample must carry ``"uid"``, its prompt's index in ``[0, num_prompts)``
-    (``text_reasoning.spo.PrioritisedData`` sets it). State (buffers, checkpointed): ``alpha``, ``beta``,
+    Reads ``RolloutBatch.prompt_uid``, every row's prompt index in ``[0, num_prompts)`` (the data module's
+    ``"uid"``, e.g. ``text_reasoning.spo.PrioritisedData``, copied by ``common.methods.sample_fields.SampleFields``).
+    State (buffers, checkpointed): ``alpha``, ``beta``,
     ``kl_at_visit`` (N,), ``visits`` (N,), ``kl_total`` ().
 
     Args:
@@ -70,6 +72,8 @@ class SPOTracker(AdvantageEstimator, torch.nn.Module):
         prior_count: N_0, pseudo-counts of an unseen prompt at v̂ = 0.5 (None: 1 / (1 − ρ_min)).
         eps: ε of the batch normalisation.
     """
+
+    requires = ("prompt_uid",)
 
     def __init__(self, num_prompts: int, d_half: float = 0.01, rho_min: float = 0.875, rho_max: float = 0.96,
                  prior_count: float | None = None, eps: float = 1e-6):
@@ -100,15 +104,14 @@ class SPOTracker(AdvantageEstimator, torch.nn.Module):
         return self.alpha / (self.alpha + self.beta)
 
     def uids(self, batch: RolloutBatch) -> Tensor:
-        try:
-            uid = torch.tensor([s["uid"] for s in batch.samples], dtype=torch.long, device=self.alpha.device)  # (B,)
-        except (KeyError, TypeError) as e:
-            raise ValueError("SPOTracker needs samples[i]['uid'] (the prompt's index in [0, num_prompts)); use "
-                             "text_reasoning.spo.PrioritisedData as the data module") from e
-        if uid.numel() != batch.batch_size:
-            raise ValueError(f"SPOTracker needs one sample dict per row: {uid.numel()} for {batch.batch_size} rows")
+        """The rows' prompt indices (B,), checked to lie in [0, num_prompts)."""
+        if batch.prompt_uid is None:
+            raise ValueError("SPOTracker needs RolloutBatch.prompt_uid (the prompt's index in [0, num_prompts)); use "
+                             "text_reasoning.spo.PrioritisedData as the data module and "
+                             "common.methods.sample_fields.SampleFields to copy its 'uid' into prompt_uid")
+        uid = batch.prompt_uid.to(self.alpha.device)  # (B,)
         if bool(((uid < 0) | (uid >= self.num_prompts)).any()):  # ok: one check per step
-            raise ValueError(f"samples[i]['uid'] must be in [0, {self.num_prompts}) (num_prompts); got max "
+            raise ValueError(f"prompt_uid must be in [0, {self.num_prompts}) (num_prompts); got max "
                              f"{int(uid.max())}: raise num_prompts to at least the number of training prompts")
         return uid
 

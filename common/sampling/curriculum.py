@@ -22,7 +22,9 @@ selector is called only by ``training_step``).
 
 State (in the Lightning checkpoint, as buffers): ``windows (J, W)``, ``counts (J,)``. The draw for a batch is a pure
 function of that state, the data seed and the batch number (``text_reasoning.curriculum.CurriculumData``), so a
-resumed run draws what the uninterrupted one would have.
+resumed run draws what the uninterrupted one would have. Each row's distribution is the declared field
+``RolloutBatch.distribution`` (the data module tags its samples; ``common.methods.sample_fields.SampleFields``
+copies the tag into the field).
 """
 
 from __future__ import annotations
@@ -57,15 +59,15 @@ def curriculum_probs(scores: Tensor, *, temperature: float, available: Tensor | 
     return torch.softmax(logits, dim=0)
 
 
-def sample_distribution_ids(samples: list[dict], num_distributions: int, device: torch.device) -> Tensor:
-    """The ``"distribution"`` entry of every sample as a LongTensor (B,), checked to lie in [0, J)."""
-    try:
-        ids = torch.tensor([s["distribution"] for s in samples], dtype=torch.long, device=device)  # (B,)
-    except (KeyError, TypeError) as e:
-        raise ValueError("the curriculum needs samples[i]['distribution'] (an int in [0, num_distributions)); "
-                         "use text_reasoning.curriculum.CurriculumData as the data module") from e
+def distribution_ids(batch: RolloutBatch, num_distributions: int, owner: str) -> Tensor:
+    """``batch.distribution`` (B,) long, checked to be set and to lie in [0, J)."""
+    if batch.distribution is None:
+        raise ValueError(f"{owner} needs RolloutBatch.distribution (an int in [0, num_distributions) per row): use "
+                         "text_reasoning.curriculum.CurriculumData as the data module and "
+                         "common.methods.sample_fields.SampleFields with {distribution: distribution}")
+    ids = batch.distribution.long()  # (B,)
     if ids.numel() and bool(((ids < 0) | (ids >= num_distributions)).any()):  # ok: one check per step
-        raise ValueError(f"samples[i]['distribution'] must be in [0, {num_distributions}) (num_distributions), "
+        raise ValueError(f"RolloutBatch.distribution must be in [0, {num_distributions}) (num_distributions), "
                          f"got values {sorted(set(ids.tolist()))}")
     return ids
 
@@ -74,6 +76,7 @@ class Curriculum(Selector, torch.nn.Module):
     """Base class of distribution-level curricula: a selector that watches training rollouts (keeping every row)
     and a ``probs(available)`` the data module draws each batch's distributions from."""
 
+    requires = ("distribution",)
     num_distributions: int
 
     def __init__(self) -> None:
@@ -87,7 +90,8 @@ class DUMP(Curriculum):
     """DUMP's UCB curriculum (arXiv 2504.09710; see the module docstring for the equations).
 
     Use as ``model.selector`` together with ``data: text_reasoning.curriculum.CurriculumData`` (which tags every
-    sample with its distribution and draws each batch from :meth:`probs`). It keeps every row.
+    sample with its distribution and draws each batch from :meth:`probs`) and the method part
+    ``common.methods.sample_fields.SampleFields`` with ``fields: {distribution: distribution}``. It keeps every row.
 
     Args:
         num_distributions: J, one per task source of the data module (in its order).
@@ -148,6 +152,6 @@ class DUMP(Curriculum):
         adv = rollouts.advantages  # (B,) or (B, T)
         if adv.dim() == 2:
             adv = masked_mean(adv, rollouts.completion_mask, 1)  # (B,) mean over valid tokens; 0 if none
-        ids = sample_distribution_ids(rollouts.samples, self.num_distributions, adv.device)  # (B,)
+        ids = distribution_ids(rollouts, self.num_distributions, type(self).__name__).to(adv.device)  # (B,)
         self.observe(adv.abs(), ids)
         return rollouts

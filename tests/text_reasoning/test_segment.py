@@ -1,5 +1,5 @@
-"""SPO-chain and SPO-tree through the text-reasoning modules (text_reasoning/segment.py) on a tiny real policy with
-real generation: prefixes are kept in the scored text, continuations stay within the budget, Monte-Carlo values
+"""SPO-chain and SPO-tree as method parts (common/methods/segment_po.py) of the text-reasoning module on a tiny real
+policy with real generation: prefixes are kept in the scored text, continuations stay within the budget, Monte-Carlo values
 match an independent recount, tree values are means of their children's rewards recomputed from the texts."""
 
 from __future__ import annotations
@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from common.advantages.segment import SPOChain, SPOTree, cut_starts
+from common.methods.segment_po import SegmentChain, SegmentTree, left_pack, right_pack
 from common.models import TinyLlama
 from common.rewards.base import RewardFunction
 from common.rollout.base import Sampling
 from helpers import DIGITS, digit_prompts
-from text_reasoning.segment import SegmentPOModule, SegmentTreeModule, left_pack, right_pack
+from text_reasoning.module import TextReasoningModule
 
 T = 6
 
@@ -40,12 +41,14 @@ def test_left_and_right_pack_keep_token_order() -> None:
 def test_prefix_values_keep_the_prefix_and_the_budget() -> None:
     torch.manual_seed(0)
     reward = FirstDigitAndLength()
-    module = SegmentPOModule(policy=policy(), rewards=[reward], verifier=reward, sampling=Sampling(max_new_tokens=T),
-                             group_size=4, log_samples_every=0, advantage=SPOChain(interval=2, num_samples=3))
-    batch = module.score(module.rollout(digit_prompts(2)))
-    starts = cut_starts(module.old_logprobs(batch).exp(), batch.completion_mask, interval=2)
+    chain = SegmentChain()
+    module = TextReasoningModule(policy=policy(), rewards=[reward], verifier=reward, sampling=Sampling(max_new_tokens=T),
+                                 group_size=4, log_samples_every=0, advantage=SPOChain(interval=2, num_samples=3),
+                                 methods=[chain])
+    batch = module.score(module.loop.rollout(digit_prompts(2)))
+    starts = cut_starts(module.loop.logprobs(batch).exp(), batch.completion_mask, interval=2)
     assert starts.any() and starts[:, 1:].any()
-    values = module.prefix_values(batch, starts, 3)
+    values = chain.prefix_values(module.loop, batch, starts, 3)
     assert (values < 100).all()  # no scored text is longer than the budget T (prefix + continuation)
     assert (values[~starts] == 0).all()
     # a cut after token 0 keeps y_0, so the first-digit reward of every continuation is the sampled one's
@@ -57,11 +60,15 @@ def test_prefix_values_keep_the_prefix_and_the_budget() -> None:
 def test_spo_chain_advantages_live_on_the_probability_mask_only() -> None:
     torch.manual_seed(1)
     reward = FirstDigitAndLength()
-    module = SegmentPOModule(policy=policy(), rewards=[reward], verifier=reward, sampling=Sampling(max_new_tokens=T),
-                             group_size=4, log_samples_every=0, advantage=SPOChain(threshold=0.07, interval=1, num_samples=2))
-    batch = module.score(module.rollout(digit_prompts(2)))
-    A = module.advantage(batch)
-    keep = batch.completion_mask & (module.old_logprobs(batch).exp() < 0.07)
+    chain = SegmentChain()
+    module = TextReasoningModule(policy=policy(), rewards=[reward], verifier=reward, sampling=Sampling(max_new_tokens=T),
+                                 group_size=4, log_samples_every=0,
+                                 advantage=SPOChain(threshold=0.07, interval=1, num_samples=2), methods=[chain])
+    batch = chain.after_score(module.loop, module.score(module.loop.rollout(digit_prompts(2))))
+    assert batch.segment_starts.equal(module.advantage.starts(batch.old_logprobs, batch.completion_mask))
+    assert (batch.prefix_values[~batch.segment_starts] == 0).all()
+    A = module.advantage(batch)  # a pure function of the batch's declared fields
+    keep = batch.completion_mask & (module.loop.logprobs(batch).exp() < 0.07)
     assert A.shape == batch.completion_mask.shape and torch.isfinite(A).all()
     assert (A[~keep] == 0).all() and (A[keep] != 0).any()
 
@@ -72,9 +79,11 @@ def test_tree_edges_values_are_means_of_their_leaves() -> None:
     recomputed here from the decoded texts with the reward function itself."""
     torch.manual_seed(2)
     reward = FirstDigitAndLength()
-    module = SegmentTreeModule(policy=policy(), rewards=[reward], verifier=reward, sampling=Sampling(max_new_tokens=T),
-                               log_samples_every=0, advantage=SPOTree(), branching=(2, 3), segment_tokens=2)
-    edges = module.rollout(digit_prompts(2))
+    module = TextReasoningModule(policy=policy(), rewards=[reward], verifier=reward, sampling=Sampling(max_new_tokens=T),
+                                 log_samples_every=0, advantage=SPOTree(),
+                                 methods=[SegmentTree(branching=(2, 3), segment_tokens=2)])
+    edges = module.loop.rollout(digit_prompts(2))
+    torch.testing.assert_close(edges.old_logprobs, module.loop.logprobs(edges), rtol=0, atol=0)
 
     def tokens(ids, mask):
         return ids[mask].tolist()
@@ -104,14 +113,21 @@ def test_tree_edges_values_are_means_of_their_leaves() -> None:
     assert keep.tolist() == (raw.abs() > 1e-6).tolist()  # kept edges are those with V(child) ≠ V(parent)
 
 
-def test_tree_module_rejects_bad_settings() -> None:
+def test_tree_and_chain_reject_bad_settings() -> None:
     reward = FirstDigitAndLength()
     with pytest.raises(ValueError, match="must exceed"):
-        SegmentTreeModule(policy=policy(), rewards=[reward], sampling=Sampling(max_new_tokens=4), advantage=SPOTree(),
-                          branching=(2, 2), segment_tokens=4)
+        TextReasoningModule(policy=policy(), rewards=[reward], sampling=Sampling(max_new_tokens=4), advantage=SPOTree(),
+                            methods=[SegmentTree(branching=(2, 2), segment_tokens=4)])
     with pytest.raises(ValueError, match="branching must be"):
-        SegmentTreeModule(policy=policy(), rewards=[reward], sampling=Sampling(max_new_tokens=8), advantage=SPOTree(),
-                          branching=(2, 0), segment_tokens=2)
+        TextReasoningModule(policy=policy(), rewards=[reward], sampling=Sampling(max_new_tokens=8), advantage=SPOTree(),
+                            methods=[SegmentTree(branching=(2, 0), segment_tokens=2)])
     with pytest.raises(ValueError, match="advantage must be"):
-        SegmentTreeModule(policy=policy(), rewards=[reward], sampling=Sampling(max_new_tokens=8), branching=(2,),
-                          segment_tokens=2)
+        TextReasoningModule(policy=policy(), rewards=[reward], sampling=Sampling(max_new_tokens=8),
+                            methods=[SegmentTree(branching=(2,), segment_tokens=2)])
+    with pytest.raises(ValueError, match="SegmentChain needs advantage"):
+        TextReasoningModule(policy=policy(), rewards=[reward], methods=[SegmentChain()])
+    # the estimators declare the fields the methods fill: without the method the run stops at start-up
+    with pytest.raises(ValueError, match="SPOChain requires RolloutBatch.segment_starts"):
+        TextReasoningModule(policy=policy(), rewards=[reward], advantage=SPOChain())
+    with pytest.raises(ValueError, match="SPOTree requires RolloutBatch.old_logprobs"):
+        TextReasoningModule(policy=policy(), rewards=[reward], advantage=SPOTree())

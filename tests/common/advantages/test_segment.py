@@ -132,10 +132,33 @@ def test_bad_inputs_name_the_argument() -> None:
     batch = RolloutBatch(prompt_ids=torch.zeros(2, 1, dtype=torch.long), prompt_mask=torch.ones(2, 1, dtype=torch.bool),
                          completion_ids=torch.zeros(2, 3, dtype=torch.long), completion_mask=m,
                          group_ids=torch.tensor([0, 0]), rewards=torch.tensor([1.0, 0.0]))
-    with pytest.raises(ValueError, match="SPOChain needs a sampler"):
+    with pytest.raises(ValueError, match=r"SPOChain needs RolloutBatch fields \['old_logprobs', 'segment_starts', 'prefix_values'\]"):
         SPOChain()(batch)
-    with pytest.raises(ValueError, match="SPOTree needs a sampler"):
+    with pytest.raises(ValueError, match=r"SPOTree needs RolloutBatch fields \['old_logprobs'\]"):
         SPOTree()(batch)
+    assert SPOChain.requires == ("old_logprobs", "segment_starts", "prefix_values") and SPOTree.requires == ("old_logprobs",)
+
+
+def test_estimators_are_pure_functions_of_the_batch_fields() -> None:
+    """SPOChain on the declared fields equals spo_chain on the same tensors; SPOTree's probability mask reads
+    old_logprobs (the by-hand example of test_probability_mask_whitening_and_degenerate_cases)."""
+    p = torch.tensor([[0.5, 0.95, 0.3], [0.2, 0.99, 0.99]])
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    est = SPOChain(interval=1)
+    starts = est.starts(p.log(), mask)
+    assert starts.tolist() == cut_starts(p, mask, interval=1).tolist()
+    values = torch.tensor([[0.0, 0.0, 1.0], [0.5, 0.0, 0.0]])
+    batch = RolloutBatch(completion_ids=torch.zeros(2, 3, dtype=torch.long), completion_mask=mask,
+                         group_ids=torch.tensor([0, 0]), rewards=torch.tensor([1.0, 1.0]), old_logprobs=p.log(),
+                         segment_starts=starts, prefix_values=values)
+    torch.testing.assert_close(est(batch), torch.tensor([[1.0, 0.0, -1.0], [0.0, 0.0, 0.0]]), atol=1e-6, rtol=0)
+    # tree: edges (V .5, 1; parent 0), A = (−.25, .25); token 1 of each edge has p ≥ .9 -> masked
+    edges = RolloutBatch(completion_ids=torch.zeros(2, 2, dtype=torch.long), completion_mask=torch.ones(2, 2, dtype=torch.bool),
+                         group_ids=torch.tensor([0, 0]), rewards=torch.tensor([0.5, 1.0]),
+                         old_logprobs=torch.tensor([[0.5, 0.95], [0.3, 0.99]]).log())
+    A, keep = SPOTree(whitening=False)(edges)
+    assert keep.tolist() == [True, True]
+    torch.testing.assert_close(A, torch.tensor([[-0.25, 0.0], [0.25, 0.0]]))
 
 
 def test_probability_mask_loss_value_and_gradient() -> None:

@@ -16,7 +16,7 @@ def batch_of(rewards, uids) -> RolloutBatch:
     B = r.shape[0]
     z = torch.zeros(B, 1, dtype=torch.long)
     return RolloutBatch(prompt_ids=z, prompt_mask=z.bool(), completion_ids=z, completion_mask=~z.bool(),
-                        group_ids=torch.arange(B), rewards=r, samples=[{"uid": u} for u in uids])
+                        group_ids=torch.arange(B), rewards=r, prompt_uid=torch.as_tensor(uids, dtype=torch.long))
 
 
 def test_hand_computed_advantages_and_update() -> None:
@@ -100,12 +100,12 @@ def test_bad_input_names_the_argument() -> None:
         t(batch_of([2.0], [0]))
     with pytest.raises(ValueError, match="finite"):
         t(batch_of([float("nan")], [0]))
-    with pytest.raises(ValueError, match=r"uid'\] must be in \[0, 2\)"):
+    with pytest.raises(ValueError, match=r"prompt_uid must be in \[0, 2\)"):
         t(batch_of([1.0], [2]))
-    b = batch_of([1.0], [0])
-    b.samples[0].pop("uid")
+    b = batch_of([1.0], [0]).replace(prompt_uid=None)
     with pytest.raises(ValueError, match="PrioritisedData"):
         t(b)
+    assert SPOTracker.requires == ("prompt_uid",)  # checked at start-up against what the run provides
     with pytest.raises(ValueError, match="baseline must have the shape"):
         spo_advantage(torch.zeros(3), torch.zeros(2))
 

@@ -1,6 +1,7 @@
 """DUMP curriculum (common/sampling/curriculum.py) and the data module that follows it
-(text_reasoning/curriculum.py): hand-computed UCB/softmax, the ring-buffer windows against a plain deque
-reference, degenerate and bad input, the state round trip, and that validation never updates the curriculum."""
+(text_reasoning/curriculum.py; SampleFields fills RolloutBatch.distribution): hand-computed UCB/softmax, the
+ring-buffer windows against a plain deque reference, degenerate and bad input, the state round trip, and that
+validation never updates the curriculum."""
 
 import collections
 import math
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from common.batch import RolloutBatch
+from common.methods.sample_fields import SampleFields
 from common.models import TinyLlama
 from common.sampling.curriculum import DUMP, curriculum_probs, ucb_scores
 from text_reasoning.curriculum import CurriculumData
@@ -25,7 +27,7 @@ def batch_of(advantages, distributions, mask=None) -> RolloutBatch:
     return RolloutBatch(prompt_ids=torch.zeros(B, 2, dtype=torch.long), prompt_mask=torch.ones(B, 2, dtype=torch.bool),
                         completion_ids=torch.zeros(B, T, dtype=torch.long), completion_mask=m,
                         group_ids=torch.arange(B), advantages=adv,
-                        samples=[{"distribution": d} for d in distributions], completions=[""] * B)
+                        distribution=torch.as_tensor(distributions, dtype=torch.long), completions=[""] * B)
 
 
 def test_two_arm_ucb_and_softmax_by_hand() -> None:
@@ -85,12 +87,12 @@ def test_bad_input_names_the_argument() -> None:
     with pytest.raises(ValueError, match="temperature must be > 0"):
         DUMP(num_distributions=2, temperature=0.0)
     d = DUMP(num_distributions=2)
-    with pytest.raises(ValueError, match=r"samples\[i\]\['distribution'\]"):
+    with pytest.raises(ValueError, match=r"RolloutBatch.distribution must be in \[0, 2\)"):
         d(batch_of([1.0], [5]))
-    b = batch_of([1.0], [0])
-    b.samples[0].pop("distribution")
+    b = batch_of([1.0], [0]).replace(distribution=None)
     with pytest.raises(ValueError, match="CurriculumData"):
         d(b)
+    assert DUMP.requires == ("distribution",)
 
 
 def test_state_round_trips_through_state_dict() -> None:
@@ -105,8 +107,9 @@ def test_state_round_trips_through_state_dict() -> None:
 def tiny_setup(selector):
     data = CurriculumData(tasks=[Arithmetic(digits=1), Arithmetic(digits=2)], train_size=16, val_size=4,
                           prompts_per_step=4, val_batch_size=4)
-    module = TextReasoningModule(policy=TinyLlama(), selector=selector, group_size=2)
-    module.sampling.max_new_tokens = 4
+    module = TextReasoningModule(policy=TinyLlama(), selector=selector, group_size=2,
+                                 methods=[SampleFields({"distribution": "distribution"})])
+    module.policy.sampling.max_new_tokens = 4
     trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
     return data, module, trainer
@@ -136,3 +139,16 @@ def test_a_curriculum_of_the_wrong_size_is_rejected() -> None:
     data, module, trainer = tiny_setup(DUMP(num_distributions=3))
     with pytest.raises(ValueError, match="num_distributions=3 but the data module has 2 task sources"):
         trainer.fit(module, datamodule=data)
+
+
+def test_the_distribution_field_is_declared_and_checked_at_start_up() -> None:
+    with pytest.raises(ValueError, match="DUMP requires RolloutBatch.distribution, which nothing in this run provides"):
+        TextReasoningModule(policy=TinyLlama(), selector=DUMP(num_distributions=2), group_size=2)
+    with pytest.raises(ValueError, match="not such fields"):
+        SampleFields({"distributions": "distribution"})
+    fields = SampleFields({"distribution": "distribution"})
+    assert fields.provides == ("distribution",)
+    rows = batch_of([1.0, 2.0], [0, 1]).replace(distribution=None, samples=[{"distribution": 1}, {"distribution": 0}])
+    assert fields.after_rollout(None, rows).distribution.tolist() == [1, 0]
+    with pytest.raises(ValueError, match="CurriculumData tags 'distribution'"):
+        fields.after_rollout(None, rows.replace(samples=[{}, {}]))
