@@ -1,9 +1,11 @@
 """``advlab`` = LightningCLI in subclass mode: ``advlab fit|validate|test --config configs/<domain>/<recipe>.yaml``.
 
 Every component (policy source, estimator, loss, rewards, rollout backend, data) is named by import path in
-YAML (jsonargparse ``class_path``/``init_args``); there is no registry. TensorBoard is the default logger and
-Lightning's ModelCheckpoint is on. ``--evaluate true`` validates before and after ``fit`` and prints the
-change of held-out accuracy.
+YAML (jsonargparse ``class_path``/``init_args``); there is no registry. The model may be any LightningModule
+(the RL loop ``common.module.PolicyOptimizationModule`` and its domain modules, or a plain trainer such as
+speculative's draft modules). TensorBoard is the default logger and Lightning's ModelCheckpoint is on.
+``--evaluate true`` validates before and after ``fit`` and prints the change of held-out accuracy (from the
+module's ``val_history`` of (step, accuracy, problems), where it keeps one).
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from common.checkpoint import AtomicCheckpointIO
-from common.module import PolicyOptimizationModule
 
 
 class AdvlabCLI(LightningCLI):
@@ -53,7 +54,7 @@ class AdvlabCLI(LightningCLI):
 
 def main(args=None) -> None:
     AdvlabCLI(
-        PolicyOptimizationModule,
+        L.LightningModule,
         L.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,

@@ -22,18 +22,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
+from support.report import ROOT, mean_sd, plt, save_plot, table, verdict, write_report  # the repo root, Agg
+
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from retrieval.metrics import RankingMetrics  # noqa: E402
-from retrieval.tasks import catalogue, recommendation  # noqa: E402
-from retrieval.toy import PointerPolicy, greedy_rankings, teacher_sft, toy_features, train_rl  # noqa: E402
+from retrieval.metrics import RankingMetrics
+from retrieval.tasks import catalogue, recommendation
+from retrieval.toy import PointerPolicy, greedy_rankings, teacher_sft, toy_features, train_rl
 
 N_SLATE, RANK_K = 8, 5
 ARMS = ("sft", "grpo", "fgrpo", "fgrpo_swapped")
@@ -98,12 +95,11 @@ def run_setting(pools: str, cat, encoder, args) -> dict:
 
 
 def mean(res: dict, arm: str, key: str) -> float:
-    return statistics.fmean(r[key] for r in res["results"][arm])
+    return mean_sd(r[key] for r in res["results"][arm])[0]
 
 
 def sd(res: dict, arm: str, key: str) -> float:
-    vals = [r[key] for r in res["results"][arm]]
-    return statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return mean_sd(r[key] for r in res["results"][arm])[1]
 
 
 def holds(res: dict) -> bool:
@@ -177,17 +173,17 @@ def smollm2_section(out: Path) -> str:
     if not path.exists():
         return "Not run (`--smollm2`)."
     r = json.loads(path.read_text())
-    rows = ["| arm | NDCG@3 | Recall@3 | MRR@3 | well-formed | seconds |", "|---|---|---|---|---|---|"]
-    for arm, name in (("sft", "SFT warm start only"), ("grpo", "GRPO (joint reward)"), ("fgrpo", "**F-GRPO**")):
-        a = r["arms"][arm]
-        rows.append(f"| {name} | {a['ndcg@3']:.3f} | {a['recall@3']:.3f} | {a['mrr']:.3f} | {a['format_ok']:.3f} | {a['seconds']:.0f} |")
+    rows = table(["arm", "NDCG@3", "Recall@3", "MRR@3", "well-formed", "seconds"],
+                 [[name] + [f"{r['arms'][arm][k]:.3f}" for k in ("ndcg@3", "recall@3", "mrr", "format_ok")]
+                  + [f"{r['arms'][arm]['seconds']:.0f}"]
+                  for arm, name in (("sft", "SFT warm start only"), ("grpo", "GRPO (joint reward)"), ("fgrpo", "**F-GRPO**"))])
     return (f"SmolLM2-135M-Instruct (bundled), recommendation pools of 10 (slate <= 5, ranking of 3), SFT warm start "
             f"{r['sft_steps']} steps x 4 prompts on noisy teacher answers (loss {r['sft_loss'][0]:.2f} -> "
             f"{r['sft_loss'][1]:.2f}, {r['sft_s']:.0f} s), then {r['rl_steps']} RL steps per arm (2 prompts x G = 8, "
             f"lr 1e-5, 32 new tokens) from the same warm start; greedy evaluation on {r['val_prompts']} held-out prompts. "
             f"This is a smoke-scale run of the whole text path (prompt -> generation -> parser -> per-phase rewards -> "
             f"phase masks -> factorised advantages -> update), not a comparison: {r['rl_steps']} steps cannot separate "
-            f"the arms.\n\n" + "\n".join(rows) + "\n\nOne seed and 16 prompts: differences between the rows are not "
+            f"the arms.\n\n" + rows + "\n\nOne seed and 16 prompts: differences between the rows are not "
             "evidence for either arm (greedy decoding of a barely warm-started 135M model flips between well-formed and "
             "malformed answers after a few small updates). Seconds are wall time on a 2-core machine shared with other jobs.")
 
@@ -231,9 +227,9 @@ def main() -> None:
                      f"({d:+.1f} pp, need >= +2), Recall@5 {mean(res, 'fgrpo', 'recall@5'):.3f} vs {mean(res, 'grpo', 'recall@5'):.3f}, "
                      f"swapped {mean(res, 'fgrpo_swapped', 'ndcg@3'):.3f}")
     ok = all(holds(r) for r in runs.values())
-    verdict = f"fgrpo: claim {'reproduced' if ok else 'not reproduced'}: " + "; ".join(parts) + f" ({args.seeds} seeds x {args.steps} steps)"
-    write_report(args, runs, verdict, time.time() - t0, time.process_time())
-    print(verdict)
+    line = verdict("fgrpo", ok, "; ".join(parts) + f" ({args.seeds} seeds x {args.steps} steps)", echo=False)
+    report(args, runs, line, time.time() - t0, time.process_time())
+    print(line)
 
 
 NAMES = {"embedding": "embedding ranker (all-MiniLM-L6-v2)", "sft": "SFT only", "grpo": "GRPO (joint reward)",
@@ -241,25 +237,19 @@ NAMES = {"embedding": "embedding ranker (all-MiniLM-L6-v2)", "sft": "SFT only", 
 ORDER = ("embedding", "sft", "grpo", "fgrpo", "fgrpo_swapped")
 
 
-def table(res: dict) -> str:
+def results_table(res: dict) -> str:
     plateaus = {a: (statistics.fmean(plateau_step(c, 1) for c in cs), statistics.fmean(plateau_step(c, 2) for c in cs))
                 for a, cs in res["curves"].items()}
-    rows = ["| arm | NDCG@3 | Recall@5 | MRR@5 | R_gen plateau (step) | R_rank plateau (step) |", "|---|---|---|---|---|---|"]
+    rows = []
     for a in ORDER:
         p = plateaus.get(a)
-        rows.append(f"| {NAMES[a]} | {mean(res, a, 'ndcg@3'):.3f} ± {sd(res, a, 'ndcg@3'):.3f} | "
-                    f"{mean(res, a, 'recall@5'):.3f} ± {sd(res, a, 'recall@5'):.3f} | {mean(res, a, 'mrr'):.3f} | "
-                    f"{'' if p is None else f'{p[0]:.0f}'} | {'' if p is None else f'{p[1]:.0f}'} |")
-    return "\n".join(rows)
+        rows.append([NAMES[a], f"{mean(res, a, 'ndcg@3'):.3f} ± {sd(res, a, 'ndcg@3'):.3f}",
+                     f"{mean(res, a, 'recall@5'):.3f} ± {sd(res, a, 'recall@5'):.3f}", f"{mean(res, a, 'mrr'):.3f}",
+                     "" if p is None else f"{p[0]:.0f}", "" if p is None else f"{p[1]:.0f}"])
+    return table(["arm", "NDCG@3", "Recall@5", "MRR@5", "R_gen plateau (step)", "R_rank plateau (step)"], rows)
 
 
-def write_report(args, runs: dict, verdict: str, elapsed: float, cpu: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    args.out.mkdir(parents=True, exist_ok=True)
+def report(args, runs: dict, verdict: str, elapsed: float, cpu: float) -> None:
     fig, axes = plt.subplots(len(runs), 3, figsize=(15, 4 * len(runs)), squeeze=False)
     for row, (pools, res) in zip(axes, runs.items()):
         for a, color in (("grpo", "tab:blue"), ("fgrpo", "tab:red"), ("fgrpo_swapped", "tab:gray")):
@@ -277,8 +267,8 @@ def write_report(args, runs: dict, verdict: str, elapsed: float, cpu: float) -> 
         row[2].set_xticks(range(len(ORDER)), ["emb", "SFT", "GRPO", "F-GRPO", "swapped"])
         row[2].set_title(f"{pools} pools: held-out NDCG@3 (greedy), mean ± sd over seeds")
     fig.tight_layout()
-    fig.savefig(args.out / "fgrpo.png", dpi=100)
-    tables = "\n\n".join(f"### {pools} pools\n\n{table(res)}" for pools, res in runs.items())
+    save_plot(fig, "fgrpo", args.out)
+    tables = "\n\n".join(f"### {pools} pools\n\n{results_table(res)}" for pools, res in runs.items())
     md = f"""# F-GRPO: factorised per-phase advantages vs joint-reward GRPO (CPU scale)
 
 Paper: *F-GRPO: Factorized Group-Relative Policy Optimization for Unified Candidate Generation and Ranking*
@@ -302,10 +292,11 @@ and the swapped-mask arm is worse than F-GRPO; here it must hold on both kinds o
 - SFT warm start ({args.sft_steps} steps) on a noisy teacher (slate = top-{N_SLATE} by history score + noise,
   ranking = top-{RANK_K} of the slate by another noisy score). Then {args.steps} RL steps per arm from the same
   SFT weights and the same prompt stream, {args.prompts} prompts x G = {args.group_size}, Adam lr {args.lr}, one
-  optimiser step per rollout (ratio 1; clipped surrogate of `common.losses.ppo_clip`).
-- F-GRPO: `common.advantages.factorised.factorised_advantages` (R_gen = slate coverage, R_rank = NDCG@5,
+  optimiser step per rollout (ratio 1; `common.losses.ppo_clip.ClippedPolicyLoss`), through the shared step
+  `common.loop.Loop` (`retrieval.toy.train_rl`; the pointer policy is a `common.policies.base.Policy`).
+- F-GRPO: `common.advantages.factorised.FactorisedGRPO` (R_gen = slate coverage, R_rank = NDCG@5,
   Dr.GRPO centring, 1/|m^k| per phase) with `seq_mean_token_sum` = the two-phase objective, lambda = 1.
-  GRPO: `grpo(R_gen + R_rank, scale="none")` on every token with `seq_mean_token_mean`. Swapped: F-GRPO with
+  GRPO: `GRPO(scale="none")` of R_gen + R_rank on every token with `seq_mean_token_mean`. Swapped: F-GRPO with
   the phase masks exchanged (slate tokens get the ranking advantage and vice versa).
 - Embedding ranker: the pool ordered by all-MiniLM-L6-v2 cosine between the history's titles and each title.
 - Evaluation: greedy decoding on held-out users, torchmetrics NDCG@3 / Recall@5 / MRR@5 of the ranked list
@@ -333,7 +324,7 @@ Run time: {elapsed:.0f} s wall, {cpu:.0f} s CPU (one thread, `torch.set_num_thre
 ## What was and wasn't tested
 
 - Tested: the factorised estimator and the two-phase objective of this repository against joint-reward GRPO, on
-  a policy whose two phases share one backbone, with equal steps and the same prompt stream per arm; the swapped
+  a policy whose two phases share one backbone (trained through the shared step, `common.loop.Loop`), with equal steps and the same prompt stream per arm; the swapped
   sanity arm; SFT-only and a real sentence-embedding ranker as baselines; when each phase's reward plateaus.
 - Not tested: an LLM policy. The toy policy emits candidate indices, not text. The text path (parser and format
   penalty, phase masks on SmolLM2 tokens, both recipes from `advlab`) is covered by `tests/retrieval/`, but a
@@ -342,7 +333,7 @@ Run time: {elapsed:.0f} s wall, {cpu:.0f} s CPU (one thread, `torch.set_num_thre
   (n = {N_SLATE} fixed here), KL, the paper's datasets (LastFM, MovieLens, HotpotQA, MuSiQue), and the multi-hop
   QA task in RL (its pools and rewards are tested).
 """
-    (args.out / "fgrpo.md").write_text(md)
+    write_report("fgrpo", md, args.out)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ T = 0, while continual EAGLE-3 training gains about 1 %).
 Check (shared/methods/domains.md §6.6), at CPU scale: a tiny Llama target trained on a synthetic order-2 Markov
 source (speculative.data.MarkovTarget, vocabulary 32), an EAGLE-3 draft trained with the TTT loss (Phase I ->
 M0), then from the same M0 with equal steps, batches and learning rate: (1) continual token-only training,
-(2) GTO (L_token + 0.5·L_GTO, K = 4 groups x m = 4, η = 1, ε = 0.2). Both use the library's module objectives
-(speculative.module.EagleModule / GTOModule). Evaluation: held-out prefixes decoded with the tree loop
+(2) GTO (L_token + 0.5·L_GTO, K = 4 groups x m = 4, η = 1, ε = 0.2). Both are built by the library's modules
+(speculative.module.EagleModule / GTOModule) and trained by its one step (speculative.module.draft_step). Evaluation: held-out prefixes decoded with the tree loop
 (top-k 4, depth 4, 16 tokens) at T = 0 and T = 1: τ, target forwards per token, and for M0 the misalignment
 diagnostics (greedy path pruned by re-ranking; accepted path = greedy path). 3 seeds.
 Falsifiable: τ(GTO) >= 1.03 x τ(continual) at T = 0, mean of 3 seeds, ±1 sd not overlapping.
@@ -18,45 +18,27 @@ Falsifiable: τ(GTO) >= 1.03 x τ(continual) at T = 0, mean of 3 seeds, ±1 sd n
 from __future__ import annotations
 
 import argparse
-import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import matplotlib
+from support.report import apart, mean_sd, plt, save_plot, verdict, write_report  # the repo root, Agg
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import torch
+from speculative.data import MarkovCorpus, MarkovTarget
+from speculative.decode import DecodeStats, SpeculativeDecoder, greedy_decode
+from speculative.module import EagleModule, GTOModule, draft_step, save_draft
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from speculative.data import MarkovCorpus, MarkovTarget  # noqa: E402
-from speculative.decode import DecodeStats, SpeculativeDecoder, greedy_decode  # noqa: E402
-from speculative.draft import target_features, ttt_loss  # noqa: E402
-from speculative.module import EagleModule, GTOModule, save_draft  # noqa: E402
-
-REPORTS = Path(__file__).resolve().parent / "reports"
 TREE = dict(top_k=4, depth=4, total_tokens=16)
 
 
 def train(module: EagleModule, batches: list[dict], lr: float) -> list[float]:
-    """The module's own objective (Phase I: L_token; GTO: L_token + ω·L_GTO), AdamW (0.9, 0.95), clip 0.5."""
+    """The library's step (Phase I: L_token; GTO: L_token + ω·L_GTO) with AdamW (0.9, 0.95), clip 0.5, no warm-up.
+    Returns the token-level loss of every step."""
     params = [p for p in module.draft.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    losses = []
-    for batch in batches:
-        ids, valid = batch["input_ids"], batch["valid"]
-        with torch.no_grad():
-            feats, logits, out = target_features(module.policy, ids, module.layers, use_cache=module.needs_cache)
-        loss_token, _ = ttt_loss(module.draft, feats, logits, ids, valid, module.ttt_steps)
-        loss, _ = module.objective(ids, valid, feats, logits, out, loss_token)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 0.5)
-        opt.step()
-        losses.append(float(loss_token))
-    return losses
+    return [float(draft_step(module.target, module.draft, batch, opt, layers=module.layers, ttt_steps=module.ttt_steps,
+                             gto=module.gto, max_grad_norm=0.5)["loss_token"]) for batch in batches]
 
 
 def batches_for(data: MarkovCorpus, steps: int, seed: int) -> list[dict]:
@@ -87,7 +69,6 @@ def main() -> None:
     if args.smoke:
         args.phase1_steps, args.steps, args.prefixes, args.new_tokens = 20, 4, 4, 16
     torch.set_num_threads(1)
-    REPORTS.mkdir(exist_ok=True)
     t_start = time.time()
 
     source = MarkovTarget()
@@ -132,17 +113,15 @@ def main() -> None:
                   f"{results[name][-1][1]['tau']:.3f} ({time.time() - t_start:.0f} s)", flush=True)
 
     def stat(name: str, T: int, key: str) -> tuple[float, float]:
-        vals = [r[T][key] for r in results[name]]
-        return statistics.mean(vals), statistics.stdev(vals)
+        return mean_sd(r[T][key] for r in results[name])
 
     m0 = rows["M0 (EAGLE-3, Phase I)"]
     (g0, gs), (c0, cs) = stat("GTO", 0, "tau"), stat("continual (token only)", 0, "tau")
     ratio = g0 / c0
-    reproduced = ratio >= 1.03 and g0 - gs > c0 + cs
-    verdict = "reproduced" if reproduced else "not reproduced"
-    line = (f"gto: claim {verdict}: tau(T=0) GTO {g0:.3f}±{gs:.3f} vs continual {c0:.3f}±{cs:.3f} "
-            f"({100 * (ratio - 1):+.1f}%; threshold +3%), M0 {m0[0]['tau']:.3f}; tau(T=1) GTO "
-            f"{stat('GTO', 1, 'tau')[0]:.3f} vs continual {stat('continual (token only)', 1, 'tau')[0]:.3f}")
+    reproduced = ratio >= 1.03 and apart([r[0]["tau"] for r in results["GTO"]], [r[0]["tau"] for r in results["continual (token only)"]])
+    line = verdict("gto", reproduced, f"tau(T=0) GTO {g0:.3f}±{gs:.3f} vs continual {c0:.3f}±{cs:.3f} "
+                   f"({100 * (ratio - 1):+.1f}%; threshold +3%), M0 {m0[0]['tau']:.3f}; tau(T=1) GTO "
+                   f"{stat('GTO', 1, 'tau')[0]:.3f} vs continual {stat('continual (token only)', 1, 'tau')[0]:.3f}", echo=False)
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for name, cs_ in curves.items():
@@ -161,7 +140,7 @@ def main() -> None:
     axes[1].set_ylim(1, None)
     axes[1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(REPORTS / "gto.png", dpi=100)
+    save_plot(fig, "gto")
 
     def row(name: str) -> str:
         if name in rows:
@@ -174,7 +153,7 @@ def main() -> None:
 
     per_seed = "\n".join(f"| {s} | {results['continual (token only)'][s][0]['tau']:.3f} | {results['GTO'][s][0]['tau']:.3f} |"
                          for s in range(3))
-    (REPORTS / "gto.md").write_text(f"""# GTO (arXiv 2509.22134): Draft Tree Reward training vs continual EAGLE-3 training
+    write_report("gto", f"""# GTO (arXiv 2509.22134): Draft Tree Reward training vs continual EAGLE-3 training
 
 Setup ({'smoke run' if args.smoke else 'full run'}): order-2 Markov source over 32 tokens (each context has 4
 successors, Dirichlet(0.5) weights; source entropy {source_h:.3f} nats/token); target = 2-layer Llama, d = 64,

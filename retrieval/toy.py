@@ -11,6 +11,11 @@ autoregressive pointer policy (Plackett-Luce without replacement) whose two phas
 so a sequence has ``S = n_slate + rank_k`` actions, phase masks are spans ``[0, n_slate)`` and
 ``[n_slate, S)``, and the log-probs (B, S) feed the same advantage and loss code as a language model.
 Rewards are the tensor forms of :mod:`retrieval.rewards` (coverage of the slate, NDCG@k of the ranking).
+
+The pointer policy is a ``common.policies.base.Policy``, so RL runs through the shared step
+(``common.loop.Loop`` + ``Stepper``, :func:`train_rl`) with the project's estimators and loss: F-GRPO is
+``FactorisedGRPO`` + ``seq_mean_token_sum``, the joint-reward baseline ``GRPO(scale="none")`` +
+``seq_mean_token_mean``.
 """
 
 from __future__ import annotations
@@ -18,10 +23,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from common.advantages.factorised import factorised_advantages, span_masks
-from common.advantages.group import grpo
-from common.losses.aggregate import aggregate
-from common.losses.ppo_clip import clipped_surrogate
+from common.advantages.factorised import FactorisedGRPO
+from common.advantages.group import GRPO
+from common.batch import RolloutBatch
+from common.loop import Loop, Stepper
+from common.losses.ppo_clip import ClippedPolicyLoss
+from common.policies.base import Policy, PolicyOutput
 
 
 def toy_features(samples: list[dict], vectors: Tensor) -> tuple[Tensor, Tensor]:
@@ -46,8 +53,12 @@ def ndcg_t(ranking: Tensor, rel: Tensor, k: int) -> Tensor:
     return torch.where(idcg > 0, dcg / idcg.clamp(min=1e-12), torch.zeros_like(dcg))
 
 
-class PointerPolicy(nn.Module):
+class PointerPolicy(Policy):
     """Shared backbone, one pointer head per phase (see the module docstring).
+
+    As a Policy, a prompt batch is a dict of per-prompt tensors: ``x`` (P, C, F) candidate features and ``rel``
+    (P, C) graded relevance (carried in ``RolloutBatch.inputs`` for the rewards); the actions are pool indices
+    (B, S) and every row has two phases starting at 0 and ``n_slate`` (``phase_starts``).
 
     Args:
         in_dim: candidate feature size (2d).
@@ -56,11 +67,18 @@ class PointerPolicy(nn.Module):
         rank_k: ranking length k (<= n).
     """
 
+    provides = ("phase_starts",)
+
     def __init__(self, in_dim: int, hidden: int = 64, n_slate: int = 8, rank_k: int = 5):
         super().__init__()
         self.backbone = nn.Sequential(nn.Linear(in_dim, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh())
         self.heads = nn.Linear(hidden, 2)  # column 0: gen, column 1: rank
         self.n_slate, self.rank_k = n_slate, rank_k
+        self.generator: torch.Generator | None = None  # the sampler's random stream (None: torch's global RNG)
+
+    @property
+    def horizon(self) -> int:  # S, actions per sequence
+        return self.n_slate + self.rank_k
 
     def logits(self, x: Tensor) -> Tensor:  # (B, C, F) -> (B, 2, C)
         return self.heads(self.backbone(x)).transpose(1, 2)
@@ -80,12 +98,7 @@ class PointerPolicy(nn.Module):
 
     def log_probs(self, x: Tensor, actions: Tensor) -> Tensor:
         """Log-prob of each action under the policy. Shapes: x (B, C, F), actions (B, S) -> (B, S)."""
-        B, C, _ = x.shape
-        lg = self.logits(x)  # (B, 2, C)
-        phase = (torch.arange(actions.shape[1]) >= self.n_slate).long()  # (S,)
-        per_step = lg[:, phase, :]  # (B, S, C)
-        per_step = per_step.masked_fill(~self._available(actions, C), float("-inf"))
-        return per_step.log_softmax(-1).gather(2, actions[:, :, None]).squeeze(2)
+        return self._step_logits(x, actions).log_softmax(-1).gather(2, actions[:, :, None]).squeeze(2)
 
     @torch.no_grad()
     def sample(self, x: Tensor, greedy: bool = False, generator: torch.Generator | None = None) -> Tensor:
@@ -103,6 +116,32 @@ class PointerPolicy(nn.Module):
             chosen = chosen | torch.nn.functional.one_hot(a, C).bool()
             actions.append(a)
         return torch.stack(actions, 1)
+
+    def _step_logits(self, x: Tensor, actions: Tensor) -> Tensor:
+        """Per-step logits over the allowed candidates (-inf elsewhere). Shapes: (B, C, F), (B, S) -> (B, S, C)."""
+        B, C, _ = x.shape
+        phase = (torch.arange(actions.shape[1]) >= self.n_slate).long()  # (S,)
+        return self.logits(x)[:, phase, :].masked_fill(~self._available(actions, C), float("-inf"))
+
+    # ------------------------------------------------------------------ the Policy interface
+    def rollout(self, prompts: dict[str, Tensor], n: int, *, greedy: bool = False) -> RolloutBatch:
+        """``n`` slates-and-rankings per prompt (group id = prompt). ``prompts``: ``x`` (P, C, F), ``rel`` (P, C)."""
+        P = prompts["x"].shape[0]
+        inputs = {k: v.repeat_interleave(n, 0) for k, v in prompts.items()}  # each (B, ...)
+        actions = self.sample(inputs["x"], greedy=greedy, generator=self.generator)  # (B, S)
+        B = actions.shape[0]
+        return RolloutBatch(completion_ids=actions, completion_mask=torch.ones_like(actions, dtype=torch.bool),
+                            group_ids=torch.arange(P).repeat_interleave(n), inputs=inputs,
+                            phase_starts=torch.tensor([[0, self.n_slate]]).expand(B, 2))
+
+    def forward(self, batch: RolloutBatch, *, epoch: int = 0, reference: bool = False, hidden: bool = False) -> PolicyOutput:
+        """Log-probs and entropies of the actions. Shapes: -> (B, S), (B, S)."""
+        if reference:
+            raise NotImplementedError("PointerPolicy has no reference policy (train with beta = 0)")
+        logp = self._step_logits(batch.inputs["x"], batch.completion_ids).log_softmax(-1)  # (B, S, C)
+        lp = logp.gather(2, batch.completion_ids[:, :, None]).squeeze(2)  # (B, S)
+        entropy = -(logp.exp() * logp.masked_fill(~torch.isfinite(logp), 0.0)).sum(-1)  # (B, S)
+        return PolicyOutput(lp, entropy)
 
 
 def teacher_sft(policy: PointerPolicy, x: Tensor, first: Tensor, steps: int, g: torch.Generator, lr: float = 3e-3,
@@ -123,37 +162,35 @@ def teacher_sft(policy: PointerPolicy, x: Tensor, first: Tensor, steps: int, g: 
         opt.step()
 
 
+def score(batch: RolloutBatch) -> RolloutBatch:
+    """Per-phase rewards (B, 2) = (slate coverage, NDCG@k of the ranking) and their sum, from ``inputs["rel"]``."""
+    n, rel = int(batch.phase_starts[0, 1]), batch.inputs["rel"]  # every row: slate of n, then the ranking
+    k = batch.completion_ids.shape[1] - n
+    comps = torch.stack([coverage_t(batch.completion_ids[:, :n], rel), ndcg_t(batch.completion_ids[:, n:], rel, k)], 1)
+    return batch.replace(rewards=comps.sum(1), reward_components=comps, reward_names=("coverage", "ndcg"))
+
+
 def train_rl(policy: PointerPolicy, x: Tensor, rel: Tensor, *, factorised: bool, swap_phases: bool = False, steps: int,
              g: torch.Generator, prompts: int = 32, G: int = 8, lr: float = 3e-3, log_every: int = 10) -> list[tuple]:
-    """RL with one optimiser step per rollout batch: F-GRPO (``factorised``: per-phase advantages with
-    ``seq_mean_token_sum``, the two-phase objective) or joint-reward GRPO (Dr.GRPO centring of R_gen + R_rank on
-    every action, ``seq_mean_token_mean``). Returns [(step, mean R_gen, mean R_rank)] of the sampled rollouts."""
-    opt = torch.optim.Adam(policy.parameters(), lr=lr)
-    n, k = policy.n_slate, policy.rank_k
-    B = prompts * G
-    mask = torch.ones(B, n + k, dtype=torch.bool)  # (B, S)
-    phases = span_masks(torch.tensor([[0, n]]).expand(B, 2), mask)  # (B, 2, S) slate actions, then ranking actions
-    if swap_phases:
-        phases = phases.flip(1)
-    gids = torch.arange(prompts).repeat_interleave(G)  # (B,)
-    curve = []
-    for step in range(steps):
-        idx = torch.randint(len(x), (prompts,), generator=g).repeat_interleave(G)  # (B,)
-        xb, rb = x[idx], rel[idx]
-        actions = policy.sample(xb, generator=g)  # (B, S)
-        r_gen, r_rank = coverage_t(actions[:, :n], rb), ndcg_t(actions[:, n:], rb, k)  # (B,) each
-        if step % log_every == 0 or step == steps - 1:
-            curve.append((step, float(r_gen.mean()), float(r_rank.mean())))
-        if factorised:
-            adv = factorised_advantages(torch.stack([r_gen, r_rank], 1), phases, gids)  # (B, S)
-        else:
-            adv = grpo(r_gen + r_rank, gids, scale="none")  # (B,)
-        logp = policy.log_probs(xb, actions)  # (B, S)
-        pg, _, _ = clipped_surrogate(logp, logp.detach(), adv, mask)
-        loss = aggregate(pg, mask, "seq_mean_token_sum" if factorised else "seq_mean_token_mean")
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    """RL through the shared step (``Loop.collect`` + ``Loop.update``), one optimiser step per rollout batch:
+    F-GRPO (``factorised``: per-phase advantages with ``seq_mean_token_sum``, the two-phase objective) or
+    joint-reward GRPO (Dr.GRPO centring of R_gen + R_rank on every action, ``seq_mean_token_mean``). ``g`` draws
+    the prompts and the samples. Returns [(step, mean R_gen, mean R_rank)] of the sampled rollouts."""
+    advantage = FactorisedGRPO(scale="none", swap_phases=swap_phases) if factorised else GRPO(scale="none")
+    loss = ClippedPolicyLoss(aggregation="seq_mean_token_sum" if factorised else "seq_mean_token_mean")
+    loop = Loop(policy, score, advantage, loss, group_size=G)
+    stepper = Stepper(torch.optim.Adam(policy.trainable_parameters(), lr=lr), policy.trainable_parameters(), max_grad_norm=0.0)
+    policy.generator, curve = g, []
+    try:
+        for step in range(steps):
+            idx = torch.randint(len(x), (prompts,), generator=g)  # (P,)
+            got = loop.collect({"x": x[idx], "rel": rel[idx]})
+            if step % log_every == 0 or step == steps - 1:
+                r = got.seen.reward_components.mean(0)
+                curve.append((step, float(r[0]), float(r[1])))
+            loop.update(got.kept, stepper)
+    finally:
+        policy.generator = None
     return curve
 
 

@@ -95,17 +95,18 @@ class FactorisedGRPO(AdvantageEstimator):
     """F-GRPO advantages from a RolloutBatch (see :func:`factorised_advantages`).
 
     Reads the K per-phase rewards from ``batch.reward_components`` (the module's reward functions, in phase
-    order) and where each phase starts from ``batch.samples[i][starts_key]`` (K token indices into the
-    completion, written by the domain's rollout).
+    order) and where each phase starts from ``batch.phase_starts`` (B, K) (token indices into the completion,
+    filled by the domain).
 
     Args:
         weights: λ_k per phase (default all 1; F-GRPO's λ = 1 for the ranking phase).
         scale: "none" (Dr.GRPO centring, the paper's choice) or "group" (also divide by the group std).
         phase_normalise: weight phase tokens by 1/|m^k_i| (pair with ``aggregation: seq_mean_token_sum``).
         swap_phases: give phase k the advantage of phase K−1−k (the swapped-mask sanity arm; should be worse).
-        starts_key: sample key holding the phase starts.
         eps: added to the std when ``scale="group"``.
     """
+
+    requires = ("phase_starts",)
 
     def __init__(
         self,
@@ -113,7 +114,6 @@ class FactorisedGRPO(AdvantageEstimator):
         scale: Literal["group", "none"] = "none",
         phase_normalise: bool = True,
         swap_phases: bool = False,
-        starts_key: str = "phase_starts",
         eps: float = 1e-6,
     ):
         if scale not in ("group", "none"):
@@ -121,19 +121,14 @@ class FactorisedGRPO(AdvantageEstimator):
         if weights is not None and any(w < 0 for w in weights):
             raise ValueError(f"weights must be >= 0 (one λ per phase), got {list(weights)}")
         self.weights = None if weights is None else torch.tensor(list(weights), dtype=torch.float32)
-        self.scale, self.phase_normalise, self.swap_phases = scale, phase_normalise, swap_phases
-        self.starts_key, self.eps = starts_key, eps
+        self.scale, self.phase_normalise, self.swap_phases, self.eps = scale, phase_normalise, swap_phases, eps
 
     def __call__(self, batch: RolloutBatch) -> Tensor:  # (B, T)
-        if batch.reward_components is None or not batch.samples or self.starts_key not in batch.samples[0]:
-            raise ValueError(
-                f"FactorisedGRPO needs batch.reward_components (B, K) and samples[i][{self.starts_key!r}] "
-                "(K phase starts per row); the domain's rollout must write them")
-        starts = torch.tensor([s[self.starts_key] for s in batch.samples], dtype=torch.long,
-                              device=batch.completion_mask.device)  # (B, K) host metadata -> one tensor
+        batch.require("FactorisedGRPO", "reward_components", "phase_starts")
+        starts = batch.phase_starts.to(batch.completion_mask.device)  # (B, K)
         rewards = batch.reward_components.to(batch.completion_mask.device)  # (B, K)
         if starts.shape != rewards.shape:
-            raise ValueError(f"phase starts {tuple(starts.shape)} and reward_components {tuple(rewards.shape)} must both be (B, K)")
+            raise ValueError(f"phase_starts {tuple(starts.shape)} and reward_components {tuple(rewards.shape)} must both be (B, K)")
         masks = span_masks(starts, batch.completion_mask)  # (B, K, T)
         if self.swap_phases:
             masks = masks.flip(1)

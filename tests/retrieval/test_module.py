@@ -68,7 +68,7 @@ def test_factorised_advantage_on_a_real_batch(tok):
     batch = RolloutBatch(prompt_ids=torch.zeros(3, 1, dtype=torch.long), prompt_mask=torch.ones(3, 1, dtype=torch.bool),
                          completion_ids=ids, completion_mask=mask, group_ids=torch.zeros(3, dtype=torch.long),
                          reward_components=comps, rewards=comps.sum(1),
-                         samples=[dict(sample, phase_starts=s) for s in starts], completions=texts)
+                         phase_starts=torch.tensor(starts), samples=[sample] * 3, completions=texts)
     adv = FactorisedGRPO()(batch)  # (B, T)
     a_gen = [5 / 6, 1 / 3, -7 / 6]
     mean_rank = (1 + ndcg2 - 1) / 3

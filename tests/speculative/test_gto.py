@@ -139,24 +139,29 @@ def test_gto_training_moves_the_draft_and_never_the_frozen_reference(tmp_path, m
     with torch.no_grad():
         from speculative.draft import target_features
 
-        feats, logits, out = target_features(module.policy, ids, module.layers, use_cache=True)
+        feats, logits, out = target_features(module.target, ids, module.layers, use_cache=True)
         seq, roots, gid = group_roots(batch["valid"], 2, 3)
         pos = torch.arange(31).expand(4, 31)
         g0, ctx = module.draft.context(feats[:, :-1], ids[:, 1:], pos)
         tree = prefix_trees(module.draft, ctx, g0, ids, seq, roots, top_k=3, depth=2, total_tokens=8)
-        _, choice = verify_prefix_trees(module.policy, out.past_key_values, logits, seq, roots, tree)
+        _, choice = verify_prefix_trees(module.target, out.past_key_values, logits, seq, roots, tree)
         tokens, length = accepted_branch(tree, choice)
-        g0r, ctxr = module.reference_draft.context(feats[:, :-1], ids[:, 1:], pos)
+        g0r, ctxr = module.gto.reference.context(feats[:, :-1], ids[:, 1:], pos)
         assert torch.equal(path_logprob(module.draft, ctx, g0, seq, roots, tokens, length),
-                           path_logprob(module.reference_draft, ctxr, g0r, seq, roots, tokens, length))
+                           path_logprob(module.gto.reference, ctxr, g0r, seq, roots, tokens, length))
 
     trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, limit_val_batches=0,
                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
     trainer.fit(module, datamodule=data)
     saved = load_file(str(ref_path))
-    ref_state, state = module.reference_draft.state_dict(), module.draft.state_dict()
+    ref_state, state = module.gto.reference.state_dict(), module.draft.state_dict()
     for name, value in saved.items():
         assert torch.equal(ref_state[name], value), f"the reference draft's {name} changed"
     moved = [n for n in saved if not torch.equal(state[n], saved[n])]
     assert "fc.weight" in moved and "q_proj.weight" in moved
-    assert all(not p.requires_grad for p in module.reference_draft.parameters())
+    assert all(not p.requires_grad for p in module.gto.reference.parameters())
+    # a plain LightningModule for a draft trainer: nothing of the RL loop it does not use
+    from common.module import PolicyOptimizationModule
+
+    assert isinstance(module, L.LightningModule) and not isinstance(module, PolicyOptimizationModule)
+    assert not any(n.startswith(("policy.", "backend.")) for n in module.state_dict())

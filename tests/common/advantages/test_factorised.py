@@ -145,7 +145,7 @@ def _batch(rewards, starts, T=5):
         prompt_ids=torch.zeros(B, 1, dtype=torch.long), prompt_mask=torch.ones(B, 1, dtype=torch.bool),
         completion_ids=torch.zeros(B, T, dtype=torch.long), completion_mask=torch.ones(B, T, dtype=torch.bool),
         group_ids=torch.zeros(B, dtype=torch.long), reward_components=rewards, rewards=rewards.sum(1),
-        samples=[{"phase_starts": s} for s in starts])
+        phase_starts=torch.tensor(starts))
 
 
 def test_estimator_reads_the_batch_and_swapped_arm_exchanges_phases():
@@ -156,4 +156,4 @@ def test_estimator_reads_the_batch_and_swapped_arm_exchanges_phases():
     swapped = FactorisedGRPO(swap_phases=True)(batch)  # slate tokens get the ranking advantage
     torch.testing.assert_close(swapped[0], torch.tensor([-0.25, -0.25, 1 / 6, 1 / 6, 1 / 6]))
     with pytest.raises(ValueError, match="phase_starts"):
-        FactorisedGRPO()(batch.replace(samples=[{}, {}]))
+        FactorisedGRPO()(batch.replace(phase_starts=None))
