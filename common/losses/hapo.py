@@ -20,7 +20,8 @@ sign-preserving h̃ above, which is the default here. ``code_compat=True`` repro
 
 The entropy statistics are over the micro-batch's valid tokens (as in the code, per micro-batch); the loss is
 micro-batch invariant for fixed statistics, and exact when ``micro_batch_size`` is None. Adaptive temperature
-sampling (the rollout side of HAPO) needs the previous step's statistics, :func:`hapo_entropy_stats`.
+sampling (the rollout side of HAPO, ``common/methods/hapo.py``, the paper's home) needs the previous step's
+statistics, :func:`hapo_entropy_stats`.
 """
 
 from __future__ import annotations

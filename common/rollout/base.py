@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+import torch
 from torch import Tensor, nn
 
 from common.batch import RolloutBatch
@@ -62,3 +63,25 @@ class RolloutBackend(Protocol):
     def sync_weights(self, policy: nn.Module) -> None:
         """Make the backend sample from ``policy``'s current weights (a no-op when it shares them)."""
         ...
+
+
+def stop_string_lengths(tokenizer, completion_ids: Tensor, mask: Tensor, stops: tuple[str, ...]) -> Tensor:
+    """Smallest prefix length whose text contains a stop string (binary search over prefixes; O(log T)
+    decodes per completion that contains one); shared by every backend. Shapes: (B, T), (B, T) -> (B,) long,
+    T+1 where none."""
+    lengths = torch.full((completion_ids.shape[0],), completion_ids.shape[1] + 1, dtype=torch.long)
+    rows = completion_ids.tolist()
+    valid = mask.sum(1).tolist()
+    for i, (ids, n) in enumerate(zip(rows, valid)):  # ok: host-side text search, only with stop strings
+        def hit(k: int) -> bool:
+            text = tokenizer.decode(ids[:k], skip_special_tokens=False)
+            return any(s in text for s in stops)
+
+        if not hit(n):
+            continue
+        lo, hi = 1, n
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if hit(mid) else (mid + 1, hi)
+        lengths[i] = lo
+    return lengths

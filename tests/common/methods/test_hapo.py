@@ -1,4 +1,5 @@
-"""HAPO's adaptive temperature: statistics, the sign of h̃, the per-row temperature, checkpointed state."""
+"""HAPO's adaptive temperature (common/methods/hapo.py): statistics, the sign of h̃, the per-row temperature,
+checkpointed state, and the method part that hands it to the HF backend and feeds it the update's entropies."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import pytest
 import torch
 
-from common.rollout.temperature import AdaptiveTemperature
+from common.methods.hapo import AdaptiveTemperature, AdaptiveTemperatureSampling
 
 
 def observed(code_compat=False) -> AdaptiveTemperature:
@@ -52,22 +53,51 @@ def test_state_is_checkpointed():
     assert bool(fresh.ready)
 
 
-def test_hf_backend_samples_with_it_and_the_module_feeds_it():
-    import lightning as L
-    from torch.utils.data import DataLoader
-
+def tiny_module(**overrides):
     from common.models import TinyLlama
     from common.rewards.length import LengthReward
     from common.rollout.base import Sampling
-    from common.rollout.hf import HFBackend
-    from helpers import DIGITS, digit_prompts
+    from helpers import DIGITS
     from text_reasoning.module import TextReasoningModule
 
-    module = TextReasoningModule(policy=TinyLlama(hidden_size=32, num_layers=1, num_heads=2, alphabet=DIGITS),
-                                 rewards=[LengthReward(target=3)], sampling=Sampling(max_new_tokens=5),
-                                 rollout_backend=HFBackend(adaptive_temperature=AdaptiveTemperature()),
-                                 group_size=4, log_samples_every=0)
+    kwargs = dict(policy=TinyLlama(hidden_size=32, num_layers=1, num_heads=2, alphabet=DIGITS),
+                  rewards=[LengthReward(target=3)], sampling=Sampling(max_new_tokens=5), group_size=4,
+                  log_samples_every=0, methods=[AdaptiveTemperatureSampling()])
+    kwargs.update(overrides)
+    return TextReasoningModule(**kwargs)
+
+
+def test_hf_backend_samples_with_it_and_the_method_feeds_it():
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from helpers import digit_prompts
+
+    module = tiny_module()
+    method = module.methods[0]
+    assert module.policy.backend.logits_processors == [method.temperature]  # handed over once, in setup
     L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False).fit(module, DataLoader(digit_prompts(4), batch_size=2, collate_fn=list))
-    assert bool(module.backend.adaptive_temperature.ready)
-    assert "backend.adaptive_temperature.pivot" in module.state_dict()
+    assert bool(method.temperature.ready)
+    assert "methods.0.temperature.pivot" in module.state_dict()  # the method owns the state, not the backend
+    assert not any(k.startswith("policy.backend.") for k in module.state_dict())
+
+
+def test_it_needs_the_hf_backend():
+    from common.rollout.vllm import VLLMBackend
+
+    with pytest.raises(ValueError, match="HFBackend"):
+        tiny_module(rollout_backend=VLLMBackend())
+
+
+@pytest.mark.slow
+def test_adaptive_temperature_resumes_exactly(tmp_path):
+    """The statistics are checkpointed method state: a SIGKILLed and resumed hapo.yaml run samples with the same
+    temperatures as an uninterrupted one (every checkpointed tensor and logged metric equal)."""
+    from resume import TINY, assert_sigkill_resume_exact, cli
+
+    run = cli("configs/text_reasoning/hapo.yaml", *TINY, "--model.init_args.group_size", "4",
+              "--data.init_args.prompts_per_step", "2")
+    ckpt = assert_sigkill_resume_exact(tmp_path, run, max_steps=6)
+    state = ckpt["state_dict"]
+    assert bool(state["methods.0.temperature.ready"]) and float(state["methods.0.temperature.scale"]) != 1.0
