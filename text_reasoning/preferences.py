@@ -1,10 +1,11 @@
 """The offline preference path for DPO / ADPO (``common/losses/preference.py``): fixed candidate completions per
 prompt, read from a local jsonl file or generated, go through the same update loop as online rollouts.
 
-A training "rollout" returns the prompt's candidates as the rows of one group (teacher-forced, nothing is sampled);
-each row's sample carries its label ``preference_score`` (chosen 1, rejected 0, or a list's scores), which the
-``PreferenceLabel`` reward returns. ``DPOLoss`` then pairs the best with the worst candidate, ``ADPOLoss`` fits the
-whole list. Validation and pass@k still sample from the policy (the task's verifier scores them).
+The method part :class:`OfflineCandidates` replaces the training rollout: it returns each prompt's candidates as
+the rows of one group (teacher-forced, nothing is sampled), with their labels in the declared field
+``preference_score`` (chosen 1, rejected 0, or a list's scores) and the rewards already set from them, so the loop
+does not score them. ``DPOLoss`` then pairs the best with the worst candidate, ``ADPOLoss`` fits the whole list.
+Validation and pass@k still sample from the policy (the task's verifier scores them).
 
 jsonl rows (TRL's pairwise format, or a list):
     {"prompt": "...", "chosen": "...", "rejected": "..."}            optional "answer", "task" for validation
@@ -14,19 +15,21 @@ jsonl rows (TRL's pairwise format, or a list):
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor
 
 from common.batch import RolloutBatch
-from common.rewards.base import RewardFunction
+from common.methods.base import Method
+from common.policies.causal_lm import CausalLMPolicy
 from text_reasoning import tasks
 from text_reasoning.data import TaskSource
-from text_reasoning.module import TextReasoningModule
 from text_reasoning.tasks import Problem
+
+if TYPE_CHECKING:
+    from common.loop import Loop
 
 
 class PreferenceFile(TaskSource):
@@ -91,56 +94,40 @@ class ArithmeticPreferences(TaskSource):
         return out
 
 
-class PreferenceLabel(RewardFunction):
-    """The label of an offline candidate: ``sample["preference_score"]``."""
-
-    name = "preference"
-
-    def __call__(self, completions: Sequence[str], samples: Sequence[Mapping[str, Any]]) -> Tensor:
-        missing = [i for i, s in enumerate(samples) if "preference_score" not in s]
-        if missing:
-            raise ValueError(f"PreferenceLabel: samples {missing[:5]} have no 'preference_score' (offline candidates "
-                             "come from OfflinePreferenceModule's training rollouts; sampled completions have none)")
-        return torch.tensor([float(s["preference_score"]) for s in samples], dtype=torch.float32)
-
-
-class OfflinePreferenceModule(TextReasoningModule):
-    """DPO / ADPO on fixed candidates (module docstring): training rows are the candidates of each prompt, one group
-    per prompt; ``rewards`` should be ``[PreferenceLabel]``. Completions longer than ``sampling.max_new_tokens`` are
-    cut there (``truncated``); each gets the EOS token the policy would end with.
-
-    Args:
-        **kwargs: everything of :class:`text_reasoning.module.TextReasoningModule`.
+class OfflineCandidates(Method):
+    """DPO / ADPO on fixed candidates (module docstring): the training rollout returns the candidates of each prompt
+    as one group, teacher-forced, with ``preference_score`` (B,) and ``rewards`` = the labels, ``correct`` = label
+    > 0.5. Completions longer than ``sampling.max_new_tokens`` are cut there (``truncated``); each gets the EOS
+    token the policy would end with. The loop's ``group_size`` is unused in training (a group is a prompt's list).
     """
 
-    def rollout(self, prompts: Sequence[dict], *, greedy: bool = False, num_samples: int | None = None) -> RolloutBatch:
-        if greedy or num_samples is not None:  # validation and pass@k sample from the policy
-            return super().rollout(prompts, greedy=greedy, num_samples=num_samples)
+    provides = ("preference_score",)
+
+    def setup(self, loop: "Loop") -> None:
+        if not isinstance(loop.policy, CausalLMPolicy):
+            raise ValueError(f"OfflineCandidates tokenises text candidates for a CausalLMPolicy, got {type(loop.policy).__name__}")
+
+    def rollout(self, loop: "Loop", prompts: Sequence[dict], n: int) -> RolloutBatch:
         missing = [i for i, s in enumerate(prompts) if not s.get("candidates")]
         if missing:
-            raise ValueError(f"OfflinePreferenceModule: prompts {missing[:5]} have no 'candidates'; use a preference "
+            raise ValueError(f"OfflineCandidates: prompts {missing[:5]} have no 'candidates'; use a preference "
                              "task source (text_reasoning.preferences.PreferenceFile / ArithmeticPreferences)")
+        policy = loop.policy
+        device, tok = policy.device, policy.tokenizer
         texts = [c[0] for s in prompts for c in s["candidates"]]
-        samples = [dict(s, preference_score=float(c[1])) for s in prompts for c in s["candidates"]]
-        counts = torch.tensor([len(s["candidates"]) for s in prompts], device=self.device)  # (P,)
-        ids, mask = self.encode_prompts(prompts)  # (P, L)
-        eos = self.tokenizer.eos_token_id
-        limit = self.sampling.max_new_tokens
-        tokens = [t + [eos] for t in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
-        truncated = torch.tensor([len(t) > limit for t in tokens], device=self.device)  # (B,)
+        score = torch.tensor([float(c[1]) for s in prompts for c in s["candidates"]], device=device)  # (B,)
+        counts = torch.tensor([len(s["candidates"]) for s in prompts], device=device)  # (P,)
+        ids, mask = policy.encode(prompts)  # (P, L)
+        limit = policy.sampling.max_new_tokens
+        tokens = [t + [tok.eos_token_id] for t in tok(texts, add_special_tokens=False)["input_ids"]]
+        truncated = torch.tensor([len(t) > limit for t in tokens], device=device)  # (B,)
         tokens = [t[:limit] for t in tokens]
         T = max(len(t) for t in tokens)
-        pad = self.tokenizer.pad_token_id
-        completion = torch.tensor([t + [pad] * (T - len(t)) for t in tokens], device=self.device)  # (B, T)
-        cmask = torch.tensor([[True] * len(t) + [False] * (T - len(t)) for t in tokens], device=self.device)
+        completion = torch.tensor([t + [tok.pad_token_id] * (T - len(t)) for t in tokens], device=device)  # (B, T)
+        cmask = torch.tensor([[True] * len(t) + [False] * (T - len(t)) for t in tokens], device=device)  # (B, T)
         return RolloutBatch(prompt_ids=ids.repeat_interleave(counts, 0), prompt_mask=mask.repeat_interleave(counts, 0),
                             completion_ids=completion, completion_mask=cmask,
-                            group_ids=torch.arange(len(prompts), device=self.device).repeat_interleave(counts),
-                            truncated=truncated, samples=samples, completions=texts)
-
-    def verify(self, rollouts: RolloutBatch) -> Tensor:  # (B,) bool
-        """Offline candidates are "correct" when their label is > 0.5 (no verifier needed, e.g. for free-form pairs);
-        sampled completions (validation) go to the task's verifier."""
-        if rollouts.samples and all("preference_score" in s for s in rollouts.samples):
-            return PreferenceLabel()(rollouts.completions, rollouts.samples).to(self.device) > 0.5
-        return super().verify(rollouts)
+                            group_ids=torch.arange(len(prompts), device=device).repeat_interleave(counts),
+                            truncated=truncated, preference_score=score, rewards=score, reward_components=score[:, None],
+                            reward_names=("preference",), correct=score > 0.5,
+                            samples=[dict(s) for s in prompts for _ in s["candidates"]], completions=texts)

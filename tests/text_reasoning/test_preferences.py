@@ -15,15 +15,16 @@ from common.losses.preference import ADPOLoss, DPOLoss
 from common.models import TinyLlama
 from common.rollout.base import Sampling
 from helpers import DIGITS
-from text_reasoning.preferences import ArithmeticPreferences, OfflinePreferenceModule, PreferenceFile, PreferenceLabel
+from text_reasoning.module import TextReasoningModule
+from text_reasoning.preferences import ArithmeticPreferences, OfflineCandidates, PreferenceFile
 
 
-def make_module(**overrides) -> OfflinePreferenceModule:
+def make_module(**overrides) -> TextReasoningModule:
     kwargs = dict(policy=TinyLlama(hidden_size=32, num_layers=1, num_heads=2, alphabet=DIGITS + " =", seed=0),
-                  rewards=[PreferenceLabel()], loss=DPOLoss(beta=0.5), sampling=Sampling(max_new_tokens=16),
+                  methods=[OfflineCandidates()], loss=DPOLoss(beta=0.5), sampling=Sampling(max_new_tokens=16),
                   group_size=2, lr=1e-2, log_samples_every=0)
     kwargs.update(overrides)
-    return OfflinePreferenceModule(**kwargs)
+    return TextReasoningModule(**kwargs)
 
 
 def test_jsonl_pairs_and_lists_become_labelled_groups(tmp_path):
@@ -37,12 +38,14 @@ def test_jsonl_pairs_and_lists_become_labelled_groups(tmp_path):
     lists_path.write_text(json.dumps(rows[1]) + "\n")
     lists = PreferenceFile(str(lists_path)).make(10, seed=0)
     module = make_module()
-    batch = module.score(module.rollout([pairs[0].as_sample(), lists[0].as_sample()]))
+    batch = module.loop.rollout([pairs[0].as_sample(), lists[0].as_sample()])  # rewards set: the loop does not score
     assert batch.group_ids.tolist() == [0, 0, 1, 1, 1]
     assert batch.rewards.tolist() == pytest.approx([1.0, 0.0, 1.0, 0.2, 0.0])
+    assert batch.preference_score.tolist() == pytest.approx([1.0, 0.0, 1.0, 0.2, 0.0])
     assert batch.correct.tolist() == [True, False, True, False, False]
-    eos = module.tokenizer.eos_token_id
-    expected = [module.tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] for t in ["3", "4", "4", "5", "22"]]
+    tok = module.policy.tokenizer
+    eos = tok.eos_token_id
+    expected = [tok(t, add_special_tokens=False)["input_ids"] + [eos] for t in ["3", "4", "4", "5", "22"]]
     for i, ids in enumerate(expected):
         assert batch.completion_ids[i][batch.completion_mask[i]].tolist() == ids
     with pytest.raises(ValueError, match="prompt/chosen/rejected"):
@@ -58,18 +61,18 @@ def test_generated_lists_and_missing_candidates():
         assert texts[0].endswith(f"= {p.answer}") and len(set(texts)) == 4
         assert [c[1] for c in p.meta["candidates"]] == [1.0, 0.0, 0.0, 0.0]
     with pytest.raises(ValueError, match="no 'candidates'"):
-        make_module().rollout([{"prompt": "1+2", "answer": "3", "task": "arithmetic"}])
+        make_module().loop.rollout([{"prompt": "1+2", "answer": "3", "task": "arithmetic"}])
 
 
 @pytest.mark.parametrize("loss", [DPOLoss(beta=0.5), ADPOLoss(anchor="reference", tau=1.0)])
 def test_a_few_offline_steps_rank_chosen_above_rejected(loss):
     module = make_module(loss=loss)
     data = [p.as_sample() for p in ArithmeticPreferences().make(8, seed=1)]
-    batch = module.rollout(data)
+    batch = module.loop.rollout(data)
 
     @torch.no_grad()
     def margin() -> float:  # mean over pairs of (s_w − s_w^ref) − (s_l − s_l^ref); the reference is the start
-        s = module.sequence_logprobs(batch)[0].sum(1)  # (B,)
+        s = module.policy(batch).logprobs.sum(1)  # (B,)
         return float((s[0::2] - s[1::2]).mean())
 
     before = margin()
