@@ -7,8 +7,9 @@ Three stages, each independent of the next (no actor-critic co-training):
 2. ``fit_step_critic``: a value head V_φ on π_ref's last hidden state of each state, fitted by MSE to the
    outcome labels; then A(s_k, a_k) = V_φ(s_{k+1}) − V_φ(s_k), and r − V_φ(s_k) for the final step.
    The records (prompt, prefix, step, advantage) are written to a jsonl file.
-3. ``OfflineStepModule`` + ``OfflineStepData``: the policy is trained on those records with
-   ``common.losses.step_advantage.DirectAdvantageLoss``: (log π(a|s) − log π_ref(a|s) − A/β)², no generation.
+3. ``OfflineStepRecords`` (a method part replacing the training rollout) + ``OfflineStepData``: the policy is
+   trained on those records with ``common.losses.step_advantage.DirectAdvantageLoss``:
+   (log π(a|s) − log π_ref(a|s) − A/β)², no generation.
 
     python -m text_reasoning.offline_steps --out configs/text_reasoning/data/dapo_step_arithmetic.jsonl
 
@@ -24,15 +25,20 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from common.batch import RolloutBatch
 from common.critic import ValueHead
+from common.methods.base import Method
+from common.policies.causal_lm import CausalLMPolicy
 from text_reasoning.data import ReasoningData
 from text_reasoning.module import TextReasoningModule
+
+if TYPE_CHECKING:
+    from common.loop import Loop
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,22 +62,17 @@ def split_steps(completion: str, delimiter: str = "\n") -> list[str]:
     return steps
 
 
-def prompt_texts(module: TextReasoningModule, samples: Sequence[dict], prefixes: Sequence[str]) -> list[str]:
-    """The chat-templated problem followed by the steps so far (the state s as text)."""
-    out = []
-    for s, prefix in zip(samples, prefixes):
-        messages = [{"role": "system", "content": module.system_prompt}] if module.system_prompt else []
-        messages.append({"role": "user", "content": s["prompt"] + module.instruction})
-        out.append(module.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + prefix)
-    return out
+def state_texts(policy: CausalLMPolicy, samples: Sequence[dict], prefixes: Sequence[str]) -> list[str]:
+    """The chat-templated problem (``CausalLMPolicy.prompt_texts``) followed by the steps so far (the state s)."""
+    return [text + prefix for text, prefix in zip(policy.prompt_texts(samples), prefixes)]
 
 
-def step_batch(module: TextReasoningModule, records: Sequence[dict]) -> RolloutBatch:
+def step_batch(policy: CausalLMPolicy, records: Sequence[dict]) -> RolloutBatch:
     """One row per (state, step) record: prompt = problem + prefix (left-padded), completion = the step's tokens
     (right-padded; EOS appended to a final step that ended with one). Advantages (B,) and outcome rewards (B,) come
     from the records."""
-    tok = module.tokenizer
-    enc = tok(prompt_texts(module, records, [r["prefix"] for r in records]), return_tensors="pt", padding=True,
+    tok = policy.tokenizer
+    enc = tok(state_texts(policy, records, [r["prefix"] for r in records]), return_tensors="pt", padding=True,
               add_special_tokens=False)
     steps = tok([r["step"] for r in records], add_special_tokens=False)["input_ids"]
     steps = [torch.tensor(ids + ([tok.eos_token_id] if r["terminal"] and r.get("eos", True) else []), dtype=torch.long)
@@ -85,26 +86,26 @@ def step_batch(module: TextReasoningModule, records: Sequence[dict]) -> RolloutB
         completion_mask=mask, group_ids=torch.arange(B), rewards=torch.tensor([float(r["reward"]) for r in records]),
         advantages=torch.tensor([float(r["advantage"]) for r in records]), samples=[dict(r) for r in records],
         completions=[r["step"] for r in records],
-    ).to(module.device)
+    ).to(policy.device)
 
 
-class OfflineStepModule(TextReasoningModule):
-    """Trains on offline (state, step, advantage) records instead of sampling: steps 1-4 of the loop become
-    "read the records, add reference log-probs"; the update (step 6) and logging are the shared ones. Validation
-    still generates (greedy accuracy on held-out problems). Use with ``DirectAdvantageLoss`` and
-    ``OfflineStepData``.
-
-    Args:
-        **kwargs: everything of :class:`text_reasoning.module.TextReasoningModule` (``group_size`` is unused
-            in training: each record is one row).
+class OfflineStepRecords(Method):
+    """Trains on offline (state, step, advantage) records instead of sampling: the training rollout turns the data
+    batch of records into rows (:func:`step_batch`) with rewards and advantages already set, so the loop neither
+    scores nor estimates them; it still adds the reference log-probs, and the update (step 6) and logging are the
+    shared ones. Validation still generates (greedy accuracy on held-out problems). Use with
+    ``DirectAdvantageLoss`` and ``OfflineStepData``; the loop's ``group_size`` is unused (each record is one row).
     """
 
-    def collect(self, records: Sequence[dict]) -> tuple[RolloutBatch, RolloutBatch, float]:
+    def setup(self, loop: "Loop") -> None:
+        if not isinstance(loop.policy, CausalLMPolicy):
+            raise ValueError(f"OfflineStepRecords tokenises text steps for a CausalLMPolicy, got {type(loop.policy).__name__}")
+
+    def rollout(self, loop: "Loop", records: Sequence[dict], n: int) -> RolloutBatch:
         if not records or "advantage" not in records[0]:
-            raise ValueError("OfflineStepModule trains on offline step records (prompt, prefix, step, terminal, "
+            raise ValueError("OfflineStepRecords trains on offline step records (prompt, prefix, step, terminal, "
                              "advantage, reward); use text_reasoning.offline_steps.OfflineStepData")
-        batch = self.reference_logprobs(step_batch(self, records))
-        return batch, batch, 0.0
+        return step_batch(loop.policy, records)
 
 
 class OfflineStepData(ReasoningData):
@@ -144,9 +145,10 @@ class OfflineStepData(ReasoningData):
 def state_features(module: TextReasoningModule, samples: Sequence[dict], prefixes: Sequence[str], batch_size: int = 32) -> Tensor:
     """π_ref's last-layer hidden state at the last token of each state text. Shapes: -> (N, H)."""
     out = []
-    decoder = module.policy.get_decoder()
+    policy = module.policy
+    decoder = policy.model.get_decoder()
     for start in range(0, len(samples), batch_size):
-        enc = module.tokenizer(prompt_texts(module, samples[start:start + batch_size], prefixes[start:start + batch_size]),
+        enc = policy.tokenizer(state_texts(policy, samples[start:start + batch_size], prefixes[start:start + batch_size]),
                                return_tensors="pt", padding=True, add_special_tokens=False)
         mask = enc["attention_mask"]
         pos = (mask.cumsum(1) - 1).clamp(min=0)
@@ -162,7 +164,7 @@ def build_step_records(module: TextReasoningModule, problems: Sequence[dict], sa
     records = []
     for start in range(0, len(problems), batch_prompts):
         chunk = problems[start:start + batch_prompts]
-        rollouts = module.score(module.rollout(chunk, num_samples=samples_per_prompt))
+        rollouts = module.score(module.policy.rollout(chunk, samples_per_prompt))
         for text, sample, reward, cut in zip(rollouts.completions, rollouts.samples, rollouts.rewards.tolist(),
                                              rollouts.truncated.tolist()):
             steps = split_steps(text, delimiter)

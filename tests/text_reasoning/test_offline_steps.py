@@ -15,10 +15,14 @@ from common.rewards.length import LengthReward
 from common.rollout.base import Sampling
 from helpers import DIGITS, digit_prompts
 from text_reasoning.module import TextReasoningModule
-from text_reasoning.offline_steps import (OfflineStepData, OfflineStepModule, build_step_records, fit_step_critic,
+from text_reasoning.offline_steps import (OfflineStepData, OfflineStepRecords, build_step_records, fit_step_critic,
                                           split_steps, step_batch)
 
 POLICY = dict(hidden_size=32, num_layers=1, num_heads=2, alphabet=DIGITS, seed=0)
+
+
+def offline_module(**kwargs) -> TextReasoningModule:
+    return TextReasoningModule(policy=TinyLlama(**POLICY), methods=[OfflineStepRecords()], log_samples_every=0, **kwargs)
 
 
 def test_split_steps_keeps_delimiters_and_reassembles():
@@ -62,29 +66,32 @@ def records_file(tmp_path, n=8):
 
 def test_step_batch_puts_the_prefix_in_the_prompt_and_the_step_in_the_completion(tmp_path):
     _, records = records_file(tmp_path)
-    module = OfflineStepModule(policy=TinyLlama(**POLICY), loss=DirectAdvantageLoss(beta=0.5), log_samples_every=0)
-    batch = step_batch(module, records[:4])
-    tok = module.tokenizer
+    module = offline_module(loss=DirectAdvantageLoss(beta=0.5))
+    batch = module.loop.rollout(records[:4])  # the method's rollout: step_batch of the data batch
+    tok = module.policy.tokenizer
     for i, r in enumerate(records[:4]):
         prompt = tok.decode(batch.prompt_ids[i][batch.prompt_mask[i]])
         assert prompt == r["prompt"] + "=" + r["prefix"]  # the char tokenizer's template is content + "="
         step = batch.completion_ids[i][batch.completion_mask[i]].tolist()
         assert step == tok(r["step"], add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if r["terminal"] else [])
     torch.testing.assert_close(batch.advantages, torch.tensor([r["advantage"] for r in records[:4]]))
+    torch.testing.assert_close(batch.rewards, torch.tensor([r["reward"] for r in records[:4]]))
+    got = module.loop.collect(records[:4]).kept  # rows arrive scored and estimated: only reference log-probs added
+    torch.testing.assert_close(got.advantages, batch.advantages)
+    assert got.ref_logprobs is not None and got.reward_components is None
 
 
 def test_offline_training_moves_the_log_ratio_toward_a_over_beta(tmp_path):
     path, records = records_file(tmp_path)
     L.seed_everything(0, verbose=False)
-    module = OfflineStepModule(policy=TinyLlama(**POLICY), loss=DirectAdvantageLoss(beta=0.5), lr=3e-3,
-                               log_samples_every=0, group_size=1)
+    module = offline_module(loss=DirectAdvantageLoss(beta=0.5), lr=3e-3, group_size=1)
     data = OfflineStepData(path=str(path), prompts_per_step=8, val_size=4)
-    batch = step_batch(module, records)
+    batch = step_batch(module.policy, records)
 
     def fit_error():
         with torch.no_grad():
-            b = module.reference_logprobs(batch)
-            lp, _ = module.sequence_logprobs(b)
+            b = module.loop.reference_logprobs(batch)
+            lp = module.policy(b).logprobs
             ratio = ((lp - b.ref_logprobs) * b.completion_mask).sum(1)
             return float(((ratio - b.advantages / 0.5) ** 2).mean())
 
@@ -99,6 +106,6 @@ def test_offline_training_moves_the_log_ratio_toward_a_over_beta(tmp_path):
 def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="path"):
         OfflineStepData(path=str(tmp_path / "missing.jsonl"), val_size=2).setup()
-    module = OfflineStepModule(policy=TinyLlama(**POLICY), loss=DirectAdvantageLoss(), log_samples_every=0)
+    module = offline_module(loss=DirectAdvantageLoss())
     with pytest.raises(ValueError, match="offline step records"):
-        module.collect(digit_prompts(2))
+        module.loop.collect(digit_prompts(2))
