@@ -67,7 +67,8 @@ def test_bad_input() -> None:
 
 def test_spo_tree_recipe_resumes_exactly_after_sigkill(tmp_path) -> None:
     run = cli("configs/text_reasoning/spo_tree.yaml", *TINY, "--data.init_args.prompts_per_step", "2",
-              "--model.init_args.branching", "[2, 3]", "--model.init_args.segment_tokens", "3",
+              "--model.init_args.methods", '[{"class_path": "common.methods.segment_po.SegmentTree", '
+              '"init_args": {"branching": [2, 3], "segment_tokens": 3}}]',
               "--model.init_args.selector.init_args.per_question", "2", "--model.init_args.rewards",
               '[{"class_path": "common.rewards.length.LengthReward", "init_args": {"target": 4}}]')
     ckpt = assert_sigkill_resume_exact(tmp_path, run, max_steps=6)
