@@ -95,7 +95,7 @@ def train(method: str, seed: int) -> list[float]:
             entropy = -(logp_all.exp() * logp_all).sum(-1).detach()  # (B, Lmax)
             batch = RolloutBatch(prompt_ids=torch.zeros(len(gid), 1, dtype=torch.long),
                                  prompt_mask=torch.ones(len(gid), 1, dtype=torch.bool), completion_ids=y,
-                                 completion_mask=mask, group_ids=gid, samples=[{"hint_tokens": int(x)} for x in k])
+                                 completion_mask=mask, group_ids=gid, hint_len=k)
             loss = ADHintLoss()(lp, lp.detach(), A, mask, entropy=entropy, batch=batch).loss
         else:
             loss = loss_fn(lp, lp.detach(), A, mask).loss

@@ -73,19 +73,22 @@ def adhint_advantages(rewards: Tensor, group_ids: Tensor, hinted: Tensor, hint_m
     return torch.where(protect, torch.zeros_like(hint_mask, dtype=A.dtype), A[:, None].expand(hint_mask.shape))
 
 
-def hint_lengths(batch: RolloutBatch) -> Tensor:
-    """Hint tokens at the start of each completion, from ``samples[i]["hint_tokens"]`` (0 if absent). -> (B,) long."""
-    lengths = [int(s.get("hint_tokens", 0)) for s in batch.samples] if batch.samples else [0] * batch.batch_size
-    return torch.tensor(lengths, dtype=torch.long, device=batch.completion_mask.device)
+def hint_lengths(batch: RolloutBatch, owner: str = "ADHint") -> Tensor:
+    """Hint tokens at the start of each completion: the declared field ``batch.hint_len`` (filled by
+    ``text_reasoning.hints.ADHintRollout``). -> (B,) long."""
+    batch.require(owner, "hint_len")
+    return batch.hint_len.to(batch.completion_mask.device)
 
 
 class ADHint(AdvantageEstimator):
-    """ADHint's token-level advantages from a RolloutBatch whose samples carry ``hint_tokens`` (written by
-    ``text_reasoning.hints.HintedReasoningModule``); see :func:`adhint_advantages`.
+    """ADHint's token-level advantages from a RolloutBatch with ``hint_len`` (B,) (filled by the method part
+    ``text_reasoning.hints.ADHintRollout``); see :func:`adhint_advantages`.
 
     Args:
         eps: added to the group std (verl's 1e-6).
     """
+
+    requires = ("hint_len",)
 
     def __init__(self, eps: float = 1e-6):
         if eps < 0:

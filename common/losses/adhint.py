@@ -45,19 +45,22 @@ def consistency_weights(entropy: Tensor, hint_mask: Tensor, mask: Tensor, *, eps
 class ADHintLoss(ClippedPolicyLoss):
     """The clipped loss with ADHint's consistency-based gradient modulation (CGM, proposal; see
     :func:`consistency_weights`): hint-token advantages are multiplied by w_t ∈ (0, 1] (a positive factor on A is a
-    factor on that token's clipped loss). Hint tokens are read from ``batch.samples[i]["hint_tokens"]``.
+    factor on that token's clipped loss). Hint tokens are the first ``batch.hint_len`` (B,) of each completion.
 
     Args:
         **kwargs: everything of :class:`common.losses.ppo_clip.ClippedPolicyLoss`.
     """
 
+    requires = ("hint_len",)
+
     def __call__(self, logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
                  ref_logprobs: Tensor | None = None, entropy: Tensor | None = None,
                  normaliser: Normaliser | None = None, batch: "RolloutBatch | None" = None) -> LossOutput:
         if entropy is None or batch is None:
-            raise ValueError("ADHintLoss needs entropy (B, T) and batch= (for samples[i]['hint_tokens']) to modulate hints")
+            raise ValueError("ADHintLoss needs entropy (B, T) and batch= (for batch.hint_len) to modulate hints")
         T = mask.shape[1]
-        hint_mask = torch.arange(T, device=mask.device)[None, :] < hint_lengths(batch).to(mask.device)[:, None]  # (B, T)
+        k = hint_lengths(batch, "ADHintLoss").to(mask.device)  # (B,)
+        hint_mask = torch.arange(T, device=mask.device)[None, :] < k[:, None]  # (B, T)
         w = consistency_weights(entropy, hint_mask, mask)  # (B, T)
         A = advantages if advantages.dim() == 2 else advantages[:, None].expand_as(w)  # (B, T)
         out = super().__call__(logprobs, old_logprobs, A * w, mask, ref_logprobs=ref_logprobs, entropy=entropy,

@@ -111,10 +111,9 @@ class Distillation:
 
 
 class SDPOLoss(PolicyLoss):
-    """The SDPO token-mean distillation loss (module docstring), used by
-    ``text_reasoning.self_distill.SelfDistillationModule``, which computes the top-k distributions from its policy
-    forward and the EMA teacher and passes them as ``distill``. Called without ``distill`` (the plain update loop
-    has no logits) it contributes nothing: loss 0.
+    """The SDPO token-mean distillation loss (module docstring). ``distill`` comes from the method part
+    ``text_reasoning.self_distill.SelfDistillation`` (its ``loss_inputs``: the top-k distributions from the policy
+    forward and the EMA teacher); without it the loss raises.
 
     Args:
         alpha: α of the generalised JSD (code 0.5; 0 forward KL, 1 reverse KL).
@@ -135,8 +134,10 @@ class SDPOLoss(PolicyLoss):
             raise ValueError(f"{type(self).__name__}: " + "; ".join(problems))
         self.alpha, self.top_k, self.add_tail, self.is_clip = alpha, top_k, add_tail, is_clip
 
-    @staticmethod
-    def _check(distill: Distillation, mask: Tensor) -> None:
+    def _check(self, distill: Distillation | None, mask: Tensor) -> None:
+        if distill is None:
+            raise ValueError(f"{type(self).__name__} needs distill= (the teacher's distributions): list "
+                             "text_reasoning.self_distill.SelfDistillation in the module's methods")
         B, T = mask.shape
         if distill.student.shape[:2] != (B, T) or distill.student.shape != distill.teacher.shape:
             raise ValueError(f"distill.student {tuple(distill.student.shape)} and distill.teacher "
@@ -158,8 +159,6 @@ class SDPOLoss(PolicyLoss):
                  distill: Distillation | None = None) -> LossOutput:
         """Shapes: logprobs, old_logprobs, mask (B, T); ``distill`` as in :class:`Distillation`."""
         check_token_shapes(logprobs, old_logprobs, mask)
-        if distill is None:
-            return LossOutput(loss=logprobs.new_zeros(()))
         self._check(distill, mask)
         norm = normaliser if normaliser is not None else Normaliser.of(mask)
         m = mask & distill.has_teacher[:, None]  # (B, T) tokens of rows with a teacher

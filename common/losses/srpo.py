@@ -62,6 +62,8 @@ class SRPOLoss(SDPOLoss):
         alpha, top_k, add_tail, is_clip: the SDPO branch (see :class:`common.losses.self_distill.SDPOLoss`).
     """
 
+    requires = ("correct",)
+
     def __init__(self, beta: float = 1.0, eps_low: float = 0.2, eps_high: float = 0.28, alpha: float = 0.5,
                  top_k: int = 100, add_tail: bool = True, is_clip: float | None = 2.0):
         super().__init__(alpha=alpha, top_k=top_k, add_tail=add_tail, is_clip=is_clip)
@@ -82,8 +84,6 @@ class SRPOLoss(SDPOLoss):
                  distill: Distillation | None = None) -> LossOutput:
         """Shapes: logprobs, old_logprobs, mask (B, T); advantages (B,) or (B, T); ``batch.correct`` (B,)."""
         check_token_shapes(logprobs, old_logprobs, mask)
-        if distill is None:
-            return LossOutput(loss=logprobs.new_zeros(()))
         self._check(distill, mask)
         if batch is None or batch.correct is None or batch.correct.shape != mask.shape[:1]:
             raise ValueError(f"SRPOLoss needs batch= with batch.correct (B,) = ({mask.shape[0]},) from the task verifier "

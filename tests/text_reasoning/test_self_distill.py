@@ -1,6 +1,6 @@
-"""SDPO / SRPO through the text-reasoning module on tiny real models with real generation: teacher contexts, the
-teacher's distribution against a plain forward on the re-prompted text, the EMA rule after a real step, and the
-EMA teacher surviving a SIGKILL and resume exactly."""
+"""SDPO / SRPO (the SelfDistillation method part) through the text-reasoning module on tiny real models with real
+generation: teacher contexts, the teacher's distribution against a plain forward on the re-prompted text, the EMA
+rule after a real step, and the EMA teacher surviving a SIGKILL and resume exactly."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from common.losses.aggregate import Normaliser
 from common.losses.self_distill import SDPOLoss
 from common.losses.srpo import SRPOLoss
 from common.models import TinyLlama
@@ -16,7 +17,8 @@ from common.rewards.base import RewardFunction
 from common.rollout.base import Sampling
 from helpers import DIGITS, digit_prompts
 from resume import TINY, assert_sigkill_resume_exact, cli
-from text_reasoning.self_distill import SelfDistillationModule, teacher_contexts
+from text_reasoning.module import TextReasoningModule
+from text_reasoning.self_distill import SelfDistillation, teacher_contexts
 
 
 class SevensReward(RewardFunction):
@@ -28,15 +30,18 @@ class SevensReward(RewardFunction):
         return torch.tensor([float("7" in c) for c in completions])
 
 
-def make_module(**overrides) -> SelfDistillationModule:
+TEMPLATES = dict(reprompt_template="{prompt}{solution}", solution_template="+{solution}")
+
+
+def make_module(ema_rate: float = 0.05, **overrides) -> TextReasoningModule:
     kwargs = dict(
         policy=TinyLlama(hidden_size=32, num_layers=1, num_heads=2, alphabet=DIGITS + "<>/think", seed=0),
         rewards=[SevensReward()], verifier=SevensReward(), sampling=Sampling(max_new_tokens=6),
         group_size=4, lr=3e-3, log_samples_every=0, loss=SDPOLoss(top_k=5),
-        reprompt_template="{prompt}{solution}", solution_template="+{solution}",
+        methods=[SelfDistillation(ema_rate=ema_rate, **TEMPLATES)],
     )
     kwargs.update(overrides)
-    return SelfDistillationModule(**kwargs)
+    return TextReasoningModule(**kwargs)
 
 
 def test_teacher_contexts_pick_the_first_successful_sibling():
@@ -57,24 +62,30 @@ def test_teacher_contexts_pick_the_first_successful_sibling():
 
 def test_teacher_distribution_equals_a_plain_forward_on_the_reprompted_text():
     module = make_module()
+    method, loop, tokenizer = module.methods[0], module.loop, module.policy.tokenizer
     with torch.no_grad():  # a teacher that differs from the student, so the check can tell them apart
-        for p in module.teacher.parameters():
+        for p in method.teacher.parameters():
             p.add_(0.05 * torch.randn_like(p))
     torch.manual_seed(0)
-    batch = module.score(module.rollout(digit_prompts(2)))
-    assert any(s["teacher_prompt"] for s in batch.samples)
-    logprobs, _ = module.sequence_logprobs(batch)
-    distill, tokens, _ = module.distillation(batch, module._hidden[1])
-    torch.testing.assert_close(tokens, logprobs, rtol=0, atol=1e-5)  # the same forward, two read-outs
+    batch = method.after_score(loop, module.score(loop.rollout(digit_prompts(2))))
+    contexts = teacher_contexts([s["prompt"] for s in batch.samples], batch.completions,
+                                (batch.rewards >= 0.5).tolist(), batch.group_ids.tolist(), **TEMPLATES)
+    assert any(contexts) and batch.has_teacher.tolist() == [c is not None for c in contexts]
+    out = module.policy(batch, hidden=True)
+    inputs = method.loss_inputs(loop, batch, out, {})
+    distill, tokens = inputs["distill"], inputs["logprobs"]
+    torch.testing.assert_close(tokens, out.logprobs, rtol=0, atol=1e-5)  # the same forward, two read-outs
+    torch.testing.assert_close(inputs["old_logprobs"], tokens.detach(), rtol=0, atol=0)  # π_old = π at one step
     m = batch.completion_mask
     for i, s in enumerate(batch.samples):  # plain reference: teacher(chat(x̃) + y) for each row on its own
-        text = s["teacher_prompt"] or s["prompt"]
-        prompt = module.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                      add_generation_prompt=True)
-        ids = module.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+        text = contexts[i] or s["prompt"]
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                               add_generation_prompt=True)
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+        assert batch.teacher_prompt_ids[i][batch.teacher_prompt_mask[i]].tolist() == ids.tolist()
         y = batch.completion_ids[i][m[i]]
         with torch.no_grad():
-            logits = module.teacher(input_ids=torch.cat([ids, y])[None]).logits[0, len(ids) - 1 : -1]  # (L, V)
+            logits = method.teacher(input_ids=torch.cat([ids, y])[None]).logits[0, len(ids) - 1 : -1]  # (L, V)
         logp = torch.log_softmax(logits.float(), -1)
         expected_entropy = -(logp.exp() * logp).sum(-1)
         torch.testing.assert_close(distill.teacher_entropy[i, m[i]], expected_entropy, rtol=0, atol=1e-5)
@@ -83,7 +94,7 @@ def test_teacher_distribution_equals_a_plain_forward_on_the_reprompted_text():
         # the student's top-5 indices, from a plain full forward of the student (left padding, explicit positions)
         attn = batch.attention_mask[i : i + 1].long()
         with torch.no_grad():
-            full_student = torch.log_softmax(module.policy(input_ids=batch.input_ids[i : i + 1], attention_mask=attn,
+            full_student = torch.log_softmax(module.policy.model(input_ids=batch.input_ids[i : i + 1], attention_mask=attn,
                                                            position_ids=(attn.cumsum(1) - 1).clamp(min=0)).logits[0].float(), -1)
         P = batch.prompt_ids.shape[1]
         idx = full_student[P - 1 : -1][m[i]].topk(5, -1).indices  # (L, 5)
@@ -93,13 +104,14 @@ def test_teacher_distribution_equals_a_plain_forward_on_the_reprompted_text():
 
 def test_one_training_step_moves_the_teacher_by_the_ema_rule():
     module = make_module(ema_rate=0.05)
-    teacher0 = [p.detach().clone() for p in module.teacher.parameters()]
+    teacher = module.methods[0].teacher
+    teacher0 = [p.detach().clone() for p in teacher.parameters()]
     L.seed_everything(0, verbose=False)
     trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, train_dataloaders=DataLoader(digit_prompts(8), batch_size=4, collate_fn=list))
     moved = False
-    for t, t0, p in zip(module.teacher.parameters(), teacher0, module.policy.parameters()):
+    for t, t0, p in zip(teacher.parameters(), teacher0, module.policy.model.parameters()):
         torch.testing.assert_close(t.detach(), 0.95 * t0 + 0.05 * p.detach(), rtol=1e-6, atol=1e-7)  # float32 lerp
         moved |= not torch.equal(t0, p.detach())
     assert moved, "the policy did not move in one step: the check would be vacuous"
@@ -123,6 +135,10 @@ def test_bad_loss_is_rejected():
         make_module(loss=ClippedPolicyLoss())
     with pytest.raises(ValueError, match="ema_rate"):
         make_module(ema_rate=0.0)
+    plain = make_module(methods=[])  # the loss without the method: one clear error at the loss call
+    batch = plain.loop.rollout(digit_prompts(1))
+    with pytest.raises(ValueError, match="SDPOLoss needs distill="):
+        plain.loop.micro_loss(batch, Normaliser.of(batch.completion_mask), 0)
 
 
 @pytest.mark.parametrize("recipe", ["sdpo", "srpo"])
@@ -130,12 +146,14 @@ def test_ema_teacher_survives_sigkill_and_resume_exactly(tmp_path, recipe):
     # every row counts as a success (threshold −100), so every row has a sibling teacher and the loss is non-zero
     run = cli(f"configs/text_reasoning/{recipe}.yaml", *TINY, "--model.init_args.rewards",
               '[{"class_path": "common.rewards.length.LengthReward", "init_args": {"target": 12}}]',
-              "--model.init_args.success_threshold", "-100", "--model.init_args.loss.init_args.top_k", "8",
-              "--model.init_args.ema_rate", "0.5")
+              "--model.init_args.methods",
+              '[{"class_path": "text_reasoning.self_distill.SelfDistillation", '
+              '"init_args": {"success_threshold": -100, "ema_rate": 0.5}}]',
+              "--model.init_args.loss.init_args.top_k", "8")
     ckpt = assert_sigkill_resume_exact(tmp_path, run, max_steps=6)
     state = ckpt["state_dict"]
-    teacher = {k[len("teacher."):]: v for k, v in state.items() if k.startswith("teacher.")}
-    policy = {k[len("policy."):]: v for k, v in state.items() if k.startswith("policy.")}
+    teacher = {k[len("methods.0.teacher."):]: v for k, v in state.items() if k.startswith("methods.0.teacher.")}
+    policy = {k[len("policy.model."):]: v for k, v in state.items() if k.startswith("policy.model.")}
     assert teacher and teacher.keys() == policy.keys()
     assert any(not torch.equal(teacher[k], policy[k]) for k in teacher), "EMA teacher equals the student"
     initial = dict(TinyLlama().load()[0].named_parameters())

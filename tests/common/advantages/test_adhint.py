@@ -85,15 +85,17 @@ def test_failed_hinted_rollout_gets_no_gradient_on_its_hint_tokens():
     assert bool((lp.grad[0] != 0).all())
 
 
-def test_all_equal_group_gives_zeros_and_estimator_reads_hint_tokens():
+def test_all_equal_group_gives_zeros_and_estimator_reads_hint_len():
     mask = torch.ones(4, 3, dtype=torch.bool)
     batch = RolloutBatch(prompt_ids=torch.zeros(4, 1, dtype=torch.long), prompt_mask=torch.ones(4, 1, dtype=torch.bool),
                          completion_ids=torch.zeros(4, 3, dtype=torch.long), completion_mask=mask,
                          group_ids=torch.tensor([0, 0, 1, 1]), rewards=torch.tensor([1.0, 1.0, 1.0, 0.0]),
-                         samples=[{"hint_tokens": 0}, {"hint_tokens": 2}, {"hint_tokens": 0}, {"hint_tokens": 2}])
+                         hint_len=torch.tensor([0, 2, 0, 2]))
     A = ADHint()(batch)
     assert A.shape == (4, 3) and A[:2].abs().max() == 0 and torch.isfinite(A).all()
     assert A[3, :2].abs().max() == 0 and A[3, 2] < 0  # failed hinted row: hint tokens protected
+    with pytest.raises(ValueError, match=r"ADHint needs RolloutBatch fields \['hint_len'\]"):  # never a silent 0
+        ADHint()(batch.replace(hint_len=None))
 
 
 def test_bad_inputs_name_the_argument():

@@ -24,7 +24,7 @@ def test_loss_is_the_clipped_loss_with_scaled_hint_advantages():
     mask = torch.ones(B, T, dtype=torch.bool)
     batch = RolloutBatch(prompt_ids=torch.zeros(B, 1, dtype=torch.long), prompt_mask=torch.ones(B, 1, dtype=torch.bool),
                          completion_ids=torch.zeros(B, T, dtype=torch.long), completion_mask=mask,
-                         group_ids=torch.zeros(B, dtype=torch.long), samples=[{"hint_tokens": 2}, {"hint_tokens": 0}])
+                         group_ids=torch.zeros(B, dtype=torch.long), hint_len=torch.tensor([2, 0]))
     H = torch.tensor([[0.5, 4.0, 2.0, 2.0], [1.0, 1.0, 1.0, 1.0]])  # row 0: H̄ = 2 -> w = 0.25, 0.5 on the hint
     lp = torch.full((B, T), -1.0, requires_grad=True)
     A = torch.tensor([1.0, -1.0])
@@ -33,6 +33,8 @@ def test_loss_is_the_clipped_loss_with_scaled_hint_advantages():
     ref = ClippedPolicyLoss()(lp, lp.detach() + 0.05, scaled, mask, entropy=H)
     torch.testing.assert_close(ours.loss, ref.loss)
     torch.testing.assert_close(ours.metrics["hint_weight"], torch.tensor(0.375))
+    with pytest.raises(ValueError, match=r"ADHintLoss needs RolloutBatch fields \['hint_len'\]"):
+        ADHintLoss()(lp, lp.detach(), A, mask, entropy=H, batch=batch.replace(hint_len=None))
 
 
 def test_bad_inputs():

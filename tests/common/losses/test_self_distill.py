@@ -173,4 +173,8 @@ def test_bad_inputs_name_the_argument():
                         has_teacher=torch.ones(2, dtype=torch.bool))
     with pytest.raises(ValueError, match="batch.correct"):
         SRPOLoss()(lp, lp, torch.zeros(2), mask, distill=good)
-    assert SDPOLoss()(lp, lp, torch.zeros(2), mask).loss.item() == 0  # the plain loop's call: nothing
+    with pytest.raises(ValueError, match="SDPOLoss needs distill="):  # no teacher distributions: never a silent 0
+        SDPOLoss()(lp, lp, torch.zeros(2), mask)
+    with pytest.raises(ValueError, match="SRPOLoss needs distill="):
+        SRPOLoss()(lp, lp, torch.zeros(2), mask,
+                   batch=batch_of(mask, torch.zeros(2, dtype=torch.long), torch.ones(2, dtype=torch.bool)))
