@@ -171,11 +171,9 @@ class CausalLMPolicy(Policy):
         self.backend.sync_weights(self.model)
 
     def sampler_logprobs(self, batch: RolloutBatch) -> Tensor:
-        score = getattr(self.backend, "score", None)
-        if score is None:  # the HF backend samples from these very weights
-            return self(batch).logprobs
-        return score(self.model, self.tokenizer, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
-                     batch.completion_mask)
+        """The backend's teacher-forced log-probs of the batch (temperature 1: compare with a policy sampling at 1)."""
+        return self.backend.score(self.model, self.tokenizer, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
+                                  batch.completion_mask)
 
     def extra_repr(self) -> str:
         return f"source={type(self.source).__name__}, lora={self.lora is not None}, backend={type(self.backend).__name__}"

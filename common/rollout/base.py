@@ -64,6 +64,14 @@ class RolloutBackend(Protocol):
         """Make the backend sample from ``policy``'s current weights (a no-op when it shares them)."""
         ...
 
+    def score(self, policy: nn.Module, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
+              completion_mask: Tensor) -> Tensor:
+        """Teacher-forced log-probs (temperature 1) of given completions under the weights the backend samples
+        from. Shapes: prompt (B, L) left-padded, completion (B, T) right-padded -> (B, T), 0 off the mask. The
+        loop's conformance test compares them with the trainer's after an optimiser step (a sync that binds
+        nothing fails)."""
+        ...
+
 
 def stop_string_lengths(tokenizer, completion_ids: Tensor, mask: Tensor, stops: tuple[str, ...]) -> Tensor:
     """Smallest prefix length whose text contains a stop string (binary search over prefixes; O(log T)

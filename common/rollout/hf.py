@@ -78,6 +78,18 @@ class HFBackend(nn.Module):
         cache.batch_repeat_interleave(num_samples)  # (P, ...) -> (P·G, ...)
         return cache
 
+    @torch.no_grad()
+    def score(self, policy: nn.Module, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
+              completion_mask: Tensor) -> Tensor:
+        """Teacher-forced log-probs (temperature 1) from one plain forward of ``policy``: the weights ``generate``
+        samples from. Shapes: prompt (B, L) left-padded, completion (B, T) right-padded -> (B, T), 0 off the mask."""
+        attn = torch.cat([prompt_mask, completion_mask], 1).long()  # (B, L + T)
+        position_ids = (attn.cumsum(1) - 1).clamp(min=0)
+        logits = policy(input_ids=torch.cat([prompt_ids, completion_ids], 1), attention_mask=attn,
+                        position_ids=position_ids).logits[:, prompt_ids.shape[1] - 1 : -1].float()  # (B, T, V)
+        logp = logits.log_softmax(-1).gather(-1, completion_ids[..., None]).squeeze(-1)  # (B, T)
+        return logp.masked_fill(~completion_mask.bool(), 0.0)
+
     def sync_weights(self, policy: nn.Module) -> None:
         return None
 

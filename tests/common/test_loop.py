@@ -31,9 +31,17 @@ def causal_lm() -> CausalLMPolicy:
                           Sampling(max_new_tokens=5))
 
 
+def causal_lm_lora() -> CausalLMPolicy:
+    from common.models import LoRA
+
+    return CausalLMPolicy(TinyLlama(hidden_size=32, num_layers=1, num_heads=2, alphabet=DIGITS, seed=0),
+                          Sampling(max_new_tokens=5), lora=LoRA(rank=4, target_modules=["q_proj", "v_proj"]))
+
+
 # Each policy kind: (factory, prompts, reward of a batch). New domains add their policy here.
 KINDS = {
     "causal_lm": (causal_lm, lambda n: digit_prompts(n), lambda b: (b.completion_ids == 7).float().mean(1)),
+    "causal_lm_lora": (causal_lm_lora, lambda n: digit_prompts(n), lambda b: (b.completion_ids == 7).float().mean(1)),
     "categorical": (lambda: CategoricalPolicy(context_dim=4, num_actions=5), lambda n: Bandit(4, 5).prompts(n, 0),
                     lambda b: Bandit(4, 5).reward(b)),
     "gaussian": (lambda: GaussianPolicy(dim=3, steps=4), lambda n: GaussianTarget(3).prompts(n, 0),
