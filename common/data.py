@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 
 import lightning as L
 import torch
-from torch.utils.data import IterableDataset
+from torch.utils.data import DataLoader, IterableDataset
 
 # Separates seeds derived from one data seed: validation sets are made with ``seed + SEED_STRIDE`` and per-batch
 # generators are seeded with ``seed * SEED_STRIDE + batch``, so different data seeds never share a stream.
@@ -51,12 +51,34 @@ class PromptStream(IterableDataset):
 
 
 class ResumableData(L.LightningDataModule):
-    """Counts the training batches handed to the module (``batches_served``, in the checkpoint's DataModule
-    state); a subclass starts its stream at that count (``PromptStream(..., start=self.batches_served)``)."""
+    """A training set streamed from its exact data position, and a validation set, shared by every domain's data
+    module (a subclass fills ``train_set`` and ``val_set`` in ``setup``).
 
-    def __init__(self):
+    Counts the training batches handed to the module (``batches_served``, in the checkpoint's DataModule state) and
+    starts the stream at that count, so a killed run resumes on the batch it would have trained on next.
+
+    Args:
+        prompts_per_step: prompts in a training batch.
+        val_batch_size: prompts per validation batch.
+        seed: seed of the stream's shuffling.
+    """
+
+    def __init__(self, prompts_per_step: int = 4, val_batch_size: int = 50, seed: int = 0):
         super().__init__()
+        self.prompts_per_step, self.val_batch_size, self.seed = prompts_per_step, val_batch_size, seed
+        self.train_set: list[dict] = []
+        self.val_set: list[dict] = []
         self.batches_served = 0
+
+    def train_dataloader(self) -> DataLoader:
+        stream = PromptStream(self.train_set, self.prompts_per_step, self.seed, start=self.batches_served)
+        # Its own generator: creating a DataLoader iterator draws a seed, which must not come from (and shift)
+        # the global RNG that sampling uses, or a resumed run would sample differently from an uninterrupted one.
+        return DataLoader(stream, batch_size=None, generator=torch.Generator().manual_seed(self.seed))
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.val_batch_size, shuffle=False, collate_fn=list,
+                          generator=torch.Generator().manual_seed(self.seed))
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         # Called for the batch about to be trained on (not for the one Lightning prefetches), so this count is

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
 
 from common.batch import RolloutBatch
+from common.data import SEED_STRIDE, ResumableData
 from common.module import PolicyOptimizationModule
 from common.policies.base import Policy
 
@@ -103,24 +102,22 @@ class ToyModule(PolicyOptimizationModule):
         self.log("val/reward", greedy.rewards.mean(), prog_bar=True, batch_size=len(prompts))
 
 
-class ToyData(L.LightningDataModule):
-    """Prompts of a toy task: ``train_size`` training and ``val_size`` validation contexts.
+class ToyData(ResumableData):
+    """Prompts of a toy task: ``train_size`` training and ``val_size`` validation contexts, streamed from the exact
+    data position (``common.data.ResumableData``).
 
     Args:
         task: the toy task.
         train_size, val_size: numbers of contexts.
         prompts_per_step: prompts per training batch.
-        seed: draws the contexts (validation with ``seed + 1``).
+        seed: draws the contexts (validation with ``seed + SEED_STRIDE``) and shuffles the stream.
     """
 
     def __init__(self, task: ToyTask, train_size: int = 256, val_size: int = 64, prompts_per_step: int = 8, seed: int = 0):
-        super().__init__()
+        super().__init__(prompts_per_step, val_size, seed)
         self.task, self.train_size, self.val_size = task, train_size, val_size
-        self.prompts_per_step, self.seed = prompts_per_step, seed
 
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.task.prompts(self.train_size, self.seed), batch_size=self.prompts_per_step,
-                          shuffle=True, collate_fn=list, generator=torch.Generator().manual_seed(self.seed))
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.task.prompts(self.val_size, self.seed + 1), batch_size=self.val_size, collate_fn=list)
+    def setup(self, stage: str | None = None) -> None:
+        if not self.val_set:
+            self.train_set = self.task.prompts(self.train_size, self.seed)
+            self.val_set = self.task.prompts(self.val_size, self.seed + SEED_STRIDE)

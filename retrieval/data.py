@@ -10,10 +10,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
-from torch.utils.data import DataLoader
 
-from common.data import SEED_STRIDE, PromptStream, ResumableData
+from common.data import SEED_STRIDE, ResumableData
 from retrieval import tasks
 from retrieval.tasks import Scorer
 
@@ -81,14 +79,11 @@ class RetrievalData(ResumableData):
     def __init__(self, tasks: list[TaskSource] | None = None, first_stage: Literal["embedding", "latent"] = "embedding",
                  train_size: int = 1024, val_size: int = 64, prompts_per_step: int = 4, val_batch_size: int = 16,
                  seed: int = 0):
-        super().__init__()
         if first_stage not in ("embedding", "latent"):
             raise ValueError(f"first_stage must be 'embedding' or 'latent', got {first_stage!r}")
+        super().__init__(prompts_per_step, val_batch_size, seed)
         self.tasks = tasks if tasks is not None else [Recommendation()]
-        self.first_stage, self.train_size, self.val_size, self.seed = first_stage, train_size, val_size, seed
-        self.prompts_per_step, self.val_batch_size = prompts_per_step, val_batch_size
-        self.train_set: list[dict] = []
-        self.val_set: list[dict] = []
+        self.first_stage, self.train_size, self.val_size = first_stage, train_size, val_size
 
     def setup(self, stage: str | None = None) -> None:
         if self.val_set:
@@ -103,10 +98,3 @@ class RetrievalData(ResumableData):
             self.train_set += t.make(self.train_size // k + (i < self.train_size % k), self.seed + i, scorer)
             self.val_set += t.make(self.val_size // k + (i < self.val_size % k), self.seed + SEED_STRIDE + i, scorer)
 
-    def train_dataloader(self) -> DataLoader:
-        stream = PromptStream(self.train_set, self.prompts_per_step, self.seed, start=self.batches_served)
-        return DataLoader(stream, batch_size=None, generator=torch.Generator().manual_seed(self.seed))
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.val_batch_size, shuffle=False, collate_fn=list,
-                          generator=torch.Generator().manual_seed(self.seed))

@@ -10,8 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import torch
-from torch.utils.data import DataLoader
 
 from common.data import SEED_STRIDE, PromptStream, ResumableData  # noqa: F401 - PromptStream is part of this API
 from common.rewards.math import extract_boxed, gsm8k_answer
@@ -128,13 +126,10 @@ class ReasoningData(ResumableData):
         val_batch_size: int = 50,
         seed: int = 0,
     ):
-        super().__init__()
+        super().__init__(prompts_per_step, val_batch_size, seed)
         self.tasks = tasks if tasks is not None else [Arithmetic()]
-        self.train_size, self.val_size, self.seed = train_size, val_size, seed
-        self.prompts_per_step, self.val_batch_size = prompts_per_step, val_batch_size
-        self.train_set: list[dict] = []
+        self.train_size, self.val_size = train_size, val_size
         self.train_sources: list[int] = []
-        self.val_set: list[dict] = []
 
     def setup(self, stage: str | None = None) -> None:
         if self.val_set:
@@ -152,12 +147,3 @@ class ReasoningData(ResumableData):
         self.train_sources = sources  # (train_size,) index of the task source of each training sample
         self.val_set = [p.as_sample() for p in val]
 
-    def train_dataloader(self) -> DataLoader:
-        stream = PromptStream(self.train_set, self.prompts_per_step, self.seed, start=self.batches_served)
-        # Its own generator: creating a DataLoader iterator draws a seed, which must not come from (and shift)
-        # the global RNG that sampling uses, or a resumed run would sample differently from an uninterrupted one.
-        return DataLoader(stream, batch_size=None, generator=torch.Generator().manual_seed(self.seed))
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.val_batch_size, shuffle=False, collate_fn=list,
-                          generator=torch.Generator().manual_seed(self.seed))
