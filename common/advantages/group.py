@@ -76,19 +76,51 @@ def rloo(rewards: Tensor, group_ids: Tensor, *, num_groups: int | None = None) -
     return torch.where(n > 1, r - baseline, torch.zeros_like(r))
 
 
-def reinforce_pp(rewards: Tensor, group_ids: Tensor, *, eps: float = 1e-6, num_groups: int | None = None) -> Tensor:
-    """REINFORCE++-baseline (Hu et al. 2025, arXiv 2501.03262, §3): group-mean baseline, then batch whitening
+def reinforce_pp(
+    rewards: Tensor,
+    group_ids: Tensor,
+    lengths: Tensor | None = None,
+    *,
+    eps: float = 1e-6,
+    num_groups: int | None = None,
+) -> Tensor:
+    """REINFORCE++-baseline (Hu et al. 2025, arXiv 2501.03262, §3, eq. 10): group-mean baseline, then whitening
+    over every valid token of the batch
 
-        A'_i = r_i − μ_g,      A_i = (A'_i − mean_B(A')) / (std_B(A') + eps)
+        A'_i = r_i − μ_g                                    (each of row i's L_i tokens carries A'_i)
+        m    = Σ_i L_i A'_i / Σ_i L_i,     s² = Σ_i L_i (A'_i − m)² / (Σ_i L_i − 1)
+        A_i  = (A'_i − m) / (s + eps)
 
-    Batch statistics are over this (rank-local) batch. Shapes: (B,), (B,) -> (B,). If every A' is equal
-    (e.g. every group is all-equal) the result is all 0.
+    Eq. 10 normalises A_{q,o_t} over the tokens of the batch, so a long response weighs L_i times: rewards [1, 0]
+    in one group with lengths [1, 3] give [1.5, −0.5] (per sequence they would be [0.707, −0.707]). This is verl's
+    ``compute_reinforce_plus_plus_baseline_outcome_advantage`` (``masked_whiten``, ddof 1 over tokens); OpenRLHF
+    divides the token variance by Σ L_i (ddof 0), which scales every A_i by sqrt((N − 1)/N), N = Σ L_i.
+
+    Batch statistics are over this (rank-local) batch. Shapes: rewards (B,), group_ids (B,), lengths (B,) valid
+    tokens per row (None: one per row, i.e. whitening over sequences, for one-action rows) -> (B,). If every A'
+    on a counted token is equal (e.g. every group is all-equal), or fewer than two tokens count, the result is all
+    0; rows with no tokens get the formula's value but carry no gradient.
     """
     centred = grpo(rewards, group_ids, scale="none", num_groups=num_groups)  # (B,)
-    if centred.numel() < 2:
-        return torch.zeros_like(centred)
-    shifted = centred - centred[0]  # exact zeros when every A' is equal
-    return (shifted - shifted.mean()) / (shifted.std(unbiased=True) + eps)
+    if lengths is None:
+        weights = torch.ones_like(centred)  # (B,)
+    else:
+        if lengths.shape != rewards.shape:
+            raise ValueError(f"lengths must have shape (B,) = {tuple(rewards.shape)}, got {tuple(lengths.shape)}")
+        if lengths.device != rewards.device:
+            raise ValueError(f"lengths is on {lengths.device} but rewards on {rewards.device}; put them on one device")
+        if bool(((lengths < 0) | ~torch.isfinite(lengths.double())).any()):  # ok: one sync, input check
+            raise ValueError(f"lengths must be finite token counts >= 0, got {lengths.tolist()[:8]}")  # ok: error path
+        weights = lengths.to(centred.dtype)  # (B,)
+    if centred.numel() == 0:
+        return centred
+    tokens = weights.sum()  # () N = Σ L_i
+    first = (weights > 0).int().argmax()  # () the first row with tokens (0 if none)
+    shifted = centred - centred[first]  # (B,) exact zeros on the counted rows when their A' are all equal
+    mean = (weights * shifted).sum() / tokens.clamp(min=1)  # ()
+    var = (weights * (shifted - mean) ** 2).sum() / (tokens - 1).clamp(min=1)  # () ddof 1 over tokens
+    out = (shifted - mean) / (var.sqrt() + eps)  # (B,)
+    return torch.where((tokens > 1) & (var > 0), out, torch.zeros_like(out))
 
 
 class GRPO(AdvantageEstimator):
@@ -125,7 +157,8 @@ class RLOO(AdvantageEstimator):
 
 
 class ReinforcePP(AdvantageEstimator):
-    """REINFORCE++-baseline (see :func:`reinforce_pp`).
+    """REINFORCE++-baseline (see :func:`reinforce_pp`): whitened over the batch's valid tokens, each row weighted by
+    its tokens in the loss (``batch.loss_mask``: the completion's tokens, less any written by an environment).
 
     Args:
         eps: added to the batch std before dividing.
@@ -137,7 +170,7 @@ class ReinforcePP(AdvantageEstimator):
         self.eps = eps
 
     def __call__(self, batch: RolloutBatch) -> Tensor:  # (B,)
-        return reinforce_pp(batch.rewards, batch.group_ids, eps=self.eps)
+        return reinforce_pp(batch.rewards, batch.group_ids, batch.loss_mask.sum(1), eps=self.eps)
 
 
 # ------------------------------------------------------------------------------------ MC-GRPO and NGRPO

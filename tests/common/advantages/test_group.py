@@ -292,7 +292,7 @@ def test_grpo_unknown_scale_raises_listing_choices() -> None:
         (GRPO(scale="batch", eps=1e-3), lambda r, g: grpo(r, g, scale="batch", eps=1e-3)),
         (DrGRPO(), dr_grpo),
         (RLOO(), rloo),
-        (ReinforcePP(eps=1e-4), lambda r, g: reinforce_pp(r, g, eps=1e-4)),
+        (ReinforcePP(eps=1e-4), lambda r, g: reinforce_pp(r, g, torch.full_like(g, 3), eps=1e-4)),  # 3 tokens a row
     ],
     ids=["GRPO", "GRPO_batch", "DrGRPO", "RLOO", "ReinforcePP"],
 )
