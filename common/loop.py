@@ -126,6 +126,11 @@ class Loop:
                 problems.append(f"{name} must be a positive integer or None, got {v}")
         if max_generation_rounds < 1:
             problems.append(f"max_generation_rounds must be >= 1, got {max_generation_rounds}")
+        min_g = getattr(advantage, "min_group_size", 1)  # a method that replaces the rollout makes its own groups
+        if 1 <= group_size < min_g and all(type(m).rollout is Method.rollout for m in methods):
+            problems.append(f"group_size must be >= {min_g} for {type(advantage).__name__}, got {group_size}: it centres "
+                            "each reward on its group, so every advantage would be 0 (use a group-free estimator "
+                            "such as common.advantages.tracker.SPOTracker for G = 1)")
         if sum(type(m).rollout is not Method.rollout for m in methods) > 1:
             problems.append("at most one method may replace the rollout, got "
                             f"{[type(m).__name__ for m in methods if type(m).rollout is not Method.rollout]}")

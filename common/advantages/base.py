@@ -15,7 +15,14 @@ class AdvantageEstimator:
     Subclasses bind hyperparameters in a typed ``__init__`` (so YAML can name them by ``class_path``)
     and call a pure tensor function of the same family. Stateful estimators are ``nn.Module``s with buffers,
     so their state is in the Lightning checkpoint.
+
+    ``min_group_size``: the smallest G for which the estimator can give a non-zero advantage. Group-relative
+    estimators (GRPO, RLOO, ...) centre each reward on its group, so a group of one gives exactly 0; they
+    declare 2, and the loop refuses a smaller ``group_size`` at start-up. Group-free estimators (SPO's tracker,
+    EGAE, SPO-chain) keep 1.
     """
+
+    min_group_size: int = 1
 
     def __call__(self, batch: RolloutBatch) -> Tensor | tuple[Tensor, Tensor]:
         raise NotImplementedError

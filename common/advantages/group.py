@@ -131,6 +131,8 @@ class GRPO(AdvantageEstimator):
         eps: added to σ before dividing (verl's default 1e-6).
     """
 
+    min_group_size = 2  # group-centred: a group of one has advantage 0
+
     def __init__(self, scale: Literal["group", "batch", "none"] = "group", eps: float = 1e-6):
         if scale not in ("group", "batch", "none"):
             raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
@@ -152,6 +154,8 @@ class DrGRPO(GRPO):
 class RLOO(AdvantageEstimator):
     """Leave-one-out baseline (see :func:`rloo`)."""
 
+    min_group_size = 2  # group-centred: a group of one has advantage 0
+
     def __call__(self, batch: RolloutBatch) -> Tensor:  # (B,)
         return rloo(batch.rewards, batch.group_ids)
 
@@ -163,6 +167,8 @@ class ReinforcePP(AdvantageEstimator):
     Args:
         eps: added to the batch std before dividing.
     """
+
+    min_group_size = 2  # group-centred: a group of one has advantage 0
 
     def __init__(self, eps: float = 1e-6):
         if eps < 0:
@@ -275,6 +281,8 @@ class MCGRPO(AdvantageEstimator):
         eps: added to the scale before dividing (authors' code 1e-3).
     """
 
+    min_group_size = 3  # the pivot (median) is dropped: G + 1 >= 3 leaves a non-zero row
+
     def __init__(self, scale: MCScale = "mad", eps: float = 1e-3):
         if scale not in ("mad", "std", "none"):
             raise ValueError(f"scale must be 'mad', 'std' or 'none', got {scale!r}")
@@ -302,6 +310,7 @@ class NGRPO(AdvantageEstimator):
         if eps < 0:
             raise ValueError(f"eps must be >= 0, got {eps}")
         self.max_reward, self.num_virtual, self.eps = max_reward, num_virtual, eps
+        self.min_group_size = 1 if num_virtual > 0 else 2  # a virtual sample gives a group of one a non-zero advantage
 
     def __call__(self, batch: RolloutBatch) -> Tensor:  # (B,)
         return ngrpo(batch.rewards, batch.group_ids, max_reward=self.max_reward, num_virtual=self.num_virtual, eps=self.eps)
