@@ -61,17 +61,27 @@ class BidirectionalLM(nn.Module):
     def config(self):
         return self.model.config
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """Logits of every position. Shapes: ids (B, L) long, mask (B, L) bool (left padding) -> (B, L, V)."""
+    @property
+    def head(self) -> nn.Module:  # the output projection (H -> V)
+        return self.model.get_output_embeddings()
+
+    def hidden(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Last-layer hidden states that predict each position's token (after Dream's shift if set).
+        Shapes: ids (B, L) long, mask (B, L) bool (left padding) -> (B, L, H)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         emb = self.model.get_input_embeddings()
         mask4 = bidirectional_mask(attention_mask, emb.weight.dtype)  # (B, 1, L, L)
         position_ids = (attention_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, L): 0 at the first real token
-        logits = self.model(input_ids=input_ids, attention_mask=mask4, position_ids=position_ids, use_cache=False).logits
-        if self.shift:  # Dream: token i is predicted at position i − 1 (position 0 keeps its own logits)
-            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
-        return logits
+        h = self.model.get_decoder()(input_ids=input_ids, attention_mask=mask4, position_ids=position_ids,
+                                     use_cache=False).last_hidden_state  # (B, L, H)
+        if self.shift:  # Dream: token i is predicted at position i − 1 (position 0 keeps its own state)
+            h = torch.cat([h[:, :1], h[:, :-1]], dim=1)
+        return h
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Logits of every position. Shapes: ids (B, L) long, mask (B, L) bool (left padding) -> (B, L, V)."""
+        return self.head(self.hidden(input_ids, attention_mask))
 
 
 class TinyDiffusionLM(PolicySource):

@@ -25,9 +25,13 @@ import torch
 from torch import Tensor
 
 
+MASK_LOGIT = -1e9  # the MASK token's logit offset: probability exactly 0 in float32/64, softmax and entropy finite
+
+
 def without_mask_token(logits: Tensor, mask_id: int) -> Tensor:
-    """Logits with the MASK token removed (a finite floor, so softmax and entropy stay finite). (..., V) -> (..., V)."""
-    return logits.index_fill(-1, torch.tensor([mask_id], device=logits.device), torch.finfo(logits.dtype).min)
+    """Logits with the MASK token removed (``MASK_LOGIT`` added to it). Shapes: (..., V) -> (..., V)."""
+    return logits.index_add(-1, torch.tensor([mask_id], device=logits.device),
+                            torch.full((*logits.shape[:-1], 1), MASK_LOGIT, dtype=logits.dtype, device=logits.device))
 
 
 def num_transfer_tokens(masked: Tensor, steps: int) -> Tensor:
@@ -120,4 +124,4 @@ def sample(model: Callable[[Tensor, Tensor], Tensor], prompt_ids: Tensor, prompt
     return Sample(x[:, P:], step_of, hint_mask)
 
 
-__all__ = ["Sample", "most_confident", "num_transfer_tokens", "propose", "sample", "without_mask_token"]
+__all__ = ["MASK_LOGIT", "Sample", "most_confident", "num_transfer_tokens", "propose", "sample", "without_mask_token"]

@@ -21,6 +21,8 @@ from common.policies.causal_lm import CausalLMPolicy
 from common.policies.toy import CategoricalPolicy, GaussianPolicy
 from common.rollout.base import Sampling
 from common.toy_tasks import Bandit, GaussianTarget
+from diffusion.dllm.model import TinyDiffusionLM
+from diffusion.dllm.policy import MaskedDiffusionPolicy
 from helpers import DIGITS, digit_prompts
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,6 +31,11 @@ ROOT = Path(__file__).resolve().parents[2]
 def causal_lm() -> CausalLMPolicy:
     return CausalLMPolicy(TinyLlama(hidden_size=32, num_layers=1, num_heads=2, alphabet=DIGITS, seed=0),
                           Sampling(max_new_tokens=5))
+
+
+def masked_diffusion() -> MaskedDiffusionPolicy:
+    return MaskedDiffusionPolicy(TinyDiffusionLM(alphabet=DIGITS, hidden_size=32, num_layers=1, num_heads=2, seed=0),
+                                 gen_length=4, block_length=2, steps=2, p_mask=0.5)
 
 
 def causal_lm_lora() -> CausalLMPolicy:
@@ -49,6 +56,8 @@ KINDS = {
     # log-probs estimated with a random mask per inner epoch (the masked-diffusion LM's estimator)
     "seeded_mask": (lambda: CategoricalPolicy(context_dim=6, num_actions=5, mask_prob=0.5),
                     lambda n: Bandit(6, 5).prompts(n, 0), lambda b: Bandit(6, 5).reward(b)),
+    # a masked-diffusion LM (diffusion/dllm): LLaDA sampler, d1's one-step estimator with a prompt mask per epoch
+    "masked_diffusion": (masked_diffusion, lambda n: digit_prompts(n), lambda b: (b.completion_ids == 7).float().mean(1)),
 }
 
 
