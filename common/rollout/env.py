@@ -1,0 +1,216 @@
+"""Environments for multi-turn agents (shared/methods/agentic.md §1, issue 21), and a bounded tool-call parser.
+
+An environment is a small Python object the agent acts in, one instance per episode:
+
+    reset(task)    -> observation text                 (the task is a data module's sample dict)
+    step(action)   -> Step(observation, reward, done)  (the action is the text the model wrote in one turn)
+
+Tools are environment actions: an environment owns a fixed table of its own functions (``tools``) and calls
+nothing else; no tool ever reaches ``eval``, ``exec``, the shell, the network or the file system. Model output is
+hostile input: an action is cut to ``MAX_ACTION_CHARS`` before it is parsed, a tool argument longer than its bound
+is refused without being looked at, tool results are cut to ``max_result_chars``, and ``run_step`` bounds the time
+of a step (a step that raises or hangs ends the episode with a typed reason; it never crashes the run).
+
+The agent that drives environments is ``common.policies.agent.MultiTurnAgentPolicy``; its episode limits are
+:class:`EpisodeLimits` and its episodes end with one of :data:`END_REASONS`. The outcome reward of an episode
+reaches the loop's reward functions through the sample dict (``episode_return``, read by :class:`EpisodeReturn`).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from common.rewards.base import RewardFunction, call_with_timeout
+
+log = logging.getLogger(__name__)
+
+MAX_ACTION_CHARS = 4096  # an action's text is cut to its last MAX_ACTION_CHARS characters before any parsing
+TOOL_OPEN, TOOL_CLOSE = "<tool>", "</tool>"
+
+# Why an episode ended (recorded per row in ``sample["end_reason"]``):
+#   done       the environment said so
+#   stopped    the model ended the sequence (EOS) before the environment was done
+#   max_turns  the turn budget ran out
+#   overflow   the token budget of the sequence (actions + observations) ran out
+#   timeout    a reset or step took longer than ``EpisodeLimits.step_timeout_s``
+#   env_error  the environment raised (logged with the task and the action)
+END_REASONS = ("done", "stopped", "max_turns", "overflow", "timeout", "env_error")
+
+
+class Step(NamedTuple):
+    observation: str  # text the environment writes back (appended to the sequence, masked out of the loss)
+    reward: float  # immediate reward r_t
+    done: bool  # the episode is over
+
+
+class Environment:
+    """Base class of text environments (see the module docstring). Subclasses implement ``reset`` and ``step``;
+    ``spawn`` makes the fresh instance of one episode (default: a deep copy of this, never-reset, prototype).
+    Environments are named by ``class_path`` in YAML, so their arguments are typed.
+
+    ``stop_strings``: texts that end an assistant turn besides EOS (a tool environment's ``</tool>``), so that the
+    environment answers the call.
+    """
+
+    stop_strings: tuple[str, ...] = ()
+
+    def reset(self, task: Mapping[str, Any]) -> str:
+        raise NotImplementedError
+
+    def step(self, action: str) -> Step:
+        raise NotImplementedError
+
+    def spawn(self) -> "Environment":
+        return copy.deepcopy(self)
+
+
+@dataclass
+class EpisodeLimits:
+    """Bounds of one episode of a multi-turn agent.
+
+    Args:
+        max_turns: assistant turns per episode (each is one generate call and one environment step).
+        max_total_tokens: tokens of the whole completion (assistant and environment tokens), the row width T.
+        max_observation_tokens: an observation is cut to this many tokens.
+        step_timeout_s: seconds a reset or step may take (None = unbounded); a late step ends the episode.
+        failure_reward: the return of an episode that ended by ``timeout`` or ``env_error``.
+        observation_prefix / observation_suffix: text around every observation (e.g. the chat template's
+            end-of-turn and tool-turn markers); empty = the observation continues the assistant's text inline.
+    """
+
+    max_turns: int = 4
+    max_total_tokens: int = 256
+    max_observation_tokens: int = 32
+    step_timeout_s: float | None = 5.0
+    failure_reward: float = 0.0
+    observation_prefix: str = ""
+    observation_suffix: str = ""
+
+    def __post_init__(self):
+        problems = []
+        for name in ("max_turns", "max_total_tokens", "max_observation_tokens"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                problems.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.step_timeout_s is not None and not self.step_timeout_s > 0:
+            problems.append(f"step_timeout_s must be > 0 or None, got {self.step_timeout_s!r}")
+        if problems:
+            raise ValueError("EpisodeLimits: " + "; ".join(problems))
+
+
+class Outcome(NamedTuple):
+    value: Any  # what the call returned (an observation, a Step); None when it failed
+    reason: str | None  # None, "timeout" or "env_error"
+
+
+def run_step(fn: Callable[[Any], Any], arg: Any, timeout_s: float | None, what: str) -> Outcome:
+    """``fn(arg)`` (an environment's reset or step) bounded in time; an exception or a timeout is an outcome, not
+    an error of the run (one warning line names the call and the cause)."""
+    try:
+        return Outcome(call_with_timeout(fn, arg, timeout_s=timeout_s), None)
+    except TimeoutError:
+        log.warning("environment %s timed out after %s s; the episode ends (timeout)", what, timeout_s)
+        return Outcome(None, "timeout")
+    except Exception as err:  # noqa: BLE001 - an environment's failure ends its episode, not the run
+        log.warning("environment %s raised %r; the episode ends (env_error)", what, err)
+        return Outcome(None, "env_error")
+
+
+def as_step(value: Any) -> Step:
+    """An environment's step return as a Step; anything else (a wrong arity, a non-finite reward) raises."""
+    observation, reward, done = value
+    reward = float(reward)
+    if reward != reward or reward in (float("inf"), float("-inf")):
+        raise ValueError(f"non-finite reward {reward}")
+    return Step(str(observation), reward, bool(done))
+
+
+# ---------------------------------------------------------------- tool calls
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    name: str  # the tool's name, [a-z_][a-z0-9_]* and at most MAX_TOOL_NAME characters
+    argument: str  # the text after "name:", stripped, at most max_argument_chars characters
+
+
+@dataclass(frozen=True)
+class ParseError:
+    message: str  # why the action is not a tool call (fed back to the model as the observation)
+
+
+MAX_TOOL_NAME = 32
+
+
+def parse_tool_call(action: str, *, max_argument_chars: int = 256) -> ToolCall | ParseError | None:
+    """The last ``<tool>name: argument</tool>`` of an action; None when the action holds no tool tag (a final
+    answer), ParseError when it holds one but the call is malformed (unclosed tag, no name, bad name, argument too
+    long, a closing tag whose opening lies beyond the bound). Bounded: the action is cut to its last MAX_ACTION_CHARS characters, and only ``str.rfind``/``find`` and
+    slicing run on it (no regex backtracking, no eval); nothing of the argument is interpreted here.
+
+        parse_tool_call("<tool>calc: 12+7</tool>")  -> ToolCall("calc", "12+7")
+        parse_tool_call("<tool>calc: 12+7")         -> ParseError("unclosed <tool> tag")
+    """
+    if not isinstance(action, str):
+        return ParseError("the action is not text")
+    text = action[-MAX_ACTION_CHARS:]
+    start = text.rfind(TOOL_OPEN)
+    if start < 0:  # a closing tag alone: a call whose opening lies beyond the bound
+        return ParseError(f"tool call longer than {MAX_ACTION_CHARS} characters") if TOOL_CLOSE in text else None
+    end = text.find(TOOL_CLOSE, start)
+    if end < 0:
+        return ParseError(f"unclosed {TOOL_OPEN} tag")
+    body = text[start + len(TOOL_OPEN): end]
+    colon = body.find(":", 0, MAX_TOOL_NAME + 2)
+    if colon < 0:
+        return ParseError("a tool call is <tool>name: argument</tool>")
+    name = body[:colon].strip()
+    if not (0 < len(name) <= MAX_TOOL_NAME and name.isascii() and (name[0].isalpha() or name[0] == "_")
+            and all(c.isalnum() or c == "_" for c in name)):
+        return ParseError("bad tool name")
+    argument = body[colon + 1:]
+    if len(argument) > max_argument_chars + 64:  # whitespace around the argument is allowed, within bounds
+        return ParseError(f"tool argument longer than {max_argument_chars} characters")
+    argument = argument.strip()
+    if len(argument) > max_argument_chars:
+        return ParseError(f"tool argument longer than {max_argument_chars} characters")
+    return ToolCall(name.lower(), argument)
+
+
+def call_tool(tools: Mapping[str, Callable[[str], str]], call: ToolCall, max_result_chars: int = 256) -> str:
+    """Run one of the environment's own tools; an unknown name or a tool that raises gives an error text (the
+    result is cut to ``max_result_chars``)."""
+    fn = tools.get(call.name)
+    if fn is None:
+        return f"error: unknown tool {call.name[:MAX_TOOL_NAME]!r} (tools: {', '.join(sorted(tools))})"
+    try:
+        return str(fn(call.argument))[:max_result_chars]
+    except Exception as err:  # noqa: BLE001 - a tool's failure is the model's feedback
+        return f"error: {type(err).__name__}"[:max_result_chars]
+
+
+# ---------------------------------------------------------------- the outcome reward
+
+
+class EpisodeReturn(RewardFunction):
+    """The environment's return of each episode, ``Σ_t r_t`` as the agent recorded it in ``sample["episode_return"]``
+    (the outcome reward of episode-level GRPO). Raises naming the key when a row was not produced by an agent."""
+
+    name = "episode_return"
+
+    def __call__(self, completions: Sequence[str], samples: Sequence[Mapping[str, Any]]) -> Tensor:
+        missing = [i for i, s in enumerate(samples) if "episode_return" not in s]
+        if missing:
+            raise ValueError(f"EpisodeReturn: samples {missing[:5]} have no 'episode_return' (rows not produced by "
+                             "MultiTurnAgentPolicy; set the module's environment)")
+        return torch.tensor([float(s["episode_return"]) for s in samples], dtype=torch.float32)
+
+
+__all__ = ["END_REASONS", "Environment", "EpisodeLimits", "EpisodeReturn", "ParseError", "Step", "ToolCall",
+           "call_tool", "parse_tool_call", "run_step"]
