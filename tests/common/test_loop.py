@@ -45,10 +45,32 @@ def causal_lm_lora() -> CausalLMPolicy:
                           Sampling(max_new_tokens=5), lora=LoRA(rank=4, target_modules=["q_proj", "v_proj"]))
 
 
+GRID = DIGITS + "udlr.AG\n"  # the grid world's characters: a char-level policy that reads its observations
+
+
+def agent() -> "MultiTurnAgentPolicy":
+    """A tiny causal LM acting for up to 3 turns in the grid world: every unfinished turn gets an observation, so
+    rows interleave action and environment tokens (layout B)."""
+    from common.policies.agent import MultiTurnAgentPolicy
+    from common.rollout.env import EpisodeLimits
+    from text_reasoning.envs.grid import GridWorld
+
+    lm = CausalLMPolicy(TinyLlama(hidden_size=32, num_layers=1, num_heads=2, alphabet=GRID, seed=0),
+                        Sampling(max_new_tokens=3))
+    return MultiTurnAgentPolicy(lm, GridWorld(), EpisodeLimits(max_turns=3, max_total_tokens=40))
+
+
+def grid_tasks(n: int) -> list[dict]:
+    from text_reasoning.envs.grid import GridTasks
+
+    return [p.as_sample() for p in GridTasks(3).make(n, 0)]
+
+
 # Each policy kind: (factory, prompts, reward of a batch). New domains add their policy here.
 KINDS = {
     "causal_lm": (causal_lm, lambda n: digit_prompts(n), lambda b: (b.completion_ids == 7).float().mean(1)),
     "causal_lm_lora": (causal_lm_lora, lambda n: digit_prompts(n), lambda b: (b.completion_ids == 7).float().mean(1)),
+    "agent": (agent, grid_tasks, lambda b: torch.tensor([s["episode_return"] for s in b.samples])),
     "categorical": (lambda: CategoricalPolicy(context_dim=4, num_actions=5), lambda n: Bandit(4, 5).prompts(n, 0),
                     lambda b: Bandit(4, 5).reward(b)),
     "gaussian": (lambda: GaussianPolicy(dim=3, steps=4), lambda n: GaussianTarget(3).prompts(n, 0),
