@@ -18,9 +18,11 @@ from common.batch import RolloutBatch
 from common.metrics import PassAtK
 from common.models import LoRA, PolicySource, TinyLlama
 from common.module import PolicyOptimizationModule
+from common.policies.agent import MultiTurnAgentPolicy
 from common.policies.causal_lm import CausalLMPolicy
 from common.rewards.base import RewardFunction
 from common.rollout.base import RolloutBackend, Sampling
+from common.rollout.env import Environment, EpisodeLimits, EpisodeReturn
 from text_reasoning.rewards import TaskReward
 
 
@@ -39,6 +41,10 @@ class TextReasoningModule(PolicyOptimizationModule):
         system_prompt: optional system message placed before every problem.
         instruction: text appended to every problem (e.g. "Put the final answer in \\boxed{}.").
         val_pass_k: k of the validation pass@k, from k sampled completions per problem (0 = off).
+        environment: a text environment (``common.rollout.env.Environment``): the causal LM then acts in it for
+            several turns (``common.policies.agent.MultiTurnAgentPolicy``, one sequence per episode) and the
+            default verifier is the episode's return (``EpisodeReturn``). None = single-turn completions.
+        episode: the agent's episode limits (``common.rollout.env.EpisodeLimits``; only with ``environment``).
         **kwargs: everything of :class:`common.module.PolicyOptimizationModule` but ``policy``.
     """
 
@@ -56,14 +62,20 @@ class TextReasoningModule(PolicyOptimizationModule):
         system_prompt: str | None = None,
         instruction: str = "",
         val_pass_k: int = 0,
+        environment: Environment | None = None,
+        episode: EpisodeLimits | None = None,
         **kwargs: Any,
     ):
+        if episode is not None and environment is None:
+            raise ValueError("TextReasoningModule: episode limits are given but no environment")
         lm = CausalLMPolicy(policy if policy is not None else TinyLlama(), sampling, rollout_backend, lora,
                             system_prompt, instruction, share_prompt, logprob_chunk_size)
-        verifier = verifier if verifier is not None else TaskReward()
+        agent = lm if environment is None else MultiTurnAgentPolicy(lm, environment, episode)
+        if verifier is None:
+            verifier = TaskReward() if environment is None else EpisodeReturn()
         if not kwargs.get("rewards"):
             kwargs["rewards"] = [verifier]
-        super().__init__(lm, **kwargs)
+        super().__init__(agent, **kwargs)
         self.verifier = verifier
         self.val_pass_k = val_pass_k
         self.val_accuracy = MeanMetric()
