@@ -29,24 +29,40 @@ def model_part(trainer: L.Trainer | None, attribute: str, kind: type[Part]) -> P
 
 
 class PromptStream(IterableDataset):
-    """An endless, reproducible stream of prompt batches starting at batch ``start``.
+    """An endless, reproducible stream of prompt batches starting at batch ``start``, split by data-parallel rank.
 
-    Pass ``c`` over the data is a permutation drawn from ``seed + c``, so batch ``b`` is a pure function of
-    ``(data, batch_size, seed, b)``: resuming at ``start = b`` continues exactly where a run stopped.
+    Pass ``c`` over the data is a permutation drawn from ``seed + c``; global batch ``b`` is its ``b``-th slice of
+    ``world_size x batch_size`` prompts, a pure function of ``(data, world_size x batch_size, seed, b)``, so
+    resuming at ``start = b`` continues exactly where a run stopped. Rank ``r`` yields prompts
+    ``[r x batch_size, (r + 1) x batch_size)`` of every global batch: the ranks' prompts are disjoint and together
+    they are exactly the single-process stream of ``world_size x batch_size`` prompts per batch.
+
+    Args:
+        samples: the training set.
+        batch_size: prompts per batch on one rank.
+        seed: seed of the shuffling.
+        start: the first global batch to yield.
+        rank, world_size: this process's data-parallel rank and the number of ranks.
     """
 
-    def __init__(self, samples: list[dict], batch_size: int, seed: int, start: int = 0):
-        if batch_size <= 0 or batch_size > len(samples):
-            raise ValueError(f"batch_size must be in [1, {len(samples)}] (the number of samples), got {batch_size}")
+    def __init__(self, samples: list[dict], batch_size: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size) with world_size >= 1, got rank={rank}, world_size={world_size}")
+        if batch_size <= 0 or batch_size * world_size > len(samples):
+            raise ValueError(f"batch_size must be in [1, {len(samples) // world_size}] (the number of samples "
+                             f"{len(samples)} over {world_size} rank(s)), got {batch_size}")
         self.samples, self.batch_size, self.seed, self.start = samples, batch_size, seed, start
+        self.rank, self.world_size = rank, world_size
 
     def __iter__(self):
-        per_pass = len(self.samples) // self.batch_size
+        size = self.batch_size * self.world_size  # the global batch
+        per_pass = len(self.samples) // size
+        lo = self.rank * self.batch_size  # this rank's slice of it
         b = self.start
         while True:
             pass_idx, j = divmod(b, per_pass)
             order = torch.randperm(len(self.samples), generator=torch.Generator().manual_seed(self.seed + pass_idx))
-            yield [self.samples[i] for i in order[j * self.batch_size : (j + 1) * self.batch_size].tolist()]
+            yield [self.samples[i] for i in order[j * size + lo : j * size + lo + self.batch_size].tolist()]
             b += 1
 
 
@@ -57,8 +73,16 @@ class ResumableData(L.LightningDataModule):
     Counts the training batches handed to the module (``batches_served``, in the checkpoint's DataModule state) and
     starts the stream at that count, so a killed run resumes on the batch it would have trained on next.
 
+    Under data parallelism (``--trainer.strategy ddp --trainer.devices N``, several nodes) the global batch is
+    ``world_size x prompts_per_step`` prompts and rank ``r`` trains on its ``r``-th slice (:class:`PromptStream`,
+    rank and world size from the Trainer): the ranks' prompts are disjoint and their union is what one process
+    with ``world_size x prompts_per_step`` prompts per step would train on. ``batches_served`` counts global
+    batches, the same number on every rank, so the checkpointed position is exact for all of them (resume with
+    the same number of ranks). A prompt's G samples are drawn on the rank that holds the prompt, so every group
+    lies on one rank and group statistics (GRPO's mean and std, RLOO, ...) need no communication.
+
     Args:
-        prompts_per_step: prompts in a training batch.
+        prompts_per_step: prompts in a training batch on one rank.
         val_batch_size: prompts per validation batch.
         seed: seed of the stream's shuffling.
     """
@@ -71,7 +95,9 @@ class ResumableData(L.LightningDataModule):
         self.batches_served = 0
 
     def train_dataloader(self) -> DataLoader:
-        stream = PromptStream(self.train_set, self.prompts_per_step, self.seed, start=self.batches_served)
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        stream = PromptStream(self.train_set, self.prompts_per_step, self.seed, start=self.batches_served,
+                              rank=rank, world_size=world)
         # Its own generator: creating a DataLoader iterator draws a seed, which must not come from (and shift)
         # the global RNG that sampling uses, or a resumed run would sample differently from an uninterrupted one.
         return DataLoader(stream, batch_size=None, generator=torch.Generator().manual_seed(self.seed))

@@ -15,17 +15,21 @@ precision, logging and checkpointing.
 
 from __future__ import annotations
 
+import os
+import random
 import time
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning as L
+import numpy as np
 import torch
 from torch import Tensor
 
 from common.advantages.base import AdvantageEstimator
 from common.advantages.group import GRPO
 from common.batch import RolloutBatch
+from common.distributed import all_gather_objects
 from common.loop import Loop, Stepper
 from common.losses.base import PolicyLoss
 from common.losses.ppo_clip import ClippedPolicyLoss
@@ -164,13 +168,36 @@ class PolicyOptimizationModule(L.LightningModule):
             groups += m.param_groups(self.lr)
         return torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay)
 
+    # ------------------------------------------------------------------ data parallelism
+    def setup(self, stage: str) -> None:
+        """Under data parallelism, each rank samples with its own seed: ``seed_everything``'s seed + the global rank
+        (torch, Python, NumPy). Without it every rank would draw the same completions. Runs before a checkpoint's
+        RNG states are restored, so a resumed run continues each rank's own stream. One process: nothing changes."""
+        if stage == "fit" and self.trainer.world_size > 1:
+            base = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))  # where seed_everything puts its seed
+            seed = base + self.trainer.global_rank
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+
     # ------------------------------------------------------------------ checkpointed state
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["advlab_rng"] = rng_state()
+        # Every rank's RNG states (a collective: Lightning calls this hook on every rank); rank 0 writes the file.
+        states = all_gather_objects(rng_state())
+        checkpoint["advlab_rng"] = states[0]
+        if len(states) > 1:
+            checkpoint["advlab_rng_ranks"] = states
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if "advlab_rng" in checkpoint:
-            set_rng_state(checkpoint["advlab_rng"])
+        fitting = self._trainer is not None and self._trainer.state.fn == "fit"
+        world, rank = (self._trainer.world_size, self._trainer.global_rank) if fitting else (1, 0)
+        states = checkpoint.get("advlab_rng_ranks") or ([checkpoint["advlab_rng"]] if "advlab_rng" in checkpoint else [])
+        if fitting and states and len(states) != world:
+            raise ValueError(f"the checkpoint was written by {len(states)} rank(s) and this run has {world}: resume with "
+                             f"the same --trainer.devices x --trainer.num_nodes (the data position and the samplers' RNG "
+                             "states are per rank)")
+        if states:
+            set_rng_state(states[rank])
 
     # ------------------------------------------------------------------ step 7: logging
     def log_step(self, rollouts: RolloutBatch, metrics: dict[str, Tensor], *, rollout_s: float, prep_s: float, update_s: float) -> None:
