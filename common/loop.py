@@ -12,6 +12,15 @@ trains a policy: a ``Loop`` holds no model of its own kind, only the parts it wa
                       -> backward; one optimiser step per minibatch, skipped when non-finite
 
 Micro-batches are normalised by the whole minibatch (``Normaliser``), so the split never changes the gradient.
+
+Data parallelism (DDP: one Loop per rank, each on its own prompts): with ``all_reduce`` (the sum over ranks) the
+minibatch normaliser counts the tokens and sequences of every rank (``Normaliser.of``), so DDP's mean of the ranks'
+gradients is exactly the gradient of one process on the global minibatch, and the estimator's batch-level
+statistics that it reduces with ``all_reduce`` (GRPO's ``scale="batch"``) are the global batch's. ``minibatch_size``
+and ``micro_batch_size`` count rows per rank (a global minibatch is ``W x minibatch_size`` rows), and every rank
+must train on the same number of rows (one collective per step checks it). Per rank, not reduced: group statistics
+(a group's G samples lie on one rank), selectors and buffers, methods' state, and the other estimators' batch
+statistics (REINFORCE++ whitening, SPO's normalisation, entropy quantiles, Clip-Cov).
 """
 
 from __future__ import annotations
@@ -110,12 +119,16 @@ class Loop:
         max_generation_rounds: rounds of sampling while the selector wants more rows (DAPO's dynamic sampling).
         provided: RolloutBatch fields the domain fills (with the policy's and the methods' ``provides``, checked
             against every part's ``requires``).
+        all_reduce: ``tensor -> tensor`` summed over data-parallel ranks (a collective; e.g.
+            ``common.distributed.all_reduce_sum``); None = one process. Given to the estimator as its
+            ``all_reduce``.
     """
 
     def __init__(self, policy: Policy, score: Callable[[RolloutBatch], RolloutBatch], advantage: AdvantageEstimator,
                  loss: PolicyLoss, selector: Selector | None = None, methods: Sequence[Method] = (), *, group_size: int = 8,
                  mu: int = 1, minibatch_size: int | None = None, micro_batch_size: int | None = None,
-                 kl_in_reward: float = 0.0, max_generation_rounds: int = 1, provided: Sequence[str] = ()):
+                 kl_in_reward: float = 0.0, max_generation_rounds: int = 1, provided: Sequence[str] = (),
+                 all_reduce: Callable[[Tensor], Tensor] | None = None):
         problems = []
         if group_size < 1:
             problems.append(f"group_size must be >= 1, got {group_size}")
@@ -141,6 +154,9 @@ class Loop:
         self.group_size, self.mu = group_size, mu
         self.minibatch_size, self.micro_batch_size = minibatch_size, micro_batch_size
         self.kl_in_reward, self.max_generation_rounds = kl_in_reward, max_generation_rounds
+        self.all_reduce = all_reduce
+        if all_reduce is not None:
+            advantage.all_reduce = all_reduce
         self.needs_reference = loss.needs_reference or kl_in_reward > 0
         if self.needs_reference:
             policy.enable_reference()
@@ -221,6 +237,8 @@ class Loop:
         """``mu`` epochs over minibatches; gradient accumulation over micro-batches with the loss normalised by the
         whole minibatch. Old log-probs are computed only when the policy moves before a row is used (or a method
         asks for them); with one optimiser step per rollout they equal the current log-probs detached."""
+        if self.all_reduce is not None:
+            self.check_rows_agree(batch)
         if batch.batch_size == 0:
             stepper.empty_step()
             return {"empty_steps": torch.ones(())}
@@ -232,7 +250,7 @@ class Loop:
         steps, entropies = 0, []
         for epoch in range(self.mu):
             for mb in batch.split(mb_size):
-                norm = Normaliser.of(mb.loss_mask, self.policy.horizon)
+                norm = Normaliser.of(mb.loss_mask, self.policy.horizon, self.all_reduce)  # global counts / W
                 mb_loss = 0.0
                 for micro in mb.split(self.micro_batch_size or mb.batch_size):
                     out, entropy = self.micro_loss(micro, norm, epoch)
@@ -250,6 +268,17 @@ class Loop:
         for m in self.methods:
             metrics.update(m.after_update(self, batch))
         return metrics
+
+    def check_rows_agree(self, batch: RolloutBatch) -> None:
+        """Under data parallelism every rank must update on the same number of rows: the minibatches' collectives
+        (the normaliser's counts, DDP's gradient reduction) pair up only if every rank runs as many."""
+        B = float(batch.batch_size)
+        ranks, total, squares = self.all_reduce(torch.tensor([1.0, B, B * B], dtype=torch.float64,
+                                                             device=batch.completion_mask.device)).tolist()
+        if ranks * squares != total * total:  # Σ B_r² · W = (Σ B_r)² only if every B_r is equal
+            raise ValueError(f"Loop.update: the {int(ranks)} data-parallel ranks have different numbers of rows "
+                             f"(this rank {int(B)}, {total / ranks:g} on average); a selector that keeps a varying "
+                             "number of rows (filters, dynamic sampling, buffers) is not supported under DDP yet")
 
     def micro_loss(self, micro: RolloutBatch, norm: Normaliser, epoch: int) -> tuple[LossOutput, Tensor]:
         """One micro-batch: the policy forward, the loss (with the methods' inputs) and the methods' extra terms.

@@ -29,7 +29,7 @@ from torch import Tensor
 from common.advantages.base import AdvantageEstimator
 from common.advantages.group import GRPO
 from common.batch import RolloutBatch
-from common.distributed import all_gather_objects
+from common.distributed import all_gather_objects, all_reduce_sum
 from common.loop import Loop, Stepper
 from common.losses.base import PolicyLoss
 from common.losses.ppo_clip import ClippedPolicyLoss
@@ -122,7 +122,8 @@ class PolicyOptimizationModule(L.LightningModule):
         self.register_buffer("reward_failures", torch.zeros((), dtype=torch.long))
         self.loop = Loop(self.policy, self.score, self.advantage, self.loss_fn, selector, list(self.methods),
                          group_size=group_size, mu=mu, minibatch_size=minibatch_size, micro_batch_size=micro_batch_size,
-                         kl_in_reward=kl_in_reward, max_generation_rounds=max_generation_rounds, provided=self.provides)
+                         kl_in_reward=kl_in_reward, max_generation_rounds=max_generation_rounds, provided=self.provides,
+                         all_reduce=all_reduce_sum)  # Σ over DDP ranks (Lightning's process group); identity on one
 
     def set_rewards(self, rewards: Sequence[RewardFunction], weights: Sequence[float] | None = None) -> None:
         self.reward_fns = list(rewards)

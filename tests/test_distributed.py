@@ -3,6 +3,8 @@
 - data by rank: under ``advlab fit --trainer.strategy ddp --trainer.devices 2`` the ranks score disjoint prompts
   whose union is the single-process stream of 2 x prompts_per_step prompts; each rank samples with its own seed and
   its RNG state is checkpointed: resumed from a checkpoint, every rank draws exactly the samples of the straight run;
+- the same update as one big process: one optimiser step of a 2-rank DDP run on a fixed batch split by rank equals
+  one process's step on the whole batch (token-mean and sequence-mean aggregation, GRPO's batch-scaled advantage).
 """
 
 from __future__ import annotations
@@ -11,10 +13,13 @@ import json
 import os
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
 
+from ddp_support import CASES, G, make_policy, one_step
+from helpers import digit_prompts
 from resume import ROOT, TINY, cli
 
 SUPPORT = ROOT / "tests/support"
@@ -83,3 +88,45 @@ def test_ddp_ranks_score_disjoint_prompts_of_the_global_stream_and_resume_their_
     again = records(tmp_path / "resumed.jsonl")
     for r in (0, 1):
         assert again[r] == seen[r][1:], (r, again[r], seen[r][1:])
+
+
+# ------------------------------------------------------------------ the same update as one big process
+def global_batch():
+    """4 prompts x G = 3 rows sampled by the tiny policy, rewards set per row (no all-equal group), and ragged
+    masks with many more tokens on rank 0's rows (0-5) than on rank 1's (6-11): a per-rank token count is wrong."""
+    torch.manual_seed(0)
+    policy = make_policy()
+    batch = policy.rollout(digit_prompts(4), G)
+    B, T = batch.completion_mask.shape
+    lengths = torch.tensor([6, 5, 6, 4, 6, 5, 1, 2, 1, 1, 2, 1]).clamp(max=T)  # (B,)
+    mask = torch.arange(T)[None, :] < lengths[:, None]  # (B, T)
+    rewards = torch.tensor([0.0, 1.0, 0.5, 2.0, 0.0, 1.0, 1.0, 0.0, 3.0, 0.2, 0.4, 0.0], dtype=torch.float64)
+    return batch.replace(completion_mask=mask, rewards=rewards, reward_components=rewards[:, None], reward_names=("r",))
+
+
+def test_a_two_rank_ddp_step_equals_one_process_on_the_global_batch(tmp_path):
+    """float64, SGD lr 1, no clipping: the 2-rank weights equal the 1-process weights to 1e-10 (the sums differ only
+    in order: ~1e-16 relative per term), while the step moves them by > 1e-3; normalising each rank by its own
+    counts (the control) differs by > 1e-4. GRPO scale="batch": the ranks' advantages are the global batch's."""
+    batch = global_batch()
+    torch.save(batch.state_dict(), tmp_path / "batch.pt")
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, str(SUPPORT / "ddp_support.py"), str(tmp_path / "batch.pt"), str(tmp_path)],
+                              env=env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
+                                      MASTER_PORT=port), stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(e[-3000:] for e in errors)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    init = {n: p.detach() for n, p in make_policy().named_parameters()}
+    for case in CASES:
+        ref = one_step(batch, *case)  # one process, the whole batch, no all_reduce
+        got_adv = torch.cat([ranks[0][case]["advantages"], ranks[1][case]["advantages"]])
+        torch.testing.assert_close(got_adv, ref["advantages"], rtol=0, atol=1e-12, msg=f"{case}")
+        moved = max(float((ref[n] - init[n]).abs().max()) for n in init)
+        assert moved > 1e-3, (case, moved)
+        for r in (0, 1):
+            gap = max(float((ranks[r][case][n] - ref[n]).abs().max()) for n in init)
+            assert gap <= 1e-10, (case, r, gap)
+    ref = one_step(batch, "token_mean", "group")
+    control = max(float((ranks[0]["per_rank"][n] - ref[n]).abs().max()) for n in init)
+    assert control > 1e-4, control

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -26,6 +28,10 @@ class AdvantageEstimator:
 
     def __call__(self, batch: RolloutBatch) -> Tensor | tuple[Tensor, Tensor]:
         raise NotImplementedError
+
+    # The sum of a tensor over data-parallel ranks, set by the Loop when it has one (None: one process). Estimators
+    # whose statistics span the batch reduce them with it, so that they are the global batch's (GRPO scale="batch").
+    all_reduce: Callable[[Tensor], Tensor] | None = None
 
 
 def check_rewards(rewards: Tensor, name: str = "rewards") -> None:

@@ -7,6 +7,7 @@ A group whose rewards are all equal, and a group of one, get advantage exactly 0
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -30,6 +31,7 @@ def grpo(
     scale: Literal["group", "batch", "none"] = "group",
     eps: float = 1e-6,
     num_groups: int | None = None,
+    all_reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Group-relative advantage (GRPO; Shao et al. 2024, arXiv 2402.03300, §4.1.2).
 
@@ -37,7 +39,10 @@ def grpo(
         A_i = (r_i − μ_g) / (σ_B + eps)     scale="batch": σ_B the std of all B rewards (TRL's scale_rewards="batch")
         A_i =  r_i − μ_g                    scale="none":  Dr.GRPO (Liu et al. 2025, arXiv 2503.20783, §3.1)
 
-    Shapes: rewards (B,), group_ids (B,) -> (B,). All-equal groups and groups of one give exactly 0.
+    ``all_reduce`` (the sum over data-parallel ranks, a collective): σ_B is the std of the global batch's rewards,
+    from summed counts, sums and squared deviations (two passes), as one process would compute it on every rank's
+    rows; groups lie on one rank, so μ_g and σ_g need none. Shapes: rewards (B,), group_ids (B,) -> (B,).
+    All-equal groups and groups of one give exactly 0.
     """
     if scale not in ("group", "batch", "none"):
         raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
@@ -47,9 +52,21 @@ def grpo(
     centred = r - group_mean(r, group_ids, num_groups, validate=False)[group_ids]  # (B,) exactly 0 in all-equal groups
     if scale == "group":
         return centred / (group_std(r, group_ids, num_groups, validate=False)[group_ids] + eps)
+    if scale == "batch" and all_reduce is not None:
+        n, std = _global_std(rewards, all_reduce)  # (), ()
+        return torch.where(n > 1, centred / (std + eps), centred)
     if scale == "batch" and rewards.numel() > 1:
         return centred / (rewards.std(unbiased=True) + eps)
     return centred
+
+
+def _global_std(rewards: Tensor, all_reduce: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+    """(N, σ): the number of rows over all ranks and the unbiased std of every rank's rewards (B_r,) together,
+    both (). Two passes (the mean, then the squared deviations from it), one all-reduce each; σ = 0 for N < 2."""
+    n, total = all_reduce(torch.stack([rewards.new_tensor(float(rewards.numel())), rewards.sum()]))  # (2,)
+    mean = total / n.clamp(min=1)  # ()
+    squares = all_reduce((rewards - mean).pow(2).sum())  # ()
+    return n, (squares / (n - 1).clamp(min=1)).sqrt()
 
 
 def dr_grpo(rewards: Tensor, group_ids: Tensor, *, num_groups: int | None = None) -> Tensor:
@@ -141,7 +158,7 @@ class GRPO(AdvantageEstimator):
         self.scale, self.eps = scale, eps
 
     def __call__(self, batch: RolloutBatch) -> Tensor:  # (B,)
-        return grpo(batch.rewards, batch.group_ids, scale=self.scale, eps=self.eps)
+        return grpo(batch.rewards, batch.group_ids, scale=self.scale, eps=self.eps, all_reduce=self.all_reduce)
 
 
 class DrGRPO(GRPO):

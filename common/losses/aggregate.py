@@ -12,10 +12,17 @@ A per-token loss ``ℓ (B, T)`` becomes a scalar in one of four ways (mask ``m (
 :class:`Normaliser` computed once over the whole optimiser batch, so summing the micro-batch losses gives
 the same value and gradient as one pass over the full batch (the gradient-accumulation bug users of TRL and
 verl hit when every micro-batch divides by its own token count).
+
+Under data parallelism the counts are summed over ranks (``Normaliser.of(..., all_reduce=)``) and divided by the
+number of ranks: every rank divides its own sum by its *share* ``N_global / W`` of the global count, so the mean
+over ranks that DDP takes of the gradients, ``(1/W) Σ_r ∇(Σ_r-local / (N/W)) = ∇(Σ_global / N)``, is exactly the
+gradient of one process on the global minibatch, for every mode. Metrics divided by the normaliser are the same
+shares: their mean over ranks is the global value.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -30,19 +37,28 @@ AGGREGATIONS: tuple[str, ...] = Aggregation.__args__
 
 @dataclass(frozen=True)
 class Normaliser:
-    """Denominators of an optimiser batch. Build it with :meth:`of` on the full batch's mask."""
+    """Denominators of an optimiser batch. Build it with :meth:`of` on the full batch's mask.
 
-    num_tokens: Tensor  # () Σ m over the optimiser batch
-    num_sequences: Tensor  # () sequences with L_i > 0
+    On one process the counts of the batch; under data parallelism this rank's share of the global counts
+    (global count / number of ranks, module docstring)."""
+
+    num_tokens: Tensor  # () Σ m over the optimiser batch (/ W)
+    num_sequences: Tensor  # () sequences with L_i > 0 (/ W)
     max_len: int  # T_max, the generation budget
 
     @classmethod
-    def of(cls, mask: Tensor, max_len: int | None = None) -> "Normaliser":
+    def of(cls, mask: Tensor, max_len: int | None = None, all_reduce: Callable[[Tensor], Tensor] | None = None) -> "Normaliser":
+        """Counts of ``mask (B, T)``; with ``all_reduce`` (the sum over data-parallel ranks, a collective every rank
+        calls) the global counts divided by the number of ranks."""
         if mask.dim() != 2:
             raise ValueError(f"mask must be (B, T), got shape {tuple(mask.shape)}")
+        # (3,) tokens, non-empty sequences, ranks (each rank counts itself once)
+        counts = torch.stack([mask.sum().float(), (mask.sum(1) > 0).sum().float(), torch.ones((), device=mask.device)])
+        if all_reduce is not None:
+            counts = all_reduce(counts)
         return cls(
-            num_tokens=mask.sum().clamp(min=1).float(),
-            num_sequences=(mask.sum(1) > 0).sum().clamp(min=1).float(),
+            num_tokens=counts[0].clamp(min=1) / counts[2],
+            num_sequences=counts[1].clamp(min=1) / counts[2],
             max_len=int(max_len if max_len is not None else mask.shape[1]),
         )
 

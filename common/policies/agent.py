@@ -108,7 +108,7 @@ class MultiTurnAgentPolicy(Policy):
         stops = tuple(dict.fromkeys((*lm.sampling.stop_strings, *self.environment.stop_strings)))
         for t in range(lim.max_turns):
             full = live & (cmask.sum(1) >= lim.max_total_tokens)  # (E,) no room for another action
-            for e in full.nonzero().squeeze(1).tolist():
+            for e in full.nonzero().squeeze(1).tolist():  # ok: host-side bookkeeping of end reasons
                 reasons[e] = "overflow"
             live = live & ~full
             idx = live.nonzero().squeeze(1)  # (N,) live episodes
@@ -154,7 +154,7 @@ class MultiTurnAgentPolicy(Policy):
                     cont[j] = True
             o_ids, o_mask = self._tokenize(observations)  # (N, O)
             fits = o_mask.sum(1) <= torch.tensor(room, device=dev)  # (N,)
-            for j in (cont & ~fits).nonzero().squeeze(1).tolist():
+            for j in (cont & ~fits).nonzero().squeeze(1).tolist():  # ok: host-side bookkeeping
                 reasons[int(idx[j])] = "overflow"
             o_mask = o_mask & (cont & fits)[:, None]
             live[idx] = cont & fits
@@ -167,14 +167,12 @@ class MultiTurnAgentPolicy(Policy):
                     torch.cat([blp[idx], gen.behaviour_logprobs.to(blp.dtype) if gen.behaviour_logprobs is not None
                                else torch.zeros(a_ids.shape, dtype=blp.dtype, device=dev), torch.zeros(o_ids.shape, dtype=blp.dtype, device=dev)], 1))
             packed = pack(*rows)
-            W = comp.shape[1] + A + O
             widened = [torch.nn.functional.pad(x, (0, A + O)) for x in (cmask, comp, envm, turn, blp)]
             for x, new in zip(widened, packed):
                 x[idx] = new
             width = int(widened[0].sum(1).max()) if E else 0
             cmask, comp, envm, turn, blp = (x[:, :width] for x in widened)
-            assert W >= width
-        for e in live.nonzero().squeeze(1).tolist():
+        for e in live.nonzero().squeeze(1).tolist():  # ok: host-side bookkeeping
             reasons[e] = "max_turns"
         comp = comp.masked_fill(~cmask, tok.pad_token_id)
         envm, turn = envm & cmask, turn.masked_fill(~cmask | envm, -1)

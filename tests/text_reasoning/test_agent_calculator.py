@@ -1,6 +1,6 @@
 """The calculator agent recipe (configs/text_reasoning/agent_calculator.yaml): TextReasoningModule with an
 ``environment`` wraps its causal LM into MultiTurnAgentPolicy; 2 steps of episode-level GRPO from ``advlab fit`` on
-a tiny real model; the generated calculator tasks are right."""
+a tiny real model, end reasons and turns logged (EpisodeStats); the generated calculator tasks are right."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from resume import TINY, cli, events
 
 from common.policies.agent import MultiTurnAgentPolicy
 from common.rewards.expression import safe_eval
-from common.rollout.env import EpisodeLimits, EpisodeReturn
+from common.rollout.env import END_REASONS, EpisodeLimits, EpisodeReturn
 from text_reasoning.envs.calculator import Calculator, CalculatorTasks
 from text_reasoning.module import TextReasoningModule
 
@@ -46,8 +46,12 @@ def test_agent_calculator_recipe_runs_two_steps(tmp_path):
     proc = subprocess.run(run, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     logs = tmp_path / "runs/lightning_logs/version_0"
-    for tag in ("train/loss", "train/reward", "train/reward/episode_return", "train/accuracy"):
+    for tag in ("train/loss", "train/reward", "train/reward/episode_return", "train/accuracy", "train/episode_turns",
+                "train/end/done", "train/end/timeout"):
         assert sorted(events(logs, tag)) == [0, 1], tag
+    ends = [sum(events(logs, f"train/end/{r}")[step] for r in END_REASONS) for step in (0, 1)]
+    assert ends == [pytest.approx(1.0), pytest.approx(1.0)]  # every episode ended for one of the typed reasons
+    assert min(events(logs, "train/episode_turns").values()) >= 1
     assert all(v == v for v in events(logs, "train/loss").values())
     assert max(events(logs, "train/response_len").values()) <= 48  # the episode's token budget
     ckpt = torch.load(logs / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
