@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import torch
 
 from common.losses.aggregate import Normaliser
@@ -160,22 +161,39 @@ class Script:
         return forced
 
 
-def test_a_calculator_tool_episode_end_to_end(one_thread):
-    """The model calls the tool (the turn stops at </tool>), the tool's <result> is appended as environment tokens,
-    the model answers: reward 1, ended 'done' after 2 turns; the tool tokens are masked."""
+CHAT_TOOL_TURN = ("<|im_end|>\n<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n")  # SmolLM2's turn markers
+
+
+@pytest.mark.parametrize("prefix, suffix", [("", ""), CHAT_TOOL_TURN], ids=["inline", "chat_turns"])
+def test_a_calculator_tool_episode_end_to_end(prefix, suffix, one_thread):
+    """The model calls the tool (the turn stops at </tool>), the tool's <result> is appended as environment tokens
+    (inline, or as a user turn between the chat template's markers, whose special tokens are single ids), the model
+    answers: reward 1, ended 'done' after 2 turns; the tool tokens are masked; log-probs as a plain forward."""
     lm = CausalLMPolicy(TinyLlama(hidden_size=32, num_layers=1, num_heads=2, seed=0), Sampling(max_new_tokens=16))
     lm.backend = HFBackend(logits_processors=[Script(lm.tokenizer, ["<tool>calc: 12+7</tool>", "<answer>19</answer>"])])
-    policy = MultiTurnAgentPolicy(lm, Calculator(), EpisodeLimits(max_turns=4, max_total_tokens=64))
+    policy = MultiTurnAgentPolicy(lm, Calculator(), EpisodeLimits(max_turns=4, max_total_tokens=64,
+                                                                  observation_prefix=prefix, observation_suffix=suffix))
     batch = policy.rollout([{"prompt": "What is 12+7?", "answer": "19"}], 1)
     s = batch.samples[0]
     assert (s["episode_return"], s["end_reason"], s["turns"]) == (1.0, "done", 2)
     tok = policy.tokenizer
     ids = batch.completion_ids[0]
-    assert tok.decode(ids[batch.env_mask[0]]) == "<result>19</result>"
+    env = ids[batch.env_mask[0]]
+    assert tok.decode(env) == prefix + "<result>19</result>" + suffix
+    assert (env == tok.convert_tokens_to_ids("<|im_end|>")).sum() == (2 if prefix else 0)
     assert tok.decode(ids[batch.token_turn[0] == 0]) == "<tool>calc: 12+7</tool>"
     assert tok.decode(ids[batch.token_turn[0] == 1], skip_special_tokens=True) == "<answer>19</answer>"
-    assert batch.completions[0] == "<tool>calc: 12+7</tool><result>19</result><answer>19</answer>"
+    if not prefix:
+        assert batch.completions[0] == "<tool>calc: 12+7</tool><result>19</result><answer>19</answer>"
     assert not bool(batch.truncated[0])
+    with torch.no_grad():
+        full = torch.cat([batch.prompt_ids[0][batch.prompt_mask[0]], ids[batch.completion_mask[0]]])
+        logits = lm.model(full[None]).logits[0, batch.prompt_mask[0].sum() - 1 : -1].float()
+        ref = logits.log_softmax(-1).gather(1, ids[batch.completion_mask[0]][:, None]).squeeze(1)
+        got = policy(batch).logprobs[0][batch.completion_mask[0]]
+    act = batch.loss_mask[0][batch.completion_mask[0]]
+    assert ref[act].abs().max() < 16
+    torch.testing.assert_close(got[act], ref[act], rtol=0, atol=2e-5)  # float32 model, |log p| < 16: a few ulps
 
 
 class Faulty(GridWorld):
