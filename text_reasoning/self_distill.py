@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +40,23 @@ from common.policies.causal_lm import CausalLMPolicy
 if TYPE_CHECKING:
     from common.loop import Loop
 
-_THINKING = re.compile(r"<think>.*?</think>", flags=re.DOTALL)
+MAX_DEMONSTRATION_CHARS = 10_000  # a sibling's completion is cut to its first this many characters before any scan
+
+
+def strip_thinking(text: str) -> str:
+    """``text`` without its ``<think>...</think>`` spans (each ``<think>`` up to the first ``</think>`` after it; an
+    unclosed ``<think>`` and what follows stay), as ``re.sub(r"<think>.*?</think>", "", text, flags=re.DOTALL)``
+    but in one left-to-right pass of ``str.find``: linear in ``len(text)`` (the lazy regex is quadratic on a long
+    unclosed ``<think>``: it rescans the tail from every ``<think>``)."""
+    out, pos = [], 0
+    while (start := text.find("<think>", pos)) >= 0:
+        end = text.find("</think>", start + len("<think>"))
+        if end < 0:
+            break  # no closing tag after this one, so none after any later <think> either
+        out.append(text[pos:start])
+        pos = end + len("</think>")
+    out.append(text[pos:])
+    return "".join(out)
 
 
 def teacher_contexts(prompts: Sequence[str], completions: Sequence[str], success: Sequence[bool],
@@ -51,7 +66,9 @@ def teacher_contexts(prompts: Sequence[str], completions: Sequence[str], success
                      solution_template: str = "\nCorrect solution:\n\n{solution}\n\n") -> list[str | None]:
     """The teacher's prompt for every row, or None where no successful sibling exists (SDPO code
     ``_maybe_build_self_distillation_batch``): the first successful row of the same group, excluding the row
-    itself when ``dont_reprompt_on_self_success``. Host-side text: one pass over B strings."""
+    itself when ``dont_reprompt_on_self_success``. The demonstration is the sibling's first
+    ``MAX_DEMONSTRATION_CHARS`` characters (its thinking stripped in linear time). Host-side text: one pass over B
+    strings."""
     n = len(prompts)
     if not (len(completions) == len(success) == len(group_ids) == n):
         raise ValueError(f"prompts, completions, success and group_ids must have one entry per row, got lengths "
@@ -66,9 +83,9 @@ def teacher_contexts(prompts: Sequence[str], completions: Sequence[str], success
         if not donors:
             out.append(None)
             continue
-        text = completions[donors[0]]
+        text = completions[donors[0]][:MAX_DEMONSTRATION_CHARS]  # model output is hostile input: bounded first
         if remove_thinking:
-            text = _THINKING.sub("", text).strip()
+            text = strip_thinking(text).strip()
         out.append(reprompt_template.format(prompt=prompts[i], solution=solution_template.format(solution=text)))
     return out
 

@@ -1,10 +1,13 @@
+import re
 import time
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from common.rewards.base import RewardFunction
-from text_reasoning.rewards import CountdownReward, KnightsKnavesReward, TaskReward, countdown_expression
+from text_reasoning.rewards import _EXPRESSION_LINE, CountdownReward, KnightsKnavesReward, TaskReward, countdown_expression, last_tagged
 from text_reasoning.tasks import arithmetic, countdown, knights_knaves
 
 COUNTDOWN = {"task": "countdown", "answer": "(8 - 7) * 3", "numbers": [3, 7, 8], "target": 3}
@@ -16,6 +19,9 @@ HOSTILE = [
     "<answer>1/0</answer>",
     "3 * 7 - 8 " * 100_000,  # 1 MB on one line: longer than safe_eval's 200 characters
     "<answer>" * 150_000,  # 1.2 MB of unclosed tags
+    "1" * 2**20 + "=",  # 1 MB line of digits that is not an expression (a backtracking line regex: 0.7 s per 10 kB)
+    "<answer><think>" * 70_000 + "</answer>" * 10,  # nested, mostly unclosed
+    "(" * 2**20,
 ]
 
 
@@ -92,3 +98,28 @@ def test_hostile_completions_score_zero_quickly(reward) -> None:
     start = time.perf_counter()
     assert reward(HOSTILE, [sample] * len(HOSTILE)).tolist() == [0.0] * len(HOSTILE)
     assert time.perf_counter() - start < 1.0
+
+
+_LAZY_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)  # the references the linear scans replace
+_BACKTRACKING_LINE = re.compile(r"[0-9+\-*/×÷(). \t]*\d[0-9+\-*/×÷(). \t]*", re.ASCII)
+
+_PIECES = ["<answer>", "</answer>", "<answer", "answer>", "1", "7 ", "+", "=", "\n", "(", "x", "٣"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(_PIECES), max_size=12))
+def test_linear_parsers_equal_the_regexes_they_replace(parts):
+    text = "".join(parts)
+    found = _LAZY_ANSWER.findall(text)
+    assert last_tagged(text) == (found[-1] if found else None)
+    for line in text.splitlines():  # ASCII digits only: a lone non-ASCII digit is no longer an expression line
+        assert bool(_EXPRESSION_LINE.fullmatch(line)) == bool(_BACKTRACKING_LINE.fullmatch(line))
+
+
+def test_a_batch_of_hostile_completions_costs_milliseconds_each() -> None:
+    """64 hostile completions (8 of each): the step's reward time stays bounded, per completion < 20 ms."""
+    batch = HOSTILE * 8
+    start = time.perf_counter()
+    CountdownReward()(batch, [COUNTDOWN] * len(batch))
+    elapsed = time.perf_counter() - start
+    assert elapsed / len(batch) < 0.02, f"{elapsed:.2f} s for {len(batch)}"

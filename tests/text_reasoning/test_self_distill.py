@@ -4,7 +4,12 @@ rule after a real step, and the EMA teacher surviving a SIGKILL and resume exact
 
 from __future__ import annotations
 
+import re
+import time
+
 import lightning as L
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -18,7 +23,7 @@ from common.rollout.base import Sampling
 from helpers import DIGITS, digit_prompts
 from resume import TINY, assert_sigkill_resume_exact, cli
 from text_reasoning.module import TextReasoningModule
-from text_reasoning.self_distill import SelfDistillation, teacher_contexts
+from text_reasoning.self_distill import MAX_DEMONSTRATION_CHARS, SelfDistillation, strip_thinking, teacher_contexts
 
 
 class SevensReward(RewardFunction):
@@ -58,6 +63,41 @@ def test_teacher_contexts_pick_the_first_successful_sibling():
     assert own[1] == "p|<think>x</think>s1"
     with pytest.raises(ValueError, match="one entry per row"):
         teacher_contexts(prompts, completions[:2], success, groups)
+
+
+_LAZY_THINKING = re.compile(r"<think>.*?</think>", flags=re.DOTALL)  # the reference (quadratic on unclosed tags)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["<think>", "</think>", "a", "b\n", "<", "think>", "</", "<think"]), max_size=12))
+def test_strip_thinking_equals_the_lazy_regex(parts):
+    text = "".join(parts)
+    assert strip_thinking(text) == _LAZY_THINKING.sub("", text)
+
+
+HOSTILE = {  # 1 MB model outputs
+    "unclosed": "<think>" * (2**20 // 7),
+    "nested": "<think>" * (2**19 // 7) + "x" + "</think>" * (2**19 // 8),
+    "long_closed": "<think>" + "y" * 2**20 + "</think>answer",
+    "many_pairs": "<think>z</think>" * (2**20 // 16),
+    "unclosed_after_text": "7" * 2**19 + "<think>" + "<" * 2**19,
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_hostile_demonstrations_are_bounded_and_linear(name):
+    """1 MB completions (the lazy regex took 5.8 s on 112 kB of unclosed ``<think>`` and did not finish on 1 MB):
+    the demonstration is cut to MAX_DEMONSTRATION_CHARS, then stripped in one pass; a 1 MB strip alone is linear."""
+    text = HOSTILE[name]
+    start = time.perf_counter()
+    got = teacher_contexts(["p", "p"], ["w", text], [False, True], [0, 0], reprompt_template="{prompt}|{solution}",
+                           solution_template="{solution}")
+    stripped = strip_thinking(text)  # unbounded input: still linear
+    elapsed = time.perf_counter() - start
+    assert elapsed < 1.0, f"{name}: {elapsed:.2f} s"
+    assert got[0] is not None and len(got[0]) <= len("p|") + MAX_DEMONSTRATION_CHARS
+    assert got[0] == "p|" + _LAZY_THINKING.sub("", text[:MAX_DEMONSTRATION_CHARS]).strip()  # 10 kB: the regex is fast enough
+    assert len(stripped) <= len(text)
 
 
 def test_teacher_distribution_equals_a_plain_forward_on_the_reprompted_text():
