@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -59,10 +60,10 @@ def bundled_smollm2_path() -> Path:
     return target
 
 
-def load_tokenizer(path: str | Path):
+def load_tokenizer(path: str | Path, *, local_files_only: bool = True):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=local_files_only)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
@@ -114,21 +115,52 @@ class BundledSmolLM2(PolicySource):
 
 
 class Pretrained(PolicySource):
-    """Any HF model id or local directory (hub ids need a network; local paths do not).
+    """A local model directory, or a Hugging Face id already in the local HF cache. Nothing is downloaded unless
+    ``allow_download`` is true: a path that is not there fails at once, naming it (``HF_HUB_OFFLINE`` semantics),
+    instead of retrying a hub.
 
     Args:
-        name_or_path: HF model id or directory.
+        name_or_path: model directory (``runs/smollm2-sft``, ``/models/x``, ``./x``) or HF id (``org/name``).
         dtype: "float32", "bfloat16" or "float16".
+        allow_download: fetch an HF id that is not in the local cache from the hub (needs a network).
     """
 
-    def __init__(self, name_or_path: str, dtype: str = "float32"):
-        self.name_or_path, self.dtype = name_or_path, dtype
+    def __init__(self, name_or_path: str, dtype: str = "float32", allow_download: bool = False):
+        if dtype not in _DTYPES:
+            raise ValueError(f"Pretrained: dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        self.name_or_path, self.dtype, self.allow_download = str(name_or_path), dtype, allow_download
+        check_model_path(self.name_or_path, allow_download)
 
     def load(self):
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(self.name_or_path, dtype=_DTYPES[self.dtype])
-        return model, load_tokenizer(self.name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(self.name_or_path, dtype=_DTYPES[self.dtype],
+                                                     local_files_only=not self.allow_download)
+        return model, load_tokenizer(self.name_or_path, local_files_only=not self.allow_download)
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?")
+
+
+def check_model_path(name_or_path: str, allow_download: bool = False) -> None:
+    """Raise ``FileNotFoundError`` naming ``name_or_path`` unless it is a directory, or an HF id that is cached
+    locally (or may be downloaded). Local-looking paths (absolute, ``./``, ``~``, more than one ``/``, or not a
+    valid hub id) are never sent to a hub."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return
+    where = f"name_or_path {name_or_path!r} (resolved: {path.resolve()})"
+    if path.exists():
+        raise FileNotFoundError(f"Pretrained: {where} is a file; give the model's directory (config.json, weights)")
+    if name_or_path.startswith((".", "/", "~", "\\")) or not _HUB_ID.fullmatch(name_or_path):
+        raise FileNotFoundError(f"Pretrained: {where} does not exist")
+    if allow_download:
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
+        raise FileNotFoundError(f"Pretrained: {where} is not a local directory, and as a Hugging Face id it is not in "
+                                "the local cache; nothing is downloaded unless policy.init_args.allow_download is true")
 
 
 CHAT_TEMPLATE_PLAIN = (
