@@ -33,7 +33,7 @@ from torch import Tensor
 PROMPT_ALIGNED = frozenset({"prompt_ids", "prompt_mask", "teacher_prompt_ids", "teacher_prompt_mask"})
 TIME_ALIGNED = frozenset({"completion_ids", "completion_mask", "behaviour_logprobs", "old_logprobs", "ref_logprobs",
                           "advantages", "values", "entropy", "token_turn", "env_mask", "segment_starts",
-                          "prefix_values"})
+                          "prefix_values", "hint_mask", "hint_keep"})
 # Fields every rollout has once the loop has run steps 1-4; components need not declare them.
 ALWAYS = frozenset({"completion_ids", "completion_mask", "group_ids", "rewards", "reward_components", "advantages",
                     "samples", "completions", "reward_names", "inputs"})
@@ -63,6 +63,8 @@ class RolloutBatch:
     prompt_uid: Tensor | None = None  # (B,) long: the training prompt's index in its data set (SPO tracker)
     distribution: Tensor | None = None  # (B,) long: the prompt's task source (DUMP curriculum)
     hint_len: Tensor | None = None  # (B,) long: leading completion tokens forced from a hint (ADHint), 0 = none
+    hint_mask: Tensor | None = None  # (B, T) bool: completion positions fixed by an inpainted hint (IGPO)
+    hint_keep: Tensor | None = None  # (B, T) bool: positions that get gradient after IGPO's entropy filter on hints
     window: Tensor | None = None  # (B,) long: generation windows the response has used (T-PPO), 1 = fresh
     preference_score: Tensor | None = None  # (B,) float: label of an offline candidate (DPO / ADPO)
     phase_starts: Tensor | None = None  # (B, K) long: token where each phase of the completion starts (F-GRPO)
@@ -75,6 +77,8 @@ class RolloutBatch:
     turn_ids: Tensor | None = None  # (B,) long: the first turn of the sequence within its episode
     token_turn: Tensor | None = None  # (B, T) long: the turn each token belongs to (−1 off the mask)
     env_mask: Tensor | None = None  # (B, T) bool: tokens written by the environment or a tool (never trained on)
+    end_reason: Tensor | None = None  # (B,) long: why the episode ended, an index into common.rollout.env.END_REASONS
+    num_turns: Tensor | None = None  # (B,) long: assistant turns the episode took
     samples: list[dict[str, Any]] = field(default_factory=list)  # (B,) the data module's records (prompt, answer, ...)
     completions: list[str] = field(default_factory=list)  # (B,) decoded text, for rewards and logging
 

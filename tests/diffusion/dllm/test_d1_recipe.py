@@ -1,4 +1,4 @@
-"""diffu-GRPO from YAML: configs/diffusion/d1.yaml runs 2 steps from ``advlab fit`` with a tiny masked-diffusion LM
+"""diffu-GRPO and IGPO from YAML: configs/diffusion/d1.yaml and igpo.yaml run 2 steps from ``advlab fit`` with a tiny masked-diffusion LM
 on the chain-sum task (mu = 4 epochs, each with its own prompt mask), and the chain-sum task and reward."""
 
 from __future__ import annotations
@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 
+import pytest
 import torch
 from resume import ROOT, cli, events
 
@@ -38,15 +39,19 @@ def test_chain_sum_traces_and_reward_by_hand():
     assert {x["level"] for x in data.val_set} <= {5, 6}
 
 
-def test_d1_recipe_runs_two_steps_from_advlab(tmp_path):
+@pytest.mark.parametrize("recipe", ["d1", "igpo"])
+def test_recipe_runs_two_steps_from_advlab(recipe, tmp_path):
     # Lightning's max_steps counts optimiser steps: mu = 4 epochs x one minibatch = 4 per training step
-    run = cli("configs/diffusion/d1.yaml", *TINY, "--trainer.max_steps", "8")
+    run = cli(f"configs/diffusion/{recipe}.yaml", *TINY, "--trainer.max_steps", "8")
     # PYTHONPATH: a checkout installed before `diffusion` joined pyproject's packages still finds it
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run(run, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     logs = tmp_path / "runs/lightning_logs/version_0"
-    for tag in ("train/loss", "train/reward", "train/accuracy", "train/grad_norm"):
+    tags = ("train/loss", "train/reward", "train/accuracy", "train/grad_norm")
+    if recipe == "igpo":
+        tags += ("train/all_wrong_before", "train/all_wrong_after", "train/replacements", "train/rescued_groups")
+    for tag in tags:
         values = events(logs, tag)
         assert sorted(values) == [0, 1] and all(v == v for v in values.values()), tag
     ckpt = torch.load(logs / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
