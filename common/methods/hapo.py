@@ -25,7 +25,11 @@ The temperature's statistics are those of the entropies of the tokens trained on
 π_old), so high-entropy ("forking") tokens are sampled hotter and low-entropy ones colder. The public code's
 negative branch divides by min(h) (a negative number), which makes h̃ >= 0 everywhere; the default follows the
 paper's intent (sign-preserving) unless ``code_compat=True``. Before the first update (no statistics yet)
-T = T_0. The training log-probs stay at T_0 (the paper's choice), so sampler and learner differ slightly here.
+T = T_0. The HF backend hands the processor the scores at T_0 (logits / T_0, before top-k / top-p), so the
+entropy that sets the factor is measured at T_0, the temperature of the entropies ``observe`` is fed (the policy's
+forward at ``sampling.temperature``), and the recorded behaviour log-probs are those of the distribution actually
+sampled, log-softmax(logits / (T_0 (1 + τ h̃))). The training log-probs stay at T_0 (the paper's choice), so
+sampler and learner differ slightly here; ``RolloutCorrection`` with ``sampling.logprobs: true`` sees the gap.
 """
 
 from __future__ import annotations
@@ -89,13 +93,15 @@ class AdaptiveTemperature(nn.Module):
         self.ready.fill_(True)
 
     def temperature_factor(self, scores: Tensor) -> Tensor:
-        """(1 + τ h̃) for next-token scores already at T_0. Shapes: (B, V) -> (B,)."""
+        """(1 + τ h̃) for next-token scores already at T_0 (logits / T_0, as ``HFBackend.sampling_processors``
+        passes them), so H is the entropy at the base temperature. Shapes: (B, V) -> (B,)."""
         logp = torch.log_softmax(scores.float(), dim=-1)
         entropy = -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)  # (B,) top-k/top-p -inf entries count 0
         h_tilde = self.normalised(torch.log(entropy.clamp(min=_MIN_ENTROPY)))
         return torch.where(self.ready, 1.0 + self.tau * h_tilde, torch.ones_like(h_tilde))
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:  # transformers LogitsProcessor protocol
+        """scores / T_0 (B, V) -> scores / (T_0 (1 + τ h̃)) (B, V)."""
         return scores / self.temperature_factor(scores)[:, None].to(scores.dtype)
 
 

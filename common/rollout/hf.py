@@ -22,21 +22,24 @@ def completion_mask(completion_ids: Tensor, eos_ids: Tensor) -> tuple[Tensor, Te
 
 
 class BehaviourLogProbs:
-    """A transformers logits processor that records log π(x_t) of every sampled token at ``temperature`` while
-    ``generate`` runs. It keeps one step's log-probs (B, V) instead of every step's logits (B, T, V) (12.9 GB in
-    float32 for 512 rows x 128 tokens of a 49 k vocabulary): at step t the last input token is step t-1's sample.
-    transformers applies custom processors before its own temperature / top-k / top-p warpers, so it sees the
-    model's logits (as ``output_logits`` would) when it is the first custom processor."""
+    """A transformers logits processor that records log μ(x_t) of every sampled token, μ the distribution ``generate``
+    actually samples from: it runs last, after the temperature, the methods' processors and top-k / top-p
+    (:meth:`HFBackend.sampling_processors`), and returns the scores unchanged, so ``softmax(scores)`` is what
+    ``generate`` draws from. With top-k / top-p that is the truncated, renormalised distribution (tokens outside the
+    kept set have log-prob −inf and are never sampled), as vLLM's ``processed_logprobs``; it then differs from the
+    trainer's full-softmax log π at T_0 by the log of the kept mass, which an importance correction
+    (``RolloutCorrection``) sees as off-policy-ness. It keeps one step's log-probs (B, V) instead of every step's
+    logits (B, T, V) (12.9 GB in float32 for 512 rows x 128 tokens of a 49 k vocabulary): at step t the last input
+    token is step t-1's sample."""
 
-    def __init__(self, temperature: float):
-        self.temperature = temperature
+    def __init__(self):
         self.last: Tensor | None = None  # (B, V) log-probs of the latest step
         self.steps: list[Tensor] = []  # (B, 1) per finished step
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         if self.last is not None:
             self.steps.append(self.last.gather(1, input_ids[:, -1:]))
-        self.last = (scores.float() / self.temperature).log_softmax(-1)
+        self.last = scores.float().log_softmax(-1)  # (B, V)
         return scores
 
     def result(self, completion_ids: Tensor) -> Tensor:
@@ -53,15 +56,33 @@ class HFBackend(nn.Module):
     Args:
         share_prefill: prefill each prompt once and expand its key/value cache to its G samples.
         logits_processors: extra transformers logits processors ``(input_ids (B, L), scores (B, V)) -> scores``
-            applied when sampling (greedy decoding takes the model's argmax), after the behaviour log-prob recorder.
-            A method that shapes sampling (HAPO's entropy-adaptive temperature, ``common/methods/hapo.py``) appends
-            its processor here in its ``setup`` and keeps the processor's state itself (this list is no submodule).
+            applied when sampling (greedy decoding takes the model's argmax). They receive the scores at the
+            sampling temperature T_0 (logits / T_0) and run before top-k / top-p and before the behaviour log-prob
+            recorder (:meth:`sampling_processors`), so the recorded log-probs include what they do. A method that
+            shapes sampling (HAPO's entropy-adaptive temperature, ``common/methods/hapo.py``) appends its processor
+            here in its ``setup`` and keeps the processor's state itself (this list is no submodule).
     """
 
     def __init__(self, share_prefill: bool = True, logits_processors: Sequence[Callable[[Tensor, Tensor], Tensor]] = ()):
         super().__init__()
         self.share_prefill = share_prefill
         self.logits_processors: list[Callable[[Tensor, Tensor], Tensor]] = list(logits_processors)
+
+    def sampling_processors(self, sampling: Sampling) -> list[Callable[[Tensor, Tensor], Tensor]]:
+        """The sampling warpers in the order they run: temperature T_0, the methods' ``logits_processors``, top-k,
+        top-p. ``generate`` is called with its own warpers off (temperature 1, top_k 0, top_p 1), because it would
+        run them after every custom processor, i.e. after the behaviour recorder."""
+        from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        warpers: list[Callable[[Tensor, Tensor], Tensor]] = []
+        if sampling.temperature != 1.0:
+            warpers.append(TemperatureLogitsWarper(sampling.temperature))
+        warpers += self.logits_processors
+        if sampling.top_k:
+            warpers.append(TopKLogitsWarper(top_k=sampling.top_k))
+        if sampling.top_p < 1.0:
+            warpers.append(TopPLogitsWarper(top_p=sampling.top_p))
+        return warpers
 
     @staticmethod
     def _shared_prefill(policy: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, num_samples: int):
@@ -108,12 +129,12 @@ class HFBackend(nn.Module):
             pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids.tolist(),
             return_dict_in_generate=True, use_cache=True,
         )
-        recorder = BehaviourLogProbs(1.0 if greedy else sampling.temperature) if sampling.logprobs else None
-        processors = ([recorder] if recorder is not None else []) + ([] if greedy else self.logits_processors)
+        recorder = BehaviourLogProbs() if sampling.logprobs else None  # greedy: log-probs of the logits (T = 1)
+        processors = ([] if greedy else self.sampling_processors(sampling)) + ([recorder] if recorder is not None else [])
         if greedy:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        else:
-            kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None)
+        else:  # the warpers are in `processors`, in their order
+            kwargs.update(do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
         if sampling.stop_strings:
             kwargs.update(stop_strings=list(sampling.stop_strings), tokenizer=tokenizer)
         if processors:
