@@ -1,8 +1,8 @@
 """EpisodeStats: per-step statistics of a multi-turn agent's episodes (common/policies/agent.py), logged as metrics.
 
-The agent records in each row's sample why its episode ended (``end_reason``, one of
-``common.rollout.env.END_REASONS``) and how many turns it took (``turns``); this part turns them into the fraction
-of the step's episodes per reason (``train/end/<reason>``) and the mean number of turns (``train/episode_turns``),
+The agent records why each episode ended (``RolloutBatch.end_reason``, an index into
+``common.rollout.env.END_REASONS``) and how many turns it took (``num_turns``); this part turns them into the fraction
+of the trained episodes per reason (``train/end/<reason>``) and the mean number of turns (``train/episode_turns``),
 so that timeouts, environment errors and overflows are counted, never silent. It changes nothing in the batch.
 """
 
@@ -19,15 +19,14 @@ from common.rollout.env import END_REASONS
 class EpisodeStats(Method):
     """Log the end reasons and turn counts of the trained episodes (module docstring)."""
 
-    requires = ("episode_ids",)  # rows are episodes of a multi-turn agent
+    requires = ("end_reason", "num_turns")  # provided by MultiTurnAgentPolicy
 
     def after_update(self, loop, batch: RolloutBatch) -> dict[str, Tensor]:
-        if not batch.samples:
+        if batch.batch_size == 0:
             return {}
-        reasons = [s.get("end_reason") for s in batch.samples]
-        n = len(reasons)
-        out = {f"end/{r}": torch.tensor(sum(x == r for x in reasons) / n) for r in END_REASONS}
-        out["episode_turns"] = torch.tensor([float(s.get("turns", 0)) for s in batch.samples]).mean()
+        counts = torch.bincount(batch.end_reason, minlength=len(END_REASONS)).float()  # (R,)
+        out = {f"end/{r}": counts[i] / batch.batch_size for i, r in enumerate(END_REASONS)}
+        out["episode_turns"] = batch.num_turns.float().mean()
         return out
 
 

@@ -11,9 +11,9 @@ Rollout is vectorised over episodes: at every turn, one ``generate`` call contin
 context is the episode's prompt + completion so far, left-aligned); the environments then step on the decoded
 actions (host-side Python, one object per episode), and their observations are tokenised and appended. Turns end
 at EOS, at a stop string (``</tool>``) or at the turn's token budget; episodes end by a typed reason
-(``common.rollout.env.END_REASONS``), each row's return, reason and number of turns are written into its sample
-dict (``episode_return``, ``end_reason``, ``turns``), so the outcome reward is an ordinary reward function
-(``common.rollout.env.EpisodeReturn``).
+(``common.rollout.env.END_REASONS``, recorded in the declared fields ``end_reason`` and ``num_turns``); each row's
+return is written into its sample dict (``episode_return``), where the reward protocol reads it, so the outcome
+reward is an ordinary reward function (``common.rollout.env.EpisodeReturn``).
 
 The loop is unchanged: ``forward`` is the wrapped CausalLMPolicy's (its shared-prompt cache included) on the whole
 sequence, so the log-probs at the assistant tokens are those of one plain forward over prompt + completion.
@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from common.batch import RolloutBatch
 from common.policies.base import Policy, PolicyOutput
 from common.policies.causal_lm import CausalLMPolicy
-from common.rollout.env import Environment, EpisodeLimits, as_step, run_step
+from common.rollout.env import END_REASONS, Environment, EpisodeLimits, as_step, run_step
 
 _OBSERVATION_CHARS_PER_TOKEN = 16  # an observation's text is cut before tokenising (max_observation_tokens x this)
 
@@ -56,7 +56,7 @@ class MultiTurnAgentPolicy(Policy):
     environment tokens) holds at most ``limits.max_total_tokens`` (the horizon).
     """
 
-    provides = (*CausalLMPolicy.provides, "episode_ids", "turn_ids", "token_turn", "env_mask")
+    provides = (*CausalLMPolicy.provides, "episode_ids", "turn_ids", "token_turn", "env_mask", "end_reason", "num_turns")
 
     def __init__(self, lm: CausalLMPolicy, environment: Environment, limits: EpisodeLimits | None = None):
         super().__init__()
@@ -176,8 +176,7 @@ class MultiTurnAgentPolicy(Policy):
             reasons[e] = "max_turns"
         comp = comp.masked_fill(~cmask, tok.pad_token_id)
         envm, turn = envm & cmask, turn.masked_fill(~cmask | envm, -1)
-        samples = [{**task, "episode_return": r, "end_reason": why, "turns": k}
-                   for task, r, why, k in zip(tasks, returns, reasons, turns)]
+        samples = [{**task, "episode_return": r} for task, r in zip(tasks, returns)]
         truncated = torch.tensor([why in ("max_turns", "overflow") for why in reasons], dtype=torch.bool, device=dev)
         return RolloutBatch(
             prompt_ids=prompt_ids, prompt_mask=prompt_mask.bool(), completion_ids=comp, completion_mask=cmask,
@@ -185,6 +184,8 @@ class MultiTurnAgentPolicy(Policy):
             behaviour_logprobs=blp.masked_fill(~cmask | envm, 0.0) if lm.sampling.logprobs else None,
             truncated=truncated, episode_ids=torch.arange(E, device=dev), turn_ids=torch.zeros(E, dtype=torch.long, device=dev),
             token_turn=turn, env_mask=envm, samples=samples,
+            end_reason=torch.tensor([END_REASONS.index(why) for why in reasons], dtype=torch.long, device=dev),
+            num_turns=torch.tensor(turns, dtype=torch.long, device=dev),
             completions=tok.batch_decode(comp, skip_special_tokens=True),
         )
 

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 MAX_ACTION_CHARS = 4096  # an action's text is cut to its last MAX_ACTION_CHARS characters before any parsing
 TOOL_OPEN, TOOL_CLOSE = "<tool>", "</tool>"
 
-# Why an episode ended (recorded per row in ``sample["end_reason"]``):
+# Why an episode ended (``RolloutBatch.end_reason`` holds the index into this tuple):
 #   done       the environment said so
 #   stopped    the model ended the sequence (EOS) before the environment was done
 #   max_turns  the turn budget ran out

@@ -18,7 +18,7 @@ from common.models import TinyLlama
 from common.policies.agent import MultiTurnAgentPolicy, pack
 from common.policies.causal_lm import CausalLMPolicy
 from common.rollout.base import Sampling
-from common.rollout.env import EpisodeLimits
+from common.rollout.env import END_REASONS, EpisodeLimits
 from common.rollout.hf import HFBackend
 from helpers import DIGITS
 from text_reasoning.envs.calculator import Calculator
@@ -109,7 +109,7 @@ def test_the_sequence_is_what_was_sampled_and_what_the_environment_saw(one_threa
     for i, child in enumerate(env.children):
         ids, valid = batch.completion_ids[i], batch.completion_mask[i]
         turn, envm = batch.token_turn[i], batch.env_mask[i]
-        assert batch.samples[i]["turns"] == len(child.actions)
+        assert int(batch.num_turns[i]) == len(child.actions)
         for t, action in enumerate(child.actions):
             assert tok.decode(ids[turn == t], skip_special_tokens=True) == action
         # environment tokens: every observation the episode went on with, in order
@@ -118,7 +118,7 @@ def test_the_sequence_is_what_was_sampled_and_what_the_environment_saw(one_threa
         assert ids[envm & valid].tolist() == expected
         multi += len(shown) > 0
     assert multi > 0  # some episodes really are multi-turn
-    reasons = {s["end_reason"] for s in batch.samples}
+    reasons = {END_REASONS[i] for i in batch.end_reason.tolist()}
     assert reasons <= {"done", "stopped", "max_turns", "overflow"}
 
 
@@ -175,7 +175,7 @@ def test_a_calculator_tool_episode_end_to_end(prefix, suffix, one_thread):
                                                                   observation_prefix=prefix, observation_suffix=suffix))
     batch = policy.rollout([{"prompt": "What is 12+7?", "answer": "19"}], 1)
     s = batch.samples[0]
-    assert (s["episode_return"], s["end_reason"], s["turns"]) == (1.0, "done", 2)
+    assert (s["episode_return"], END_REASONS[int(batch.end_reason[0])], int(batch.num_turns[0])) == (1.0, "done", 2)
     tok = policy.tokenizer
     ids = batch.completion_ids[0]
     env = ids[batch.env_mask[0]]
@@ -222,10 +222,29 @@ def test_hanging_raising_and_unresettable_environments_end_their_episodes(one_th
     start = time.perf_counter()
     batch = policy.rollout(ts, 1)
     assert time.perf_counter() - start < 10
-    reasons = [s["end_reason"] for s in batch.samples]
+    reasons = [END_REASONS[i] for i in batch.end_reason.tolist()]
     assert reasons[:3] == ["timeout", "env_error", "env_error"] and reasons[3] in ("done", "max_turns", "stopped")
     assert [s["episode_return"] for s in batch.samples[:3]] == [-1.0, -1.0, -1.0]
     assert batch.completion_mask[2].sum() == 0  # never reset: no turn was taken
     assert "timed out after 0.2 s" in caplog.text and "raised KeyError" in caplog.text and "no such level" in caplog.text
     out = policy(batch)
     assert torch.isfinite(out.logprobs).all()
+
+
+def test_episode_stats_counts_end_reasons_and_turns(one_thread):
+    """EpisodeStats' fractions per reason equal a count over the rows (hand reference); a non-agent policy fails at
+    start-up because nothing provides end_reason."""
+    from common.advantages.group import GRPO
+    from common.loop import Loop
+    from common.methods.episode_stats import EpisodeStats
+
+    torch.manual_seed(3)
+    batch = grid_agent(max_turns=2).rollout(tasks(3), 4)
+    got = EpisodeStats().after_update(None, batch)
+    names = [END_REASONS[i] for i in batch.end_reason.tolist()]
+    for r in END_REASONS:
+        assert float(got[f"end/{r}"]) == names.count(r) / len(names)
+    assert float(got["episode_turns"]) == sum(batch.num_turns.tolist()) / len(names)
+    lm = grid_agent().lm
+    with pytest.raises(ValueError, match=r"EpisodeStats requires RolloutBatch.end_reason"):
+        Loop(lm, lambda b: b, GRPO(), ClippedPolicyLoss(), methods=[EpisodeStats()])
