@@ -223,8 +223,8 @@ class PolicyOptimizationModule(L.LightningModule):
         self.log_dict(log, prog_bar=False, on_step=True, on_epoch=False, batch_size=B)
         self.log("reward", log["train/reward"], prog_bar=True, on_step=True, logger=False, batch_size=B)
         step = self.global_step
-        experiment = getattr(self.logger, "experiment", None)
-        if self.log_samples_every and step % self.log_samples_every == 0 and rollouts.completions and hasattr(experiment, "add_text"):
+        if (self.log_samples_every and step % self.log_samples_every == 0 and rollouts.completions
+                and isinstance(self.logger, TensorBoardLogger)):
             lines = [f"**reward {float(r):.2f}** `{s.get('prompt', '')}` → `{c}`" for r, s, c in
                      zip(rollouts.rewards[: self.group_size].tolist(), rollouts.samples, rollouts.completions)]
-            experiment.add_text("samples", "\n\n".join(lines), step)
+            self.logger.experiment.add_text("samples", "\n\n".join(lines), step)

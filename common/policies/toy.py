@@ -36,6 +36,17 @@ def _mlp(inp: int, hidden: int, out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(inp, hidden), nn.Tanh(), nn.Linear(hidden, out))
 
 
+class _Logits(nn.Module):
+    """A free logit vector (K,), the same for every context (a multi-armed bandit). Shapes: (B, 0) -> (B, K)."""
+
+    def __init__(self, num_actions: int):
+        super().__init__()
+        self.logits = nn.Parameter(torch.zeros(num_actions))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.logits.expand(x.shape[0], -1)
+
+
 class _MeanStd(nn.Module):
     """μ_θ(s, t) and a learnable log σ: one module, so the frozen reference copies both."""
 
@@ -77,7 +88,8 @@ class CategoricalPolicy(_ToyPolicy):
     """A contextual-bandit policy: a ~ softmax(MLP(x) / temperature) over ``num_actions`` actions (T = 1).
 
     Args:
-        context_dim: C, the context size.
+        context_dim: C, the context size; 0 = a context-free (multi-armed) bandit whose policy is a free logit
+            vector ``logits`` (K,) rather than an MLP.
         num_actions: K.
         hidden: width of the MLP's hidden layer.
         temperature: τ of sampling and of the log-probs.
@@ -88,14 +100,14 @@ class CategoricalPolicy(_ToyPolicy):
     def __init__(self, context_dim: int = 4, num_actions: int = 4, hidden: int = 32, temperature: float = 1.0,
                  mask_prob: float = 0.0, seed: int = 0):
         super().__init__()
-        if context_dim < 1 or num_actions < 2 or hidden < 1 or temperature <= 0 or not 0 <= mask_prob < 1:
-            raise ValueError(f"CategoricalPolicy needs context_dim >= 1, num_actions >= 2, hidden >= 1, temperature > 0, "
+        if context_dim < 0 or num_actions < 2 or hidden < 1 or temperature <= 0 or not 0 <= mask_prob < 1:
+            raise ValueError(f"CategoricalPolicy needs context_dim >= 0, num_actions >= 2, hidden >= 1, temperature > 0, "
                              f"0 <= mask_prob < 1; got {context_dim}, {num_actions}, {hidden}, {temperature}, {mask_prob}")
         self.mask_prob = mask_prob
         self.epoch_dependent = mask_prob > 0  # old log-probs are then computed per inner epoch
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            self.net = _mlp(context_dim, hidden, num_actions)
+            self.net = _mlp(context_dim, hidden, num_actions) if context_dim else _Logits(num_actions)
         self.temperature, self.reference = temperature, None
         self.horizon = 1
 
