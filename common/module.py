@@ -221,7 +221,8 @@ class PolicyOptimizationModule(L.LightningModule):
         log["perf/rollout_s"] = torch.tensor(rollout_s)
         log["perf/update_s"] = torch.tensor(prep_s + update_s)
         log["perf/tokens_per_s"] = tokens / max(rollout_s, 1e-9)
-        self.log_dict(log, prog_bar=False, on_step=True, on_epoch=False, batch_size=B)
+        # under DDP every metric is the mean over ranks (the loss terms are each rank's share of the global sum)
+        self.log_dict(log, prog_bar=False, on_step=True, on_epoch=False, batch_size=B, sync_dist=self.trainer.world_size > 1)
         self.log("reward", log["train/reward"], prog_bar=True, on_step=True, logger=False, batch_size=B)
         step = self.global_step
         if (self.log_samples_every and step % self.log_samples_every == 0 and rollouts.completions

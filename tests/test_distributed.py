@@ -16,11 +16,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-from ddp_support import CASES, G, make_policy, one_step
+from ddp_support import CASES, G, make_policy, one_step, score
 from helpers import digit_prompts
-from resume import ROOT, TINY, cli
+from resume import ROOT, TINY, cli, events
 
 SUPPORT = ROOT / "tests/support"
 
@@ -76,6 +77,13 @@ def test_ddp_ranks_score_disjoint_prompts_of_the_global_stream_and_resume_their_
         ranks = [seen[r][step]["prompts"] for r in (0, 1)]  # G = 2 rows per prompt, a group on one rank
         assert ranks[0][::2] + ranks[1][::2] == want and ranks[0][::2] == ranks[0][1::2], (step, ranks, want)
         assert not set(ranks[0]) & set(ranks[1])
+
+    # logged metrics are the mean over ranks: train/reward is the mean of the two ranks' mean rewards
+    logged = events(tmp_path / "straight/runs/lightning_logs/version_0", "train/reward")
+    means = [[sum(map(score, seen[r][k]["completions"])) / 4 for r in (0, 1)] for k in range(2)]
+    assert any(m[0] != m[1] for m in means), means  # rank 0's own mean would not pass
+    want = [sum(m) / 2 for m in means]
+    assert [logged[k] for k in sorted(logged)] == pytest.approx(want, abs=1e-6), (logged, want)
 
     # (b) per-rank RNG states in the checkpoint, restored on resume: step 2 resumed from step 1's checkpoint draws,
     # on every rank, the completions of the straight run's step 2

@@ -21,8 +21,8 @@ CASES = (("token_mean", "group"), ("seq_mean_token_mean", "group"), ("token_mean
 
 
 class RecordingReward(RewardFunction):
-    """Appends one JSON line per call, ``{"rank", "prompts", "completions"}``, to ``path`` and scores the share of
-    ``7`` characters (so the weights move). The rank is torch.distributed's (0 without a process group)."""
+    """Appends one JSON line per call, ``{"rank", "prompts", "completions"}``, to ``path`` and scores each completion
+    by :func:`score` (varied, so the weights move). The rank is torch.distributed's (0 without a process group)."""
 
     name = "recording"
 
@@ -33,7 +33,12 @@ class RecordingReward(RewardFunction):
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         with open(self.path, "a") as f:
             f.write(json.dumps({"rank": rank, "prompts": [s["prompt"] for s in samples], "completions": list(completions)}) + "\n")
-        return torch.tensor([c.count("7") / max(len(c), 1) for c in completions], dtype=torch.float32)
+        return torch.tensor([score(c) for c in completions], dtype=torch.float32)
+
+
+def score(completion: str) -> float:
+    """A deterministic reward in [0, 1] that varies from completion to completion: (Σ code points mod 11) / 10."""
+    return (sum(map(ord, completion)) % 11) / 10
 
 
 def make_policy():
