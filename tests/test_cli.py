@@ -61,6 +61,7 @@ def test_print_config_of_every_recipe_parses(capsys):
 def test_every_text_recipe_runs_two_steps_on_a_tiny_model(config, tmp_path):
     """Every text-reasoning recipe, shrunk to a tiny policy (other domains run theirs in tests/<domain>/)."""
     # vLLM's CPU attention kernels need a head size >= 32: TinyLlama's default is 16 (64 hidden / 4 heads)
-    extra = ["--model.init_args.policy.init_args.hidden_size", "128"] if "vllm" in config else []
+    # and the README's vLLM command has --evaluate true: the engine is first built inside validation, then synced
+    extra = ["--model.init_args.policy.init_args.hidden_size", "128", "--evaluate", "true"] if "vllm" in config else []
     advlab("fit", "--config", str(ROOT / config), *TINY, *extra, "--trainer.max_steps", "2",
            "--trainer.logger", "false", cwd=tmp_path)

@@ -1,7 +1,8 @@
 """Rollouts with vLLM (Kwon et al. 2023, "Efficient Memory Management for Large Language Model Serving with
 PagedAttention", arXiv 2309.06180), colocated with the trainer in the same process.
 
-The engine (``vllm.LLM``) is built lazily on the first ``generate`` from the policy being trained: its current
+The engine (``vllm.LLM``) is built lazily on the first ``generate`` from the policy being trained (outside
+inference mode even when that call is validation's, so that its weights can be updated in place later): its current
 weights (LoRA merged) and config are written to a temporary directory as safetensors and vLLM loads them from
 there. After every optimiser step the update loop calls :meth:`VLLMBackend.sync_weights`, which copies the full
 weights into the running engine (``model.load_weights`` inside the engine; no restart, no reload from disk) and
@@ -166,7 +167,10 @@ class VLLMBackend(nn.Module):
         kwargs.update(self.engine_kwargs)
         set_num_threads = torch.set_num_threads  # vLLM's CPU worker replaces it process-wide with a no-op
         try:
-            self.llm = LLM(**kwargs)
+            # The first generate may come from validation, inside Lightning's inference mode: weights made there are
+            # inference tensors, and every later in-place weight sync (outside it) would fail. Build outside it.
+            with torch.inference_mode(False):
+                self.llm = LLM(**kwargs)
         finally:
             torch.set_num_threads = set_num_threads
         self._synced_policy = id(policy)

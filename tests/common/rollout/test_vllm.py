@@ -36,6 +36,11 @@ def engine():
     policy, tok = BundledSmolLM2().load()
     policy.eval()
     backend = VLLMBackend(max_model_len=256, kv_cache_gib=0.25)
+    # Built inside inference mode, as when validation (`--evaluate true`) makes the first generate call: every later
+    # weight sync happens outside it (test_weight_sync_after_an_optimizer_step), which failed with "Inplace update
+    # to inference tensor outside InferenceMode" while the engine's weights were inference tensors.
+    with torch.inference_mode():
+        backend.start(policy, tok)
     yield backend, policy, tok
     backend.close()
 
