@@ -183,6 +183,52 @@ def parse_tool_call(action: str, *, max_argument_chars: int = 256) -> ToolCall |
     return ToolCall(name.lower(), argument)
 
 
+JSON_OPEN, JSON_CLOSE = "<tool_call>", "</tool_call>"
+
+
+def parse_json_tool_call(action: str, *, max_body_chars: int = 512) -> ToolCall | ParseError | None:
+    """The last ``<tool_call>{"name": ..., "arguments": {"key": value}}</tool_call>`` of an action (the function-calling
+    format of chat templates such as SmolLM2's and Qwen's), for single-argument tools: the one argument's value
+    becomes ``ToolCall.argument`` (a string or a number, as text). None when the action holds no such tag;
+    ParseError when the call is malformed. Bounded: the action is cut to its last MAX_ACTION_CHARS characters and
+    the JSON body to ``max_body_chars`` before ``json.loads`` sees it (so nesting is at most that deep); a JSON
+    parser builds data, never code.
+
+        parse_json_tool_call('<tool_call>{"name": "calc", "arguments": {"expression": "12+7"}}</tool_call>')
+            -> ToolCall("calc", "12+7")
+    """
+    import json
+
+    if not isinstance(action, str):
+        return ParseError("the action is not text")
+    text = action[-MAX_ACTION_CHARS:]
+    start = text.rfind(JSON_OPEN)
+    if start < 0:
+        return ParseError(f"tool call longer than {MAX_ACTION_CHARS} characters") if JSON_CLOSE in text else None
+    end = text.find(JSON_CLOSE, start)
+    if end < 0:
+        return ParseError(f"unclosed {JSON_OPEN} tag")
+    body = text[start + len(JSON_OPEN): end].strip()
+    if len(body) > max_body_chars:
+        return ParseError(f"tool call longer than {max_body_chars} characters")
+    try:
+        call = json.loads(body)
+    except (ValueError, RecursionError):
+        return ParseError("the tool call is not valid JSON")
+    if not (isinstance(call, dict) and isinstance(call.get("name"), str) and isinstance(call.get("arguments"), dict)):
+        return ParseError('a tool call is {"name": "...", "arguments": {...}}')
+    name, arguments = call["name"].strip(), call["arguments"]
+    if not (0 < len(name) <= MAX_TOOL_NAME and name.isascii() and (name[0].isalpha() or name[0] == "_")
+            and all(c.isalnum() or c == "_" for c in name)):
+        return ParseError("bad tool name")
+    if len(arguments) != 1:
+        return ParseError("the tool takes exactly one argument")
+    (value,) = arguments.values()
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return ParseError("the argument must be a string or a number")
+    return ToolCall(name.lower(), str(value).strip())
+
+
 def call_tool(tools: Mapping[str, Callable[[str], str]], call: ToolCall, max_result_chars: int = 256) -> str:
     """Run one of the environment's own tools; an unknown name or a tool that raises gives an error text (the
     result is cut to ``max_result_chars``)."""
@@ -213,4 +259,4 @@ class EpisodeReturn(RewardFunction):
 
 
 __all__ = ["END_REASONS", "Environment", "EpisodeLimits", "EpisodeReturn", "ParseError", "Step", "ToolCall",
-           "call_tool", "parse_tool_call", "run_step"]
+           "call_tool", "parse_json_tool_call", "parse_tool_call", "run_step"]

@@ -1,5 +1,6 @@
-"""A calculator tool for multi-step arithmetic: the agent may call ``<tool>calc: 12*7</tool>`` and gets
-``<result>84</result>``, as often as it likes up to ``max_tool_calls``, and ends the episode with a turn that calls no
+"""A calculator tool for multi-step arithmetic: the agent may call ``<tool>calc: 12*7</tool>`` (or, with
+``protocol="json"``, the chat templates' function-calling format
+``<tool_call>{"name": "calc", "arguments": {"expression": "12*7"}}</tool_call>``) and gets ``<result>84</result>``, as often as it likes up to ``max_tool_calls``, and ends the episode with a turn that calls no
 tool, holding its answer in ``<answer>...</answer>``. Outcome reward: ``correct_reward`` for the right answer, 0
 otherwise (the reward comes only at the end, so episode-level GRPO sees it as the episode's return).
 
@@ -13,10 +14,11 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from common.rewards.expression import safe_eval
-from common.rollout.env import MAX_ACTION_CHARS, TOOL_CLOSE, Environment, ParseError, Step, call_tool, parse_tool_call
+from common.rollout.env import (JSON_CLOSE, MAX_ACTION_CHARS, TOOL_CLOSE, Environment, ParseError, Step, call_tool,
+                                parse_json_tool_call, parse_tool_call)
 from text_reasoning.data import TaskSource
 from text_reasoning.tasks import Problem
 
@@ -25,6 +27,11 @@ _NUMBER = re.compile(r"-?\d{1,15}(?:\.\d{1,9})?")
 
 INSTRUCTION = ("You have a calculator. To use it write <tool>calc: EXPRESSION</tool> and wait for "
                "<result>VALUE</result>. When you know the answer, write it as <answer>NUMBER</answer>.\n")
+
+
+INSTRUCTION_JSON = ('You have a calculator. To use it write <tool_call>{"name": "calc", "arguments": {"expression": '
+                    '"EXPRESSION"}}</tool_call> and wait for <result>VALUE</result>. When you know the answer, write it '
+                    'as <answer>NUMBER</answer>.\n')
 
 
 def format_number(value: float) -> str:
@@ -49,16 +56,22 @@ class Calculator(Environment):
         max_tool_calls: tool calls per episode; later calls get an error result.
         max_expression_chars: longest expression the tool accepts (longer calls are refused unparsed).
         correct_reward: the outcome reward of a right final answer.
-        instruction: text placed before the task's question in the first observation.
+        instruction: text placed before the task's question in the first observation (default: the protocol's).
+        protocol: "tag" (``<tool>calc: EXPR</tool>``) or "json" (``<tool_call>{"name": "calc", "arguments":
+            {"expression": "EXPR"}}</tool_call>``).
     """
 
-    stop_strings = (TOOL_CLOSE,)  # a turn that calls the tool ends there, and the result comes back
-
     def __init__(self, max_tool_calls: int = 4, max_expression_chars: int = 64, correct_reward: float = 1.0,
-                 instruction: str = INSTRUCTION):
+                 instruction: str | None = None, protocol: Literal["tag", "json"] = "tag"):
         if max_tool_calls < 0 or max_expression_chars < 1:
             raise ValueError(f"max_tool_calls must be >= 0 and max_expression_chars >= 1, got {max_tool_calls}, "
                              f"{max_expression_chars}")
+        if protocol not in ("tag", "json"):
+            raise ValueError(f"protocol must be 'tag' or 'json', got {protocol!r}")
+        self.protocol = protocol
+        # a turn that calls the tool ends at the closing tag, and the result comes back
+        self.stop_strings = (TOOL_CLOSE,) if protocol == "tag" else (JSON_CLOSE,)
+        instruction = instruction if instruction is not None else (INSTRUCTION if protocol == "tag" else INSTRUCTION_JSON)
         self.max_tool_calls, self.max_expression_chars = max_tool_calls, max_expression_chars
         self.correct_reward, self.instruction = correct_reward, instruction
         self.answer: float | None = None
@@ -74,7 +87,8 @@ class Calculator(Environment):
         return self.instruction + str(task["question"] if "question" in task else task["prompt"])
 
     def step(self, action: str) -> Step:
-        call = parse_tool_call(action, max_argument_chars=self.max_expression_chars)
+        call = (parse_tool_call(action, max_argument_chars=self.max_expression_chars) if self.protocol == "tag" else
+                parse_json_tool_call(action, max_body_chars=self.max_expression_chars + 64))
         if call is None:  # no tool call: the final answer
             value = final_answer(action)
             correct = value is not None and self.answer is not None and abs(value - self.answer) <= 1e-6

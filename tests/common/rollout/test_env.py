@@ -10,7 +10,7 @@ import time
 import pytest
 
 from common.rollout.env import (EpisodeLimits, EpisodeReturn, ParseError, Step, ToolCall, call_tool,
-                                parse_tool_call, run_step)
+                                parse_json_tool_call, parse_tool_call, run_step)
 from text_reasoning.envs.calculator import Calculator
 
 TASK = {"prompt": "What is 12 + 7 * 2?", "answer": "26"}
@@ -28,6 +28,39 @@ TASK = {"prompt": "What is 12 + 7 * 2?", "answer": "26"}
 ])
 def test_parse_tool_call(action, expected):
     assert parse_tool_call(action) == expected
+
+
+def J(body: str) -> str:
+    return f"<tool_call>{body}</tool_call>"
+
+
+@pytest.mark.parametrize("action, expected", [
+    (J('{"name": "calc", "arguments": {"expression": "12+7"}}'), ToolCall("calc", "12+7")),
+    ("ok " + J('{"name": "calc", "arguments": {"x": 3}}') + J(' {"name":"CALC","arguments":{"e":"2*3"}} '),
+     ToolCall("calc", "2*3")),
+    ("<answer>19</answer>", None),
+    ('<tool_call>{"name": "calc", "arguments": {"expression": "1"}}', ParseError("unclosed <tool_call> tag")),
+    (J('{"name": "calc", "arguments": {"expression": "1"}'), ParseError("the tool call is not valid JSON")),
+    (J('["calc", "1"]'), ParseError('a tool call is {"name": "...", "arguments": {...}}')),
+    (J('{"name": "os.system", "arguments": {"c": "ls"}}'), ParseError("bad tool name")),
+    (J('{"name": "calc", "arguments": {"a": "1", "b": "2"}}'), ParseError("the tool takes exactly one argument")),
+    (J('{"name": "calc", "arguments": {"a": {"b": 1}}}'), ParseError("the argument must be a string or a number")),
+    (J('{"name": "calc", "arguments": {"a": "' + "1" * 600 + '"}}'), ParseError("tool call longer than 512 characters")),
+    (J("[" * 250 + "]" * 250), ParseError('a tool call is {"name": "...", "arguments": {...}}')),
+])
+def test_parse_json_tool_call(action, expected):
+    assert parse_json_tool_call(action) == expected
+
+
+def test_calculator_json_protocol_by_hand():
+    env = Calculator(protocol="json")
+    assert env.stop_strings == ("</tool_call>",) and "<tool_call>" in env.reset(TASK)
+    assert env.step(J('{"name": "calc", "arguments": {"expression": "7 * 2"}}')) == Step("<result>14</result>", 0.0, False)
+    assert env.step(J('{"name": "calc", "arguments": {"expression": "__import__(\'os\')"}}')) == \
+        Step("<result>error: not arithmetic</result>", 0.0, False)
+    assert env.step(J('{"name": "calc", "arguments": {"expression": 1e999}}')) == \
+        Step("<result>error: not arithmetic</result>", 0.0, False)  # inf: refused by safe_eval
+    assert env.step("<answer>26</answer>") == Step("", 1.0, True)
 
 
 def test_tools_are_the_environments_own_functions():
@@ -68,13 +101,17 @@ HOSTILE = {
 }
 
 
+@pytest.mark.parametrize("protocol", ["tag", "json"])
 @pytest.mark.parametrize("name", sorted(HOSTILE))
-def test_hostile_tool_calls_are_refused_in_bounded_time_and_never_evaluated(name, tmp_path):
+def test_hostile_tool_calls_are_refused_in_bounded_time_and_never_evaluated(name, protocol):
     action = HOSTILE[name]
-    env = Calculator()
+    if protocol == "json":  # the same payloads in the function-calling format
+        action = action.replace("<tool>calc: ", '<tool_call>{"name": "calc", "arguments": {"expression": "')
+        action = action.replace("</tool>", '"}}</tool_call>').replace("<tool>", "<tool_call>")
+    env = Calculator(protocol=protocol)
     env.reset(TASK)
     start = time.perf_counter()
-    parsed = parse_tool_call(action)
+    parsed = (parse_tool_call if protocol == "tag" else parse_json_tool_call)(action)
     step = env.step(action)
     elapsed = time.perf_counter() - start
     assert elapsed < 0.5, elapsed  # bounded: the action is cut to MAX_ACTION_CHARS before any parsing
