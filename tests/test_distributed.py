@@ -36,7 +36,29 @@ def env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(SUPPORT)]), "OMP_NUM_THREADS": "1", **extra}
 
 
-# ------------------------------------------------------------------ data and sampling by rank (advlab, Lightning DDP)
+# ------------------------------------------------------------------ data and sampling by rank
+def test_rank_slices_of_the_stream_are_the_single_process_stream_across_passes():
+    """3 ranks x 2 prompts of 13 samples (2 global batches a pass, one sample left over): for 5 batches (3 passes)
+    the ranks' slices, in rank order, are the single-process stream of 6 prompts a batch, from any start."""
+    from common.data import PromptStream
+
+    samples = [{"prompt": str(i)} for i in range(13)]
+
+    def take(stream, n):
+        it = iter(stream)
+        return [[s["prompt"] for s in next(it)] for _ in range(n)]
+
+    for start in (0, 3):
+        one = take(PromptStream(samples, 6, seed=5, start=start), 5)
+        ranks = [take(PromptStream(samples, 2, seed=5, start=start, rank=r, world_size=3), 5) for r in range(3)]
+        assert [sum((ranks[r][b] for r in range(3)), []) for b in range(5)] == one
+    with pytest.raises(ValueError, match="rank must be in"):
+        PromptStream(samples, 2, seed=0, rank=3, world_size=3)
+    with pytest.raises(ValueError, match=r"batch_size must be in \[1, 3\]"):
+        PromptStream(samples, 5, seed=0, world_size=4)
+
+
+# ------------------------------------------------------------------ the same, through advlab on Lightning's DDP
 def ddp_fit(cwd: Path, record: Path, *args: str) -> subprocess.CompletedProcess:
     """``advlab fit`` on 2 CPU ranks (Lightning launches the second process), tiny model, 2 prompts x G = 2 a rank."""
     cwd.mkdir(exist_ok=True)
@@ -101,12 +123,13 @@ def test_ddp_ranks_score_disjoint_prompts_of_the_global_stream_and_resume_their_
 # ------------------------------------------------------------------ the same update as one big process
 def global_batch():
     """4 prompts x G = 3 rows sampled by the tiny policy, rewards set per row (no all-equal group), and ragged
-    masks with many more tokens on rank 0's rows (0-5) than on rank 1's (6-11): a per-rank token count is wrong."""
+    masks with many more tokens on rank 0's rows (0-5) than on rank 1's (6-11), one of them empty (row 9): a
+    per-rank token count, or a per-rank count of non-empty sequences, is wrong."""
     torch.manual_seed(0)
     policy = make_policy()
     batch = policy.rollout(digit_prompts(4), G)
     B, T = batch.completion_mask.shape
-    lengths = torch.tensor([6, 5, 6, 4, 6, 5, 1, 2, 1, 1, 2, 1]).clamp(max=T)  # (B,)
+    lengths = torch.tensor([6, 5, 6, 4, 6, 5, 1, 2, 1, 0, 2, 1]).clamp(max=T)  # (B,)
     mask = torch.arange(T)[None, :] < lengths[:, None]  # (B, T)
     rewards = torch.tensor([0.0, 1.0, 0.5, 2.0, 0.0, 1.0, 1.0, 0.0, 3.0, 0.2, 0.4, 0.0], dtype=torch.float64)
     return batch.replace(completion_mask=mask, rewards=rewards, reward_components=rewards[:, None], reward_names=("r",))
@@ -115,7 +138,8 @@ def global_batch():
 def test_a_two_rank_ddp_step_equals_one_process_on_the_global_batch(tmp_path):
     """float64, SGD lr 1, no clipping: the 2-rank weights equal the 1-process weights to 1e-10 (the sums differ only
     in order: ~1e-16 relative per term), while the step moves them by > 1e-3; normalising each rank by its own
-    counts (the control) differs by > 1e-4. GRPO scale="batch": the ranks' advantages are the global batch's."""
+    counts (the control) differs by > 1e-4 in both modes. GRPO scale="batch": the ranks' advantages are the global
+    batch's."""
     batch = global_batch()
     torch.save(batch.state_dict(), tmp_path / "batch.pt")
     port = str(free_port())
@@ -135,6 +159,7 @@ def test_a_two_rank_ddp_step_equals_one_process_on_the_global_batch(tmp_path):
         for r in (0, 1):
             gap = max(float((ranks[r][case][n] - ref[n]).abs().max()) for n in init)
             assert gap <= 1e-10, (case, r, gap)
-    ref = one_step(batch, "token_mean", "group")
-    control = max(float((ranks[0]["per_rank"][n] - ref[n]).abs().max()) for n in init)
-    assert control > 1e-4, control
+    for aggregation in ("token_mean", "seq_mean_token_mean"):
+        ref = one_step(batch, aggregation, "group")
+        control = max(float((ranks[0]["per_rank", aggregation][n] - ref[n]).abs().max()) for n in init)
+        assert control > 1e-4, (aggregation, control)

@@ -92,8 +92,9 @@ def main(batch_file: str, out_dir: str) -> None:
     rows = batch.batch_size // world  # whole groups per rank: rows are grouped by prompt, G divides rows
     local = batch.select(torch.arange(rank * rows, (rank + 1) * rows))
     out = {case: one_step(local, *case, all_reduce=all_reduce_sum, ddp=True) for case in CASES}
-    # the control: each rank normalises by its own counts (what DDP did before the global normaliser)
-    out["per_rank"] = one_step(local, "token_mean", "group", all_reduce=None, ddp=True)
+    # the controls: each rank normalises by its own counts (what DDP did before the global normaliser)
+    for aggregation in ("token_mean", "seq_mean_token_mean"):
+        out["per_rank", aggregation] = one_step(local, aggregation, "group", all_reduce=None, ddp=True)
     torch.save(out, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
