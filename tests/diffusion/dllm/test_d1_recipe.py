@@ -56,3 +56,15 @@ def test_recipe_runs_two_steps_from_advlab(recipe, tmp_path):
         assert sorted(values) == [0, 1] and all(v == v for v in values.values()), tag
     ckpt = torch.load(logs / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 2 * 4
+
+
+def test_igpo_kill_and_resume_is_exact(tmp_path, monkeypatch):
+    """SIGKILL after the first checkpoint, resume from last.ckpt: weights, AdamW state, RNG (sampler noise, hints,
+    mask seeds) and logged metrics equal an uninterrupted run's (mu = 1 so that a training step is one optimiser
+    step, as the shared helper counts them)."""
+    from resume import assert_sigkill_resume_exact
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    run = cli("configs/diffusion/igpo.yaml", *TINY, "--model.init_args.mu", "1")
+    assert_sigkill_resume_exact(tmp_path, run, max_steps=4, every=2,
+                                tags=("train/reward", "train/loss", "train/all_wrong_before"))
