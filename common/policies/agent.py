@@ -1,11 +1,12 @@
 """MultiTurnAgentPolicy: a causal LM acting in a text environment for several turns, as one Policy.
 
-Layout B of shared/methods/agentic.md §1 (ARPO, MAPO, Search-R1): one sequence per episode. The prompt is the
-chat-templated first observation; the completion is the concatenation, turn after turn, of the token ids the model
-sampled and the token ids of the environment's answer (``[a_0, o_0, a_1, o_1, ..., a_k]``). The sequence is
-*defined* by these ids, never re-tokenised from text, so what is trained on is what was sampled. Environment tokens
-are context, not actions: ``env_mask`` marks them, ``batch.loss_mask`` (what the loop's normaliser and loss use)
-excludes them, and ``forward`` returns 0 there.
+Layout B of shared/methods/agentic.md §1 (ARPO, MAPO, Search-R1: Jin et al. 2025, arXiv 2503.09516, whose loss masks
+the retrieved tokens out of the policy-gradient objective, as ``env_mask`` does here): one sequence per episode. The
+prompt is the chat-templated first observation; the completion is the concatenation, turn after turn, of the token
+ids the model sampled and the token ids of the environment's answer (``[a_0, o_0, a_1, o_1, ..., a_k]``). The
+sequence is *defined* by these ids, never re-tokenised from text, so what is trained on is what was sampled.
+Environment tokens are context, not actions: ``env_mask`` marks them, ``batch.loss_mask`` (what the loop's
+normaliser and loss use) excludes them, and ``forward`` returns 0 there.
 
 Rollout is vectorised over episodes: at every turn, one ``generate`` call continues every live episode (each
 context is the episode's prompt + completion so far, left-aligned); the environments then step on the decoded
@@ -160,12 +161,13 @@ class MultiTurnAgentPolicy(Policy):
             live[idx] = cont & fits
             # append [action, observation] to every live row and right-align: one gather over (N, W + A + O)
             O = o_ids.shape[1]
+            a_lp = (gen.behaviour_logprobs.to(blp.dtype) if gen.behaviour_logprobs is not None
+                    else torch.zeros(a_ids.shape, dtype=blp.dtype, device=dev))  # (N, A)
             rows = (torch.cat([cmask[idx], a_mask, o_mask], 1),
                     torch.cat([comp[idx], a_ids, o_ids], 1),
                     torch.cat([envm[idx], torch.zeros_like(a_mask), torch.ones_like(o_mask)], 1),
                     torch.cat([turn[idx], torch.full_like(a_ids, t), torch.full_like(o_ids, -1)], 1),
-                    torch.cat([blp[idx], gen.behaviour_logprobs.to(blp.dtype) if gen.behaviour_logprobs is not None
-                               else torch.zeros(a_ids.shape, dtype=blp.dtype, device=dev), torch.zeros(o_ids.shape, dtype=blp.dtype, device=dev)], 1))
+                    torch.cat([blp[idx], a_lp, torch.zeros(o_ids.shape, dtype=blp.dtype, device=dev)], 1))
             packed = pack(*rows)
             widened = [torch.nn.functional.pad(x, (0, A + O)) for x in (cmask, comp, envm, turn, blp)]
             for x, new in zip(widened, packed):
@@ -182,7 +184,8 @@ class MultiTurnAgentPolicy(Policy):
             prompt_ids=prompt_ids, prompt_mask=prompt_mask.bool(), completion_ids=comp, completion_mask=cmask,
             group_ids=torch.arange(len(prompts), device=dev).repeat_interleave(n),
             behaviour_logprobs=blp.masked_fill(~cmask | envm, 0.0) if lm.sampling.logprobs else None,
-            truncated=truncated, episode_ids=torch.arange(E, device=dev), turn_ids=torch.zeros(E, dtype=torch.long, device=dev),
+            truncated=truncated, episode_ids=torch.arange(E, device=dev),
+            turn_ids=torch.zeros(E, dtype=torch.long, device=dev),
             token_turn=turn, env_mask=envm, samples=samples,
             end_reason=torch.tensor([END_REASONS.index(why) for why in reasons], dtype=torch.long, device=dev),
             num_turns=torch.tensor(turns, dtype=torch.long, device=dev),

@@ -151,8 +151,9 @@ MAX_TOOL_NAME = 32
 def parse_tool_call(action: str, *, max_argument_chars: int = 256) -> ToolCall | ParseError | None:
     """The last ``<tool>name: argument</tool>`` of an action; None when the action holds no tool tag (a final
     answer), ParseError when it holds one but the call is malformed (unclosed tag, no name, bad name, argument too
-    long, a closing tag whose opening lies beyond the bound). Bounded: the action is cut to its last MAX_ACTION_CHARS characters, and only ``str.rfind``/``find`` and
-    slicing run on it (no regex backtracking, no eval); nothing of the argument is interpreted here.
+    long, a closing tag whose opening lies beyond the bound). Bounded: the action is cut to its last MAX_ACTION_CHARS
+    characters, and only ``str.rfind``/``find`` and slicing run on it (no regex backtracking, no eval); nothing of the
+    argument is interpreted here.
 
         parse_tool_call("<tool>calc: 12+7</tool>")  -> ToolCall("calc", "12+7")
         parse_tool_call("<tool>calc: 12+7")         -> ParseError("unclosed <tool> tag")

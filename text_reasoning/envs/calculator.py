@@ -1,7 +1,8 @@
 """A calculator tool for multi-step arithmetic: the agent may call ``<tool>calc: 12*7</tool>`` (or, with
 ``protocol="json"``, the chat templates' function-calling format
-``<tool_call>{"name": "calc", "arguments": {"expression": "12*7"}}</tool_call>``) and gets ``<result>84</result>``, as often as it likes up to ``max_tool_calls``, and ends the episode with a turn that calls no
-tool, holding its answer in ``<answer>...</answer>``. Outcome reward: ``correct_reward`` for the right answer, 0
+``<tool_call>{"name": "calc", "arguments": {"expression": "12*7"}}</tool_call>``) and gets ``<result>84</result>``,
+as often as it likes up to ``max_tool_calls``, and ends the episode with a turn that calls no tool, holding its
+answer in ``<answer>...</answer>``. Outcome reward: ``correct_reward`` for the right answer, 0
 otherwise (the reward comes only at the end, so episode-level GRPO sees it as the episode's return).
 
 The tool evaluates with ``common.rewards.expression.safe_eval`` (a whitelisted ``ast`` walk over numbers,
