@@ -10,6 +10,9 @@ module's ``val_history`` of (step, accuracy, problems), where it keeps one).
 
 from __future__ import annotations
 
+import importlib
+import sys
+
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -26,6 +29,23 @@ class AdvlabCLI(LightningCLI):
                              "checkpoint.every_n_train_steps": 50, "checkpoint.save_on_train_epoch_end": True})
         parser.add_argument("--evaluate", type=bool, default=False,
                             help="fit only: validate before and after training and print the held-out accuracy change")
+
+    def before_instantiate_classes(self) -> None:
+        """LightningCLI's ``--optimizer``/``--lr_scheduler`` replace ``configure_optimizers``: the RL module's optimiser
+        groups would be lost and, with manual optimisation, the scheduler never stepped; ``--lr_scheduler`` without
+        ``--optimizer`` is dropped silently. Both are refused in one line, before anything is loaded."""
+        config = self.config.get(str(self.subcommand), self.config)
+        given = [k for k in ("optimizer", "lr_scheduler") if config.get(k)]
+        path = str((config.get("model") or {}).get("class_path") or "")
+        module, _, name = path.rpartition(".")
+        from common.module import PolicyOptimizationModule
+
+        rl = bool(module) and issubclass(getattr(importlib.import_module(module), name, object), PolicyOptimizationModule)
+        if given and rl:
+            sys.exit(f"advlab: --{given[0]} is not used by {name} (manual optimisation, AdamW over the policy and its "
+                     "methods); set --model.init_args.lr, lr_schedule (constant|linear|cosine), warmup_steps, total_steps")
+        if given == ["lr_scheduler"]:
+            sys.exit("advlab: --lr_scheduler without --optimizer is ignored by LightningCLI; give --optimizer too")
 
     def instantiate_trainer(self, **kwargs):
         # Checkpoints are written atomically unless the user configured their own checkpoint IO.

@@ -56,17 +56,20 @@ class Stepper:
         backward: ``loss -> None`` (default ``loss.backward()``).
         clip: ``() -> None`` clipping the gradients (default ``clip_grad_norm_`` of ``params``).
         skipped, consecutive: () long tensors counting skips (a module's buffers, so they are checkpointed).
+        scheduler: a learning-rate scheduler stepped after every optimiser step taken (common/schedules.py).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, params: Sequence[torch.nn.Parameter], *, max_grad_norm: float = 1.0,
                  max_consecutive_skips: int = 3, backward: Callable[[Tensor], None] | None = None,
-                 clip: Callable[[], None] | None = None, skipped: Tensor | None = None, consecutive: Tensor | None = None):
+                 clip: Callable[[], None] | None = None, skipped: Tensor | None = None, consecutive: Tensor | None = None,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler | None = None):
         self.optimizer, self.params = optimizer, list(params)
         self.max_grad_norm, self.max_consecutive_skips = max_grad_norm, max_consecutive_skips
         self.backward = backward if backward is not None else (lambda loss: loss.backward())
         self.clip = clip if clip is not None else (lambda: torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
         self.skipped = skipped if skipped is not None else torch.zeros((), dtype=torch.long)
         self.consecutive = consecutive if consecutive is not None else torch.zeros((), dtype=torch.long)
+        self.scheduler = scheduler
 
     def step(self, loss: Tensor) -> Tensor:
         grads = [p.grad for p in self.params if p.grad is not None]
@@ -76,6 +79,8 @@ class Stepper:
                 self.clip()
             self.optimizer.step()
             self.consecutive.zero_()
+            if self.scheduler is not None:
+                self.scheduler.step()
         else:
             self.skipped += 1
             self.consecutive += 1
@@ -92,6 +97,8 @@ class Stepper:
         """Nothing was selected: a step with no gradients changes no parameter but counts as a step."""
         self.optimizer.zero_grad(set_to_none=True)
         self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
 
 
 @dataclass

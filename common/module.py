@@ -39,6 +39,7 @@ from common.ops import masked_mean
 from common.policies.base import Policy
 from common.rewards.base import RewardFunction, reward_name, score_components
 from common.rng import rng_state, set_rng_state
+from common.schedules import lr_scheduler, schedule_problems
 from common.sampling.base import Selector
 
 
@@ -62,6 +63,8 @@ class PolicyOptimizationModule(L.LightningModule):
             in-loss KL is the loss's ``beta``).
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
+        lr_schedule, warmup_steps, total_steps: lr x linear warm-up, then constant / linear / cosine decay to 0 at
+            total_steps (default trainer.max_steps), per optimiser step; logged as train/lr (common/schedules.py).
         max_grad_norm: gradient clipping by global norm (0 = off).
         log_samples_every: steps between sample completions written to TensorBoard (0 = never).
         max_consecutive_skips: a non-finite loss or gradient skips the optimiser step (logged as
@@ -96,6 +99,7 @@ class PolicyOptimizationModule(L.LightningModule):
         max_consecutive_skips: int = 3,
         reward_timeout_s: float | None = 60.0,
         max_generation_rounds: int = 1,
+        lr_schedule: Literal["constant", "linear", "cosine"] = "constant", warmup_steps: int = 0, total_steps: int | None = None,
     ):
         super().__init__()
         problems = []
@@ -105,6 +109,7 @@ class PolicyOptimizationModule(L.LightningModule):
             problems.append(f"reward_weights has {len(reward_weights)} entries for {len(rewards)} reward functions")
         if reward_failure not in ("raise", "zero"):
             problems.append(f"reward_failure must be 'raise' or 'zero', got {reward_failure!r}")
+        problems += schedule_problems(lr_schedule, warmup_steps, total_steps)
         if problems:
             raise ValueError(f"{type(self).__name__}: " + "; ".join(problems))
         self.automatic_optimization = False
@@ -117,6 +122,7 @@ class PolicyOptimizationModule(L.LightningModule):
         self.methods = torch.nn.ModuleList(methods)
         self.group_size, self.mu = group_size, mu
         self.lr, self.weight_decay, self.max_grad_norm = lr, weight_decay, max_grad_norm
+        self.lr_schedule, self.warmup_steps, self.total_steps = lr_schedule, warmup_steps, total_steps
         self.log_samples_every, self.max_consecutive_skips = log_samples_every, max_consecutive_skips
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("consecutive_skips", torch.zeros((), dtype=torch.long))
@@ -152,9 +158,10 @@ class PolicyOptimizationModule(L.LightningModule):
         t0 = time.perf_counter()
         got = self.loop.collect(prompts)  # 1-5
         t1 = time.perf_counter()
+        lr = torch.tensor(self.optimizers().param_groups[0]["lr"])  # of the step's first optimiser step
         metrics = self.loop.update(got.kept, self.stepper())  # 6
         t2 = time.perf_counter()
-        metrics["selected_frac"] = torch.tensor(got.kept.batch_size / got.seen.batch_size)
+        metrics.update(lr=lr, selected_frac=torch.tensor(got.kept.batch_size / got.seen.batch_size))
         self.log_step(got.seen, metrics, rollout_s=got.rollout_s, prep_s=t1 - t0 - got.rollout_s, update_s=t2 - t1)  # 7
 
     def stepper(self) -> Stepper:
@@ -162,13 +169,15 @@ class PolicyOptimizationModule(L.LightningModule):
         return Stepper(opt, [p for g in opt.param_groups for p in g["params"]], max_grad_norm=self.max_grad_norm,
                        max_consecutive_skips=self.max_consecutive_skips, backward=self.manual_backward,
                        clip=lambda: self.clip_gradients(opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm"),
-                       skipped=self.skipped_steps, consecutive=self.consecutive_skips)
+                       skipped=self.skipped_steps, consecutive=self.consecutive_skips, scheduler=self.lr_schedulers())
 
     def configure_optimizers(self):
         groups = [{"params": self.policy.trainable_parameters()}]
         for m in self.methods:
             groups += m.param_groups(self.lr)
-        return torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay)
+        opt = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay)
+        sched = lr_scheduler(opt, self.lr_schedule, self.warmup_steps, self.total_steps or getattr(self._trainer, "max_steps", None))
+        return opt if sched is None else {"optimizer": opt, "lr_scheduler": sched}
 
     # ------------------------------------------------------------------ data parallelism
     def setup(self, stage: str) -> None:
