@@ -88,6 +88,8 @@ class ADHint(AdvantageEstimator):
         eps: added to the group std (verl's 1e-6).
     """
 
+    min_group_size = 2  # GRPO over naive + hinted rows of a group
+
     requires = ("hint_len",)
 
     def __init__(self, eps: float = 1e-6):

@@ -77,6 +77,7 @@ class ADORA(AdvantageEstimator):
         if lam < 0 or tas_weight < 0:
             raise ValueError(f"lam and tas_weight must be >= 0, got lam={lam}, tas_weight={tas_weight}")
         self.base = base if base is not None else GRPO()
+        self.min_group_size = self.base.min_group_size  # a re-weighting: zero stays zero
         self.lam, self.tas_weight, self.correct_threshold = lam, tas_weight, correct_threshold
 
     def __call__(self, batch: RolloutBatch) -> Tensor | tuple[Tensor, Tensor]:

@@ -106,6 +106,8 @@ class FactorisedGRPO(AdvantageEstimator):
         eps: added to the std when ``scale="group"``.
     """
 
+    min_group_size = 2  # group-centred per phase: a group of one has advantage 0
+
     requires = ("phase_starts",)
 
     def __init__(

@@ -56,6 +56,8 @@ class HAPOAdvantage(AdvantageEstimator):
         fallback_threshold: a group with any |A| >= this uses GRPO's advantage instead (code 5).
     """
 
+    min_group_size = 2  # group-relative: a group of one has advantage 0
+
     def __init__(self, eps: float = 1e-6, fallback_threshold: float = 5.0):
         problems = []
         if eps < 0:

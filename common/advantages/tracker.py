@@ -73,6 +73,8 @@ class SPOTracker(AdvantageEstimator, torch.nn.Module):
         eps: ε of the batch normalisation.
     """
 
+    min_group_size = 1  # group-free: the baseline is the tracked value, so G = 1 works
+
     requires = ("prompt_uid",)
 
     def __init__(self, num_prompts: int, d_half: float = 0.01, rho_min: float = 0.875, rho_max: float = 0.96,
