@@ -70,8 +70,11 @@ class ResumableData(L.LightningDataModule):
     """A training set streamed from its exact data position, and a validation set, shared by every domain's data
     module (a subclass fills ``train_set`` and ``val_set`` in ``setup``).
 
-    Counts the training batches handed to the module (``batches_served``, in the checkpoint's DataModule state) and
-    starts the stream at that count, so a killed run resumes on the batch it would have trained on next.
+    Counts the training batches handed to the module (``batches_served``, in the checkpoint's DataModule state): the
+    batch trained on at data position ``b`` is :meth:`train_batch` ``(b)``, resolved when Lightning hands it over, so
+    a killed run resumes on the batch it would have trained on next. A step's refill rounds (dynamic sampling) take
+    the following batches with :meth:`next_prompts`, which moves the position too: every batch of the stream is
+    trained on once, and the next step continues after the refills.
 
     Under data parallelism (``--trainer.strategy ddp --trainer.devices N``, several nodes) the global batch is
     ``world_size x prompts_per_step`` prompts and rank ``r`` trains on its ``r``-th slice (:class:`PromptStream`,
@@ -106,11 +109,27 @@ class ResumableData(L.LightningDataModule):
         return DataLoader(self.val_set, batch_size=self.val_batch_size, shuffle=False, collate_fn=list,
                           generator=torch.Generator().manual_seed(self.seed))
 
+    def train_batch(self, number: int) -> list[dict]:
+        """This rank's prompts of global training batch ``number``: a pure function of the number and of checkpointed
+        state. A data module that draws its batches otherwise (a curriculum) overrides this."""
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        return next(iter(PromptStream(self.train_set, self.prompts_per_step, self.seed, start=number, rank=rank,
+                                      world_size=world)))
+
+    def next_prompts(self) -> list[dict]:
+        """The batch at the data position, taken from the stream (the position moves past it). Lightning's batches
+        come through here, and so do a step's refill rounds (``Loop.collect(more=...)``), as DAPO draws new prompts
+        until its batch is full. Under DDP a rank refills from its own slices (prompts stay disjoint), but ranks
+        that refill different numbers of times move apart, and the checkpoint keeps rank 0's position."""
+        batch = self.train_batch(self.batches_served)
+        self.batches_served += 1
+        return batch
+
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        # Called for the batch about to be trained on (not for the one Lightning prefetches), so this count is
-        # the exact data position to resume from.
+        # Called for the batch about to be trained on (not for the one Lightning prefetches), so the data position
+        # is exact here; the loader's own copy is replaced because refill rounds may have moved the position.
         if self.trainer is not None and self.trainer.training:
-            self.batches_served += 1
+            batch = self.next_prompts()
         return batch
 
     def state_dict(self) -> dict:

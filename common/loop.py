@@ -7,7 +7,8 @@ trains a policy: a ``Loop`` holds no model of its own kind, only the parts it wa
     2. score          score(batch)                            rewards (B,), components (B, K); methods' after_score
     3. reference      policy(batch, reference=True)           if the loss or KL-in-reward needs it
     4. advantages     advantage(batch)                        (B,) or (B, T), or (advantages, keep rows)
-    5. selection      selector(batch)                         filters, down-sampling, buffers; refill rounds (DAPO)
+    5. selection      selector(batch)                         filters, down-sampling, buffers; refill rounds from new
+                                                              prompts (DAPO)
     6. update         mu epochs x minibatches x micro-batches: policy forward -> loss (+ methods' terms)
                       -> backward; one optimiser step per minibatch, skipped when non-finite
 
@@ -123,7 +124,8 @@ class Loop:
         minibatch_size: rows per optimiser step (None = the whole batch).
         micro_batch_size: rows per forward/backward (None = the whole minibatch).
         kl_in_reward: coefficient of the per-sequence KL (k1) subtracted from the reward.
-        max_generation_rounds: rounds of sampling while the selector wants more rows (DAPO's dynamic sampling).
+        max_generation_rounds: rounds of sampling, each from new prompts, while the selector wants more rows
+            (DAPO's dynamic sampling; see :meth:`collect`).
         provided: RolloutBatch fields the domain fills (with the policy's and the methods' ``provides``, checked
             against every part's ``requires``).
         all_reduce: ``tensor -> tensor`` summed over data-parallel ranks (a collective; e.g.
@@ -186,13 +188,27 @@ class Loop:
             batch = m.after_rollout(self, batch)
         return batch
 
-    def collect(self, prompts: Any) -> Collected:
-        """Steps 1-5, refilled: while the selector wants more rows (DAPO's dynamic sampling), the step's prompts are
-        sampled again, up to ``max_generation_rounds`` times. Rows that arrive with rewards (offline records, tree
-        edges) are not scored again; rows that arrive with advantages are not estimated again."""
+    def collect(self, prompts: Any, more: Callable[[], Any] | None = None) -> Collected:
+        """Steps 1-5, refilled: while the selector wants more rows, another round samples *new* prompts, ``more()``
+        (the next batch of the training data), up to ``max_generation_rounds`` rounds in all, as DAPO's dynamic
+        sampling keeps drawing prompt batches until its batch is full (arXiv 2503.14476, §3.2 and Algorithm 1;
+        verl's ``gen_batch`` loop). Rows that arrive with rewards (offline records, tree edges) are not scored again;
+        rows that arrive with advantages are not estimated again.
+
+        Args:
+            prompts: the step's prompts.
+            more: ``() -> prompts``, the next prompt batch, consumed from the training data (the Lightning module
+                passes its data module's ``next_prompts``); required when a selector may ask for refill rounds.
+        """
+        if more is None and self.selector is not None and self.max_generation_rounds > 1:
+            raise ValueError(f"Loop.collect: max_generation_rounds={self.max_generation_rounds} refills a step from new "
+                             "prompts, so `more` (a function returning the next prompt batch) must be given; in Lightning "
+                             "train with a data module derived from common.data.ResumableData")
         kept, seen, rollout_s = None, [], 0.0
-        for _ in range(self.max_generation_rounds):
+        for round_ in range(self.max_generation_rounds):
             start = time.perf_counter()
+            if round_ > 0:
+                prompts = more()  # new prompts: never the step's own again
             batch = self.rollout(prompts)  # 1
             rollout_s += time.perf_counter() - start
             if batch.rewards is None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import lightning as L
@@ -30,6 +30,7 @@ from torch import Tensor
 from common.advantages.base import AdvantageEstimator
 from common.advantages.group import GRPO
 from common.batch import RolloutBatch
+from common.data import ResumableData
 from common.distributed import all_gather_objects, all_reduce_sum
 from common.loop import Loop, Stepper
 from common.losses.base import PolicyLoss
@@ -71,8 +72,8 @@ class PolicyOptimizationModule(L.LightningModule):
             ``train/skipped_steps``); this many skips in a row raise.
         reward_timeout_s: a reward function call that takes longer fails (then ``reward_failure`` decides);
             None = no limit.
-        max_generation_rounds: how often a step may sample its prompts while the selector wants more rows
-            (DAPO's dynamic sampling; 1 = sample once).
+        max_generation_rounds: how many rounds a step may sample while the selector wants more rows, each round
+            after the first from the next prompts of the data module's stream (DAPO's dynamic sampling; 1 = once).
     """
 
     provides: tuple[str, ...] = ()  # RolloutBatch fields the domain's score/verify fills
@@ -156,13 +157,20 @@ class PolicyOptimizationModule(L.LightningModule):
     def training_step(self, prompts: Any, batch_idx: int) -> None:
         self.loss_fn.set_step(self.global_step)
         t0 = time.perf_counter()
-        got = self.loop.collect(prompts)  # 1-5
+        got = self.loop.collect(prompts, more=self.more_prompts())  # 1-5
         t1 = time.perf_counter()
         lr = torch.tensor(self.optimizers().param_groups[0]["lr"])  # of the step's first optimiser step
         metrics = self.loop.update(got.kept, self.stepper())  # 6
         t2 = time.perf_counter()
         metrics.update(lr=lr, selected_frac=torch.tensor(got.kept.batch_size / got.seen.batch_size))
         self.log_step(got.seen, metrics, rollout_s=got.rollout_s, prep_s=t1 - t0 - got.rollout_s, update_s=t2 - t1)  # 7
+
+    def more_prompts(self) -> Callable[[], Any] | None:
+        """Where refill rounds get new prompts: the next batch of the data module's training stream
+        (:meth:`common.data.ResumableData.next_prompts`, which moves the data position past it); None when the data
+        come from a plain dataloader."""
+        data = self.trainer.datamodule
+        return data.next_prompts if isinstance(data, ResumableData) else None
 
     def stepper(self) -> Stepper:
         opt = self.optimizers()

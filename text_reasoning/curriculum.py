@@ -7,8 +7,8 @@ carries (``model.selector: common.sampling.curriculum.DUMP``) and the prompt ~ U
 ``common.methods.sample_fields.SampleFields`` (``fields: {distribution: distribution}``) puts it in the declared
 ``RolloutBatch.distribution`` field that the curriculum reads.
 
-Exact resume: the distributions are drawn in ``on_before_batch_transfer``, which Lightning calls for the batch
-about to be trained on (not for the one it prefetches), with a generator seeded by (data seed, batch number). The
+Exact resume: the distributions are drawn in ``train_batch`` when the batch is about to be trained on (not when
+Lightning prefetches it; refill rounds draw the same way), with a generator seeded by (data seed, batch number). The
 draw is therefore a pure function of checkpointed state: the curriculum's buffers (model state) and
 ``batches_served`` (data-module state).
 """
@@ -55,10 +55,8 @@ class CurriculumData(ReasoningData):
         within = (torch.rand(self.prompts_per_step, generator=gen, dtype=torch.float64) * sizes).long()  # (S,)
         return [self.train_set[int(self.pools[j][k])] for j, k in zip(slots.tolist(), within.tolist())]
 
-    def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        if self.trainer is not None and self.trainer.training:
-            available = torch.tensor([len(p) > 0 for p in self.pools])  # (J,) sources without prompts are excluded
-            curriculum = self.curriculum()
-            probs = curriculum.probs(available) if curriculum is not None else available.double() / available.sum()
-            batch = self.draw(self.batches_served, probs)
-        return super().on_before_batch_transfer(batch, dataloader_idx)
+    def train_batch(self, number: int) -> list[dict]:
+        available = torch.tensor([len(p) > 0 for p in self.pools])  # (J,) sources without prompts are excluded
+        curriculum = self.curriculum()
+        probs = curriculum.probs(available) if curriculum is not None else available.double() / available.sum()
+        return self.draw(number, probs)

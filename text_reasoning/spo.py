@@ -2,8 +2,8 @@
 
 :class:`PrioritisedData` tags every training sample with ``"uid"`` (its index) and draws each training batch's
 prompts without replacement from ``w(x) ∝ sqrt(v̂(1 − v̂)) / N_eff^γ + ε_explore`` of the module's value tracker
-(its ``advantage``, a ``common.advantages.tracker.SPOTracker``). The draw happens in ``on_before_batch_transfer``
-(the batch about to be trained on) with a generator seeded by (data seed, batch number): a pure function of
+(its ``advantage``, a ``common.advantages.tracker.SPOTracker``). The draw happens in ``train_batch`` (for the batch
+about to be trained on, and for refill rounds) with a generator seeded by (data seed, batch number): a pure function of
 checkpointed state, so a resumed run continues exactly.
 
 The rest of the method is domain-free: ``common.methods.sample_fields.SampleFields`` (``{prompt_uid: uid}``) puts the
@@ -63,7 +63,5 @@ class PrioritisedData(ReasoningData):
         picks = torch.multinomial(probs.double().cpu(), self.prompts_per_step, replacement=False, generator=gen)  # (S,)
         return [self.train_set[i] for i in picks.tolist()]
 
-    def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        if self.trainer is not None and self.trainer.training:
-            batch = self.draw(self.batches_served, self.probs())
-        return super().on_before_batch_transfer(batch, dataloader_idx)
+    def train_batch(self, number: int) -> list[dict]:
+        return self.draw(number, self.probs())

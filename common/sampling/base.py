@@ -8,8 +8,9 @@ from common.batch import RolloutBatch
 class Selector:
     """Base class: ``selector(rollouts) -> rollouts`` keeps, drops or adds rows after advantages are computed.
 
-    Refill (DAPO's dynamic sampling): while ``wants_more(kept)`` is true, the module samples the step's prompts
-    again (up to its ``max_generation_rounds``), selects from the new rollouts and appends them to ``kept``;
+    Refill (DAPO's dynamic sampling): while ``wants_more(kept)`` is true, the loop samples the next prompts of the
+    training data (up to ``max_generation_rounds`` rounds; ``Loop.collect``), selects from the new rollouts and
+    appends them to ``kept``;
     ``finalize(kept)`` then trims the result (e.g. to a target number of groups).
     Stateful selectors (buffers) also subclass ``torch.nn.Module`` so their state is checkpointed.
     """

@@ -47,8 +47,8 @@ def mixed_groups(group_ids: Tensor, correct: Tensor | None = None, rewards: Tens
 class DynamicSampling(Selector):
     """DAPO dynamic sampling (Yu et al. 2025, arXiv 2503.14476, §3.2, eq. 11 constraint 0 < |{o_i correct}| < G):
     keep the groups whose accuracy is strictly between 0 and 1 (by ``batch.correct``; by reward spread when the
-    domain sets no ``correct``), and ask the module to sample the step's prompts again until ``max_groups``
-    groups are kept; then keep the first ``max_groups`` whole groups and discard the rest.
+    domain sets no ``correct``), and ask the loop to sample new prompts (the training data's next batches, as DAPO
+    does) until ``max_groups`` groups are kept; then keep the first ``max_groups`` whole groups and discard the rest.
 
     If ``max_generation_rounds`` runs out first, the step trains on the groups it has rather than raising, so
     a run does not stop on a hard batch (verl's ``max_num_gen_batches`` raises; the paper keeps sampling new

@@ -24,3 +24,15 @@ def random_token_batch(seed: int, B: int = 6, T: int = 8):
     lengths = torch.randint(1, T + 1, (B,), generator=g)
     mask = torch.arange(T)[None, :] < lengths[:, None]
     return logprobs, old, entropy, advantages, mask
+
+
+def digit_data(n: int, prompts_per_step: int, seed: int = 0):
+    """A ``common.data.ResumableData`` of ``digit_prompts(n)`` (validation: the first two), for runs whose refill
+    rounds draw new prompts from the data module's stream."""
+    from common.data import ResumableData
+
+    class DigitData(ResumableData):
+        def setup(self, stage=None):
+            self.train_set, self.val_set = digit_prompts(n, seed), digit_prompts(n, seed)[:2]
+
+    return DigitData(prompts_per_step=prompts_per_step, val_batch_size=2, seed=seed)

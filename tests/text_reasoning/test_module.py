@@ -12,7 +12,7 @@ from common.losses.ppo_clip import ClippedPolicyLoss
 from common.models import TinyLlama
 from common.rewards.base import RewardFunction
 from common.rollout.base import Sampling
-from helpers import DIGITS, digit_prompts
+from helpers import DIGITS, digit_data, digit_prompts
 from text_reasoning.module import TextReasoningModule
 
 
@@ -182,7 +182,10 @@ def test_a_step_that_selects_nothing_still_counts_and_changes_no_weight():
     module = make_module(rewards=[SevensReward()], selector=DynamicSampling(max_groups=2), max_generation_rounds=2)
     module.reward_fns = [lambda completions, samples: torch.zeros(len(completions))]  # nothing is informative
     before = [p.detach().clone() for p in module.policy.parameters()]
-    trainer = fit(module, digit_prompts(8), steps=2)
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, datamodule=digit_data(8, 4))  # refill rounds draw the stream's next prompts
     assert trainer.global_step == 2
     assert all(torch.equal(p, q) for p, q in zip(before, module.policy.parameters()))
 

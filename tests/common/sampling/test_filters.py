@@ -103,12 +103,11 @@ def test_dynamic_sampling_end_to_end_through_the_module() -> None:
     """Real tiny model and generation: a reward with spread ("7"s) -> the step trains only on mixed groups,
     at most max_groups of them, after up to max_generation_rounds samplings."""
     import lightning as L
-    from torch.utils.data import DataLoader
 
     from common.models import TinyLlama
     from common.rewards.base import RewardFunction
     from common.rollout.base import Sampling
-    from helpers import DIGITS, digit_prompts
+    from helpers import DIGITS, digit_data
     from text_reasoning.module import TextReasoningModule
 
     class HasSeven(RewardFunction):
@@ -130,8 +129,8 @@ def test_dynamic_sampling_end_to_end_through_the_module() -> None:
                                  group_size=4, selector=Spy(max_groups=2), max_generation_rounds=3, log_samples_every=0)
     L.seed_everything(0, verbose=False)
     trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(module, train_dataloaders=DataLoader(digit_prompts(16), batch_size=4, collate_fn=list))
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, datamodule=digit_data(16, 4))  # refill rounds draw the stream's next prompts
     assert len(seen) == 2
     for out in seen:
         assert 0 < int(out.num_groups) <= 2
