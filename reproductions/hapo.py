@@ -12,21 +12,12 @@ The headline ("consistently outperforms DAPO" on Qwen2.5-Math / Qwen3-8B) is not
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+from support.report import plt, save_plot, table, verdict, write_report  # the repository root on sys.path, Agg
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common.advantages.group import grpo  # noqa: E402
-from common.advantages.hapo import hapo_advantage  # noqa: E402
-from common.losses.hapo import hapo_entropy_stats, hapo_token_terms, normalised_entropy  # noqa: E402
-
-REPORTS = Path(__file__).resolve().parent / "reports"
+import torch
+from common.advantages.group import grpo
+from common.advantages.hapo import hapo_advantage
+from common.losses.hapo import hapo_entropy_stats, hapo_token_terms, normalised_entropy
 
 
 def random_groups(seed: int, groups: int = 8, G: int = 8):
@@ -80,45 +71,45 @@ def main() -> None:
         sign_ok += int(torch.equal(torch.sign(ht), torch.sign(z - stats.pivot)))
         code_negative += int((normalised_entropy(H, mask, hapo_entropy_stats(H, mask, code_compat=True))[mask] < 0).sum())
     ok = values_ok and max_bias < 1e-8 and fallback_ok and clip_ok and range_ok == 50 and sign_ok == 50
-    verdict = "reproduced" if ok else "not reproduced"
-
-    REPORTS.mkdir(exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.hist(per_group_grpo, bins=30, alpha=0.6, label="GRPO")
     ax.axvline(0.0, color="C1", lw=3, label="HAPO token-level (all exactly 0)")
     ax.set(xlabel="Σ_i L_i A_i within a group", ylabel="groups", title="token-level bias, 400 random groups")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(REPORTS / "hapo.png", dpi=100)
+    save_plot(fig, "hapo")
     mean_abs_grpo = sum(abs(x) for x in per_group_grpo) / len(per_group_grpo)
-    (REPORTS / "hapo.md").write_text(f"""# HAPO (arXiv 2509.16591): token-level group average, fallback, adaptive clipping, normalised entropy
+    rows = [
+        ("A for r=(1,1,0,0), L=(100,400,50,800)", "(1.3038, 1.3038, −0.7670, −0.7670)",
+         f"({', '.join(f'{x:.4f}' for x in A_hapo.tolist())})"),
+        ("Σ L_i A_i, HAPO", "0", f"{bias_hapo:.1e}"),
+        ("Σ L_i A_i, GRPO", "−303.1", f"{bias_grpo:.1f}"),
+        ("max abs Σ_group L_i A_i, HAPO, 400 random groups (no fallback)", "0", f"{max_bias:.1e}"),
+        ("mean abs Σ_group L_i A_i, GRPO, same groups", "≠ 0", f"{mean_abs_grpo:.1f}"),
+        ("fallback for r=(1,0,0,0), L=(1000,10,10,10)", "token-level max abs A >= 5 → GRPO",
+         f"token-level max abs A {A_tok.abs().max().item():.3f}; result = GRPO: {fallback_ok}"),
+        ("random batches where the default fallback fired", "—", f"{fallbacks}/50"),
+        ("ε'_low, ε'_high at h̃ = (−1, +1, 0)", "(0.4,0.2,0.2), (0.2,0.4,0.2)",
+         f"{tuple(round(x, 3) for x in eps_lo[0].tolist())}, {tuple(round(x, 3) for x in eps_hi[0].tolist())}"),
+        ("h̃ in [−1, 1]", "50/50 batches", f"{range_ok}/50"),
+        ("sign(h̃) = sign(z − q)", "50/50 batches", f"{sign_ok}/50"),
+        ("negative h̃ under the public code (code_compat)", "0 (the sign bug)", f"{code_negative} tokens"),
+    ]
+    write_report("hapo", f"""# HAPO (arXiv 2509.16591): token-level group average, fallback, adaptive clipping, normalised entropy
 
 Setup: `reproductions/hapo.py`; implementation `common/advantages/hapo.py`, `common/losses/hapo.py`.
 Spec: shared/methods/text.md §8 (e).
 
-| check | expected | measured |
-|---|---|---|
-| A for r=(1,1,0,0), L=(100,400,50,800) | (1.3038, 1.3038, −0.7670, −0.7670) | ({", ".join(f"{x:.4f}" for x in A_hapo.tolist())}) |
-| Σ L_i A_i, HAPO | 0 | {bias_hapo:.1e} |
-| Σ L_i A_i, GRPO | −303.1 | {bias_grpo:.1f} |
-| max abs Σ_group L_i A_i, HAPO, 400 random groups (no fallback) | 0 | {max_bias:.1e} |
-| mean abs Σ_group L_i A_i, GRPO, same groups | ≠ 0 | {mean_abs_grpo:.1f} |
-| fallback for r=(1,0,0,0), L=(1000,10,10,10) | token-level max abs A >= 5 → GRPO | token-level max abs A {A_tok.abs().max().item():.3f}; result = GRPO: {fallback_ok} |
-| random batches where the default fallback fired | — | {fallbacks}/50 |
-| ε'_low, ε'_high at h̃ = (−1, +1, 0) | (0.4,0.2,0.2), (0.2,0.4,0.2) | {tuple(round(x, 3) for x in eps_lo[0].tolist())}, {tuple(round(x, 3) for x in eps_hi[0].tolist())} |
-| h̃ in [−1, 1] | 50/50 batches | {range_ok}/50 |
-| sign(h̃) = sign(z − q) | 50/50 batches | {sign_ok}/50 |
-| negative h̃ under the public code (code_compat) | 0 (the sign bug) | {code_negative} tokens |
+{table(("check", "expected", "measured"), rows)}
 
 ![token-level bias](hapo.png)
 
-Verdict: **{verdict}** for the estimator and clipping properties. The public code's h̃ is never negative
+Verdict: **{"reproduced" if ok else "not reproduced"}** for the estimator and clipping properties. The public code's h̃ is never negative
 (DIVERGENCE documented in the module; the default follows the paper). Not tested: the accuracy claim over DAPO.
 """)
-    print(f"hapo: claim {verdict}: A=({', '.join(f'{x:.4f}' for x in A_hapo.tolist())}), sum L*A HAPO {bias_hapo:.1e} vs "
-          f"GRPO {bias_grpo:.1f}; 400 random groups max |sum L*A| {max_bias:.1e} (GRPO mean {mean_abs_grpo:.1f}); "
-          f"fallback ok {fallback_ok}; clip cases ok {clip_ok}; h in [-1,1] {range_ok}/50")
-
+    verdict("hapo", ok, f"A=({', '.join(f'{x:.4f}' for x in A_hapo.tolist())}), sum L*A HAPO {bias_hapo:.1e} vs "
+            f"GRPO {bias_grpo:.1f}; 400 random groups max |sum L*A| {max_bias:.1e} (GRPO mean {mean_abs_grpo:.1f}); "
+            f"fallback ok {fallback_ok}; clip cases ok {clip_ok}; h in [-1,1] {range_ok}/50")
 
 if __name__ == "__main__":
     main()
