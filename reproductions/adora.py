@@ -13,21 +13,14 @@ results (AMC 40 vs 35 on Logic-RL) need an LLM and are not tested.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+from support.report import plt, save_plot, verdict, write_report  # the repository root on sys.path, Agg
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+from common.advantages.adora import ADORA, adora_weights
+from common.advantages.group import GRPO
+from common.batch import RolloutBatch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common.advantages.adora import ADORA, adora_weights  # noqa: E402
-from common.advantages.group import GRPO  # noqa: E402
-from common.batch import RolloutBatch  # noqa: E402
-
-REPORTS = Path(__file__).resolve().parent / "reports"
 GROUPS, MAX_LEN = 10_000, 4096
 
 
@@ -40,7 +33,6 @@ def batch_of(rewards: torch.Tensor, lengths: torch.Tensor, group_ids: torch.Tens
 
 
 def main() -> None:
-    REPORTS.mkdir(exist_ok=True)
     c = torch.tensor([1, 1, 0, 0, 1, 0, 0, 1, 0, 0], dtype=torch.bool)
     L = torch.tensor([50, 80, 100, 120, 150, 100, 120, 10, 5, 999])
     trunc = torch.tensor([0] * 9 + [1], dtype=torch.bool)
@@ -71,9 +63,9 @@ def main() -> None:
     ax.set_xlabel("Σ L·A per group, GRPO")
     ax.set_ylabel("Σ L·A per group, ADORA (λ = 0.1)")
     fig.tight_layout()
-    fig.savefig(REPORTS / "adora.png", dpi=100)
-    verdict = "reproduced" if reproduced else "not reproduced"
-    (REPORTS / "adora.md").write_text(f"""# ADORA (arXiv 2602.10019): the length-advantage rule
+    save_plot(fig, "adora")
+    outcome = "reproduced" if reproduced else "not reproduced"
+    write_report("adora", f"""# ADORA (arXiv 2602.10019): the length-advantage rule
 
 Setup: {GROUPS:,} random groups (G = 2..16, per-group accuracy ~ U(0, 1), 0/1 rewards, lengths ~ U(1, {MAX_LEN}),
 wrong answers longer than {MAX_LEN - 40} treated as truncated), GRPO advantages re-weighted by `ADORA` (λ = 0.1).
@@ -89,11 +81,11 @@ wrong answers longer than {MAX_LEN - 40} treated as truncated), GRPO advantages 
 
 ![length-weighted advantage](adora.png)
 
-Verdict: claim **{verdict}** for the rule's defining effect (updates tilt toward long correct answers: every point
+Verdict: claim **{outcome}** for the rule's defining effect (updates tilt toward long correct answers: every point
 lies on or above the diagonal). The paper's downstream claims (AMC 40 vs 35, MathVista 73.5 vs 70.2) and its
 Difficulty-Advantage criterion are not tested (the criterion is unverified; only the code's length rule is built).
 """)
-    print(f"adora: claim {verdict}: hand weights ok={hand_ok}; Σ L·A(ADORA) >= Σ L·A(GRPO) in {holds:.4f} of {GROUPS} groups; "
+    verdict("adora", reproduced, f"hand weights ok={hand_ok}; Σ L·A(ADORA) >= Σ L·A(GRPO) in {holds:.4f} of {GROUPS} groups; "
           f"mean per group {lw_base.mean().item():+.1f} -> {lw_adora.mean().item():+.1f}; {attenuated.double().mean().item():.2f} attenuated")
 
 

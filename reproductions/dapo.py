@@ -15,24 +15,17 @@ policy's entropy higher (low-probability correct answers may grow faster).
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+from support.report import plt, save_plot, verdict, write_report  # the repository root on sys.path, Agg
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+from common.advantages.group import grpo
+from common.batch import RolloutBatch
+from common.losses.aggregate import aggregate
+from common.losses.ppo_clip import clipped_surrogate
+from common.rewards.length import overlong_penalty
+from common.sampling.filters import DynamicSampling
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common.advantages.group import grpo  # noqa: E402
-from common.batch import RolloutBatch  # noqa: E402
-from common.losses.aggregate import aggregate  # noqa: E402
-from common.losses.ppo_clip import clipped_surrogate  # noqa: E402
-from common.rewards.length import overlong_penalty  # noqa: E402
-from common.sampling.filters import DynamicSampling  # noqa: E402
-
-REPORTS = Path(__file__).resolve().parent / "reports"
 K, GOOD, G, GROUPS, EPOCHS, STEPS, SEEDS, LR = 20, 5, 16, 4, 4, 60, 20, 0.3
 
 
@@ -95,7 +88,6 @@ def bandit(eps_high: float, seed: int) -> torch.Tensor:
 
 
 def main() -> None:
-    REPORTS.mkdir(exist_ok=True)
     checks = {"clip-higher gradient at ρ = 1.25": check_clip_higher(), "dynamic sampling: no zero advantage kept": check_dynamic_sampling(),
               "overlong 16/18/20/21 -> 0/−0.5/−1/−1": check_overlong(), "token-mean weights (10, 100) equally": check_token_mean()}
     curves = {e: torch.stack([bandit(e, s) for s in range(SEEDS)]) for e in (0.2, 0.28)}
@@ -111,10 +103,10 @@ def main() -> None:
     ax.set_ylabel("policy entropy (nats)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(REPORTS / "dapo.png", dpi=100)
-    verdict = "reproduced" if reproduced else "not reproduced"
+    save_plot(fig, "dapo")
+    outcome = "reproduced" if reproduced else "not reproduced"
     rows = "\n".join(f"| {k} | {v} |" for k, v in checks.items())
-    (REPORTS / "dapo.md").write_text(f"""# DAPO (arXiv 2503.14476): component checks and clip-higher entropy
+    write_report("dapo", f"""# DAPO (arXiv 2503.14476): component checks and clip-higher entropy
 
 | check | passes |
 |---|---|
@@ -132,9 +124,9 @@ Paired difference (0.28 − 0.2): {diff.mean():+.3f} ± {se:.3f} (s.e.); counted
 
 ![entropy](dapo.png)
 
-Verdict: claim **{verdict}**. The AIME 2024 result (50 vs 47 with Qwen2.5-32B) needs a large model and is not tested.
+Verdict: claim **{outcome}**. The AIME 2024 result (50 vs 47 with Qwen2.5-32B) needs a large model and is not tested.
 """)
-    print(f"dapo: claim {verdict}: checks {sum(checks.values())}/4 pass; bandit entropy after {STEPS} steps "
+    verdict("dapo", reproduced, f"checks {sum(checks.values())}/4 pass; bandit entropy after {STEPS} steps "
           f"eps_high 0.2 {final[0.2].mean():.3f} vs 0.28 {final[0.28].mean():.3f} (diff {diff.mean():+.3f}±{se:.3f})")
 
 

@@ -14,21 +14,14 @@ needs an LLM and is not tested.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+from support.report import plt, save_plot, verdict, write_report  # the repository root on sys.path, Agg
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+from common.advantages.group import grpo
+from common.batch import RolloutBatch
+from common.losses.drpo import DRPOLoss
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common.advantages.group import grpo  # noqa: E402
-from common.batch import RolloutBatch  # noqa: E402
-from common.losses.drpo import DRPOLoss  # noqa: E402
-
-REPORTS = Path(__file__).resolve().parent / "reports"
 C = 1000
 
 
@@ -92,9 +85,8 @@ def main() -> None:
     sign_ok = signs["grpo_A"][3] < 0 and all(x < 0 for x in signs["drpo_grad"]) and all(
         a < b for a, b in zip(signs["drpo_grad"], signs["drpo_grad"][1:]))
     uniform_ok = max(abs(x + 0.25) for x in signs["drpo_grad_inf"]) < 1e-12
-    verdict = "reproduced" if sign_ok and uniform_ok else "not reproduced"
+    outcome = "reproduced" if sign_ok and uniform_ok else "not reproduced"
 
-    REPORTS.mkdir(exist_ok=True)
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for m, color in (("grpo_len", "C0"), ("drpo", "C1")):
         for i, (acc, length) in enumerate(runs[m]):
@@ -104,9 +96,9 @@ def main() -> None:
     axes[1].set(xlabel="step", ylabel="E[length | correct]", title="bandit: correct-answer length")
     axes[0].legend()
     fig.tight_layout()
-    fig.savefig(REPORTS / "drpo.png", dpi=100)
+    save_plot(fig, "drpo")
     fmt = lambda xs: ", ".join(f"{x:+.4f}" for x in xs)  # noqa: E731
-    (REPORTS / "drpo.md").write_text(f"""# DRPO (arXiv 2510.04474): correct answers keep a positive gradient under a length preference
+    write_report("drpo", f"""# DRPO (arXiv 2510.04474): correct answers keep a positive gradient under a length preference
 
 Setup: `reproductions/drpo.py`, implementation `common/losses/drpo.py`. Spec: shared/methods/text.md §6 (e).
 
@@ -134,10 +126,10 @@ SGD lr 0.5, 150 steps, 10 seeds; DRPO with λ = 0.1, τ = 10, β = 0 (no old pol
 
 ![bandit curves](drpo.png)
 
-Verdict: **{verdict}** (the decoupling property of part 1). Part 2 only illustrates the dynamics; the headline
+Verdict: **{outcome}** (the decoupling property of part 1). Part 2 only illustrates the dynamics; the headline
 (−77% length at −1.1% GSM8K accuracy on R1-Distill-1.5B) needs an LLM and is not tested.
 """)
-    print(f"drpo: claim {verdict}: GRPO+len-penalty A(800-token correct)={signs['grpo_A'][3]:+.3f} < 0; "
+    verdict("drpo", sign_ok and uniform_ok, f"GRPO+len-penalty A(800-token correct)={signs['grpo_A'][3]:+.3f} < 0; "
           f"DRPO dloss/ds(correct)=({fmt(signs['drpo_grad'])}) all < 0; bandit P(correct) GRPO-len {final['grpo_len'][0]:.3f} "
           f"vs DRPO {final['drpo'][0]:.3f}, E[L|correct] {final['grpo_len'][1]:.0f} vs {final['drpo'][1]:.0f}")
 

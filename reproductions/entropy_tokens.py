@@ -15,20 +15,13 @@ Not tested: the papers' accuracy gains (Qwen2.5 7B/32B; Qwen3 8-32B).
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+from support.report import plt, save_plot, verdict, write_report  # the repository root on sys.path, Agg
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+from common.losses.entropy import ClipCovLoss, EntropyTopQuantileLoss, KLCovLoss
+from common.losses.ppo_clip import ClippedPolicyLoss
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common.losses.entropy import ClipCovLoss, EntropyTopQuantileLoss, KLCovLoss  # noqa: E402
-from common.losses.ppo_clip import ClippedPolicyLoss  # noqa: E402
-
-REPORTS = Path(__file__).resolve().parent / "reports"
 torch.set_num_threads(2)
 
 
@@ -110,10 +103,9 @@ def main() -> None:
         rows.append((m, mean, wins, reward[m]))
         if m != "vanilla PG":
             ok = ok and wins >= 0.9 * len(seeds2)
-    verdict = "reproduced" if ok else "not reproduced"
+    outcome = "reproduced" if ok else "not reproduced"
     start = sum(c[0] for c in curves["vanilla PG"]) / len(seeds2)
 
-    REPORTS.mkdir(exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, m in enumerate(methods):
         mean_curve = [sum(c[t] for c in curves[m]) / len(seeds2) for t in range(len(curves[m][0]))]
@@ -121,10 +113,10 @@ def main() -> None:
     ax.set(xlabel="rollout", ylabel="mean entropy over states (nats)", title="contextual bandit, mean of 16 seeds")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(REPORTS / "entropy_tokens.png", dpi=100)
+    save_plot(fig, "entropy_tokens")
     table = "\n".join(f"| {m} | {mean:.4f} | {'—' if m == 'vanilla PG' else f'{w}/{len(seeds2)}'} | {r:.3f} |"
                       for m, mean, w, r in rows)
-    (REPORTS / "entropy_tokens.md").write_text(f"""# Entropy-aware token selection keeps entropy higher than vanilla PG
+    write_report("entropy_tokens", f"""# Entropy-aware token selection keeps entropy higher than vanilla PG
 
 Papers: Clip-Cov / KL-Cov (Cui et al. 2025, arXiv 2505.22617); top-20% high-entropy tokens (Wang et al. 2025,
 arXiv 2506.01939). Setup: `reproductions/entropy_tokens.py`, implementation `common/losses/entropy.py`.
@@ -149,11 +141,11 @@ paper's argument for why the filter costs nothing in LLM reasoning. This part ch
 
 ![entropy curves](entropy_tokens.png)
 
-Verdict: **{verdict}** (direction of the entropy claim, threshold 90% of seeds per method). The accuracy gains of
+Verdict: **{outcome}** (direction of the entropy claim, threshold 90% of seeds per method). The accuracy gains of
 both papers need LLM-scale runs and are not tested.
 """)
     summary = ", ".join(f"{m.split(' (')[0]} {mean:.3f} ({w}/{len(seeds2)})" for m, mean, w, _ in rows[1:])
-    print(f"entropy_tokens: claim {verdict}: one-step Clip-Cov smaller entropy drop than PG in {wins1}/{len(seeds1)} seeds "
+    verdict("entropy_tokens", ok, f"one-step Clip-Cov smaller entropy drop than PG in {wins1}/{len(seeds1)} seeds "
           f"(mean {mean_diff1:.4f} nats); final entropy vs PG {rows[0][1]:.3f}: {summary}")
 
 

@@ -12,19 +12,12 @@ The headline accuracy (54.9% on math benchmarks) needs a 7B model and is not tes
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
+from support.report import plt, save_plot, verdict, write_report  # the repository root on sys.path, Agg
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+from common.losses.holder import HolderPolicyLoss, holder_mean_ratio
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common.losses.holder import HolderPolicyLoss, holder_mean_ratio  # noqa: E402
-
-REPORTS = Path(__file__).resolve().parent / "reports"
 SEEDS = 50
 
 
@@ -91,7 +84,6 @@ def main() -> None:
           and worst["monotone violations"] == 0 and top_monotone == SEEDS and ent_peak == SEEDS and ent_dec == SEEDS
           and softmax_err < 1e-12 and spread < 1e-12 and all(abs(a - b) < 1e-12 for a, b in zip(sched, (2, 0, -2, -2))))
 
-    REPORTS.mkdir(exist_ok=True)
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for t, e, _, _ in conc[:10]:
         axes[0].plot(ps, t, color="C0", alpha=0.5)
@@ -99,10 +91,10 @@ def main() -> None:
     axes[0].set(xlabel="p", ylabel="weight of the largest-ratio token", title="gradient concentration")
     axes[1].set(xlabel="p", ylabel="entropy of the token weights", title="uniform at p = 0")
     fig.tight_layout()
-    fig.savefig(REPORTS / "holder_po.png", dpi=100)
+    save_plot(fig, "holder_po")
     rows = "\n".join(f"| {k} | {v:.2e} |" for k, v in worst.items())
-    verdict = "reproduced" if ok else "not reproduced"
-    (REPORTS / "holder_po.md").write_text(f"""# HölderPO (arXiv 2605.12058): power-mean identities and gradient concentration
+    outcome = "reproduced" if ok else "not reproduced"
+    write_report("holder_po", f"""# HölderPO (arXiv 2605.12058): power-mean identities and gradient concentration
 
 Setup: `reproductions/holder_po.py`; {SEEDS} seeds of random log-ratios Δ (std 0.5, ragged masks, float64) for the
 identities; {SEEDS} seeds of one 12-token sequence (Δ std 0.8) for the token weights ∂R/∂Δ / R from autograd,
@@ -120,11 +112,11 @@ p = −2 … 2 in steps of 0.1. Implementation: `common/losses/holder.py`. Spec:
 
 ![token weights vs p](holder_po.png)
 
-Verdict: **{verdict}** — the mechanism the paper builds on (the exponent p moves the gradient between the tokens
+Verdict: **{outcome}** — the mechanism the paper builds on (the exponent p moves the gradient between the tokens
 whose ratio moved most, p > 0, and a uniform/variance-bounded weighting, p ≤ 0) holds exactly. Not tested: the
 accuracy claim (54.9% average, +7.2% relative over GRPO), which needs a 7B model on math benchmarks.
 """)
-    print(f"holder_po: claim {verdict}: identities max err {max(worst['p=1 vs arithmetic'], worst['p=-1 vs harmonic']):.1e}, "
+    verdict("holder_po", ok, f"identities max err {max(worst['p=1 vs arithmetic'], worst['p=-1 vs harmonic']):.1e}, "
           f"geometric limit err {worst['p=1e-6 vs geometric']:.1e}, top-token weight monotone in p {top_monotone}/{SEEDS}, "
           f"weight entropy peak at p=0 {ent_peak}/{SEEDS}, schedule p(0,250,500)=({sched[0]:g},{sched[1]:g},{sched[2]:g})")
 

@@ -13,19 +13,12 @@ Claim reproduced when the median's flip rate is below the mean's in all 9 cells.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+from support.report import plt, save_plot, verdict, write_report  # the repository root on sys.path, Agg
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+from common.advantages.group import grpo, mc_grpo
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common.advantages.group import grpo, mc_grpo  # noqa: E402
-
-REPORTS = Path(__file__).resolve().parent / "reports"
 GROUPS = 200_000
 NOISES = {
     "gaussian 0.1": lambda n, gen: 0.1 * torch.randn(n, generator=gen, dtype=torch.float64),
@@ -54,7 +47,6 @@ def flip_rates(p: float, noise, seed: int) -> tuple[float, float, float]:
 
 
 def main() -> None:
-    REPORTS.mkdir(exist_ok=True)
     rows = []
     for i, (name, noise) in enumerate(NOISES.items()):
         for j, p in enumerate((0.2, 0.5, 0.8)):
@@ -69,10 +61,10 @@ def main() -> None:
     ax.set_ylabel("sign-flip rate")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(REPORTS / "mc_grpo.png", dpi=100)
+    save_plot(fig, "mc_grpo")
     table = "\n".join(f"| {n} | {p} | {mean:.3f} | {med:.3f} | {mean / max(med, 1e-9):.1f}x |" for n, p, mean, med, _ in rows)
-    verdict = "reproduced" if reproduced else "not reproduced"
-    (REPORTS / "mc_grpo.md").write_text(f"""# MC-GRPO (arXiv 2601.22582): sign flips of mean vs median baselines
+    outcome = "reproduced" if reproduced else "not reproduced"
+    write_report("mc_grpo", f"""# MC-GRPO (arXiv 2601.22582): sign flips of mean vs median baselines
 
 Setup: r = Bernoulli(p) + noise, true baseline b* = p; a flip is sign(A_i)·sign(r_i − b*) < 0. Mean baseline =
 `grpo(scale="none")` on groups of 2; median = `mc_grpo` (MAD scale, eps 1e-3) on groups of 3, flips counted on
@@ -84,11 +76,11 @@ the 2 kept rows. {GROUPS:,} groups per cell. Also checked: exactly one pivot dro
 
 ![flip rates](mc_grpo.png)
 
-Verdict: claim **{verdict}** — the median baseline flips less in {sum(r[3] < r[2] for r in rows)}/9 cells. This checks
+Verdict: claim **{outcome}** — the median baseline flips less in {sum(r[3] < r[2] for r in rows)}/9 cells. This checks
 the mechanism the paper builds on (robustness of the baseline), not its GSM8K gains (+4.62 points for Qwen3-1.7B).
 """)
     worst = max(rows, key=lambda r: r[3] / r[2])
-    print(f"mc_grpo: claim {verdict}: median flips < mean flips in {sum(r[3] < r[2] for r in rows)}/9 cells "
+    verdict("mc_grpo", reproduced, f"median flips < mean flips in {sum(r[3] < r[2] for r in rows)}/9 cells "
           f"(gaussian p=0.5: {rows[1][2]:.3f} vs {rows[1][3]:.3f}; worst ratio {worst[3] / worst[2]:.2f} at {worst[0]} p={worst[1]})")
 
 

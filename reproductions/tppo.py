@@ -17,20 +17,13 @@ The paper's efficiency claim (2.5x, −60% wall-clock with successive batching, 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+from support.report import plt, save_plot, verdict, write_report  # the repository root on sys.path, Agg
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+from common.advantages.gae import egae, value_targets
+from common.critic import ValueHead, value_loss
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common.advantages.gae import egae, value_targets  # noqa: E402
-from common.critic import ValueHead, value_loss  # noqa: E402
-
-REPORTS = Path(__file__).resolve().parent / "reports"
 N, T_MAX, LOW, HIGH = 100_000, 120, -2, 4  # P(not absorbed after 120 steps) < 1e-7 on this interval
 GAMMA, LAM, WINDOWS, EARLY = 1.0, 0.95, (5, 10, 20), 3
 
@@ -62,7 +55,6 @@ def random_walks(gen):
 
 def main() -> None:
     torch.set_num_threads(1)
-    REPORTS.mkdir(exist_ok=True)
     gen = torch.Generator().manual_seed(0)
 
     # (1) complete trajectories: EGAE == GAE (plain loop)
@@ -109,7 +101,7 @@ def main() -> None:
     grad_complete = h.grad[~truncated].abs().max().item()
 
     reproduced = ok and diff_complete < 1e-12 and diff_trunc < 1e-12 and grad_trunc == 0.0 and grad_complete > 0
-    verdict = "reproduced" if reproduced else "not reproduced"
+    outcome = "reproduced" if reproduced else "not reproduced"
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for k, (name, (mean, se)) in enumerate(curves.items()):
@@ -121,13 +113,13 @@ def main() -> None:
     ax.set_title("Random walk, exact V: EGAE vs GAE vs V(s_l)=0")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(REPORTS / "tppo.png", dpi=100)
+    save_plot(fig, "tppo")
 
     fmt = lambda t, d=4: ", ".join(f"{x:+.{d}f}" for x in t.tolist())  # noqa: E731
     table = "\n".join(
         f"| {l} | {tf:.3f} | {fmt(em)} | {fmt(dm)} | {fmt(ze, 2)} | {fmt(nm)} | {fmt(zn, 1)} | {se:.3f} / {sg:.3f} |"
         for l, tf, em, dm, ze, nm, zn, se, sg in rows)
-    (REPORTS / "tppo.md").write_text(f"""# T-PPO (arXiv 2506.15050): Extended GAE on truncated responses
+    write_report("tppo", f"""# T-PPO (arXiv 2506.15050): Extended GAE on truncated responses
 
 Setup: (1) 64 random rows (T = 12, random lengths, values and rewards; γ = 0.99, λ = 0.95) against a plain-loop
 GAE recursion. (2) {N:,} ±1 random walks on {{{LOW}..{HIGH}}} from 0, reward 1 at +{HIGH}, exact V(x) = (x − ({LOW}))/{HIGH - LOW};
@@ -149,7 +141,7 @@ Mean advantage at tokens t = 0, 1, 2 (full-trajectory GAE: {fmt(gae.mean(0))}):
 
 ![mean advantages](tppo.png)
 
-Verdict: claim **{verdict}** for EGAE's defining property: with an exact critic, advantages computed on truncated
+Verdict: claim **{outcome}** for EGAE's defining property: with an exact critic, advantages computed on truncated
 responses have the same mean as full-trajectory GAE (all |z| < 3), while the naive V(s_l) = 0 rule is biased
 (all |z| > 3) on the same walks; on complete rows EGAE is GAE to machine precision, and truncated rows never reach
 the value loss. Not tested: the paper's efficiency claims (2.5x training efficiency, −60% wall-clock on
@@ -157,7 +149,7 @@ Qwen2.5-32B / AIME24), which come from successive batching (in-flight responses 
 That mechanism is built (`common.methods.tppo.TruncatedPPO(max_windows > 1)`, in-flight responses checkpointed, tested by an
 exact kill-and-resume) but its wall-clock benefit needs long generations on an accelerator and is not measured here.
 """)
-    print(f"tppo: claim {verdict}: EGAE−GAE max |z| {max(r[4].abs().max().item() for r in rows):.2f} "
+    verdict("tppo", reproduced, f"EGAE−GAE max |z| {max(r[4].abs().max().item() for r in rows):.2f} "
           f"(naive min |z| {min(r[6].abs().min().item() for r in rows):.1f}) at l = {WINDOWS}; "
           f"complete-row error {diff_complete:.0e}; truncated-row value grad {grad_trunc:.0e}")
 
