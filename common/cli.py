@@ -40,7 +40,8 @@ class AdvlabCLI(LightningCLI):
         module, _, name = path.rpartition(".")
         from common.module import PolicyOptimizationModule
 
-        rl = bool(module) and issubclass(getattr(importlib.import_module(module), name, object), PolicyOptimizationModule)
+        cls = getattr(importlib.import_module(module), name, None) if module else None
+        rl = isinstance(cls, type) and issubclass(cls, PolicyOptimizationModule)
         if given and rl:
             sys.exit(f"advlab: --{given[0]} is not used by {name} (manual optimisation, AdamW over the policy and its "
                      "methods); set --model.init_args.lr, lr_schedule (constant|linear|cosine), warmup_steps, total_steps")
