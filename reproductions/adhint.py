@@ -20,23 +20,16 @@ the paired seed difference. Not tested: the paper's LLM/VLM numbers; CGM and AE-
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
+from support.report import plt, save_plot, verdict, write_report  # the repository root on sys.path, Agg
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+from common.advantages.adhint import adhint_advantages, hint_ratio
+from common.advantages.group import grpo
+from common.batch import RolloutBatch
+from common.losses.adhint import ADHintLoss
+from common.losses.ppo_clip import ClippedPolicyLoss
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common.advantages.adhint import adhint_advantages, hint_ratio  # noqa: E402
-from common.advantages.group import grpo  # noqa: E402
-from common.batch import RolloutBatch  # noqa: E402
-from common.losses.adhint import ADHintLoss  # noqa: E402
-from common.losses.ppo_clip import ClippedPolicyLoss  # noqa: E402
-
-REPORTS = Path(__file__).resolve().parent / "reports"
 VOCAB, LENGTHS, G, NAIVE, STEPS, SEEDS, LR = 4, (2, 2, 2, 2, 6, 6, 6, 6), 8, 4, 150, 10, 0.1
 OMEGA_MAX, FIXED_OMEGA = 0.8, 0.5
 
@@ -111,7 +104,6 @@ def train(method: str, seed: int) -> list[float]:
 
 def main() -> None:
     torch.set_num_threads(1)
-    REPORTS.mkdir(exist_ok=True)
     c = checks()
     names = {"grpo": "GRPO (no hints)", "fixed": f"fixed hints (ω = {FIXED_OMEGA})", "adhint": "ADHint"}
     curves = {m: torch.tensor([train(m, s) for s in range(SEEDS)]) for m in names}  # (S, STEPS)
@@ -133,18 +125,18 @@ def main() -> None:
     ax.set_ylabel(f"hint-free pass@1, mean of {SEEDS} seeds (±2 SE)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(REPORTS / "adhint.png", dpi=100)
+    save_plot(fig, "adhint")
 
     table = "\n".join(f"| {names[m]} | {float(cur[:, 49].mean()):.3f} | {float(cur[:, 99].mean()):.3f} | "
                       f"{float(cur[:, -1].mean()):.3f} ± {float(cur[:, -1].std() / math.sqrt(SEEDS)):.3f} |"
                       for m, cur in curves.items())
-    verdict = "reproduced" if reproduced else "not reproduced"
-    line = (f"adhint: claim {verdict}: checks {'pass' if all(c.values()) else 'FAIL'}; hint-free pass@1 at step {STEPS}: "
+    details = (f"checks {'pass' if all(c.values()) else 'FAIL'}; hint-free pass@1 at step {STEPS}: "
             + ", ".join(f"{names[m]} {float(cur[:, -1].mean()):.3f}" for m, cur in curves.items())
             + f"; ADHint − GRPO {vs_grpo[0]:+.3f} ± {vs_grpo[1]:.3f}, ADHint − fixed {vs_fixed[0]:+.3f} ± {vs_fixed[1]:.3f} "
             f"(step 50: {vs_fixed_50[0]:+.3f} ± {vs_fixed_50[1]:.3f})")
     rows = "\n".join(f"| {k} | {'pass' if v else 'FAIL'} |" for k, v in c.items())
-    (REPORTS / "adhint.md").write_text(f"""# ADHint (arXiv 2512.13095)
+    line = verdict("adhint", reproduced, details, echo=False)
+    write_report("adhint", f"""# ADHint (arXiv 2512.13095)
 
 The paper's body and code are not public: the hint schedule and the selective masking follow a secondary summary;
 the difficulty-posterior advantage (AE-RDP, `common/advantages/adhint.py`) and the consistency-based gradient
@@ -172,7 +164,7 @@ methods), Adam lr {LR}, {STEPS} steps, {SEEDS} seeds; pass@1 without hints, exac
 Rule: reproduced if all checks pass and ADHint's final pass@1 exceeds GRPO's and the fixed-hint baseline's by more
 than 2 SE of the paired difference.
 
-Verdict: claim **{verdict}**. Both hint methods approach 1 by step {STEPS}, so the final margin over fixed hints is
+Verdict: claim **{'reproduced' if reproduced else 'not reproduced'}**. Both hint methods approach 1 by step {STEPS}, so the final margin over fixed hints is
 small (ceiling); the difference is mostly speed (step 50: {vs_fixed_50[0]:+.3f} ± {vs_fixed_50[1]:.3f}). The bandit favours
 hints by construction (the hard prompts are nearly unsolvable unaided); it checks the mechanism, not the paper's scale.
 

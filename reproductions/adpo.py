@@ -20,19 +20,12 @@ The paper's own numbers (12-93% relative WinMass gains over 12 scenarios, MuJoCo
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
+from support.report import plt, save_plot, verdict, write_report  # the repository root on sys.path, Agg
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+from common.losses.preference import adpo_loss, adpo_targets, dpo_loss, preference_pairs
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common.losses.preference import adpo_loss, adpo_targets, dpo_loss, preference_pairs  # noqa: E402
-
-REPORTS = Path(__file__).resolve().parent / "reports"
 CONTEXTS, ARMS, GROUPS, STEPS, SEEDS = 16, 8, 32, 300, 10
 NOISE, FLIP, LR = 0.5, 0.3, 0.05
 
@@ -93,7 +86,6 @@ def train(method: str, seed: int, *, beta: float, tau: float, beta_r: float) -> 
 
 def main() -> None:
     torch.set_num_threads(1)
-    REPORTS.mkdir(exist_ok=True)
     dv, dg = identity_check()
     shift = shift_check()
     settings = {"paper defaults (DPO β = 0.1; ADPO τ = 0.8, β_r = 0.5)": dict(beta=0.1, tau=0.8, beta_r=0.5),
@@ -125,15 +117,15 @@ def main() -> None:
     axes[0].set_ylabel(f"WinMass (mean of {SEEDS} seeds)")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(REPORTS / "adpo.png", dpi=100)
+    save_plot(fig, "adpo")
 
-    verdict = "reproduced" if reproduced else "not reproduced"
     table = "\n".join(f"| {n} | {d:.3f} ± {ds:.3f} | {a:.3f} ± {as_:.3f} | {m:+.3f} ± {se:.3f} | {k}/{SEEDS} | {'yes' if w else 'no'} |"
                       for n, d, ds, a, as_, m, se, k, w in rows)
-    line = (f"adpo: claim {verdict}: pairwise ADPO = DPO to {max(dv, dg):.1e}, shift invariance {shift:.1e}; WinMass DPO vs ADPO "
+    details = (f"pairwise ADPO = DPO to {max(dv, dg):.1e}, shift invariance {shift:.1e}; WinMass DPO vs ADPO "
             + "; ".join(f"{n.split(' (')[0]} {d:.3f} vs {a:.3f} (Δ {m:+.3f} ± {se:.3f}, ADPO ahead in {k}/{SEEDS} seeds)"
                         for n, d, _, a, _, m, se, k, _ in rows))
-    (REPORTS / "adpo.md").write_text(f"""# ADPO (arXiv 2510.18913) vs DPO (arXiv 2305.18290)
+    line = verdict("adpo", reproduced, details, echo=False)
+    write_report("adpo", f"""# ADPO (arXiv 2510.18913) vs DPO (arXiv 2305.18290)
 
 Library functions under test: `common.losses.preference.{{dpo_loss, adpo_loss, adpo_targets, preference_pairs}}`
 (the same functions the `DPOLoss` / `ADPOLoss` recipes use inside the GRPO loop).
@@ -154,7 +146,7 @@ from the uniform reference, Adam lr {LR}, {STEPS} steps x {GROUPS} groups; final
 
 ![WinMass curves](adpo.png)
 
-Verdict: claim **{verdict}**.
+Verdict: claim **{'reproduced' if reproduced else 'not reproduced'}**.
 
 `{line}`
 

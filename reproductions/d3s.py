@@ -17,20 +17,13 @@ from __future__ import annotations
 
 import itertools
 import statistics
-import sys
-from pathlib import Path
+from support.report import plt, save_plot, verdict, write_report  # the repository root on sys.path, Agg
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+from common.advantages.group import grpo
+from common.sampling.downsample import max_variance_subset, top_score_tokens
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common.advantages.group import grpo  # noqa: E402
-from common.sampling.downsample import max_variance_subset, top_score_tokens  # noqa: E402
-
-REPORTS = Path(__file__).resolve().parent / "reports"
 torch.set_num_threads(1)
 
 
@@ -123,9 +116,7 @@ def main() -> None:
     top, rtok = token_level()
     tok_wins = float((top >= rtok).float().mean())
     ok = eq == 200 and low >= 1.0 and wins > 0.9
-    verdict = "reproduced" if ok else "not reproduced"
 
-    REPORTS.mkdir(exist_ok=True)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     ratio = (d3s / rand).log10().clamp(max=2.0)  # a random subset of zero-advantage rows has no gradient
     axes[0].hist(ratio.numpy(), bins=30, color="C0")
@@ -136,11 +127,12 @@ def main() -> None:
     axes[1].set(xlabel="|g| kept / |g| all tokens", ylabel="trials", title="token level")
     axes[1].legend()
     fig.tight_layout()
-    fig.savefig(REPORTS / "d3s.png", dpi=100)
-    line = (f"d3s: claim {verdict}: extremes = brute force {eq}/200, Lemma 1 min var {low:.3f} >= 1, "
+    save_plot(fig, "d3s")
+    details = (f"extremes = brute force {eq}/200, Lemma 1 min var {low:.3f} >= 1, "
             f"|g| D³S subset >= random subset in {wins:.1%} of {len(d3s)} trials (median ratio "
             f"{float((d3s / rand).median()):.2f})")
-    (REPORTS / "d3s.md").write_text(f"""# D³S: the max-Var(A) subset carries a larger policy gradient
+    line = verdict("d3s", ok, details, echo=False)
+    write_report("d3s", f"""# D³S: the max-Var(A) subset carries a larger policy gradient
 
 Paper: "Learning More with Less: A Dynamic Dual-Level Down-Sampling Framework for Efficient Policy Optimization"
 (arXiv 2509.22115). Setup: `reproductions/d3s.py`; implementation `common/sampling/downsample.py`

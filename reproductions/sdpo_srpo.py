@@ -25,24 +25,17 @@ Checks (shared/methods/text.md §13 (e), §14 (e)), all on the library's functio
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
+from support.report import plt, save_plot, verdict, write_report  # the repository root on sys.path, Agg
 
-import matplotlib
+import torch
+import torch.nn.functional as F
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+from common.advantages.group import grpo
+from common.batch import RolloutBatch
+from common.losses.ppo_clip import ClippedPolicyLoss
+from common.losses.self_distill import Distillation, SDPOLoss, ema_update_, generalized_jsd, topk_with_tail
+from common.losses.srpo import SRPOLoss, entropy_weights, srpo_routes
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common.advantages.group import grpo  # noqa: E402
-from common.batch import RolloutBatch  # noqa: E402
-from common.losses.ppo_clip import ClippedPolicyLoss  # noqa: E402
-from common.losses.self_distill import Distillation, SDPOLoss, ema_update_, generalized_jsd, topk_with_tail  # noqa: E402
-from common.losses.srpo import SRPOLoss, entropy_weights, srpo_routes  # noqa: E402
-
-REPORTS = Path(__file__).resolve().parent / "reports"
 CONTEXTS, ANSWERS, CORRECT, G, STEPS, SEEDS = 16, 6, 2, 8, 150, 10
 KAPPA, EMA, LR = 3.0, 0.05, 0.05
 
@@ -157,7 +150,6 @@ def train(method: str, seed: int) -> list[float]:
 
 def main() -> None:
     torch.set_num_threads(1)
-    REPORTS.mkdir(exist_ok=True)
     c = component_checks()
     checks_ok = (c["kl_forward"] == 0 and c["kl_reverse"] == 0 and c["jsd_symmetry"] < 1e-12 and c["tail_sum"] < 1e-6
                  and c["grad_0_3"] < 1e-12 and c["grad_4"] > 1e-3 and c["ema"] < 1e-6 and c["routes_ok"]
@@ -185,17 +177,17 @@ def main() -> None:
     ax.set_ylabel(f"P(correct answer), mean of {SEEDS} seeds (±2 SE)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(REPORTS / "sdpo_srpo.png", dpi=100)
+    save_plot(fig, "sdpo_srpo")
 
     table = "\n".join(f"| {m.upper()} | {float(cur[:, 0].mean()):.3f} | {float(cur[:, early].mean()):.3f} | "
                       f"{float(cur[:, 49].mean()):.3f} | {float(cur[:, late].mean()):.3f} |" for m, cur in curves.items())
-    verdict = "reproduced" if reproduced else "not reproduced"
-    line = (f"sdpo_srpo: claim {verdict}: component checks {'pass' if checks_ok else 'FAIL'} (ambiguity dlogπ(a): SDPO "
+    details = (f"component checks {'pass' if checks_ok else 'FAIL'} (ambiguity dlogπ(a): SDPO "
             f"{c['dlogpi_a_sdpo']:+.3f}, SRPO {c['dlogpi_a_srpo']:+.3f}); bandit P(correct) step {early + 1}: SDPO − GRPO "
             f"{sdpo_early[0]:+.3f} ± {sdpo_early[1]:.3f}; step {STEPS}: SRPO − GRPO {srpo_vs_grpo[0]:+.3f} ± "
             f"{srpo_vs_grpo[1]:.3f}, SRPO − SDPO {srpo_vs_sdpo[0]:+.3f} ± {srpo_vs_sdpo[1]:.3f}")
     rows = "\n".join(f"| {k} | {v:.2e} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in c.items())
-    (REPORTS / "sdpo_srpo.md").write_text(f"""# SDPO (arXiv 2601.20802) and SRPO (arXiv 2604.02288)
+    line = verdict("sdpo_srpo", reproduced, details, echo=False)
+    write_report("sdpo_srpo", f"""# SDPO (arXiv 2601.20802) and SRPO (arXiv 2604.02288)
 
 Library code under test: `common/losses/self_distill.py` (SDPO loss, top-k + tail, generalised JSD, EMA),
 `common/losses/srpo.py` (routing, teacher-entropy weights, joint token mean); the LLM path
@@ -227,7 +219,7 @@ toward the first successful sibling's answer; rows without a successful sibling 
 Rule: reproduced if every component check passes, SDPO − GRPO at step {early + 1} > 2 SE (SDPO learns faster early), and
 SRPO at step {STEPS} is not below GRPO or SDPO by more than 2 SE.
 
-Verdict: claim **{verdict}**.
+Verdict: claim **{'reproduced' if reproduced else 'not reproduced'}**.
 
 `{line}`
 

@@ -20,22 +20,15 @@ Not tested: the GSM8K / MATH500 accuracies (rho-1.1B, R1-Distill-Qwen-1.5B); rea
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+from support.report import plt, save_plot, verdict, write_report  # the repository root on sys.path, Agg
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+from common.advantages.group import grpo
+from common.advantages.segment import cut_starts, segment_advantages, spo_chain, spo_tree, whiten
+from common.losses.ppo_clip import ClippedPolicyLoss
+from common.losses.prob_mask import ProbabilityMaskLoss
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common.advantages.group import grpo  # noqa: E402
-from common.advantages.segment import cut_starts, segment_advantages, spo_chain, spo_tree, whiten  # noqa: E402
-from common.losses.ppo_clip import ClippedPolicyLoss  # noqa: E402
-from common.losses.prob_mask import ProbabilityMaskLoss  # noqa: E402
-
-REPORTS = Path(__file__).resolve().parent / "reports"
 torch.set_num_threads(1)
 L_SEQ, VOCAB, DECIDE = 8, 4, 3  # sequence length, vocabulary, the deciding position
 
@@ -176,12 +169,10 @@ def main() -> None:
     chain_wins = int((steps["SPO-chain"] < steps["GRPO"]).sum())
     tree_wins = int((steps["SPO-tree"] < steps["GRPO"]).sum())
     ok = all(checks.values()) and chain_wins >= 0.8 * len(seeds)
-    verdict = "reproduced" if ok else "not reproduced"
 
     def se(x):
         return float(x.std() / len(x) ** 0.5)
 
-    REPORTS.mkdir(exist_ok=True)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for i, m in enumerate(methods):
         curves = torch.tensor([r[0] for r in runs[m]])
@@ -192,8 +183,8 @@ def main() -> None:
     axes[1].bar(list(methods), [float(share[m].mean()) for m in methods], color=["C0", "C1", "C2"])
     axes[1].set(ylabel="share of the update on the deciding position", title="where the update goes (mean over steps)")
     fig.tight_layout()
-    fig.savefig(REPORTS / "segment_po.png", dpi=100)
-    line = (f"segment_po: claim {verdict}: component checks {sum(checks.values())}/{len(checks)}; normalised steps to "
+    save_plot(fig, "segment_po")
+    details = (f"component checks {sum(checks.values())}/{len(checks)}; normalised steps to "
             f"P >= 0.9: GRPO {float(steps['GRPO'].mean()):.1f} ± {se(steps['GRPO']):.1f}, SPO-chain "
             f"{float(steps['SPO-chain'].mean()):.1f} ± {se(steps['SPO-chain']):.1f} (fewer in {chain_wins}/20), SPO-tree "
             f"{float(steps['SPO-tree'].mean()):.1f} ± {se(steps['SPO-tree']):.1f} (fewer in {tree_wins}/20); update share on "
@@ -203,7 +194,8 @@ def main() -> None:
     table = "\n".join(
         f"| {m} | {float(steps[m].mean()):.1f} ± {se(steps[m]):.1f} | {float(toks[m].mean()):,.0f} | "
         f"{float(share[m].mean()):.3f} | {float(drift[m].mean()):.3f} |" for m in methods)
-    (REPORTS / "segment_po.md").write_text(f"""# SPO: segment-level MC credit assignment vs GRPO
+    line = verdict("segment_po", ok, details, echo=False)
+    write_report("segment_po", f"""# SPO: segment-level MC credit assignment vs GRPO
 
 Paper: "Segment Policy Optimization: Effective Segment-Level Credit Assignment in RL for Large Language Models"
 (arXiv 2505.23564; code AIFrameResearch/SPO). Setup: `reproductions/segment_po.py`; implementation
