@@ -110,10 +110,11 @@ def test_logged_checkpointed_and_resumed_from_advlab(tmp_path):
     assert got == pytest.approx([lr * schedule_factor(s, "cosine", 2, 6) for s in range(6)], abs=1e-9)
 
 
-def test_lr_scheduler_on_the_command_line_is_refused_in_one_line(tmp_path):
-    proc, beyond_import = advlab_failure("fit", "--config", str(ROOT / "configs/toy/bandit_grpo.yaml"),
-                                         "--lr_scheduler", "torch.optim.lr_scheduler.StepLR", "--lr_scheduler.step_size", "2",
+@pytest.mark.parametrize("flag", [["--lr_scheduler", "torch.optim.lr_scheduler.StepLR", "--lr_scheduler.step_size", "2"],
+                                  ["--optimizer", "torch.optim.SGD", "--optimizer.lr", "0.1"]], ids=lambda f: f[0])
+def test_lr_scheduler_or_optimizer_on_the_command_line_is_refused_in_one_line(flag, tmp_path):
+    proc, beyond_import = advlab_failure("fit", "--config", str(ROOT / "configs/toy/bandit_grpo.yaml"), *flag,
                                          "--trainer.logger", "false", cwd=tmp_path)
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("advlab: --lr_scheduler is not used by ToyModule") and "lr_schedule" in last
+    assert last.startswith(f"advlab: {flag[0]} is not used by ToyModule") and "lr_schedule" in last
     assert beyond_import < 10, f"took {beyond_import:.1f} s beyond importing the CLI"
