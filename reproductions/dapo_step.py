@@ -18,20 +18,13 @@ and are not tested; the library's offline LM pipeline (text_reasoning/offline_st
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+from support.report import ROOT, plt, save_plot, verdict, write_report  # the repository root on sys.path, Agg
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+from common.losses.step_advantage import direct_advantage_loss
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common.losses.step_advantage import direct_advantage_loss  # noqa: E402
-
-REPORTS = Path(__file__).resolve().parent / "reports"
-RECORDS = Path(__file__).resolve().parents[1] / "configs/text_reasoning/data/dapo_step_arithmetic.jsonl"
+RECORDS = ROOT / "configs/text_reasoning/data/dapo_step_arithmetic.jsonl"
 BETAS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 TREES, MC = 1000, 8
 
@@ -70,7 +63,6 @@ def fit(ref_first, ref_second, a_first, a_second, beta):
 def main() -> None:
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
-    REPORTS.mkdir(exist_ok=True)
     ref_first = torch.tensor([0.6, 0.4])
     ref_second = torch.tensor([[0.5, 0.5], [0.7, 0.3]])
     p = torch.tensor([[0.9, 0.1], [0.6, 0.5]])
@@ -121,7 +113,7 @@ def main() -> None:
           f"{float(adv.max()):+.2f}]")
     labels = torch.tensor([r["reward"] for r in records])
     fit_rmse = float((torch.tensor([r["value"] for r in records]) - labels).pow(2).mean().sqrt())
-    verdict = "reproduced" if reproduced else "not reproduced"
+    outcome = "reproduced" if reproduced else "not reproduced"
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     axes[0].plot(BETAS, [r[1] for r in rows], "o-", label="J(π), DAPO-step fit")
@@ -134,10 +126,10 @@ def main() -> None:
     axes[1].hist(gain.numpy(), bins=50)
     axes[1].set_xlabel("J(π) − J(π_ref), 1000 random trees, MC critic, β = 0.5")
     fig.tight_layout()
-    fig.savefig(REPORTS / "dapo_step.png", dpi=100)
+    save_plot(fig, "dapo_step")
 
     table = "\n".join(f"| {b} | {j:.4f} | {js:.4f} | {c:.4f} | {e:.3f} | {t:.2f} |" for b, j, js, c, e, t in rows)
-    (REPORTS / "dapo_step.md").write_text(f"""# Step-level DAPO (Skywork, arXiv 2412.18279): the offline step-advantage regression
+    write_report("dapo_step", f"""# Step-level DAPO (Skywork, arXiv 2412.18279): the offline step-advantage regression
 
 Setup: two-step tree, π_ref(a1, a2) = (0.6, 0.4), π_ref(b | a1) = (0.5, 0.5), π_ref(b | a2) = (0.7, 0.3), leaf success
 p = ((0.9, 0.1), (0.6, 0.5)); exact critic V(a1) = 0.5, V(a2) = 0.57, V(s0) = 0.528; J(π_ref) = {j_ref:.4f}.
@@ -153,7 +145,7 @@ state, β = 0.5): J improves in **{improved:.3f}** of trees; mean gain {float(ga
 
 ![success vs beta](dapo_step.png)
 
-Verdict: claim **{verdict}** at toy scale: one offline actor update on critic step advantages improves the
+Verdict: claim **{outcome}** at toy scale: one offline actor update on critic step advantages improves the
 expected success for every β on the fixed tree and in {improved:.1%} of random trees with a noisy MC critic.
 The spec's second check, "the fitted log-ratio is ≈ A/β", is **{"reproduced" if fit_ok else "not reproduced"}** by our
 pre-set threshold (correlation > 0.99 for β >= 0.2): it holds only where |A/β| is small (correlation 0.990 at
@@ -168,7 +160,7 @@ Its committed data: {lm}. The critic's RMSE on its own (one-sample MC) labels is
 std of {float(labels.std(unbiased=False)):.3f}: fitted on {len(records)} states, with no held-out check, so it is a
 weak critic; the recipe shows the pipeline runs end to end, not that it improves SmolLM2.
 """)
-    print(f"dapo_step: claim {verdict}: J(π_ref) {j_ref:.4f} -> J(π) " + ", ".join(f"{r[1]:.4f}@β={r[0]}" for r in rows)
+    verdict("dapo_step", reproduced, f"J(π_ref) {j_ref:.4f} -> J(π) " + ", ".join(f"{r[1]:.4f}@β={r[0]}" for r in rows)
           + f"; random trees improved {improved:.3f} (MC critic); log-ratio ≈ A/β {'holds' if fit_ok else 'fails'} "
           f"(corr {rows[0][3]:.3f} at β={rows[0][0]}, {rows[-1][3]:.3f} at β={rows[-1][0]})")
 

@@ -15,21 +15,14 @@ every seed. Also a unit check: the hand-computed 2-arm UCB/softmax state.
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
+from support.report import plt, save_plot, verdict, write_report  # the repository root on sys.path, Agg
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+from common.advantages.group import grpo
+from common.batch import RolloutBatch
+from common.sampling.curriculum import DUMP
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common.advantages.group import grpo  # noqa: E402
-from common.batch import RolloutBatch  # noqa: E402
-from common.sampling.curriculum import DUMP  # noqa: E402
-
-REPORTS = Path(__file__).resolve().parent / "reports"
 PROMPTS, G, STEPS, SEEDS, P0, GAIN, CAP, TARGET, WARMUP = 32, 8, 300, 10, 0.1, 0.002, 0.95, 0.9, 30
 NAMES = ("saturated (p=1)", "impossible (p=0)", "learnable")
 
@@ -85,12 +78,11 @@ def main() -> None:
     mean_reach = {k: sum(v) / len(v) for k, v in reach.items()}
     faster = sum(a < b for a, b in zip(reach["DUMP"], reach["uniform"]))
     ok = unit_ok and after["DUMP"] >= 0.6 and faster == SEEDS
-    verdict = (f"dump: claim {'reproduced' if ok else 'not reproduced'}: learnable-arm share after step {WARMUP} "
+    details = (f"learnable-arm share after step {WARMUP} "
                f"{after['DUMP']:.3f} (DUMP) vs {after['uniform']:.3f} (uniform); steps to p>={TARGET} "
                f"{mean_reach['DUMP']:.1f} vs {mean_reach['uniform']:.1f} (DUMP faster in {faster}/{SEEDS} seeds); "
                f"2-arm P_0 = {p0:.6f} (hand 0.965756)")
 
-    REPORTS.mkdir(exist_ok=True)
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
     x = torch.arange(STEPS)
     for k, c in (("DUMP", "C0"), ("uniform", "C1")):
@@ -102,10 +94,11 @@ def main() -> None:
     ax[1].set(xlabel="step", ylabel="p(learnable)", title="learnable arm's success probability", xlim=(0, 80))
     ax[0].legend()
     fig.tight_layout()
-    fig.savefig(REPORTS / "dump.png", dpi=110)
+    save_plot(fig, "dump", dpi=110)
 
     table = "\n".join(f"| {k} | {after[k]:.3f} | {mean_reach[k]:.1f} | {min(reach[k])}–{max(reach[k])} |" for k in ("DUMP", "uniform"))
-    (REPORTS / "dump.md").write_text(f"""# DUMP — UCB curriculum over distributions (arXiv 2504.09710)
+    line = verdict("dump", ok, details, echo=False)
+    write_report("dump", f"""# DUMP — UCB curriculum over distributions (arXiv 2504.09710)
 
 Claim (paper): sampling training distributions by a softmax over UCB scores of their windowed mean |advantage|
 learns faster than uniform sampling. Check (shared/methods/text.md §10 (e)): a toy bandit curriculum with a saturated
@@ -122,7 +115,7 @@ Unit check: 2-arm state (|A| = 1.0, 0.5 on arm 0; 0.2 on arm 1) gives P_0 = {p0:
 
 ![share and p](dump.png)
 
-Verdict: `{verdict}`
+Verdict: `{line}`
 
 What was tested: the curriculum's mechanism (windows, UCB bonus, softmax) exactly as the library runs it, in the
 bandit of the spec. Not tested: the paper's Knights-and-Knaves runs with a 7B model (12 distributions, test answer
@@ -131,7 +124,7 @@ with SmolLM2-135M, but that run is too slow for this report on 2 cores. Once the
 (p = 0.95) it still has the only non-zero |A| (the other two arms give all-equal groups), so its share stays high;
 the dip near step 15 is the exploration bonus of the two starved arms catching up.
 """)
-    print(verdict)
+    print(line)
 
 
 if __name__ == "__main__":

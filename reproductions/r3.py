@@ -17,22 +17,15 @@ by more than two standard errors of the difference.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+from support.report import plt, save_plot, verdict, write_report  # the repository root on sys.path, Agg
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+from common.advantages.group import grpo
+from common.batch import RolloutBatch
+from common.rewards.entropy_rank import serr_rewards
+from common.sampling.replay import CrossContextReplay
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common.advantages.group import grpo  # noqa: E402
-from common.batch import RolloutBatch  # noqa: E402
-from common.rewards.entropy_rank import serr_rewards  # noqa: E402
-from common.sampling.replay import CrossContextReplay  # noqa: E402
-
-REPORTS = Path(__file__).resolve().parent / "reports"
 PROMPTS, K, G, STEPS, SEEDS, LR, P0, LEVEL = 8, 20, 4, 150, 20, 1.0, 0.05, 0.5
 
 
@@ -101,13 +94,12 @@ def main() -> None:
     se = float(diff.std() / len(diff) ** 0.5)
     mean = {k: float(v.mean()) for k, v in reach.items()}
     ok = serr_ok and ccr_ok and float(diff.mean()) > 2 * se
-    verdict = (f"r3: claim {'reproduced' if ok else 'not reproduced'}: SERR rewards {[round(v, 4) for v in serr_vals]} "
+    details = (f"SERR rewards {[round(v, 4) for v in serr_vals]} "
                f"(expected [1, 0.3333, 0, 0.6667]); all-wrong group advantages {without[0]:.1f} without replay, "
                f"{min(abs(a) for a in with_replay):.3f}..{max(abs(a) for a in with_replay):.3f} in abs with one replayed "
                f"positive; steps to P(correct) >= {LEVEL}: GRPO {mean['GRPO']:.1f} vs CCR {mean['GRPO + CCR']:.1f} "
                f"(difference {float(diff.mean()):.1f} ± {se:.1f} SE); ISR not tested")
 
-    REPORTS.mkdir(exist_ok=True)
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
     x = torch.arange(STEPS)
     for k, c in (("GRPO", "C1"), ("GRPO + CCR", "C0")):
@@ -118,9 +110,10 @@ def main() -> None:
     ax[1].bar(["(3,1)", "(2,2)", "(1,3)", "(2.5,0.5)"], serr_vals, color="C0")
     ax[1].set(xlabel="(E_peak, E_global)", ylabel="SERR reward / R_max", title="SERR on the spec's 4 responses")
     fig.tight_layout()
-    fig.savefig(REPORTS / "r3.png", dpi=110)
+    save_plot(fig, "r3", dpi=110)
 
-    (REPORTS / "r3.md").write_text(f"""# R³ — Replay, Reflection and Ranking Rewards (arXiv 2601.19620)
+    line = verdict("r3", ok, details, echo=False)
+    write_report("r3", f"""# R³ — Replay, Reflection and Ranking Rewards (arXiv 2601.19620)
 
 Claim (paper): cross-context replay (CCR), in-context self-reflection (ISR) and the structural entropy ranking reward
 (SERR) each help; R³-1.5B averages 60.59 pass@1 over five math sets, and removing CCR drops AIME24 from 47.50 to
@@ -141,7 +134,7 @@ most recent past responses of the opposite outcome into each uniform group.
 
 ![bandit and SERR](r3.png)
 
-Verdict: `{verdict}`
+Verdict: `{line}`
 
 What was tested: SERR's dominance ranking and CCR's replay with Eq. 3 exactly as the library runs them, and that
 replay speeds up learning when most groups are all wrong. Not tested: ISR (not implemented), the length bonus, the
@@ -149,7 +142,7 @@ paper's math benchmarks; k, α, λ, p, R_max are not in the sections of the pape
 bandit replayed correct answers are exactly as good as fresh ones; with a language model they are off-policy
 (their old log-probs are recomputed under the current policy, our reading).
 """)
-    print(verdict)
+    print(line)
 
 
 if __name__ == "__main__":

@@ -17,21 +17,14 @@ is within 0.02 of 0.6562; (3) MSE(SPO) < MSE(LOO, G = 4); (4) larger drift recov
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+from support.report import plt, save_plot, verdict, write_report  # the repository root on sys.path, Agg
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+from common.advantages.group import grpo
+from common.advantages.tracker import SPOTracker, spo_advantage
+from common.batch import RolloutBatch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common.advantages.group import grpo  # noqa: E402
-from common.advantages.tracker import SPOTracker, spo_advantage  # noqa: E402
-from common.batch import RolloutBatch  # noqa: E402
-
-REPORTS = Path(__file__).resolve().parent / "reports"
 
 
 def rows(rewards: torch.Tensor, uids: torch.Tensor) -> RolloutBatch:
@@ -112,12 +105,11 @@ def main() -> None:
     ok3 = mse_spo < mse_loo
     ok4 = fast < slow
     ok = ok1 and ok2 and ok3 and ok4
-    verdict = (f"spo_stream: claim {'reproduced' if ok else 'not reproduced'}: stationary |v-0.3| {errors[0]:.4f} (seed 0; max over 10 seeds {max(errors):.4f}, v = sample mean to {gap:.0e}); "
+    details = (f"stationary |v-0.3| {errors[0]:.4f} (seed 0; max over 10 seeds {max(errors):.4f}, v = sample mean to {gap:.0e}); "
                f"zero-advantage share GRPO(G=4, p=0.9) {grpo_zero:.3f} vs SPO {spo_zero:.3f}; baseline MSE SPO "
                f"{mse_spo:.4f} vs leave-one-out G=4 {mse_loo:.4f}; visits to recover after a jump {slow:.1f} (no drift) "
                f"vs {fast:.1f} (drift D_half)")
 
-    REPORTS.mkdir(exist_ok=True)
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
     x = torch.arange(len(slow_curve))
     ax[0].plot(x, slow_curve, label="no drift (ρ = 0.96)")
@@ -129,10 +121,11 @@ def main() -> None:
     ax[1].bar(["LOO G=4\nbaseline MSE", "SPO v̂₋₁\nbaseline MSE"], [mse_loo, mse_spo], color=["C1", "C0"])
     ax[1].set(title="degenerate signal (p = 0.9) and baseline quality")
     fig.tight_layout()
-    fig.savefig(REPORTS / "spo_stream.png", dpi=110)
+    save_plot(fig, "spo_stream", dpi=110)
 
     mark = {True: "pass", False: "**fail**"}
-    (REPORTS / "spo_stream.md").write_text(f"""# SPO single-stream — KL-adaptive value tracker (arXiv 2509.13232)
+    line = verdict("spo_stream", ok, details, echo=False)
+    write_report("spo_stream", f"""# SPO single-stream — KL-adaptive value tracker (arXiv 2509.13232)
 
 Claim (paper): a persistent per-prompt Beta value tracker with KL-adaptive forgetting, one sample per prompt and
 batch-global normalisation avoids GRPO's degenerate groups and gives a better baseline; Qwen3-8B maj@32 average
@@ -147,7 +140,7 @@ batch-global normalisation avoids GRPO's degenerate groups and gives a better ba
 
 ![recovery and signal](spo_stream.png)
 
-Verdict: `{verdict}`
+Verdict: `{line}`
 
 On check (1): the spec asks for one fixed seed. Over 10 seeds two exceed 0.03 (0.032, 0.034) because the
 *sample mean of the rewards themselves* is that far from 0.3 (e.g. 0.334 for seed 5, a 3.3σ draw); the tracker
@@ -160,7 +153,7 @@ sampling's effect on learning speed. D_half, ρ_min, ρ_max and γ are not in an
 proposals), and how D(x) is measured is our proposal (k3 KL between the policy before and after each update,
 summed since the prompt's last visit).
 """)
-    print(verdict)
+    print(line)
 
 
 if __name__ == "__main__":

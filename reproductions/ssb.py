@@ -17,21 +17,14 @@ qualitative and from secondary sources).
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+from support.report import plt, save_plot, verdict, write_report  # the repository root on sys.path, Agg
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+from common.advantages.group import grpo
+from common.batch import RolloutBatch
+from common.sampling.buffer import SelectiveSampleBuffer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common.advantages.group import grpo  # noqa: E402
-from common.batch import RolloutBatch  # noqa: E402
-from common.sampling.buffer import SelectiveSampleBuffer  # noqa: E402
-
-REPORTS = Path(__file__).resolve().parent / "reports"
 PROMPTS, K, G, STEPS, SEEDS, LR, P0, TARGET, WARMUP = 8, 10, 8, 150, 10, 1.0, 0.3, 32, 10
 
 
@@ -107,14 +100,13 @@ def main() -> None:
     reach = {k: sum(steps_to(a) for a in v["acc"]) / SEEDS for k, v in stack.items()}
     final = {k: float(v["acc"][:, -1].mean()) for k, v in stack.items()}
     ok = late_share["GRPO"] < 0.4 and meets[S2] >= 0.95 and only_nonzero and chi2 < 16.27
-    verdict = (f"ssb: claim {'reproduced' if ok else 'not reproduced'} (with reuse; a single-use buffer drains): "
+    details = (f"(with reuse; a single-use buffer drains): "
                f"non-zero-advantage share of the last 50 updates GRPO {late_share['GRPO']:.3f}, SSB single use "
                f"{late_share[S1]:.3f}, SSB reuse {late_share[S2]:.3f}; updates with >= {TARGET} informative rows after step "
                f"{WARMUP}: {meets['GRPO']:.3f} / {meets[S1]:.3f} / {meets[S2]:.3f}; buffer only A != 0: {only_nonzero}; "
                f"draws vs abs(A) chi2 {chi2:.2f} (df 3); steps to accuracy 0.9: {reach['GRPO']:.1f} / {reach[S1]:.1f} / "
                f"{reach[S2]:.1f}")
 
-    REPORTS.mkdir(exist_ok=True)
     fig, ax = plt.subplots(1, 3, figsize=(13, 3.6))
     x = torch.arange(STEPS)
     for k, c in (("GRPO", "C1"), (S1, "C0"), (S2, "C2")):
@@ -128,11 +120,12 @@ def main() -> None:
     ax[2].set(xlabel="step", ylabel="share of update rows with A != 0", title="non-zero-advantage share")
     ax[0].legend()
     fig.tight_layout()
-    fig.savefig(REPORTS / "ssb.png", dpi=110)
+    save_plot(fig, "ssb", dpi=110)
 
     rows = "\n".join(f"| {k} | {late_share[k]:.3f} | {late_inf[k]:.1f} | {meets[k]:.3f} | {reach[k]:.1f} | {final[k]:.3f} |"
                      for k in VARIANTS)
-    (REPORTS / "ssb.md").write_text(f"""# Skywork R1V2 — Selective Sample Buffer (arXiv 2504.16656)
+    line = verdict("ssb", ok, details, echo=False)
+    write_report("ssb", f"""# Skywork R1V2 — Selective Sample Buffer (arXiv 2504.16656)
 
 Claim (paper, via secondary summaries): as GRPO improves, the share of samples with non-zero advantage falls (from
 ~60% to <40%); a buffer of A != 0 samples re-introduced into later updates keeps them informative (>10% training
@@ -151,7 +144,7 @@ Buffer held only A != 0 rows in every step of every seed: {only_nonzero}. Replay
 
 ![accuracy, informative rows and share](ssb.png)
 
-Verdict: `{verdict}`
+Verdict: `{line}`
 
 The single-use buffer holds the target while its stock lasts and drains late in training, when mixed groups
 become rare (fewer new informative rows a step than the top-up takes); reusing rows until they are 20 steps old
@@ -163,7 +156,7 @@ replayed rows are stale but their stored advantage still points at the correct a
 same direction. Not tested: R1V2's benchmark results, its MPO half, and the offline prompt-pool use of SSB; the
 buffer's capacity, refill rule and weighting (∝ abs(A)) are our reading, not published values.
 """)
-    print(verdict)
+    print(line)
 
 
 if __name__ == "__main__":
