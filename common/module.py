@@ -168,8 +168,10 @@ class PolicyOptimizationModule(L.LightningModule):
     def more_prompts(self) -> Callable[[], Any] | None:
         """Where refill rounds get new prompts: the next batch of the data module's training stream
         (:meth:`common.data.ResumableData.next_prompts`, which moves the data position past it); None when the data
-        come from a plain dataloader."""
-        data = self.trainer.datamodule
+        come from a plain dataloader or no refill round can happen."""
+        if self.selector is None or self.loop.max_generation_rounds == 1:
+            return None
+        data = self._trainer.datamodule if self._trainer is not None else None  # a module stepped by hand has none
         return data.next_prompts if isinstance(data, ResumableData) else None
 
     def stepper(self) -> Stepper:
