@@ -15,14 +15,11 @@ precision, logging and checkpointing.
 
 from __future__ import annotations
 
-import os
-import random
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
@@ -31,7 +28,7 @@ from common.advantages.base import AdvantageEstimator
 from common.advantages.group import GRPO
 from common.batch import RolloutBatch
 from common.data import ResumableData
-from common.distributed import all_gather_objects, all_reduce_sum
+from common.distributed import all_reduce_sum
 from common.loop import Loop, Stepper
 from common.losses.base import PolicyLoss
 from common.losses.ppo_clip import ClippedPolicyLoss
@@ -39,7 +36,7 @@ from common.methods.base import Method
 from common.ops import masked_mean
 from common.policies.base import Policy
 from common.rewards.base import RewardFunction, reward_name, score_components
-from common.rng import rng_state, set_rng_state
+from common.rng import load_rank_states, save_rank_states, seed_rank
 from common.schedules import lr_scheduler, schedule_problems
 from common.sampling.base import Selector
 
@@ -100,7 +97,9 @@ class PolicyOptimizationModule(L.LightningModule):
         max_consecutive_skips: int = 3,
         reward_timeout_s: float | None = 60.0,
         max_generation_rounds: int = 1,
-        lr_schedule: Literal["constant", "linear", "cosine"] = "constant", warmup_steps: int = 0, total_steps: int | None = None,
+        lr_schedule: Literal["constant", "linear", "cosine"] = "constant",
+        warmup_steps: int = 0,
+        total_steps: int | None = None,
     ):
         super().__init__()
         problems = []
@@ -189,36 +188,18 @@ class PolicyOptimizationModule(L.LightningModule):
         sched = lr_scheduler(opt, self.lr_schedule, self.warmup_steps, self.total_steps or getattr(self._trainer, "max_steps", None))
         return opt if sched is None else {"optimizer": opt, "lr_scheduler": sched}
 
-    # ------------------------------------------------------------------ data parallelism
+    # ------------------------------------------------------------------ data parallelism, checkpointed RNG
     def setup(self, stage: str) -> None:
-        """Under data parallelism, each rank samples with its own seed: ``seed_everything``'s seed + the global rank
-        (torch, Python, NumPy). Without it every rank would draw the same completions. Runs before a checkpoint's
-        RNG states are restored, so a resumed run continues each rank's own stream. One process: nothing changes."""
-        if stage == "fit" and self.trainer.world_size > 1:
-            base = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))  # where seed_everything puts its seed
-            seed = base + self.trainer.global_rank
-            torch.manual_seed(seed)
-            random.seed(seed)
-            np.random.seed(seed % 2**32)
+        if stage == "fit":  # each DDP rank samples with its own seed (common.rng.seed_rank)
+            seed_rank(self.trainer.world_size, self.trainer.global_rank)
 
-    # ------------------------------------------------------------------ checkpointed state
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # Every rank's RNG states (a collective: Lightning calls this hook on every rank); rank 0 writes the file.
-        states = all_gather_objects(rng_state())
-        checkpoint["advlab_rng"] = states[0]
-        if len(states) > 1:
-            checkpoint["advlab_rng_ranks"] = states
+        save_rank_states(checkpoint)  # every rank's RNG states, so a resumed run samples what it would have
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         fitting = self._trainer is not None and self._trainer.state.fn == "fit"
         world, rank = (self._trainer.world_size, self._trainer.global_rank) if fitting else (1, 0)
-        states = checkpoint.get("advlab_rng_ranks") or ([checkpoint["advlab_rng"]] if "advlab_rng" in checkpoint else [])
-        if fitting and states and len(states) != world:
-            raise ValueError(f"the checkpoint was written by {len(states)} rank(s) and this run has {world}: resume with "
-                             f"the same --trainer.devices x --trainer.num_nodes (the data position and the samplers' RNG "
-                             "states are per rank)")
-        if states:
-            set_rng_state(states[rank])
+        load_rank_states(checkpoint, world, rank, fitting)
 
     # ------------------------------------------------------------------ step 7: logging
     def log_step(self, rollouts: RolloutBatch, metrics: dict[str, Tensor], *, rollout_s: float, prep_s: float, update_s: float) -> None:

@@ -26,3 +26,37 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_rank(world_size: int, global_rank: int) -> None:
+    """Under data parallelism each rank samples with its own seed: ``seed_everything``'s seed + the global rank
+    (torch, Python, NumPy); without it every rank would draw the same completions. One process: nothing changes.
+    Called before a checkpoint's RNG states are restored, so a resumed run continues each rank's own stream."""
+    if world_size > 1:
+        import os
+
+        seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed())) + global_rank  # seed_everything's seed
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+
+
+def save_rank_states(checkpoint: dict) -> None:
+    """Every rank's RNG states into ``checkpoint`` (a collective: call it on every rank; rank 0 writes the file)."""
+    from common.distributed import all_gather_objects
+
+    states = all_gather_objects(rng_state())
+    checkpoint["advlab_rng"] = states[0]
+    if len(states) > 1:
+        checkpoint["advlab_rng_ranks"] = states
+
+
+def load_rank_states(checkpoint: dict, world_size: int, global_rank: int, fitting: bool) -> None:
+    """Restore this rank's RNG states from ``checkpoint``; resuming a fit with another number of ranks raises."""
+    states = checkpoint.get("advlab_rng_ranks") or ([checkpoint["advlab_rng"]] if "advlab_rng" in checkpoint else [])
+    if fitting and states and len(states) != world_size:
+        raise ValueError(f"the checkpoint was written by {len(states)} rank(s) and this run has {world_size}: resume with "
+                         f"the same --trainer.devices x --trainer.num_nodes (the data position and the samplers' RNG "
+                         "states are per rank)")
+    if states:
+        set_rng_state(states[global_rank if fitting else 0])
