@@ -6,7 +6,8 @@ Check of shared/methods/text.md §19 (e): toy GRPO on 1-token bandits. 8 prompts
 one correct (P(correct) = 0.3 at start); each step samples G = 8 answers per prompt (B = 64), GRPO advantages (the
 library's ``grpo``), a policy-gradient step on the logits (SGD, lr 1.0, loss −mean A log π). With SSB (the library's
 ``SelectiveSampleBuffer``, min_nonzero 32 = half the batch, capacity 256) replayed rows enter the same loss with their
-stored advantage. 150 steps, 10 seeds. Claim reproduced when (a) without SSB the non-zero-advantage share of the last
+stored advantage. Trained through the library's loop (``common.loop.Loop`` over a tabular ``Policy`` defined here,
+the buffer as the loop's selector). 150 steps, 10 seeds. Claim reproduced when (a) without SSB the non-zero-advantage share of the last
 50 updates is below 0.4, (b) with SSB (reuse, max age 20) at least 95% of updates after step 10 have >= 32 informative rows, (c) every
 row that ever entered the buffer had A != 0, and (d) replay draws follow abs(A) (chi-square, p > 0.001).
 Reported, not part of the verdict: steps until the mean accuracy reaches 0.9 (the paper's efficiency claim is
@@ -23,6 +24,9 @@ import torch
 
 from common.advantages.group import grpo
 from common.batch import RolloutBatch
+from common.loop import Loop, Stepper
+from common.losses.ppo_clip import ClippedPolicyLoss
+from common.policies.base import Policy, PolicyOutput
 from common.sampling.buffer import SelectiveSampleBuffer
 
 PROMPTS, K, G, STEPS, SEEDS, LR, P0, TARGET, WARMUP = 8, 10, 8, 150, 10, 1.0, 0.3, 32, 10
@@ -31,39 +35,61 @@ PROMPTS, K, G, STEPS, SEEDS, LR, P0, TARGET, WARMUP = 8, 10, 8, 150, 10, 1.0, 0.
 VARIANTS = {"GRPO": None, "SSB (single use)": dict(consume=True), "SSB (reuse, max age 20)": dict(consume=False, max_age=20)}
 
 
+class TabularPolicy(Policy):
+    """One free logit row per prompt, θ (PROMPTS, K) (a tabular softmax, one bandit per prompt; T = 1).
+
+    Prompts are dicts ``{"index": i}``; the row's prompt index travels in ``batch.inputs["prompt"]`` (B,), so rows
+    the buffer brings back are scored under the current θ. Sampling uses the script's generator (G draws per prompt
+    with replacement; row p·G + j is draw j of prompt p).
+    """
+
+    def __init__(self, logits: torch.Tensor, generator: torch.Generator):
+        super().__init__()
+        self.logits = torch.nn.Parameter(logits)  # (PROMPTS, K)
+        self.generator, self.horizon = generator, 1
+
+    @torch.no_grad()
+    def rollout(self, prompts, n, *, greedy=False):
+        idx = torch.tensor([p["index"] for p in prompts])  # (P,)
+        a = torch.multinomial(torch.softmax(self.logits[idx], 1), n, replacement=True, generator=self.generator).flatten()
+        return RolloutBatch(completion_ids=a[:, None], completion_mask=torch.ones(a.shape[0], 1, dtype=torch.bool),
+                            group_ids=torch.arange(len(prompts)).repeat_interleave(n), inputs={"prompt": idx.repeat_interleave(n)})
+
+    def forward(self, batch, *, epoch=0, reference=False, hidden=False):
+        logp = torch.log_softmax(self.logits[batch.inputs["prompt"]], 1)  # (B, K)
+        m = batch.completion_mask  # (B, 1)
+        return PolicyOutput(logp.gather(1, batch.completion_ids) * m, -(logp.exp() * logp).sum(-1, keepdim=True) * m)
+
+
 def run(variant: str, seed: int) -> dict[str, torch.Tensor]:
+    """GRPO (with or without the SSB as the step-5 selector) through the library's loop (``common.loop.Loop``) on a
+    ``TabularPolicy``: on-policy clipped surrogate (ratio 1: gradient −mean A ∇log π over the update's rows, replayed
+    rows with their stored advantage), one SGD step a batch."""
     gen = torch.Generator().manual_seed(seed)
     correct = torch.randint(0, K, (PROMPTS,), generator=gen)  # (P,)
     logits = torch.zeros(PROMPTS, K, dtype=torch.float64)
     boost = torch.log(torch.tensor(P0 / ((1 - P0) / (K - 1)), dtype=torch.float64))
     logits[torch.arange(PROMPTS), correct] = boost  # P(correct) = 0.3
-    logits.requires_grad_(True)
+    policy = TabularPolicy(logits, gen)
     opts = VARIANTS[variant]
     ssb = SelectiveSampleBuffer(min_nonzero=TARGET, capacity=256, **opts) if opts is not None else None
-    gid = torch.arange(PROMPTS).repeat_interleave(G)
+    score = lambda b: b.replace(rewards=(b.completion_ids[:, 0] == correct[b.inputs["prompt"]]).double())  # noqa: E731
+    loop = Loop(policy, score, lambda b: grpo(b.rewards, b.group_ids), ClippedPolicyLoss(), selector=ssb, group_size=G)
+    opt = torch.optim.SGD(policy.trainable_parameters(), lr=LR)
+    stepper = Stepper(opt, policy.trainable_parameters(), max_grad_norm=0.0)
+    prompts = [{"index": i} for i in range(PROMPTS)]
     acc, share, informative, only_nonzero = [], [], [], True
     torch.manual_seed(seed)  # the buffer's draws use the global RNG
     for _ in range(STEPS):
-        probs = torch.softmax(logits.detach(), 1)  # (P, K)
-        answers = torch.multinomial(probs, G, replacement=True, generator=gen).flatten()  # (B,)
-        prompt = gid.clone()
-        rewards = (answers == correct[prompt]).double()  # (B,)
-        z = torch.zeros(len(answers), 1, dtype=torch.long)
-        batch = RolloutBatch(prompt_ids=prompt[:, None], prompt_mask=~z.bool(), completion_ids=answers[:, None],
-                             completion_mask=~z.bool(), group_ids=gid, rewards=rewards, advantages=grpo(rewards, gid))
+        probs = torch.softmax(policy.logits.detach(), 1)  # (P, K)
+        batch = loop.collect(prompts).kept  # (B',) sampled rows plus replayed ones
         if ssb is not None:
-            batch = ssb(batch)
             only_nonzero &= len(ssb) == 0 or bool((ssb.rows.advantages != 0).all())
         n_nz = int((batch.advantages != 0).sum())
         informative.append(n_nz)
         share.append(n_nz / batch.batch_size)
         acc.append(float(probs[torch.arange(PROMPTS), correct].mean()))
-        logp = torch.log_softmax(logits, 1)[batch.prompt_ids[:, 0], batch.completion_ids[:, 0]]  # (B',)
-        loss = -(batch.advantages * logp).mean()
-        loss.backward()
-        with torch.no_grad():
-            logits -= LR * logits.grad
-            logits.grad = None
+        loop.update(batch, stepper)
     return {"acc": torch.tensor(acc), "share": torch.tensor(share), "informative": torch.tensor(informative),
             "only_nonzero": torch.tensor(only_nonzero)}
 
@@ -130,7 +156,8 @@ def main() -> None:
 Claim (paper, via secondary summaries): as GRPO improves, the share of samples with non-zero advantage falls (from
 ~60% to <40%); a buffer of A != 0 samples re-introduced into later updates keeps them informative (>10% training
 efficiency early). Check (shared/methods/text.md §19 (e)): toy GRPO on {PROMPTS} one-token bandits ({K} answers, one
-correct, P(correct) = {P0} at start), G = {G}, B = {PROMPTS * G}, policy gradient on the logits (SGD lr {LR}); the
+correct, P(correct) = {P0} at start), G = {G}, B = {PROMPTS * G}, policy gradient through the library's loop (`common.loop.Loop`, a tabular `Policy` defined in the
+script, the buffer as its selector, `ClippedPolicyLoss` on-policy; SGD lr {LR}); the
 library's `SelectiveSampleBuffer` (min_nonzero {TARGET}, capacity 256, draws ∝ abs(A)), in two readings of the
 paper: replayed rows removed (single use) or kept until 20 steps old (reuse; the recipe's setting).
 {STEPS} steps, {SEEDS} seeds.
