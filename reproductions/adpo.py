@@ -7,14 +7,16 @@ Checks (shared/methods/text.md §21 (e), §20 (e)):
   (3) the claim, small: a contextual bandit with 16 contexts x 8 arms, true rewards r* ~ N(0, 1); each training
       group shows all 8 arms of a context with noisy rewards r* + 0.5·N(0, 1), and with probability 0.3 the
       group's observed rewards are negated (every pairwise label in it flips). DPO trains on (best, worst) of the
-      observed rewards; ADPO on the whole list with q = softmax(Â/β_r). Both use the library's loss functions, a
-      logit-table policy started at the (uniform) reference, Adam, 300 steps of 32 groups. Metric: WinMass, the
+      observed rewards; ADPO on the whole list with q = softmax(Â/β_r). Both train through the library's loop
+      (`common.loop.Loop` + `Stepper`) with its losses `DPOLoss` / `ADPOLoss(anchor="reference")`, on a logit-table
+      policy (`ArmTable`, a Policy whose group lists every arm) started at the (uniform) reference, Adam, 300 steps
+      of 32 groups. Metric: WinMass, the
       policy's probability of the truly best arm, averaged over contexts; 10 seeds. Reproduced if ADPO's mean
       WinMass exceeds DPO's by more than 2 standard errors of the paired difference, with the paper's default
       temperatures (DPO β = 0.1; ADPO τ = 0.8, β_r = 0.5) and with a matched temperature (β = 1/τ = 1).
 The paper's own numbers (12-93% relative WinMass gains over 12 scenarios, MuJoCo, distillation) are not re-run.
 
-    python reproductions/adpo.py       # ~20 s on 2 cores; writes reproductions/reports/adpo.md and adpo.png
+    python reproductions/adpo.py       # ~35 s on 2 cores; writes reproductions/reports/adpo.md and adpo.png
 """
 
 from __future__ import annotations
@@ -24,7 +26,11 @@ from support.report import plt, save_plot, verdict, write_report  # the reposito
 
 import torch
 
-from common.losses.preference import adpo_loss, adpo_targets, dpo_loss, preference_pairs
+from common.advantages.group import grpo
+from common.batch import RolloutBatch
+from common.loop import Loop, Stepper
+from common.losses.preference import ADPOLoss, DPOLoss, adpo_loss, adpo_targets, dpo_loss
+from common.policies.base import Policy, PolicyOutput
 
 CONTEXTS, ARMS, GROUPS, STEPS, SEEDS = 16, 8, 32, 300, 10
 NOISE, FLIP, LR = 0.5, 0.3, 0.05
@@ -54,33 +60,66 @@ def shift_check() -> float:
     return float((adpo_loss(shifted, s_a, q, g, num_groups=10) - adpo_loss(s, s_a, q, g, num_groups=10)).abs().max())
 
 
+class ArmTable(Policy):
+    """A logit-table policy π(a | c) = softmax(θ_c) over ``arms`` arms for ``contexts`` contexts, θ (C, A) from 0 (the
+    uniform reference). A prompt is ``{"context_id": c}``; its group *lists every arm once* (the bandit shows all
+    arms of a context, the listwise data ADPO is built for), so ``rollout`` needs n = A and samples nothing.
+    Shapes: completion_ids (B, 1) the arm, inputs["context_id"] (B,)."""
+
+    def __init__(self, contexts: int, arms: int):
+        super().__init__()
+        self.theta = torch.nn.Parameter(torch.zeros(contexts, arms))  # (C, A)
+        self.arms, self.horizon = arms, 1
+        self.register_buffer("reference", None)
+
+    def enable_reference(self) -> None:
+        if self.reference is None:
+            self.reference = self.theta.detach().clone()  # the frozen initial (uniform) policy
+
+    @torch.no_grad()
+    def rollout(self, prompts: list[dict], n: int, *, greedy: bool = False) -> RolloutBatch:
+        if n != self.arms:
+            raise ValueError(f"ArmTable.rollout: n must equal the number of arms ({self.arms}), got {n}")
+        c = torch.tensor([p["context_id"] for p in prompts]).repeat_interleave(n)  # (B,)
+        arm = torch.arange(n).repeat(len(prompts))  # (B,) row p·A + j is arm j of prompt p
+        return RolloutBatch(completion_ids=arm[:, None], completion_mask=torch.ones(len(arm), 1, dtype=torch.bool),
+                            group_ids=torch.arange(len(prompts)).repeat_interleave(n), inputs={"context_id": c},
+                            samples=[dict(p) for p in prompts for _ in range(n)])
+
+    def forward(self, batch: RolloutBatch, *, epoch: int = 0, reference: bool = False, hidden: bool = False) -> PolicyOutput:
+        logp = torch.log_softmax(self.reference if reference else self.theta, 1)[batch.inputs["context_id"]]  # (B, A)
+        m = batch.completion_mask  # (B, 1)
+        entropy = -(logp.exp() * logp).sum(1, keepdim=True)  # (B, 1)
+        return PolicyOutput(logp.gather(1, batch.completion_ids) * m, entropy * m)
+
+
 def train(method: str, seed: int, *, beta: float, tau: float, beta_r: float) -> list[float]:
-    """WinMass after every 10 steps of a logit-table policy trained on noisy preference groups."""
+    """WinMass after every 10 steps of a logit-table policy trained on noisy preference groups through the
+    library's loop (``common.loop.Loop``: reference log-probs, the loss ``DPOLoss`` or ``ADPOLoss(anchor=
+    "reference")``, one Adam step per batch)."""
     gen = torch.Generator().manual_seed(seed)
     r_true = torch.randn(CONTEXTS, ARMS, generator=gen)  # (C, A)
     best = r_true.argmax(1)  # (C,)
-    theta = torch.zeros(CONTEXTS, ARMS, requires_grad=True)  # logits; the reference is uniform (θ = 0)
-    opt = torch.optim.Adam([theta], lr=LR)
-    g = torch.arange(GROUPS).repeat_interleave(ARMS)  # (N·A,)
+
+    def score(b: RolloutBatch) -> RolloutBatch:  # noisy observed rewards, the whole group negated w.p. FLIP
+        n = b.batch_size // ARMS
+        observed = r_true[b.inputs["context_id"], b.completion_ids[:, 0]].view(n, ARMS) + NOISE * torch.randn(n, ARMS, generator=gen)  # (N, A)
+        flip = torch.rand(n, 1, generator=gen) < FLIP
+        return b.replace(rewards=torch.where(flip, -observed, observed).flatten())  # (B,)
+
+    policy = ArmTable(CONTEXTS, ARMS)
+    loss = DPOLoss(beta=beta) if method == "dpo" else ADPOLoss(tau=tau, beta_r=beta_r, anchor="reference")
+    # the advantages are unused by both losses (GRPO's, for logging only)
+    loop = Loop(policy, score, lambda b: grpo(b.rewards, b.group_ids), loss, group_size=ARMS)
+    stepper = Stepper(torch.optim.Adam(policy.trainable_parameters(), lr=LR), policy.trainable_parameters(),
+                      max_grad_norm=0.0)
     curve = []
     for step in range(STEPS):
         c = torch.randint(0, CONTEXTS, (GROUPS,), generator=gen)  # (N,)
-        observed = r_true[c] + NOISE * torch.randn(GROUPS, ARMS, generator=gen)  # (N, A)
-        flip = torch.rand(GROUPS, 1, generator=gen) < FLIP
-        observed = torch.where(flip, -observed, observed).flatten()  # (N·A,)
-        logp = torch.log_softmax(theta, 1)[c].flatten()  # (N·A,) sequence log-prob of each arm
-        if method == "dpo":
-            chosen, rejected, has = preference_pairs(observed, g, torch.ones_like(observed, dtype=torch.bool), GROUPS)
-            loss = dpo_loss(logp[chosen], logp[rejected], beta=beta)[has].mean()  # s_ref = log(1/A) cancels
-        else:
-            q = adpo_targets(observed, g, beta_r=beta_r, num_groups=GROUPS)
-            loss = adpo_loss(logp, torch.full_like(logp, -math.log(ARMS)), q, g, tau=tau, num_groups=GROUPS).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        loop.update(loop.collect([{"context_id": int(i)} for i in c]).kept, stepper)
         if step % 10 == 9:
             with torch.no_grad():
-                curve.append(float(torch.softmax(theta, 1).gather(1, best[:, None]).mean()))
+                curve.append(float(torch.softmax(policy.theta, 1).gather(1, best[:, None]).mean()))
     return curve
 
 
@@ -127,8 +166,9 @@ def main() -> None:
     line = verdict("adpo", reproduced, details, echo=False)
     write_report("adpo", f"""# ADPO (arXiv 2510.18913) vs DPO (arXiv 2305.18290)
 
-Library functions under test: `common.losses.preference.{{dpo_loss, adpo_loss, adpo_targets, preference_pairs}}`
-(the same functions the `DPOLoss` / `ADPOLoss` recipes use inside the GRPO loop).
+Library code under test: `common.losses.preference.{{dpo_loss, adpo_loss, adpo_targets}}` (identity checks) and, in
+the bandit, the losses `DPOLoss` / `ADPOLoss(anchor="reference")` inside the library's loop (`common.loop.Loop` +
+`Stepper`, the loop the `configs/text_reasoning/{{dpo,adpo}}.yaml` recipes train with) on a logit-table `Policy`.
 
 | identity check | result |
 |---|---|
