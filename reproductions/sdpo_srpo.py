@@ -14,7 +14,8 @@ Checks (shared/methods/text.md §13 (e), §14 (e)), all on the library's functio
   (ambiguous), logit-table policy, G = 8 samples per context, 16 contexts per step, Adam lr 0.05, 150 steps,
   10 seeds. The self-teacher is the EMA policy (η = 0.05) re-prompted with the first successful sibling's answer,
   modelled as q ∝ π_θ̄ · exp(κ·1[v = sibling answer]) with κ = 3. GRPO, SDPO and SRPO use the library's
-  ClippedPolicyLoss / SDPOLoss / SRPOLoss. The paper's claim, scaled down: SDPO is ahead of GRPO early (step 10)
+  ClippedPolicyLoss / SDPOLoss / SRPOLoss, trained through the library's loop (``common.loop.Loop`` over a
+  logit-table ``Policy``, the self-teacher a ``Method`` part; both defined here). The paper's claim, scaled down: SDPO is ahead of GRPO early (step 10)
   and SRPO ends at least as high as both (step 150), each beyond 2 standard errors of the paired seed difference.
   What the bandit cannot show: the paper's diagnosis that the self-teacher grows less reliable over long LLM
   training (here the teacher is reliable by construction), wall-clock budgets, and the benchmark numbers.
@@ -35,6 +36,9 @@ from common.batch import RolloutBatch
 from common.losses.ppo_clip import ClippedPolicyLoss
 from common.losses.self_distill import Distillation, SDPOLoss, ema_update_, generalized_jsd, topk_with_tail
 from common.losses.srpo import SRPOLoss, entropy_weights, srpo_routes
+from common.loop import Loop, Stepper
+from common.methods.base import Method
+from common.policies.base import Policy, PolicyOutput
 
 CONTEXTS, ANSWERS, CORRECT, G, STEPS, SEEDS = 16, 6, 2, 8, 150, 10
 KAPPA, EMA, LR = 3.0, 0.05, 0.05
@@ -102,49 +106,104 @@ def component_checks() -> dict[str, float | bool]:
             "dlogpi_a_sdpo": float(-(grad_log_a * gs.flatten()).sum()), "dlogpi_a_srpo": float(-(grad_log_a * gr.flatten()).sum())}
 
 
+class TabularPolicy(Policy):
+    """A logit-table policy θ (CONTEXTS, ANSWERS): π(v | c) = softmax(θ_c)_v, one token per answer (T = 1).
+
+    Prompts are dicts ``{"index": c}``; the row's context travels in ``batch.inputs["context"]`` (B,). Each row
+    samples its answer with the script's generator. ``forward(..., hidden=True)`` also returns the full
+    log-probabilities log π(· | c) (B, 1, ANSWERS) as the features at the action position, which the self-teacher
+    method distils against.
+    """
+
+    def __init__(self, theta: torch.Tensor, generator: torch.Generator):
+        super().__init__()
+        self.theta = torch.nn.Parameter(theta)  # (CONTEXTS, ANSWERS)
+        self.generator, self.horizon = generator, 1
+
+    @torch.no_grad()
+    def rollout(self, prompts, n, *, greedy=False):
+        ctx = torch.tensor([p["index"] for p in prompts]).repeat_interleave(n)  # (B,) row p·n + j: sample j of p
+        y = torch.multinomial(torch.softmax(self.theta[ctx], -1), 1, generator=self.generator).squeeze(1)  # (B,)
+        return RolloutBatch(completion_ids=y[:, None], completion_mask=torch.ones(y.shape[0], 1, dtype=torch.bool),
+                            group_ids=torch.arange(len(prompts)).repeat_interleave(n), inputs={"context": ctx})
+
+    def forward(self, batch, *, epoch=0, reference=False, hidden=False):
+        logp = torch.log_softmax(self.theta[batch.inputs["context"]], -1)  # (B, V)
+        m = batch.completion_mask  # (B, 1)
+        entropy = -(logp.exp() * logp).sum(-1, keepdim=True) * m  # (B, 1)
+        return PolicyOutput(logp.gather(1, batch.completion_ids) * m, entropy, logp[:, None] if hidden else None)
+
+
+class BanditSelfTeacher(Method):
+    """The re-prompted EMA self-teacher of SDPO / SRPO for the logit table (the bandit's stand-in for
+    ``text_reasoning.self_distill.SelfDistillation``):
+
+        after_score   teacher context: the first successful sibling j ≠ i of the row's group
+                      (dont_reprompt_on_self_success); its answer goes in ``teacher_prompt_ids`` (B, 1), h_i in
+                      ``has_teacher`` (B,)
+        loss_inputs   q = log softmax(θ̄_c + κ·1[v = sibling answer]) (B, 1, V) against the student's log π(· | c)
+                      from the policy forward, passed to the loss as ``distill``
+        after_update  θ̄ ← (1 − η) θ̄ + η θ
+    """
+
+    provides = ("teacher_prompt_ids", "teacher_prompt_mask", "has_teacher")
+    needs_hidden = True
+
+    def __init__(self, kappa: float, ema: float):
+        super().__init__()
+        self.kappa, self.ema = kappa, ema
+
+    def setup(self, loop) -> None:
+        self.register_buffer("teacher", loop.policy.theta.detach().clone())  # θ̄ (CONTEXTS, ANSWERS)
+
+    def after_score(self, loop, batch):
+        ok, gid = batch.correct, batch.group_ids  # (B,)
+        B = batch.batch_size
+        rows = torch.arange(B)
+        cand = ok[None, :] & (gid[None, :] == gid[:, None]) & (rows[None, :] != rows[:, None])  # (B, B)
+        has = cand.any(1)  # (B,)
+        donor = torch.where(cand, rows[None, :], B).min(1).values.clamp(max=B - 1)  # (B,)
+        return batch.replace(teacher_prompt_ids=batch.completion_ids[donor] * has[:, None],
+                             teacher_prompt_mask=has[:, None].clone(), has_teacher=has)
+
+    def loss_inputs(self, loop, micro, out, inputs):
+        tilt = self.kappa * F.one_hot(micro.teacher_prompt_ids[:, 0], ANSWERS).float() * micro.teacher_prompt_mask  # (B, V)
+        q = torch.log_softmax(self.teacher[micro.inputs["context"]] + tilt, -1)  # (B, V) the re-prompted EMA teacher
+        return {"distill": Distillation(student=out.hidden, teacher=q[:, None],
+                                        teacher_entropy=-(q.exp() * q).sum(-1, keepdim=True), has_teacher=micro.has_teacher)}
+
+    def after_update(self, loop, batch):
+        with torch.no_grad():
+            self.teacher.lerp_(loop.policy.theta.detach(), self.ema)
+        return {}
+
+
 def train(method: str, seed: int) -> list[float]:
-    """Accuracy Σ_{v correct} π(v|c), mean over contexts, after every step."""
+    """The library's loop (``common.loop.Loop``) on a ``TabularPolicy``: G samples per context, Dr.GRPO-centred
+    advantages, the method's loss (SDPO / SRPO with the ``BanditSelfTeacher`` part), one Adam step a batch.
+    Accuracy Σ_{v correct} π(v|c), mean over contexts, after every step."""
     gen = torch.Generator().manual_seed(seed)
-    theta = torch.randn(CONTEXTS, ANSWERS, generator=gen).requires_grad_(True)
-    teacher = theta.detach().clone()  # θ̄
+    policy = TabularPolicy(torch.randn(CONTEXTS, ANSWERS, generator=gen), gen)
     correct = torch.zeros(CONTEXTS, ANSWERS, dtype=torch.bool)
     correct.scatter_(1, torch.rand(CONTEXTS, ANSWERS, generator=gen).argsort(1)[:, :CORRECT], True)
-    opt = torch.optim.Adam([theta], lr=LR)
     loss_fn = {"grpo": ClippedPolicyLoss(eps_high=0.28, aggregation="token_mean"),
                "sdpo": SDPOLoss(top_k=ANSWERS, add_tail=False), "srpo": SRPOLoss(top_k=ANSWERS, add_tail=False)}[method]
-    B = CONTEXTS * G
-    gid = torch.arange(CONTEXTS).repeat_interleave(G)  # (B,) one group per context
-    mask = torch.ones(B, 1, dtype=torch.bool)
+
+    def score(b: RolloutBatch) -> RolloutBatch:
+        ok = correct[b.inputs["context"], b.completion_ids[:, 0]]  # (B,)
+        return b.replace(rewards=ok.float(), correct=ok)
+
+    methods = [] if method == "grpo" else [BanditSelfTeacher(KAPPA, EMA)]
+    loop = Loop(policy, score, lambda b: grpo(b.rewards, b.group_ids, scale="none"), loss_fn, methods=methods,
+                group_size=G, provided=("correct",))  # Dr.GRPO centring, from all G rollouts
+    opt = torch.optim.Adam(policy.trainable_parameters(), lr=LR)
+    stepper = Stepper(opt, policy.trainable_parameters(), max_grad_norm=0.0)
+    prompts = [{"index": c} for c in range(CONTEXTS)]
     acc = []
     for _ in range(STEPS):
+        loop.update(loop.collect(prompts).kept, stepper)
         with torch.no_grad():
-            y = torch.multinomial(torch.softmax(theta[gid], -1), 1, generator=gen).squeeze(1)  # (B,)
-        ok = correct[gid, y]  # (B,)
-        r = ok.float()
-        logp_all = torch.log_softmax(theta[gid], -1)  # (B, V)
-        lp = logp_all.gather(1, y[:, None])  # (B, 1)
-        batch = RolloutBatch(prompt_ids=torch.zeros(B, 1, dtype=torch.long), prompt_mask=torch.ones(B, 1, dtype=torch.bool),
-                             completion_ids=y[:, None], completion_mask=mask, group_ids=gid, rewards=r, correct=ok)
-        A = grpo(r, gid, scale="none")  # (B,) Dr.GRPO centring, from all G rollouts
-        if method == "grpo":
-            loss = loss_fn(lp, lp.detach(), A, mask).loss
-        else:
-            # first successful sibling j ≠ i of the same group (dont_reprompt_on_self_success)
-            rows = torch.arange(B)
-            cand = ok[None, :] & (gid[None, :] == gid[:, None]) & (rows[None, :] != rows[:, None])  # (B, B)
-            has = cand.any(1)
-            donor = torch.where(cand, rows[None, :], B).min(1).values.clamp(max=B - 1)  # (B,)
-            tilt = KAPPA * F.one_hot(y[donor], ANSWERS).float()  # (B, V)
-            q = torch.log_softmax(teacher[gid] + tilt, -1)  # (B, V) the re-prompted EMA teacher
-            d = Distillation(student=logp_all[:, None], teacher=q[:, None],
-                             teacher_entropy=-(q.exp() * q).sum(-1, keepdim=True), has_teacher=has)
-            loss = loss_fn(lp, lp.detach(), A, mask, batch=batch, distill=d).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            teacher.lerp_(theta.detach(), EMA)
-            acc.append(float((torch.softmax(theta, -1) * correct).sum(1).mean()))
+            acc.append(float((torch.softmax(policy.theta, -1) * correct).sum(1).mean()))
     return acc
 
 
@@ -207,7 +266,8 @@ gradient step per unit step size, for a correct answer a whose teacher prefers a
 ## Bandit (the claim, scaled down)
 
 {CONTEXTS} contexts x {ANSWERS} answers ({CORRECT} correct per context), logit-table policy from N(0, 1) logits,
-G = {G}, Adam lr {LR}, {STEPS} steps, {SEEDS} seeds. Self-teacher: EMA policy (η = {EMA}) tilted by κ = {KAPPA}
+G = {G}, Adam lr {LR}, {STEPS} steps, {SEEDS} seeds, trained through the library's loop (`common.loop.Loop`; the
+policy and the self-teacher `Method` part are defined in the script). Self-teacher: EMA policy (η = {EMA}) tilted by κ = {KAPPA}
 toward the first successful sibling's answer; rows without a successful sibling have no teacher.
 
 | method | P(correct) step 1 | step {early + 1} | step 50 | step {STEPS} |
