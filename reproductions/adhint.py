@@ -10,11 +10,14 @@ start). Reward 1 iff the whole answer is right. Position-wise logit-table policy
 150 steps; 10 seeds. Methods: GRPO (8 naive samples); fixed-ratio hints (4 naive + 4 hinted with ω = 0.5 on every
 prompt, GRPO advantages, no masking: the "prior hint methods" baseline); ADHint (4 naive + 4 hinted, ω from the
 naive difficulty with ω_max = 0.8, the estimator's difficulty scaling and hint masking, and CGM through
-`ADHintLoss`). All use the library's `hint_ratio`, `adhint_advantages`, `grpo`, `ClippedPolicyLoss`, `ADHintLoss`. Metric: hint-free pass@1 = mean over prompts of
+`ADHintLoss`). All train through the library's loop (`common.loop.Loop` + `Stepper`) on `SequenceTable`, a
+Policy defined here, with the hints from `HintSchedule` (a Method here: `ADHintRollout`'s schedule for a policy
+without a tokenizer, filling the declared field `hint_len`) and the library's `hint_ratio`, `ADHint`, `grpo`,
+`ClippedPolicyLoss`, `ADHintLoss`. Metric: hint-free pass@1 = mean over prompts of
 Π_t π(y*_t), exact. Reproduced if ADHint's final pass@1 exceeds both baselines by more than 2 standard errors of
 the paired seed difference. Not tested: the paper's LLM/VLM numbers; CGM and AE-RDP are the spec's proposals.
 
-    python reproductions/adhint.py       # ~1 min on 2 cores; writes reproductions/reports/adhint.md and .png
+    python reproductions/adhint.py       # ~20 s on 2 cores; writes reproductions/reports/adhint.md and .png
 """
 
 from __future__ import annotations
@@ -24,11 +27,14 @@ from support.report import plt, save_plot, verdict, write_report  # the reposito
 
 import torch
 
-from common.advantages.adhint import adhint_advantages, hint_ratio
+from common.advantages.adhint import ADHint, adhint_advantages, hint_ratio
 from common.advantages.group import grpo
 from common.batch import RolloutBatch
+from common.loop import Loop, Stepper
 from common.losses.adhint import ADHintLoss
 from common.losses.ppo_clip import ClippedPolicyLoss
+from common.methods.base import Method
+from common.policies.base import Policy, PolicyOutput
 
 VOCAB, LENGTHS, G, NAIVE, STEPS, SEEDS, LR = 4, (2, 2, 2, 2, 6, 6, 6, 6), 8, 4, 150, 10, 0.1
 OMEGA_MAX, FIXED_OMEGA = 0.8, 0.5
@@ -50,53 +56,96 @@ def checks() -> dict[str, bool]:
             "always-solved prompt (Diff = 0) gets ω = 0 despite noise": solved}
 
 
+class SequenceTable(Policy):
+    """A position-wise logit-table policy over answers of ``Lmax`` tokens: y_t ~ softmax(θ[c, t]) independently,
+    θ (P, Lmax, V) from 0 (uniform). A prompt is ``{"prompt_id": c, "answer": y* (list of L_c tokens)}``, optionally
+    with ``"hint_len": k``: the first k tokens of the completion are then forced from y* (the hint, teacher-forced:
+    its log-probs are the policy's own) and the declared field ``hint_len`` (B,) records k (0 without a hint).
+    Shapes: completion_ids (B, Lmax), completion_mask (B, Lmax) = t < L_c, inputs["prompt_id"] (B,)."""
+
+    provides = ("hint_len",)
+
+    def __init__(self, prompts: int, max_len: int, vocab: int):
+        super().__init__()
+        self.theta = torch.nn.Parameter(torch.zeros(prompts, max_len, vocab))  # (P, Lmax, V)
+        self.horizon = max_len
+
+    @torch.no_grad()
+    def rollout(self, prompts: list[dict], n: int, *, greedy: bool = False) -> RolloutBatch:
+        P, T, V = len(prompts), self.horizon, self.theta.shape[-1]
+        c = torch.tensor([q["prompt_id"] for q in prompts]).repeat_interleave(n)  # (B,) row p·n + j
+        answer = torch.tensor([q["answer"] + [0] * (T - len(q["answer"])) for q in prompts]).repeat_interleave(n, 0)  # (B, T)
+        length = torch.tensor([len(q["answer"]) for q in prompts]).repeat_interleave(n)  # (B,)
+        k = torch.tensor([q.get("hint_len", 0) for q in prompts]).repeat_interleave(n)  # (B,)
+        probs = torch.softmax(self.theta[c], -1)  # (B, T, V)
+        y = probs.argmax(-1) if greedy else torch.multinomial(probs.reshape(-1, V), 1).view(P * n, T)  # (B, T)
+        t = torch.arange(T)[None, :]  # (1, T)
+        y = torch.where(t < k[:, None], answer, y)  # the hint is forced
+        return RolloutBatch(completion_ids=y, completion_mask=t < length[:, None],
+                            group_ids=torch.arange(P).repeat_interleave(n), inputs={"prompt_id": c}, hint_len=k,
+                            samples=[dict(q) for q in prompts for _ in range(n)])
+
+    def forward(self, batch: RolloutBatch, *, epoch: int = 0, reference: bool = False, hidden: bool = False) -> PolicyOutput:
+        logp_all = torch.log_softmax(self.theta[batch.inputs["prompt_id"]], -1)  # (B, T, V)
+        m = batch.completion_mask  # (B, T)
+        lp = logp_all.gather(-1, batch.completion_ids[..., None]).squeeze(-1)  # (B, T)
+        entropy = -(logp_all.exp() * logp_all).sum(-1)  # (B, T)
+        return PolicyOutput(lp * m, entropy * m)
+
+
+class HintSchedule(Method):
+    """The hint rollout of ``text_reasoning.hints.ADHintRollout`` for ``SequenceTable`` (that part needs a causal
+    LM and a tokenizer): per prompt ``naive`` hint-free samples, scored for the difficulty Diff = 1 − mean reward,
+    then G − naive samples with a hint of ⌊ω·|y*|⌋ tokens; ω = ``hint_ratio(Diff, omega_max=OMEGA_MAX)`` (ξ = 0)
+    for ADHint, or a fixed ω for every prompt (the fixed-ratio baseline). Fills ``hint_len`` (B,)."""
+
+    provides = ("hint_len",)
+
+    def __init__(self, naive: int, fixed_omega: float | None = None):
+        super().__init__()
+        self.naive, self.fixed_omega = naive, fixed_omega
+
+    def rollout(self, loop: Loop, prompts: list[dict], n: int) -> RolloutBatch:
+        P = len(prompts)
+        naive = loop.policy.rollout(prompts, self.naive)
+        with torch.no_grad():
+            difficulty = 1 - loop.score(naive).rewards.view(P, self.naive).mean(1)  # (P,)
+        omega = (hint_ratio(difficulty, omega_max=OMEGA_MAX) if self.fixed_omega is None
+                 else torch.full((P,), self.fixed_omega))  # (P,)
+        hinted = loop.policy.rollout([{**q, "hint_len": int(w * len(q["answer"]))} for q, w in zip(prompts, omega.tolist())],
+                                     n - self.naive)
+        batch = RolloutBatch.cat([naive, hinted])
+        return batch.replace(group_ids=torch.cat([naive.group_ids, hinted.group_ids]))  # same prompt = same group
+
+
 def train(method: str, seed: int) -> list[float]:
-    gen = torch.Generator().manual_seed(seed)
+    """Hint-free pass@1 after every step of training through the library's loop (``common.loop.Loop``, one Adam
+    step per rollout batch of G rows for each of the 8 prompts)."""
+    torch.manual_seed(seed)
     C, Lmax = len(LENGTHS), max(LENGTHS)
-    target = torch.randint(0, VOCAB, (C, Lmax), generator=gen)  # (C, Lmax) y*
+    target = torch.randint(0, VOCAB, (C, Lmax))  # (C, Lmax) y*
     length = torch.tensor(LENGTHS)  # (C,)
-    theta = torch.zeros(C, Lmax, VOCAB, requires_grad=True)  # uniform start
-    opt = torch.optim.Adam([theta], lr=LR)
-    loss_fn = ClippedPolicyLoss()
-    gid = torch.arange(C).repeat_interleave(G)  # (B,)
     t = torch.arange(Lmax)[None, :]  # (1, Lmax)
-    mask = t < length[gid][:, None]  # (B, Lmax)
+    prompts = [{"prompt_id": c, "answer": target[c, :L].tolist()} for c, L in enumerate(LENGTHS)]
+    policy = SequenceTable(C, Lmax, VOCAB)
+
+    def score(b: RolloutBatch) -> RolloutBatch:  # 1 iff the whole answer is right
+        ok = ((b.completion_ids == target[b.inputs["prompt_id"]]) | ~b.completion_mask).all(1)  # (B,)
+        return b.replace(rewards=ok.float())
+
+    if method == "adhint":  # AE-RDP advantages with hint masking, CGM in the loss
+        loop = Loop(policy, score, ADHint(), ADHintLoss(), methods=[HintSchedule(NAIVE)], group_size=G)
+    else:  # GRPO advantages, no masking; "fixed" hints every prompt with ω = FIXED_OMEGA
+        methods = [HintSchedule(NAIVE, FIXED_OMEGA)] if method == "fixed" else []
+        loop = Loop(policy, score, lambda b: grpo(b.rewards, b.group_ids), ClippedPolicyLoss(), methods=methods,
+                    group_size=G)
+    stepper = Stepper(torch.optim.Adam(policy.trainable_parameters(), lr=LR), policy.trainable_parameters(),
+                      max_grad_norm=0.0)
     pass1 = []
     for _ in range(STEPS):
+        loop.update(loop.collect(prompts).kept, stepper)
         with torch.no_grad():
-            probs = torch.softmax(theta[gid], -1)  # (B, Lmax, V)
-            y = torch.multinomial(probs.reshape(-1, VOCAB), 1, generator=gen).view(len(gid), Lmax)  # (B, Lmax)
-            hinted = torch.zeros(len(gid), dtype=torch.bool)
-            k = torch.zeros(len(gid), dtype=torch.long)
-            if method != "grpo":
-                hinted = (torch.arange(len(gid)) % G) >= NAIVE  # (B,) the last G − n rows of each group
-                naive_ok = ((y == target[gid]) | ~mask).all(1) & ~hinted  # (B,)
-                diff = 1 - torch.zeros(C).index_add_(0, gid, naive_ok.float()) / NAIVE  # (C,)
-                omega = (hint_ratio(diff, omega_max=OMEGA_MAX) if method == "adhint"
-                         else torch.full((C,), FIXED_OMEGA))  # (C,)
-                k = torch.where(hinted, (omega * length).floor().long()[gid], 0)  # (B,) hint tokens
-                y = torch.where(t < k[:, None], target[gid], y)  # the hint is forced
-            r = ((y == target[gid]) | ~mask).all(1).float()  # (B,)
-        hint_mask = (t < k[:, None]) & mask  # (B, Lmax)
-        if method == "adhint":
-            A = adhint_advantages(r, gid, hinted & (k > 0), hint_mask)  # (B, Lmax)
-        else:
-            A = grpo(r, gid)  # (B,) fixed hints: plain GRPO advantages, no masking
-        logp_all = torch.log_softmax(theta[gid], -1)  # (B, Lmax, V)
-        lp = logp_all.gather(-1, y[..., None]).squeeze(-1)  # (B, Lmax)
-        if method == "adhint":  # + CGM on the hint tokens, from the policy's entropies
-            entropy = -(logp_all.exp() * logp_all).sum(-1).detach()  # (B, Lmax)
-            batch = RolloutBatch(prompt_ids=torch.zeros(len(gid), 1, dtype=torch.long),
-                                 prompt_mask=torch.ones(len(gid), 1, dtype=torch.bool), completion_ids=y,
-                                 completion_mask=mask, group_ids=gid, hint_len=k)
-            loss = ADHintLoss()(lp, lp.detach(), A, mask, entropy=entropy, batch=batch).loss
-        else:
-            loss = loss_fn(lp, lp.detach(), A, mask).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            p_tok = torch.softmax(theta, -1).gather(-1, target[..., None]).squeeze(-1)  # (C, Lmax)
+            p_tok = torch.softmax(policy.theta, -1).gather(-1, target[..., None]).squeeze(-1)  # (C, Lmax)
             p_seq = torch.where(t < length[:, None], p_tok, torch.ones_like(p_tok)).prod(1)  # (C,)
             pass1.append(float(p_seq.mean()))
     return pass1
@@ -153,7 +202,10 @@ reading, not the paper's exact method.
 
 8 prompts (4 with a 2-token answer, 4 with a 6-token answer) over a {VOCAB}-token vocabulary, reward 1 iff the whole
 answer is right, position-wise logit tables from uniform, G = {G} ({NAIVE} naive + {G - NAIVE} hinted for the hint
-methods), Adam lr {LR}, {STEPS} steps, {SEEDS} seeds; pass@1 without hints, exact.
+methods), Adam lr {LR}, {STEPS} steps, {SEEDS} seeds; pass@1 without hints, exact. Training runs through the
+library's loop (`common.loop.Loop` + `Stepper`) on a position-wise logit-table `Policy` (`SequenceTable`); the hints
+come from `HintSchedule`, a method part with `ADHintRollout`'s schedule (n naive samples scored for the difficulty,
+then G − n hinted ones; ξ = 0), and ADHint uses the library's `ADHint` estimator and `ADHintLoss`.
 
 | method | pass@1 step 50 | step 100 | step {STEPS} (± SE) |
 |---|---|---|---|
