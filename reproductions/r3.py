@@ -165,9 +165,9 @@ direction of the CCR ablation.
 | bandit: steps to mean P(correct) ≥ {LEVEL} ({SEEDS} seeds) | GRPO {mean['GRPO']:.1f}, GRPO + CCR {mean['GRPO + CCR']:.1f} | CCR fewer by > 2 SE | {float(diff.mean()) > 2 * se} (Δ = {float(diff.mean()):.1f} ± {se:.1f}) |
 
 Bandit: {PROMPTS} one-token bandits, {K} answers, one correct, P(correct) = {P0} at start, G = {G} (all wrong with
-probability {(1 - P0) ** G:.2f}), policy gradient through the library's loop (`common.loop.Loop`, a tabular `Policy` defined in the script, CCR as its
-selector, `ClippedPolicyLoss` on-policy), SGD lr {LR}, {STEPS} steps; CCR with k = 2 injects the two
-most recent past responses of the opposite outcome into each uniform group.
+probability {(1 - P0) ** G:.2f}), policy gradient through the library's loop (`common.loop.Loop`, a tabular
+`Policy` defined in the script, CCR as its selector, `ClippedPolicyLoss` on-policy), SGD lr {LR}, {STEPS} steps;
+CCR with k = 2 injects the two most recent past responses of the opposite outcome into each uniform group.
 
 ![bandit and SERR](r3.png)
 

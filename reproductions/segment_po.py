@@ -10,8 +10,10 @@ common/losses/prob_mask.py):
    random trees every node's children advantages sum to 0;
 5. the claim's direction in a toy sequence task: 8 tokens from a 4-letter vocabulary, a tabular policy, reward
    1 iff token 3 is "0" (the other 7 tokens are irrelevant). GRPO, SPO-chain (MC values, N = 9, interval 1) and
-   SPO-tree (segments of 4 tokens, branching 8 x 8) train the same logits; steps until P(token 3 = "0")
-   >= 0.9 with normalised gradient steps (20 seeds). The claim holds if SPO-chain needs fewer steps than GRPO
+   SPO-tree (segments of 4 tokens, branching 8 x 8) train the same logits through the library's loop
+   (``common.loop.Loop`` over a tabular sequence ``Policy``, with ``SPOChain`` / ``SPOTree`` and
+   ``ProbabilityMaskLoss``; the MC continuations and the tree are ``Method`` parts, all defined
+   here); steps until P(token 3 = "0") >= 0.9 with normalised gradient steps (20 seeds). The claim holds if SPO-chain needs fewer steps than GRPO
    in >= 80% of seeds.
 Not tested: the GSM8K / MATH500 accuracies (rho-1.1B, R1-Distill-Qwen-1.5B); real-LLM cut-point statistics.
 
@@ -25,9 +27,13 @@ from support.report import plt, save_plot, verdict, write_report  # the reposito
 import torch
 
 from common.advantages.group import grpo
-from common.advantages.segment import cut_starts, segment_advantages, spo_chain, spo_tree, whiten
+from common.advantages.segment import SPOChain, SPOTree, cut_starts, segment_advantages, spo_chain, spo_tree, whiten
+from common.batch import RolloutBatch
+from common.loop import Loop, Stepper
 from common.losses.ppo_clip import ClippedPolicyLoss
 from common.losses.prob_mask import ProbabilityMaskLoss
+from common.methods.base import Method
+from common.policies.base import Policy, PolicyOutput
 
 torch.set_num_threads(1)
 L_SEQ, VOCAB, DECIDE = 8, 4, 3  # sequence length, vocabulary, the deciding position
@@ -78,90 +84,135 @@ def reward(y: torch.Tensor) -> torch.Tensor:  # (N, L) -> (N,)
     return (y[:, DECIDE] == 0).double()
 
 
-def sample(theta: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:  # (L, V) -> (n, L)
-    return torch.multinomial(torch.softmax(theta, -1), n, replacement=True, generator=g).T
+class SequencePolicy(Policy):
+    """A tabular policy over L_SEQ-token sequences: θ (L_SEQ, VOCAB), token t ~ softmax(θ_t) independently of the
+    prefix (so a continuation from position s is a fresh sample of positions >= s). No prompt: the sequence's
+    columns are the positions. A row's ``completion_mask`` marks its actions (all L_SEQ tokens of a sampled
+    sequence, or the segment of a tree edge, whose other columns carry the parent's prefix). Sampling uses the
+    script's generator; ``generated`` counts the tokens a run has sampled (continuations only from their cut)."""
+
+    def __init__(self, generator: torch.Generator):
+        super().__init__()
+        self.theta = torch.nn.Parameter(torch.zeros(L_SEQ, VOCAB, dtype=torch.float64))  # uniform start
+        self.generator, self.horizon, self.generated = generator, L_SEQ, 0
+
+    @torch.no_grad()
+    def sample(self, n: int) -> torch.Tensor:  # -> (n, L_SEQ)
+        return torch.multinomial(torch.softmax(self.theta, -1), n, replacement=True, generator=self.generator).T
+
+    @torch.no_grad()
+    def rollout(self, prompts, n, *, greedy=False):
+        y = self.sample(len(prompts) * n)  # (B, L) row p·n + j: sample j of prompt p
+        self.generated += y.numel()
+        return RolloutBatch(completion_ids=y, completion_mask=torch.ones_like(y, dtype=torch.bool),
+                            group_ids=torch.arange(len(prompts)).repeat_interleave(n))
+
+    def forward(self, batch, *, epoch=0, reference=False, hidden=False):
+        logp = torch.log_softmax(self.theta, -1)  # (L, V)
+        m = batch.completion_mask  # (B, L)
+        lp = logp[torch.arange(L_SEQ)[None, :], batch.completion_ids]  # (B, L)
+        entropy = -(logp.exp() * logp).sum(-1)[None, :].expand_as(lp)  # (B, L)
+        return PolicyOutput(lp * m, entropy * m)
 
 
-def logprobs(theta: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # (N, L)
-    return torch.log_softmax(theta, -1)[torch.arange(L_SEQ)[None, :], y]
+class ToyChainValues(Method):
+    """SPO-chain's Monte-Carlo prefix values for ``SequencePolicy`` (the toy's stand-in for
+    ``common.methods.segment_po.SegmentChain``, which continues text with a language model): cut points from the
+    ``SPOChain`` estimator's rule on π_old, V̂(s) = mean reward of ``num_samples`` continuations y_<s ⊕ y'."""
+
+    provides = ("old_logprobs", "segment_starts", "prefix_values")
+
+    def after_score(self, loop, batch):
+        policy, N = loop.policy, loop.advantage.num_samples
+        old = loop.logprobs(batch)  # (B, L) log π_old
+        starts = loop.advantage.starts(old, batch.completion_mask)  # (B, L)
+        rows, cols = starts.nonzero(as_tuple=True)  # (M,), (M,)
+        cont = policy.sample(rows.numel() * N)  # (M·N, L) fresh tokens for positions >= s
+        keep = torch.arange(L_SEQ)[None, :] < cols.repeat_interleave(N)[:, None]
+        full = torch.where(keep, batch.completion_ids[rows].repeat_interleave(N, 0), cont)
+        values = torch.zeros_like(old)  # (B, L)
+        values[rows, cols] = reward(full).view(-1, N).mean(1)
+        policy.generated += int((L_SEQ - cols).sum()) * N
+        return batch.replace(old_logprobs=old, segment_starts=starts, prefix_values=values)
 
 
-def step_grpo(theta, g, prompts=8, G=8):
-    y = sample(theta.detach(), prompts * G, g)
-    A = grpo(reward(y), torch.arange(prompts).repeat_interleave(G))
-    lp = logprobs(theta, y)
-    mask = torch.ones_like(lp, dtype=torch.bool)
-    return ClippedPolicyLoss(aggregation="token_mean")(lp, lp.detach(), A, mask).loss, prompts * G * L_SEQ
+class ToyTree(Method):
+    """SPO-tree's rollout for ``SequencePolicy`` (the toy's stand-in for ``common.methods.segment_po.SegmentTree``):
+    per root, b0 first segments (tokens 0..seg−1), each continued b1 times to the end; leaves scored, V(inner) = mean
+    of its children; rows are the edges (rewards V(child), group = parent, π_old of the segment), for ``SPOTree``."""
+
+    provides = ("old_logprobs",)
+
+    def __init__(self, branching=(8, 8), seg: int = 4):
+        super().__init__()
+        self.branching, self.seg = branching, seg
+
+    def rollout(self, loop, prompts, n):
+        policy, (b0, b1), seg, P = loop.policy, self.branching, self.seg, len(prompts)
+        first = policy.sample(P * b0)  # (P·b0, L) level-0 children: positions 0..seg−1 are theirs
+        second = policy.sample(P * b0 * b1)
+        leaves = torch.cat([first.repeat_interleave(b1, 0)[:, :seg], second[:, seg:]], 1)  # (P·b0·b1, L)
+        leaf_v = reward(leaves)
+        inner_v = leaf_v.view(-1, b1).mean(1)  # (P·b0,)
+        parents = torch.cat([torch.arange(P).repeat_interleave(b0), P + torch.arange(P * b0).repeat_interleave(b1)])
+        pos = torch.arange(L_SEQ)[None, :]
+        seg_mask = torch.cat([(pos < seg).expand(len(first), L_SEQ), (pos >= seg).expand(len(leaves), L_SEQ)])
+        policy.generated += P * b0 * seg + P * b0 * b1 * (L_SEQ - seg)
+        edges = RolloutBatch(completion_ids=torch.cat([first, leaves]), completion_mask=seg_mask, group_ids=parents,
+                             rewards=torch.cat([inner_v, leaf_v]))  # (E, L): an edge's tokens at its segment positions
+        return edges.replace(old_logprobs=loop.logprobs(edges))
 
 
-def step_chain(theta, g, prompts=8, G=8, N=9):
-    y = sample(theta.detach(), prompts * G, g)
-    lp = logprobs(theta, y)
-    mask = torch.ones_like(lp, dtype=torch.bool)
-    p = lp.detach().exp()
-    starts = cut_starts(p, mask, threshold=0.9, interval=1)
-    rows, cols = starts.nonzero(as_tuple=True)
-    cont = sample(theta.detach(), rows.numel() * N, g)  # (M·N, L) fresh tokens for positions >= s
-    keep = torch.arange(L_SEQ)[None, :] < cols.repeat_interleave(N)[:, None]
-    full = torch.where(keep, y[rows].repeat_interleave(N, 0), cont)
-    values = torch.zeros_like(p)
-    values[rows, cols] = reward(full).view(-1, N).mean(1)
-    A = spo_chain(reward(y), starts, values, mask, p)
-    generated = prompts * G * L_SEQ + int((L_SEQ - cols).sum()) * N
-    return ProbabilityMaskLoss()(lp, lp.detach(), A, mask).loss, generated
+def make_loop(method: str, policy: SequencePolicy) -> Loop:
+    score = lambda b: b.replace(rewards=reward(b.completion_ids))  # noqa: E731
+    if method == "GRPO":
+        return Loop(policy, score, lambda b: grpo(b.rewards, b.group_ids), ClippedPolicyLoss(aggregation="token_mean"),
+                    group_size=8)
+    if method == "SPO-chain":
+        return Loop(policy, score, SPOChain(threshold=0.9, interval=1, num_samples=9), ProbabilityMaskLoss(),
+                    methods=[ToyChainValues()], group_size=8)
+    return Loop(policy, score, SPOTree(mode="rloo"), ProbabilityMaskLoss(), methods=[ToyTree((8, 8), 4)], group_size=8)
 
 
-def step_tree(theta, g, prompts=8, b=(8, 8), seg=4):
-    first = sample(theta.detach(), prompts * b[0], g)  # level-0 children: positions 0..seg−1 are theirs
-    second = sample(theta.detach(), prompts * b[0] * b[1], g)
-    leaves = torch.cat([first.repeat_interleave(b[1], 0)[:, :seg], second[:, seg:]], 1)  # (P·b0·b1, L)
-    leaf_v = reward(leaves)
-    inner_v = leaf_v.view(-1, b[1]).mean(1)  # (P·b0,)
-    values = torch.cat([inner_v, leaf_v])
-    parents = torch.cat([torch.arange(prompts).repeat_interleave(b[0]), prompts + torch.arange(prompts * b[0]).repeat_interleave(b[1])])
-    edge = spo_tree(values, parents)  # (E,)
-    seqs = torch.cat([first, leaves])  # rows: the edge's tokens live at its segment positions
-    pos = torch.arange(L_SEQ)[None, :]
-    seg_mask = torch.cat([(pos < seg).expand(len(first), L_SEQ), (pos >= seg).expand(len(leaves), L_SEQ)])
-    lp = logprobs(theta, seqs)
-    m = seg_mask & (edge != 0)[:, None] & (lp.detach().exp() < 0.9)
-    A = whiten(torch.where(m, edge[:, None].expand_as(m), torch.zeros_like(lp)), m)
-    generated = prompts * b[0] * seg + prompts * b[0] * b[1] * (L_SEQ - seg)
-    return ProbabilityMaskLoss()(lp, lp.detach(), A, m).loss, generated
+def train(method: str, seed: int, steps: int = 60, lr: float = 0.3, target: float = 0.9):
+    """The library's loop (``common.loop.Loop``) on ``SequencePolicy``, 8 prompts a step, with normalised gradient
+    steps θ ← θ − lr·g/‖g‖ (SGD through ``Stepper``, whose clip hook scales the gradient to unit norm): every method
+    moves the logits by the same distance per step, so the comparison is about the direction of the update (credit
+    assignment), not its scale (whitening rescales SPO's advantages). Returns the curve of P(right), (steps,
+    tokens) to the target, the irrelevant tokens' drift and the mean share ‖g_decide‖² / ‖g‖² of the update spent
+    on the deciding position."""
+    policy = SequencePolicy(torch.Generator().manual_seed(seed))
+    loop = make_loop(method, policy)
+    shares = []
 
+    def normalise() -> None:  # g <- g / ‖g‖, recording where the update goes
+        g = policy.theta.grad
+        norm = g.norm()
+        shares.append(float(g[DECIDE].norm() ** 2 / norm.clamp(min=1e-30) ** 2))
+        g.div_(norm.clamp(min=1e-30))
 
-def train(step_fn, seed: int, steps: int = 60, lr: float = 0.3, target: float = 0.9):
-    """Normalised gradient steps θ ← θ − lr·g/‖g‖: every method moves the logits by the same distance per step,
-    so the comparison is about the direction of the update (credit assignment), not its scale (whitening
-    rescales SPO's advantages). Returns the curve of P(right), (steps, tokens) to the target, the irrelevant
-    tokens' drift and the mean share ‖g_decide‖² / ‖g‖² of the update spent on the deciding position."""
-    g = torch.Generator().manual_seed(seed)
-    theta = torch.zeros(L_SEQ, VOCAB, dtype=torch.float64, requires_grad=True)
-    curve, hit, tokens, shares = [], None, 0, []
+    stepper = Stepper(torch.optim.SGD(policy.trainable_parameters(), lr=lr), policy.trainable_parameters(),
+                      max_grad_norm=1.0, clip=normalise)
+    prompts = [{}] * 8
+    curve, hit = [], None
     for t in range(steps):
-        loss, generated = step_fn(theta, g)
-        tokens += generated
-        theta.grad = None
-        loss.backward()
-        with torch.no_grad():
-            norm = theta.grad.norm()
-            shares.append(float(theta.grad[DECIDE].norm() ** 2 / norm.clamp(min=1e-30) ** 2))
-            theta -= lr * theta.grad / norm.clamp(min=1e-30)
-        p = float(torch.softmax(theta.detach()[DECIDE], -1)[0])
+        if "empty_steps" in loop.update(loop.collect(prompts).kept, stepper):
+            shares.append(0.0)  # SPO-tree kept no edge (every A = 0): no update, counted as share 0 like a zero gradient
+        p = float(torch.softmax(policy.theta.detach()[DECIDE], -1)[0])
         curve.append(p)
         if hit is None and p >= target:
-            hit = (t + 1, tokens)
+            hit = (t + 1, policy.generated)
     irrelevant = [i for i in range(L_SEQ) if i != DECIDE]
-    probs = torch.softmax(theta.detach()[irrelevant], -1)
+    probs = torch.softmax(policy.theta.detach()[irrelevant], -1)
     drift = float((probs * (probs * VOCAB).log()).sum(-1).mean())  # KL(π_t ‖ uniform) of the irrelevant positions
-    return curve, hit if hit is not None else (steps + 1, tokens), drift, sum(shares) / len(shares)
+    return curve, hit if hit is not None else (steps + 1, policy.generated), drift, sum(shares) / len(shares)
 
 
 def main() -> None:
     checks = component_checks()
     seeds = range(20)
-    methods = {"GRPO": step_grpo, "SPO-chain": step_chain, "SPO-tree": step_tree}
-    runs = {m: [train(fn, s) for s in seeds] for m, fn in methods.items()}
+    methods = ("GRPO", "SPO-chain", "SPO-tree")
+    runs = {m: [train(m, s) for s in seeds] for m in methods}
     steps = {m: torch.tensor([float(r[1][0]) for r in rs]) for m, rs in runs.items()}
     toks = {m: torch.tensor([float(r[1][1]) for r in rs]) for m, rs in runs.items()}
     drift = {m: torch.tensor([r[2] for r in rs]) for m, rs in runs.items()}
@@ -212,8 +263,10 @@ each step's own edges); recipes `configs/text_reasoning/spo_chain.yaml`, `spo_tr
 
 ## Toy sequence task: 8 tokens, 4 letters, reward 1 iff token 3 is "0"
 
-Tabular policy (logits (8, 4), start uniform), 60 normalised gradient steps θ ← θ − 0.3·g/‖g‖ (every method
-moves the logits the same distance per step, so what differs is the update's direction — the credit assignment
+Tabular policy (logits (8, 4), start uniform), trained through the library's loop (`common.loop.Loop` over a
+sequence `Policy` defined in the script, with the library's `SPOChain` / `SPOTree` estimators and
+`ProbabilityMaskLoss`; the MC continuations and the tree are `Method` parts in the script), 60 normalised
+gradient steps θ ← θ − 0.3·g/‖g‖ (every method moves the logits the same distance per step, so what differs is the update's direction — the credit assignment
 — not its size, which whitening would change), 20 seeds. GRPO: 8 groups x 8, token-mean clipped loss.
 SPO-chain: the same 64 sequences, cut points at p < 0.9 with interval 1 (the paper's 5 would leave at most one
 cut in 8 tokens), N = 9 continuations per cut, probability mask, whitening. SPO-tree: 8 roots, branching 8 x 8,

@@ -156,9 +156,9 @@ def main() -> None:
 Claim (paper, via secondary summaries): as GRPO improves, the share of samples with non-zero advantage falls (from
 ~60% to <40%); a buffer of A != 0 samples re-introduced into later updates keeps them informative (>10% training
 efficiency early). Check (shared/methods/text.md §19 (e)): toy GRPO on {PROMPTS} one-token bandits ({K} answers, one
-correct, P(correct) = {P0} at start), G = {G}, B = {PROMPTS * G}, policy gradient through the library's loop (`common.loop.Loop`, a tabular `Policy` defined in the
-script, the buffer as its selector, `ClippedPolicyLoss` on-policy; SGD lr {LR}); the
-library's `SelectiveSampleBuffer` (min_nonzero {TARGET}, capacity 256, draws ∝ abs(A)), in two readings of the
+correct, P(correct) = {P0} at start), G = {G}, B = {PROMPTS * G}, policy gradient
+through the library's loop (`common.loop.Loop`, a tabular `Policy` defined in the script, the buffer as its
+selector, `ClippedPolicyLoss` on-policy; SGD lr {LR}); the library's `SelectiveSampleBuffer` (min_nonzero {TARGET}, capacity 256, draws ∝ abs(A)), in two readings of the
 paper: replayed rows removed (single use) or kept until 20 steps old (reuse; the recipe's setting).
 {STEPS} steps, {SEEDS} seeds.
 
