@@ -7,22 +7,32 @@ Checks of shared/methods/text.md §9 (e), all on the library's functions (common
 3. the claim's mechanism: with a tiny linear-softmax policy (contextual bandit, 8 prompts x G = 8, GRPO
    advantages) the policy-gradient norm of the D³S subset (N = 16 of 64) is >= that of a random subset of the same
    size in > 90% of 300 trials. Also shown: PODS-style max-Var(R) subsets and the token level (share of the
-   full-batch gradient kept by the top 20% tokens by |A|·H vs 20% random tokens, a 4-step toy sequence policy).
+   full-batch gradient kept by the top 20% tokens by |A|·H vs 20% random tokens, an 8-token toy sequence policy).
+   Both gradient checks run through the library's loop (``common.loop.Loop`` + ``Stepper``, one update with SGD
+   lr 0 per subset, its gradient norm read from the update): policies defined here (``LinearSoftmax``,
+   ``PositionTable``), D³S's ``D3SSampleSelector`` as the loop's selector and ``D3STokenLoss`` as its loss, the
+   random-token control as a ``Method`` part (``RandomTokens``).
 Not tested: the accuracy gains (Qwen2.5-Math-7B, +4.5 pass@1), the schedule (its values are not published).
 
-    .venv/bin/python reproductions/d3s.py      # ~10 s on 2 cores
+    .venv/bin/python reproductions/d3s.py      # ~10 s, one thread
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import statistics
 from support.report import plt, save_plot, verdict, write_report  # the repository root on sys.path, Agg
 
 import torch
 
 from common.advantages.group import grpo
-from common.sampling.downsample import max_variance_subset, top_score_tokens
+from common.batch import RolloutBatch
+from common.loop import Loop, Stepper
+from common.losses.ppo_clip import ClippedPolicyLoss
+from common.methods.base import Method
+from common.policies.base import Policy, PolicyOutput
+from common.sampling.downsample import D3SSampleSelector, D3STokenLoss, max_variance_subset, top_score_tokens
 
 torch.set_num_threads(1)
 
@@ -50,60 +60,129 @@ def lemma1_min(trials: int = 3000) -> float:
     return lowest
 
 
-def grad_norm(W: torch.Tensor, x: torch.Tensor, actions: torch.Tensor, adv: torch.Tensor, rows: torch.Tensor) -> float:
-    """|| (1/N) Σ_{i∈S} A_i ∇_W log π(a_i | x_i) || for a linear-softmax policy π = softmax(x W)."""
-    W = W.clone().requires_grad_(True)
-    logp = torch.log_softmax(x[rows] @ W, -1).gather(1, actions[rows, None])[:, 0]  # (N,)
-    (adv[rows] * logp).mean().backward()
-    return float(W.grad.norm())
+class LinearSoftmax(Policy):
+    """A linear-softmax contextual bandit, π(a | x) = softmax(x W)_a, W (dim, arms) (T = 1). Prompts carry their
+    context ``x`` (dim,); a rollout draws G actions per prompt with the script's generator (row p·G + j is draw j
+    of prompt p, one multinomial call over the whole batch as before)."""
+
+    def __init__(self, W: torch.Tensor, generator: torch.Generator):
+        super().__init__()
+        self.W = torch.nn.Parameter(W)  # (dim, arms)
+        self.generator, self.horizon = generator, 1
+
+    @torch.no_grad()
+    def rollout(self, prompts, n, *, greedy=False):
+        x = torch.stack([p["context"] for p in prompts]).repeat_interleave(n, 0)  # (B, dim)
+        a = torch.multinomial(torch.softmax(x @ self.W, -1), 1, generator=self.generator)[:, 0]  # (B,)
+        one = torch.ones(a.shape[0], 1, dtype=torch.bool)
+        return RolloutBatch(completion_ids=a[:, None], completion_mask=one, group_ids=torch.arange(len(prompts)).repeat_interleave(n),
+                            inputs={"context": x}, samples=[{"prompt": i} for i in range(len(prompts)) for _ in range(n)],
+                            completions=[str(int(v)) for v in a])
+
+    def forward(self, batch, *, epoch=0, reference=False, hidden=False):
+        logp = torch.log_softmax(batch.inputs["context"] @ self.W, -1)  # (B, arms)
+        m = batch.completion_mask  # (B, 1)
+        return PolicyOutput(logp.gather(1, batch.completion_ids) * m, -(logp.exp() * logp).sum(-1, keepdim=True) * m)
+
+
+class PositionTable(Policy):
+    """A T-token sequence policy with one free logit row per position, logits (T, arms): token t ~ softmax(θ_t),
+    independent of the prefix, so positions differ in entropy only through their rows. A rollout draws the n
+    sequences with the script's generator (one multinomial call, (T, n) transposed)."""
+
+    def __init__(self, logits: torch.Tensor, generator: torch.Generator):
+        super().__init__()
+        self.logits = torch.nn.Parameter(logits)  # (T, arms)
+        self.generator, self.horizon = generator, logits.shape[0]
+
+    @torch.no_grad()
+    def rollout(self, prompts, n, *, greedy=False):
+        tokens = torch.multinomial(torch.softmax(self.logits, -1), n, replacement=True, generator=self.generator).T  # (n, T)
+        return RolloutBatch(completion_ids=tokens, completion_mask=torch.ones(tokens.shape, dtype=torch.bool),
+                            group_ids=torch.zeros(n, dtype=torch.long), samples=[dict(prompts[0]) for _ in range(n)],
+                            completions=[" ".join(map(str, row)) for row in tokens.tolist()])
+
+    def forward(self, batch, *, epoch=0, reference=False, hidden=False):
+        logp = torch.log_softmax(self.logits, -1)  # (T, arms)
+        T = logp.shape[0]
+        lp = logp[torch.arange(T)[None, :].expand_as(batch.completion_ids), batch.completion_ids]  # (B, T)
+        H = -(logp.exp() * logp).sum(-1)[None, :].expand_as(lp)  # (B, T)
+        m = batch.completion_mask
+        return PolicyOutput(lp * m, H * m)
+
+
+class RandomTokens(Method):
+    """The token-level control: the loss sees only ⌈frac·N⌉ tokens chosen uniformly at random (the library's
+    ``top_score_tokens`` on a uniform score drawn with the script's generator); denominators stay the batch's."""
+
+    def __init__(self, frac: float, generator: torch.Generator):
+        super().__init__()
+        self.frac, self.generator = frac, generator
+
+    def loss_inputs(self, loop, micro, out, inputs):
+        r = torch.rand(inputs["mask"].shape, generator=self.generator, dtype=torch.float64)  # (B, T)
+        return {"mask": top_score_tokens(r, inputs["mask"], self.frac)}
+
+
+def grad_norm(loop: Loop, batch: RolloutBatch) -> float:
+    """The gradient norm of one update of ``loop`` on ``batch`` (SGD with lr 0: the policy does not move, so the
+    same rollout can be measured under several parts). With the on-policy clipped surrogate, token-mean over N
+    tokens, it is || (1/N) Σ A_i ∇ log π(a_i) ||."""
+    params = loop.policy.trainable_parameters()
+    return float(loop.update(batch, Stepper(torch.optim.SGD(params, lr=0.0), params, max_grad_norm=0.0))["grad_norm"])
 
 
 def sample_level(trials: int = 300, prompts: int = 8, G: int = 8, n: int = 16, dim: int = 6, arms: int = 5):
+    """Per trial, one rollout of a fresh ``LinearSoftmax`` through the library's loop with the D³S selector
+    (``D3SSampleSelector`` keeping n of B rows from step 0) and GRPO advantages on the full groups; the random
+    and PODS-style subsets are drawn from the same rollout (``Collected.seen``); each subset's gradient norm is
+    that of one update (``grad_norm``)."""
     g = torch.Generator().manual_seed(2)
     d3s, rand, pods = [], [], []
     for _ in range(trials):
-        W = torch.randn(dim, arms, generator=g, dtype=torch.float64)
+        policy = LinearSoftmax(torch.randn(dim, arms, generator=g, dtype=torch.float64), g)
         ctx = torch.randn(prompts, dim, generator=g, dtype=torch.float64)
-        x = ctx.repeat_interleave(G, 0)  # (B, dim)
-        actions = torch.multinomial(torch.softmax(x @ W, -1), 1, generator=g)[:, 0]  # (B,)
-        good = torch.rand(prompts, arms, generator=g) < 0.4  # which arms are right for each prompt
-        rewards = good.repeat_interleave(G, 0).gather(1, actions[:, None])[:, 0].double()  # (B,)
-        groups = torch.arange(prompts).repeat_interleave(G)
-        adv = grpo(rewards, groups)  # (B,) on the full groups
-        if not bool((adv != 0).any()):
+
+        def score(b: RolloutBatch) -> RolloutBatch:  # which arms are right for each prompt: drawn after the actions
+            good = torch.rand(prompts, arms, generator=g) < 0.4
+            return b.replace(rewards=good[b.group_ids].gather(1, b.completion_ids)[:, 0].double())  # (B,)
+
+        selector = D3SSampleSelector(n_init=n / (prompts * G), n_final=n / (prompts * G), warmup_steps=0)
+        loop = Loop(policy, score, lambda b: grpo(b.rewards, b.group_ids), ClippedPolicyLoss(aggregation="token_mean"),
+                    selector=selector, group_size=G)
+        got = loop.collect([{"context": c} for c in ctx])
+        full = got.seen  # (B,) rows, advantages on the full groups
+        if not bool((full.advantages != 0).any()):
             continue
-        keep = max_variance_subset(adv, n).nonzero()[:, 0]
-        by_reward = max_variance_subset(rewards + 1e-9 * torch.arange(len(rewards)), n).nonzero()[:, 0]
-        d3s.append(grad_norm(W, x, actions, adv, keep))
-        rand.append(grad_norm(W, x, actions, adv, torch.randperm(len(adv), generator=g)[:n]))
-        pods.append(grad_norm(W, x, actions, adv, by_reward))
+        by_reward = max_variance_subset(full.rewards + 1e-9 * torch.arange(full.batch_size), n)
+        d3s.append(grad_norm(loop, got.kept))
+        rand.append(grad_norm(loop, full.select(torch.randperm(full.batch_size, generator=g)[:n])))
+        pods.append(grad_norm(loop, full.select(by_reward)))
     return torch.tensor(d3s), torch.tensor(rand), torch.tensor(pods)
 
 
 def token_level(trials: int = 200, B: int = 16, T: int = 8, arms: int = 6, frac: float = 0.2):
-    """Share of the full-batch token-level gradient norm kept by the top-20% |A|·H tokens vs 20% random tokens,
-    for a per-position softmax policy (logits (T, arms)) with sequence-level advantages."""
+    """Share of the full-batch token-level gradient norm kept by the top-20% |A|·H tokens (the library's
+    ``D3STokenLoss``) vs 20% random tokens (``RandomTokens``), for a ``PositionTable`` policy with sequence-level
+    advantages, all through the library's loop on one rollout per trial. The full batch and the random control
+    are token-means over the N = B·T tokens, ``D3STokenLoss`` over its ⌈frac·N⌉ kept tokens, so its norm is
+    scaled by ⌈frac·N⌉ / N to compare sums."""
     g = torch.Generator().manual_seed(3)
     top, rand = [], []
+    scale = torch.linspace(0.2, 3.0, T, dtype=torch.float64)[:, None]  # positions differ in entropy
+    kept_over_all = math.ceil(frac * B * T) / (B * T)
     for _ in range(trials):
-        scale = torch.linspace(0.2, 3.0, T, dtype=torch.float64)[:, None]  # positions differ in entropy
-        logits0 = scale * torch.randn(T, arms, generator=g, dtype=torch.float64)
-        probs = torch.softmax(logits0, -1)
-        tokens = torch.multinomial(probs, B, replacement=True, generator=g).T  # (B, T)
-        A = torch.randn(B, generator=g, dtype=torch.float64)[:, None].expand(B, T)  # (B, T)
-        H = -(probs * probs.log()).sum(-1)[None, :].expand(B, T)  # (B, T)
-        mask = torch.ones(B, T, dtype=torch.bool)
-
-        def norm_of(sel: torch.Tensor) -> float:
-            logits = logits0.clone().requires_grad_(True)
-            logp = torch.log_softmax(logits, -1)[torch.arange(T)[None, :].expand(B, T), tokens]  # (B, T)
-            (A * logp * sel).sum().backward()
-            return float(logits.grad.norm())
-
-        full = norm_of(mask)
-        top.append(norm_of(top_score_tokens(A.abs() * H, mask, frac)) / full)
-        r = torch.rand(B, T, generator=g, dtype=torch.float64)
-        rand.append(norm_of(top_score_tokens(r, mask, frac)) / full)
+        policy = PositionTable(scale * torch.randn(T, arms, generator=g, dtype=torch.float64), g)
+        score = lambda b: b.replace(rewards=torch.zeros(b.batch_size, dtype=torch.float64))  # noqa: E731
+        random_adv = lambda b: torch.randn(b.batch_size, generator=g, dtype=torch.float64)  # noqa: E731  A (B,)
+        full_loop = Loop(policy, score, random_adv, ClippedPolicyLoss(aggregation="token_mean"), group_size=B)
+        batch = full_loop.collect([{"prompt": "sequence"}]).kept
+        top_loop = Loop(policy, score, random_adv, D3STokenLoss(k_init=frac, k_final=frac, warmup_steps=0), group_size=B)
+        rand_loop = Loop(policy, score, random_adv, ClippedPolicyLoss(aggregation="token_mean"),
+                         methods=[RandomTokens(frac, g)], group_size=B)
+        full = grad_norm(full_loop, batch)
+        top.append(grad_norm(top_loop, batch) * kept_over_all / full)
+        rand.append(grad_norm(rand_loop, batch) / full)
     return torch.tensor(top), torch.tensor(rand)
 
 
@@ -147,6 +226,12 @@ Paper: "Learning More with Less: A Dynamic Dual-Level Down-Sampling Framework fo
 | token level: share of the full gradient norm kept by the top 20% tokens by abs(A)·H vs 20% random | (shown) | top ≥ random in {tok_wins:.1%}; median share {float(top.median()):.2f} vs {float(rtok.median()):.2f} |
 
 Verdict: `{line}`
+
+The gradient norms are measured through the library's loop (`common.loop.Loop` + `Stepper`, one update with
+SGD lr 0 per subset on one rollout): a linear-softmax `Policy` with `D3SSampleSelector` as the loop's selector (the
+random and max-Var(R) subsets are drawn from the same rollout), and a per-position sequence `Policy` with
+`D3STokenLoss` as the loss (its token-mean over the ⌈0.2·N⌉ kept tokens rescaled to a sum) against the full batch
+and a random-token `Method` part.
 
 What this tests: the paper's mechanism (the subset of maximal advantage variance gives larger gradient norms
 than a random subset, and the selection is exact and cheap). The PODS comparison picks rows by reward variance
