@@ -9,7 +9,7 @@ Checks of shared/methods/text.md §17 (e), on the library's ``serr_rewards`` / `
 Plus a bandit for the ablation's direction (paper: AIME24 47.50 with CCR vs 35.62 without): 8 one-token bandits with
 20 answers, one correct, P(correct) = 0.05 at start, G = 4 (an all-wrong group with probability 0.81), policy
 gradient on the logits (SGD lr 1.0, loss −mean A log π), 150 steps, 20 seeds; GRPO vs GRPO + CCR (k = 2; Eq. 3 with
-α = 1, λ = 1e-6), trained through the library's loop (``common.loop.Loop`` over a tabular ``Policy`` defined here,
+α = 1, λ = 1e-6), trained through the library's loop (``common.loop.Loop`` over ``common.policies.toy.TabularPolicy``,
 CCR as the loop's selector). Claim reproduced when (1) and (2) hold exactly and CCR reaches mean P(correct) >= 0.5 in fewer steps,
 by more than two standard errors of the difference.
 
@@ -26,7 +26,7 @@ from common.advantages.group import grpo
 from common.batch import RolloutBatch
 from common.loop import Loop, Stepper
 from common.losses.ppo_clip import ClippedPolicyLoss
-from common.policies.base import Policy, PolicyOutput
+from common.policies.toy import TabularPolicy
 from common.rewards.entropy_rank import serr_rewards
 from common.sampling.replay import CrossContextReplay
 
@@ -57,36 +57,6 @@ def check_ccr() -> tuple[bool, list[float], list[float]]:
     return ok, without.tolist(), out.advantages.tolist()
 
 
-class TabularPolicy(Policy):
-    """One free logit row per prompt, θ (PROMPTS, K) (a tabular softmax, one bandit per prompt; T = 1).
-
-    Prompts are dicts ``{"prompt": "q<i>", "index": i}``; the row's prompt index travels in
-    ``batch.inputs["prompt"]`` (B,), so rows the replay buffer brings back are scored under the current θ.
-    Sampling uses the script's generator (G draws per prompt with replacement, row p·G + j is draw j of prompt p).
-    """
-
-    def __init__(self, logits: torch.Tensor, generator: torch.Generator):
-        super().__init__()
-        self.logits = torch.nn.Parameter(logits)  # (PROMPTS, K)
-        self.generator, self.horizon = generator, 1
-
-    @torch.no_grad()
-    def rollout(self, prompts, n, *, greedy=False):
-        idx = torch.tensor([p["index"] for p in prompts])  # (P,)
-        probs = torch.softmax(self.logits[idx], 1)  # (P, K)
-        a = torch.multinomial(probs, n, replacement=True, generator=self.generator).flatten()  # (B,)
-        one = torch.ones(a.shape[0], 1, dtype=torch.bool)
-        return RolloutBatch(completion_ids=a[:, None], completion_mask=one,
-                            group_ids=torch.arange(len(prompts)).repeat_interleave(n),
-                            inputs={"prompt": idx.repeat_interleave(n)}, samples=[dict(p) for p in prompts for _ in range(n)],
-                            completions=[str(int(x)) for x in a])
-
-    def forward(self, batch, *, epoch=0, reference=False, hidden=False):
-        logp = torch.log_softmax(self.logits[batch.inputs["prompt"]], 1)  # (B, K)
-        m = batch.completion_mask  # (B, 1)
-        return PolicyOutput(logp.gather(1, batch.completion_ids) * m, -(logp.exp() * logp).sum(-1, keepdim=True) * m)
-
-
 def run(use_ccr: bool, seed: int) -> torch.Tensor:
     """GRPO (or GRPO + CCR as the step-5 selector) through the library's loop (``common.loop.Loop``) on a
     ``TabularPolicy``: G samples for each prompt, on-policy clipped surrogate (ratio 1: gradient −mean A ∇log π over
@@ -95,7 +65,10 @@ def run(use_ccr: bool, seed: int) -> torch.Tensor:
     correct_answer = torch.randint(0, K, (PROMPTS,), generator=gen)
     logits = torch.zeros(PROMPTS, K, dtype=torch.float64)
     logits[torch.arange(PROMPTS), correct_answer] = torch.log(torch.tensor(P0 / ((1 - P0) / (K - 1)), dtype=torch.float64))
-    policy = TabularPolicy(logits, gen)
+    policy = TabularPolicy(PROMPTS, K).double()
+    policy.generator = gen
+    with torch.no_grad():
+        policy.logits.copy_(logits)
 
     def score(b: RolloutBatch) -> RolloutBatch:
         correct = b.completion_ids[:, 0] == correct_answer[b.inputs["prompt"]]  # (B,)
@@ -166,7 +139,7 @@ direction of the CCR ablation.
 
 Bandit: {PROMPTS} one-token bandits, {K} answers, one correct, P(correct) = {P0} at start, G = {G} (all wrong with
 probability {(1 - P0) ** G:.2f}), policy gradient through the library's loop (`common.loop.Loop`, a tabular
-`Policy` defined in the script, CCR as its selector, `ClippedPolicyLoss` on-policy), SGD lr {LR}, {STEPS} steps;
+`common.policies.toy.TabularPolicy`, CCR as its selector, `ClippedPolicyLoss` on-policy), SGD lr {LR}, {STEPS} steps;
 CCR with k = 2 injects the two most recent past responses of the opposite outcome into each uniform group.
 
 ![bandit and SERR](r3.png)

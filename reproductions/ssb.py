@@ -6,7 +6,7 @@ Check of shared/methods/text.md §19 (e): toy GRPO on 1-token bandits. 8 prompts
 one correct (P(correct) = 0.3 at start); each step samples G = 8 answers per prompt (B = 64), GRPO advantages (the
 library's ``grpo``), a policy-gradient step on the logits (SGD, lr 1.0, loss −mean A log π). With SSB (the library's
 ``SelectiveSampleBuffer``, min_nonzero 32 = half the batch, capacity 256) replayed rows enter the same loss with their
-stored advantage. Trained through the library's loop (``common.loop.Loop`` over a tabular ``Policy`` defined here,
+stored advantage. Trained through the library's loop (``common.loop.Loop`` over ``common.policies.toy.TabularPolicy``,
 the buffer as the loop's selector). 150 steps, 10 seeds. Claim reproduced when (a) without SSB the non-zero-advantage share of the last
 50 updates is below 0.4, (b) with SSB (reuse, max age 20) at least 95% of updates after step 10 have >= 32 informative rows, (c) every
 row that ever entered the buffer had A != 0, and (d) replay draws follow abs(A) (chi-square, p > 0.001).
@@ -26,39 +26,13 @@ from common.advantages.group import grpo
 from common.batch import RolloutBatch
 from common.loop import Loop, Stepper
 from common.losses.ppo_clip import ClippedPolicyLoss
-from common.policies.base import Policy, PolicyOutput
+from common.policies.toy import TabularPolicy
 from common.sampling.buffer import SelectiveSampleBuffer
 
 PROMPTS, K, G, STEPS, SEEDS, LR, P0, TARGET, WARMUP = 8, 10, 8, 150, 10, 1.0, 0.3, 32, 10
 
 
 VARIANTS = {"GRPO": None, "SSB (single use)": dict(consume=True), "SSB (reuse, max age 20)": dict(consume=False, max_age=20)}
-
-
-class TabularPolicy(Policy):
-    """One free logit row per prompt, θ (PROMPTS, K) (a tabular softmax, one bandit per prompt; T = 1).
-
-    Prompts are dicts ``{"index": i}``; the row's prompt index travels in ``batch.inputs["prompt"]`` (B,), so rows
-    the buffer brings back are scored under the current θ. Sampling uses the script's generator (G draws per prompt
-    with replacement; row p·G + j is draw j of prompt p).
-    """
-
-    def __init__(self, logits: torch.Tensor, generator: torch.Generator):
-        super().__init__()
-        self.logits = torch.nn.Parameter(logits)  # (PROMPTS, K)
-        self.generator, self.horizon = generator, 1
-
-    @torch.no_grad()
-    def rollout(self, prompts, n, *, greedy=False):
-        idx = torch.tensor([p["index"] for p in prompts])  # (P,)
-        a = torch.multinomial(torch.softmax(self.logits[idx], 1), n, replacement=True, generator=self.generator).flatten()
-        return RolloutBatch(completion_ids=a[:, None], completion_mask=torch.ones(a.shape[0], 1, dtype=torch.bool),
-                            group_ids=torch.arange(len(prompts)).repeat_interleave(n), inputs={"prompt": idx.repeat_interleave(n)})
-
-    def forward(self, batch, *, epoch=0, reference=False, hidden=False):
-        logp = torch.log_softmax(self.logits[batch.inputs["prompt"]], 1)  # (B, K)
-        m = batch.completion_mask  # (B, 1)
-        return PolicyOutput(logp.gather(1, batch.completion_ids) * m, -(logp.exp() * logp).sum(-1, keepdim=True) * m)
 
 
 def run(variant: str, seed: int) -> dict[str, torch.Tensor]:
@@ -70,7 +44,10 @@ def run(variant: str, seed: int) -> dict[str, torch.Tensor]:
     logits = torch.zeros(PROMPTS, K, dtype=torch.float64)
     boost = torch.log(torch.tensor(P0 / ((1 - P0) / (K - 1)), dtype=torch.float64))
     logits[torch.arange(PROMPTS), correct] = boost  # P(correct) = 0.3
-    policy = TabularPolicy(logits, gen)
+    policy = TabularPolicy(PROMPTS, K).double()
+    policy.generator = gen
+    with torch.no_grad():
+        policy.logits.copy_(logits)
     opts = VARIANTS[variant]
     ssb = SelectiveSampleBuffer(min_nonzero=TARGET, capacity=256, **opts) if opts is not None else None
     score = lambda b: b.replace(rewards=(b.completion_ids[:, 0] == correct[b.inputs["prompt"]]).double())  # noqa: E731
@@ -157,7 +134,7 @@ Claim (paper, via secondary summaries): as GRPO improves, the share of samples w
 ~60% to <40%); a buffer of A != 0 samples re-introduced into later updates keeps them informative (>10% training
 efficiency early). Check (shared/methods/text.md §19 (e)): toy GRPO on {PROMPTS} one-token bandits ({K} answers, one
 correct, P(correct) = {P0} at start), G = {G}, B = {PROMPTS * G}, policy gradient
-through the library's loop (`common.loop.Loop`, a tabular `Policy` defined in the script, the buffer as its
+through the library's loop (`common.loop.Loop`, `common.policies.toy.TabularPolicy`, the buffer as its
 selector, `ClippedPolicyLoss` on-policy; SGD lr {LR}); the library's `SelectiveSampleBuffer` (min_nonzero {TARGET}, capacity 256, draws ∝ abs(A)), in two readings of the
 paper: replayed rows removed (single use) or kept until 20 steps old (reuse; the recipe's setting).
 {STEPS} steps, {SEEDS} seeds.

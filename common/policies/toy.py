@@ -190,3 +190,52 @@ class GaussianPolicy(_ToyPolicy):
               - 0.5 * self.dim * math.log(2 * math.pi))  # (B, T)
         entropy = (self.dim * (log_std + 0.5 * math.log(2 * math.pi * math.e))).expand_as(lp)  # (B, T)
         return PolicyOutput(lp * m, entropy * m)
+
+
+class _Table(nn.Module):
+    """A free logit table θ (num_prompts, K)."""
+
+    def __init__(self, num_prompts: int, num_actions: int):
+        super().__init__()
+        self.logits = nn.Parameter(torch.zeros(num_prompts, num_actions))
+
+
+class TabularPolicy(_ToyPolicy):
+    """One free logit row per prompt, θ (num_prompts, K): π(a | prompt i) = softmax(θ_i)_a (a bandit per prompt; T = 1).
+
+    Prompts are dicts with an ``"index"`` i in [0, num_prompts); the row's index travels in ``batch.inputs["prompt"]``
+    (B,), so rows a replay buffer brings back are scored under the current θ. Row p·n + j is draw j of prompt p, drawn
+    with replacement from ``generator`` (a script's own stream) or the global RNG (``generator`` None).
+
+    Args:
+        num_prompts: rows of θ.
+        num_actions: K.
+    """
+
+    def __init__(self, num_prompts: int = 8, num_actions: int = 4):
+        super().__init__()
+        if num_prompts < 1 or num_actions < 2:
+            raise ValueError(f"TabularPolicy needs num_prompts >= 1 and num_actions >= 2, got {num_prompts}, {num_actions}")
+        self.net, self.reference, self.horizon = _Table(num_prompts, num_actions), None, 1
+        self.generator: torch.Generator | None = None
+
+    @property
+    def logits(self) -> Tensor:  # (num_prompts, K) θ
+        return self.net.logits
+
+    @torch.no_grad()
+    def rollout(self, prompts: Sequence[dict], n: int, *, greedy: bool = False) -> RolloutBatch:
+        idx = torch.tensor([p["index"] for p in prompts], device=self.device)  # (P,)
+        probs = torch.softmax(self.logits[idx], 1)  # (P, K)
+        a = (probs.argmax(1, keepdim=True).expand(-1, n) if greedy
+             else torch.multinomial(probs, n, replacement=True, generator=self.generator)).flatten()  # (B,)
+        return RolloutBatch(completion_ids=a[:, None], completion_mask=torch.ones(a.shape[0], 1, dtype=torch.bool, device=a.device),
+                            group_ids=torch.arange(len(prompts), device=a.device).repeat_interleave(n),
+                            inputs={"prompt": idx.repeat_interleave(n)}, samples=[dict(p) for p in prompts for _ in range(n)],
+                            completions=[str(int(x)) for x in a])
+
+    def forward(self, batch: RolloutBatch, *, epoch: int = 0, reference: bool = False, hidden: bool = False) -> PolicyOutput:
+        table = (self.reference if reference else self.net).logits
+        logp = torch.log_softmax(table[batch.inputs["prompt"]], 1)  # (B, K)
+        m = batch.completion_mask  # (B, 1)
+        return PolicyOutput(logp.gather(1, batch.completion_ids) * m, -(logp.exp() * logp).sum(-1, keepdim=True) * m)

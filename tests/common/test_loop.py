@@ -18,7 +18,7 @@ from common.losses.ppo_clip import ClippedPolicyLoss
 from common.methods.base import Method
 from common.models import TinyLlama
 from common.policies.causal_lm import CausalLMPolicy
-from common.policies.toy import CategoricalPolicy, GaussianPolicy
+from common.policies.toy import CategoricalPolicy, GaussianPolicy, TabularPolicy
 from common.rollout.base import Sampling
 from common.toy_tasks import Bandit, GaussianTarget
 from diffusion.dllm.model import TinyDiffusionLM
@@ -75,6 +75,8 @@ KINDS = {
                     lambda b: Bandit(4, 5).reward(b)),
     "gaussian": (lambda: GaussianPolicy(dim=3, steps=4), lambda n: GaussianTarget(3).prompts(n, 0),
                  lambda b: GaussianTarget(3).reward(b)),
+    "tabular": (lambda: TabularPolicy(num_prompts=4, num_actions=5), lambda n: [{"index": i % 4} for i in range(n)],
+                lambda b: (b.completion_ids[:, 0] == b.inputs["prompt"]).float()),
     # log-probs estimated with a random mask per inner epoch (the masked-diffusion LM's estimator)
     "seeded_mask": (lambda: CategoricalPolicy(context_dim=6, num_actions=5, mask_prob=0.5),
                     lambda n: Bandit(6, 5).prompts(n, 0), lambda b: Bandit(6, 5).reward(b)),
