@@ -35,6 +35,7 @@ from common.losses.ppo_clip import ClippedPolicyLoss
 from common.methods.base import Method
 from common.ops import masked_mean
 from common.policies.base import Policy
+from common.predict import PredictBatch, prediction_records
 from common.rewards.base import RewardFunction, reward_name, score_components
 from common.rng import load_rank_states, save_rank_states, seed_rank
 from common.schedules import lr_scheduler, schedule_problems
@@ -187,6 +188,15 @@ class PolicyOptimizationModule(L.LightningModule):
         opt = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay)
         sched = lr_scheduler(opt, self.lr_schedule, self.warmup_steps, self.total_steps or getattr(self._trainer, "max_steps", None))
         return opt if sched is None else {"optimizer": opt, "lr_scheduler": sched}
+
+    # ------------------------------------------------------------------ advlab predict (common/predict.py)
+    def predict_step(self, batch: PredictBatch, batch_idx: int) -> list[dict]:
+        """``n`` completions of every prompt of the batch (greedy or sampled with the policy's sampling settings),
+        scored by the reward functions and ``verify`` when the batch asks: one JSON-ready record per completion."""
+        rollouts = self.policy.rollout(batch.samples, batch.n, greedy=batch.greedy)
+        if batch.score:
+            rollouts = self.score(rollouts)
+        return prediction_records(batch, rollouts)
 
     # ------------------------------------------------------------------ data parallelism, checkpointed RNG
     def setup(self, stage: str) -> None:
