@@ -39,6 +39,7 @@ from common.batch import RolloutBatch, check_requirements
 from common.losses.aggregate import Normaliser
 from common.losses.base import LossOutput, PolicyLoss
 from common.losses.kl import kl_estimate
+from common.losses.kl_control import KLController, as_controller
 from common.methods.base import Method
 from common.policies.base import Policy
 from common.sampling.base import Selector
@@ -123,7 +124,8 @@ class Loop:
         mu: epochs over each rollout batch.
         minibatch_size: rows per optimiser step (None = the whole batch).
         micro_batch_size: rows per forward/backward (None = the whole minibatch).
-        kl_in_reward: coefficient of the per-sequence KL (k1) subtracted from the reward.
+        kl_in_reward: coefficient of the per-sequence KL (k1) subtracted from the reward, or a controller of it
+            (``common.losses.kl_control``: fixed, or adaptive to a target KL); logged as ``kl_coef``.
         max_generation_rounds: rounds of sampling, each from new prompts, while the selector wants more rows
             (DAPO's dynamic sampling; see :meth:`collect`).
         provided: RolloutBatch fields the domain fills (with the policy's and the methods' ``provides``, checked
@@ -136,7 +138,7 @@ class Loop:
     def __init__(self, policy: Policy, score: Callable[[RolloutBatch], RolloutBatch], advantage: AdvantageEstimator,
                  loss: PolicyLoss, selector: Selector | None = None, methods: Sequence[Method] = (), *, group_size: int = 8,
                  mu: int = 1, minibatch_size: int | None = None, micro_batch_size: int | None = None,
-                 kl_in_reward: float = 0.0, max_generation_rounds: int = 1, provided: Sequence[str] = (),
+                 kl_in_reward: float | KLController = 0.0, max_generation_rounds: int = 1, provided: Sequence[str] = (),
                  all_reduce: Callable[[Tensor], Tensor] | None = None):
         problems = []
         if group_size < 1:
@@ -162,11 +164,11 @@ class Loop:
         self.methods = list(methods)
         self.group_size, self.mu = group_size, mu
         self.minibatch_size, self.micro_batch_size = minibatch_size, micro_batch_size
-        self.kl_in_reward, self.max_generation_rounds = kl_in_reward, max_generation_rounds
+        self.kl_control, self.max_generation_rounds = as_controller(kl_in_reward), max_generation_rounds
         self.all_reduce = all_reduce
         if all_reduce is not None:
             advantage.all_reduce = all_reduce
-        self.needs_reference = loss.needs_reference or kl_in_reward > 0
+        self.needs_reference = loss.needs_reference or self.kl_control.active
         if self.needs_reference:
             policy.enable_reference()
         self.needs_hidden = any(m.needs_hidden for m in self.methods)
@@ -244,9 +246,10 @@ class Loop:
         if not self.needs_reference:
             return batch
         batch = batch.replace(ref_logprobs=self.logprobs(batch, reference=True))
-        if self.kl_in_reward > 0:
+        if self.kl_control.active:
             kl = (kl_estimate(self.logprobs(batch), batch.ref_logprobs, "k1") * batch.completion_mask).sum(1)  # (B,)
-            batch = batch.replace(rewards=batch.rewards - self.kl_in_reward * kl)
+            batch = batch.replace(rewards=batch.rewards - self.kl_control.coef.to(kl.device) * kl)
+            self.kl_control.observe(kl, self.all_reduce)  # an adaptive β moves toward its target KL
         return batch
 
     def old_logprobs(self, batch: RolloutBatch) -> Tensor:
@@ -286,7 +289,7 @@ class Loop:
                 totals["grad_norm"] = totals.get("grad_norm", 0.0) + stepper.step(mb_loss)
                 steps += 1
         self.policy.sync()
-        metrics = {k: v / steps for k, v in totals.items()}
+        metrics = {k: v / steps for k, v in totals.items()} | self.kl_control.metrics()
         batch = batch.replace(entropy=torch.cat(entropies))  # (B, T) under π_old, rows in rollout order
         for m in self.methods:
             metrics.update(m.after_update(self, batch))

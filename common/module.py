@@ -31,6 +31,7 @@ from common.data import ResumableData
 from common.distributed import all_reduce_sum
 from common.loop import Loop, Stepper
 from common.losses.base import PolicyLoss
+from common.losses.kl_control import KLController, as_controller
 from common.losses.ppo_clip import ClippedPolicyLoss
 from common.methods.base import Method
 from common.ops import masked_mean
@@ -59,7 +60,8 @@ class PolicyOptimizationModule(L.LightningModule):
         minibatch_size: rows per optimiser step (default: the whole rollout batch, one step per rollout).
         micro_batch_size: rows per forward/backward (gradient accumulation; does not change the result).
         kl_in_reward: coefficient of the per-sequence KL (k1) subtracted from the reward (0 = off; the
-            in-loss KL is the loss's ``beta``).
+            in-loss KL is the loss's ``beta``), or a controller (``common.losses.kl_control.AdaptiveKLController``:
+            β adapted to a target KL, checkpointed); logged as ``train/kl_coef``.
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
         lr_schedule, warmup_steps, total_steps: lr x linear warm-up, then constant / linear / cosine decay to 0 at
@@ -90,7 +92,7 @@ class PolicyOptimizationModule(L.LightningModule):
         mu: int = 1,
         minibatch_size: int | None = None,
         micro_batch_size: int | None = None,
-        kl_in_reward: float = 0.0,
+        kl_in_reward: float | KLController = 0.0,
         lr: float = 1e-5,
         weight_decay: float = 0.0,
         max_grad_norm: float = 1.0,
@@ -120,6 +122,7 @@ class PolicyOptimizationModule(L.LightningModule):
         self.advantage = advantage if advantage is not None else GRPO()
         self.loss_fn = loss if loss is not None else ClippedPolicyLoss()
         self.selector = selector
+        self.kl_control = as_controller(kl_in_reward)  # a submodule: an adaptive β is in the checkpoint
         self.methods = torch.nn.ModuleList(methods)
         self.group_size, self.mu = group_size, mu
         self.lr, self.weight_decay, self.max_grad_norm = lr, weight_decay, max_grad_norm
@@ -130,7 +133,7 @@ class PolicyOptimizationModule(L.LightningModule):
         self.register_buffer("reward_failures", torch.zeros((), dtype=torch.long))
         self.loop = Loop(self.policy, self.score, self.advantage, self.loss_fn, selector, list(self.methods),
                          group_size=group_size, mu=mu, minibatch_size=minibatch_size, micro_batch_size=micro_batch_size,
-                         kl_in_reward=kl_in_reward, max_generation_rounds=max_generation_rounds, provided=self.provides,
+                         kl_in_reward=self.kl_control, max_generation_rounds=max_generation_rounds, provided=self.provides,
                          all_reduce=all_reduce_sum)  # Σ over DDP ranks (Lightning's process group); identity on one
 
     def set_rewards(self, rewards: Sequence[RewardFunction], weights: Sequence[float] | None = None) -> None:
