@@ -36,6 +36,8 @@ class TextReasoningModule(PolicyOptimizationModule):
         lora: LoRA adapters (None = full fine-tuning; the reference is then the adapter switched off).
         share_prompt: run each group's prompt once in the update (exact; about G times fewer prompt tokens).
         logprob_chunk_size: rows per chunk of the chunked log-softmax.
+        gradient_checkpointing: recompute each decoder layer in the backward instead of keeping its activations
+            (less memory, about one more forward; exact, shared-prompt cache included).
         verifier: decides correctness (accuracy, pass@k); default the task's answer check. If ``rewards`` is
             empty the verifier is also the training reward.
         system_prompt: optional system message placed before every problem.
@@ -58,6 +60,7 @@ class TextReasoningModule(PolicyOptimizationModule):
         lora: LoRA | None = None,
         share_prompt: bool = True,
         logprob_chunk_size: int = 1024,
+        gradient_checkpointing: bool = False,
         verifier: RewardFunction | None = None,
         system_prompt: str | None = None,
         instruction: str = "",
@@ -69,7 +72,8 @@ class TextReasoningModule(PolicyOptimizationModule):
         if episode is not None and environment is None:
             raise ValueError("TextReasoningModule: episode limits are given but no environment")
         lm = CausalLMPolicy(policy if policy is not None else TinyLlama(), sampling, rollout_backend, lora,
-                            system_prompt, instruction, share_prompt, logprob_chunk_size)
+                            system_prompt, instruction, share_prompt, logprob_chunk_size,
+                            gradient_checkpointing=gradient_checkpointing)
         agent = lm if environment is None else MultiTurnAgentPolicy(lm, environment, episode)
         if verifier is None:
             verifier = TaskReward() if environment is None else EpisodeReturn()

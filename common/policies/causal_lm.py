@@ -3,17 +3,20 @@
 Everything the loop needs from a language model lives here: prompt encoding with the chat template (written once
 for every LM domain), generation through a backend (HF ``generate`` or vLLM), log-probs and entropies of the
 completion tokens by a chunked selective log-softmax (never a float32 ``(B, T, V)`` log-softmax), the shared-prompt
-key/value cache in the update, LoRA (the reference is the adapter switched off) and weight sync to the engine.
+key/value cache in the update, optional activation checkpointing of the decoder layers, LoRA (the reference is the
+adapter switched off) and weight sync to the engine.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Sequence
-from contextlib import nullcontext
+import functools
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from common.batch import RolloutBatch
@@ -37,19 +40,24 @@ class CausalLMPolicy(Policy):
         share_prompt: in the update, run each group's prompt once and expand its key/value cache to the group's
             rows (exact; about G times fewer prompt tokens). False = one plain forward per row.
         logprob_chunk_size: rows per chunk of the chunked log-softmax.
+        gradient_checkpointing: in a forward that builds a graph, keep only each decoder layer's inputs and
+            recompute the layer in the backward (Chen et al. 2016, arXiv 1604.06174): activation memory of about
+            one layer instead of all of them, for about one more forward. Exact, with the shared-prompt cache too
+            (see :func:`checkpointed_layers`).
     """
 
     provides = ("prompt_ids", "prompt_mask", "truncated", "behaviour_logprobs")
 
     def __init__(self, source: PolicySource, sampling: Sampling | None = None, backend: RolloutBackend | None = None,
                  lora: LoRA | None = None, system_prompt: str | None = None, instruction: str = "",
-                 share_prompt: bool = True, logprob_chunk_size: int = 1024):
+                 share_prompt: bool = True, logprob_chunk_size: int = 1024, gradient_checkpointing: bool = False):
         super().__init__()
         self.source, self.lora = source, lora
         self.sampling = sampling if sampling is not None else Sampling()
         self.backend = backend if backend is not None else HFBackend()
         self.system_prompt, self.instruction = system_prompt, instruction
         self.share_prompt, self.logprob_chunk_size = share_prompt, logprob_chunk_size
+        self.gradient_checkpointing = gradient_checkpointing
         self.model, self.tokenizer = source.load()
         # Dropout stays off (eval mode) throughout: the ratio π/π_old must be exactly 1 on the first pass, and
         # sampling, old and reference log-probs must see the same function.
@@ -115,7 +123,8 @@ class CausalLMPolicy(Policy):
         """Log-probs and entropies of the completion tokens at the sampling temperature, with logits only at
         completion positions. Shapes: -> (B, T), (B, T) float32, 0 off the mask; hidden (B, T, H) if asked for."""
         model, context = self.weights(reference)
-        with context:
+        checkpointing = checkpointed_layers(model) if self.gradient_checkpointing and torch.is_grad_enabled() else nullcontext()
+        with context, checkpointing:
             h = self.completion_hidden(model, batch)  # (B, T, H): hidden states that predict the completion tokens
             m = batch.completion_mask  # (B, T)
             head = model.get_output_embeddings()
@@ -179,4 +188,65 @@ class CausalLMPolicy(Policy):
         return f"source={type(self.source).__name__}, lora={self.lora is not None}, backend={type(self.backend).__name__}"
 
 
-__all__ = ["CausalLMPolicy"]
+def _cache_state(cache) -> tuple[list, list[dict]]:
+    """A shallow snapshot of a transformers ``Cache``: its layer objects and each one's attributes (tensor refs)."""
+    layers = list(cache.layers)
+    return layers, [dict(layer.__dict__) for layer in layers]
+
+
+def _restore_cache(cache, state: tuple[list, list[dict]]) -> None:
+    layers, attrs = state
+    cache.layers[:] = layers
+    for layer, a in zip(layers, attrs):
+        layer.__dict__.clear()
+        layer.__dict__.update(a)
+
+
+def _checkpointed(forward, *args, **kwargs):
+    """``forward(*args, **kwargs)`` under non-reentrant activation checkpointing, replay-safe for a KV cache.
+
+    A decoder layer appends its keys/values to ``past_key_values`` as it runs; the backward's recompute runs it
+    again, which would append them a second time (and attend over prefix + new + new). The cache is therefore
+    put back as this layer's first call found it before every replay, so the recompute sees exactly what the
+    first call saw (torch's determinism check would also refuse a replay whose tensors differ in shape).
+    """
+    cache = kwargs.get("past_key_values")
+    before: list = []
+
+    def run(*a, **kw):
+        if cache is not None:
+            if before:
+                _restore_cache(cache, before[0])  # a replay in the backward
+            else:
+                before.append(_cache_state(cache))
+        return forward(*a, **kw)
+
+    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+
+@contextmanager
+def checkpointed_layers(model: nn.Module) -> Iterator[None]:
+    """Run every decoder layer of ``model`` (transformers' ``GradientCheckpointingLayer``s) under activation
+    checkpointing while the context is open.
+
+    transformers' own ``gradient_checkpointing_enable`` is not used: it acts only in training mode (the policy
+    stays in eval mode, dropout off, so π/π_old is exactly 1 on the first pass) and it drops the key/value cache,
+    which the shared-prompt path needs. Non-reentrant checkpointing also gives LoRA adapters their gradients when
+    the frozen embeddings' output does not require grad.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise ValueError(f"gradient_checkpointing: {type(model).__name__} has no transformers decoder layers "
+                         "(GradientCheckpointingLayer) to checkpoint; expected a transformers causal LM")
+    for layer in layers:
+        layer.forward = functools.partial(_checkpointed, layer.forward)  # an instance attribute shadows the method
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
+__all__ = ["CausalLMPolicy", "checkpointed_layers"]
