@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from common.batch import RolloutBatch
@@ -57,6 +58,12 @@ class Policy(nn.Module):
         """Make ``forward(..., reference=True)`` available (a frozen copy, or the adapter switched off)."""
         raise NotImplementedError(f"{type(self).__name__} has no reference policy")
 
+    def refresh_reference(self, alpha: float = 1.0, *, dry_run: bool = False) -> None:
+        """Move the reference toward the current weights, ref <- alpha·θ + (1 − alpha)·ref (alpha = 1 copies; TRL's
+        ``sync_ref_model``, TR-DPO, Gorbatovski et al. 2024, arXiv 2404.09656). ``dry_run``: only raise (naming
+        the argument at fault) if this policy cannot, checked once at start-up. ``mix_weights_`` does the mixing."""
+        raise NotImplementedError(f"{type(self).__name__} cannot refresh its reference policy (no refresh_reference)")
+
     def sync(self) -> None:
         """Push the current weights to the rollout engine (a no-op when it samples from these weights)."""
 
@@ -64,3 +71,22 @@ class Policy(nn.Module):
         """log π of the batch's actions as the rollout engine computes them (B, T): the conformance test compares
         them with ``forward`` after an optimiser step, so a sync that binds nothing fails."""
         return self(batch).logprobs
+
+
+@torch.no_grad()
+def mix_weights_(reference: nn.Module, current: nn.Module, alpha: float) -> None:
+    """In place: every floating parameter and buffer of ``reference`` <- alpha · current's + (1 − alpha) · its own
+    (alpha = 1: an exact copy). The two modules must have the same structure (a deep copy); tied weights are mixed
+    once (``named_parameters`` lists a shared tensor once)."""
+    if not 0 < alpha <= 1:
+        raise ValueError(f"alpha must be in (0, 1] (the weight of the current policy in the mix), got {alpha}")
+    for kind in ("named_parameters", "named_buffers"):
+        mine, theirs = dict(getattr(reference, kind)()), dict(getattr(current, kind)())
+        if mine.keys() != theirs.keys():
+            raise ValueError(f"mix_weights_: the reference's {kind[6:]} differ from the policy's "
+                             f"({sorted(mine.keys() ^ theirs.keys())[:3]}...); expected a copy of the same network")
+        for name, r in mine.items():
+            if not r.is_floating_point():
+                continue
+            p = theirs[name].to(r.dtype)
+            r.copy_(p) if alpha == 1 else r.lerp_(p, alpha)  # r + α (p − r)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from common.batch import RolloutBatch
 from common.losses.logprobs import token_logprobs
 from common.models import LoRA, PolicySource
-from common.policies.base import Policy, PolicyOutput
+from common.policies.base import Policy, PolicyOutput, mix_weights_
 from common.rollout.base import RolloutBackend, Sampling
 from common.rollout.hf import HFBackend
 
@@ -108,6 +108,19 @@ class CausalLMPolicy(Policy):
     def enable_reference(self) -> None:
         if self.lora is None and self.reference is None:
             self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+
+    def refresh_reference(self, alpha: float = 1.0, *, dry_run: bool = False) -> None:
+        """ref <- alpha·θ + (1 − alpha)·ref (see :meth:`Policy.refresh_reference`). Under LoRA the reference is the
+        base model with the adapter off, which cannot move without merging the adapter: refused (as TRL refuses
+        ``sync_ref_model`` with PEFT)."""
+        if self.lora is not None:
+            raise ValueError("a reference refresh needs a separate reference model, but with `lora` set the reference is "
+                             "the base model with the adapter switched off; train without lora (full fine-tuning) or "
+                             "remove the refresh from `methods` (TRL refuses sync_ref_model with PEFT too)")
+        if self.reference is None:
+            raise RuntimeError("CausalLMPolicy: refresh_reference() called before enable_reference()")
+        if not dry_run:
+            mix_weights_(self.reference, self.model, alpha)
 
     def weights(self, reference: bool = False):
         """(model, context): the network to run, and the context it runs in (the adapter off for a LoRA reference)."""
