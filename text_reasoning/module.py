@@ -36,6 +36,9 @@ class TextReasoningModule(PolicyOptimizationModule):
         lora: LoRA adapters (None = full fine-tuning; the reference is then the adapter switched off).
         share_prompt: run each group's prompt once in the update (exact; about G times fewer prompt tokens).
         logprob_chunk_size: rows per chunk of the chunked log-softmax.
+        chat_template_kwargs: variables for the chat template (e.g. ``{enable_thinking: false}``), passed to
+            ``apply_chat_template``.
+        chat_template: a Jinja chat template string, or the path of a file holding one, instead of the tokenizer's.
         gradient_checkpointing: recompute each decoder layer in the backward instead of keeping its activations
             (less memory, about one more forward; exact, shared-prompt cache included).
         verifier: decides correctness (accuracy, pass@k); default the task's answer check. If ``rewards`` is
@@ -67,13 +70,16 @@ class TextReasoningModule(PolicyOptimizationModule):
         val_pass_k: int = 0,
         environment: Environment | None = None,
         episode: EpisodeLimits | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        chat_template: str | None = None,
         **kwargs: Any,
     ):
         if episode is not None and environment is None:
             raise ValueError("TextReasoningModule: episode limits are given but no environment")
         lm = CausalLMPolicy(policy if policy is not None else TinyLlama(), sampling, rollout_backend, lora,
                             system_prompt, instruction, share_prompt, logprob_chunk_size,
-                            gradient_checkpointing=gradient_checkpointing)
+                            gradient_checkpointing=gradient_checkpointing,
+                            chat_template_kwargs=chat_template_kwargs, chat_template=chat_template)
         agent = lm if environment is None else MultiTurnAgentPolicy(lm, environment, episode)
         if verifier is None:
             verifier = TaskReward() if environment is None else EpisodeReturn()

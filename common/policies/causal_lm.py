@@ -14,6 +14,8 @@ import dataclasses
 import functools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.utils.checkpoint
@@ -25,6 +27,41 @@ from common.models import LoRA, PolicySource
 from common.policies.base import Policy, PolicyOutput, mix_weights_
 from common.rollout.base import RolloutBackend, Sampling
 from common.rollout.hf import HFBackend
+
+
+# apply_chat_template's own arguments: a template variable of the same name would be taken as one of them
+_TEMPLATE_ARGS = frozenset({"conversation", "tools", "documents", "chat_template", "add_generation_prompt",
+                            "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
+                            "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs", "messages"})
+
+
+def check_template_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """``chat_template_kwargs`` as a dict of template variables; keys that are apply_chat_template's own arguments
+    are refused (they would not reach the template)."""
+    kwargs = dict(kwargs or {})
+    bad = sorted(k for k in kwargs if not isinstance(k, str) or k in _TEMPLATE_ARGS)
+    if bad:
+        raise ValueError(f"chat_template_kwargs: {bad} are apply_chat_template's own arguments, not template variables "
+                         "(expected names the template reads, e.g. enable_thinking)")
+    return kwargs
+
+
+def read_template(template: str | None) -> str | None:
+    """``chat_template``: a Jinja string (it contains ``{{`` or ``{%``) or the path of a file holding one."""
+    if template is None:
+        return None
+    if not isinstance(template, str) or not template.strip():
+        raise ValueError(f"chat_template must be a Jinja template string or a file path, got {template!r}")
+    if "{{" in template or "{%" in template:
+        return template
+    path = Path(template).expanduser()
+    if not path.is_file():
+        raise ValueError(f"chat_template: {template!r} is neither a file nor a Jinja template (no '{{{{' or '{{%'); "
+                         "expected the path of a template file or the template itself")
+    text = path.read_text(encoding="utf-8")
+    if "{{" not in text and "{%" not in text:
+        raise ValueError(f"chat_template: the file {str(path)!r} holds no Jinja template (no '{{{{' or '{{%')")
+    return text
 
 
 class CausalLMPolicy(Policy):
@@ -40,6 +77,10 @@ class CausalLMPolicy(Policy):
         share_prompt: in the update, run each group's prompt once and expand its key/value cache to the group's
             rows (exact; about G times fewer prompt tokens). False = one plain forward per row.
         logprob_chunk_size: rows per chunk of the chunked log-softmax.
+        chat_template_kwargs: extra variables for the chat template, passed to ``apply_chat_template`` (e.g.
+            ``{enable_thinking: false}`` for Qwen3-style templates); the template reads them by name.
+        chat_template: a Jinja chat template (a string containing ``{{`` or ``{%``) or the path of a file holding one,
+            used instead of the tokenizer's own (None = the tokenizer's).
         gradient_checkpointing: in a forward that builds a graph, keep only each decoder layer's inputs and
             recompute the layer in the backward (Chen et al. 2016, arXiv 1604.06174): activation memory of about
             one layer instead of all of them, for about one more forward. Exact, with the shared-prompt cache too
@@ -50,7 +91,8 @@ class CausalLMPolicy(Policy):
 
     def __init__(self, source: PolicySource, sampling: Sampling | None = None, backend: RolloutBackend | None = None,
                  lora: LoRA | None = None, system_prompt: str | None = None, instruction: str = "",
-                 share_prompt: bool = True, logprob_chunk_size: int = 1024, gradient_checkpointing: bool = False):
+                 share_prompt: bool = True, logprob_chunk_size: int = 1024, gradient_checkpointing: bool = False,
+                 *, chat_template_kwargs: dict[str, Any] | None = None, chat_template: str | None = None):
         super().__init__()
         self.source, self.lora = source, lora
         self.sampling = sampling if sampling is not None else Sampling()
@@ -59,6 +101,13 @@ class CausalLMPolicy(Policy):
         self.share_prompt, self.logprob_chunk_size = share_prompt, logprob_chunk_size
         self.gradient_checkpointing = gradient_checkpointing
         self.model, self.tokenizer = source.load()
+        self.chat_template_kwargs, self.chat_template = check_template_kwargs(chat_template_kwargs), read_template(chat_template)
+        if self.chat_template is not None or self.chat_template_kwargs:
+            try:  # a template that does not render fails here, naming the option, not at the first step
+                self.prompt_texts([{"prompt": "1 + 1"}])
+            except Exception as err:  # jinja2's TemplateError, or what the template raises itself
+                raise ValueError(f"chat_template / chat_template_kwargs: the chat template does not render a user "
+                                 f"message: {type(err).__name__}: {str(err)[:300]}") from None
         # Dropout stays off (eval mode) throughout: the ratio π/π_old must be exactly 1 on the first pass, and
         # sampling, old and reference log-probs must see the same function.
         self.model.eval()
@@ -86,7 +135,8 @@ class CausalLMPolicy(Policy):
         for s in samples:
             messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
             messages.append({"role": "user", "content": s[key] + self.instruction})
-            texts.append(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+            texts.append(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                            chat_template=self.chat_template, **self.chat_template_kwargs))
         return texts
 
     def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, n: int, *, greedy: bool = False,
