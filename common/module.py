@@ -206,6 +206,11 @@ class PolicyOptimizationModule(L.LightningModule):
         if stage == "fit":  # each DDP rank samples with its own seed (common.rng.seed_rank)
             seed_rank(self.trainer.world_size, self.trainer.global_rank)
 
+    def on_fit_start(self) -> None:
+        for fn in self.reward_fns:  # a reward that holds a model (common.rewards.model) scores on the trainer's device
+            if isinstance(fn, torch.nn.Module):
+                fn.to(self.device)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         save_rank_states(checkpoint)  # every rank's RNG states, so a resumed run samples what it would have
 
