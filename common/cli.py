@@ -6,10 +6,16 @@ YAML (jsonargparse ``class_path``/``init_args``); there is no registry. The mode
 speculative's draft modules). TensorBoard is the default logger and Lightning's ModelCheckpoint is on.
 ``--evaluate true`` validates before and after ``fit`` and prints the change of held-out accuracy (from the
 module's ``val_history`` of (step, accuracy, problems), where it keeps one).
+
+``advlab predict --config X --ckpt_path Y --output out.jsonl [--prompts FILE | --split val]
+[--n 4 --greedy false]`` writes completions as JSONL (common/predict.py). ``advlab export --config X
+--ckpt_path Y --output DIR`` writes a Hugging Face model folder (common/export.py). There is no ``advlab test``: held-out
+evaluation is ``advlab validate --ckpt_path Y`` (greedy accuracy on the recipe's validation split).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import sys
 
@@ -18,9 +24,22 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from common.checkpoint import AtomicCheckpointIO
+from common.predict import JSONLPredictionWriter, PredictOptions, PromptData, read_prompts
 
 
 class AdvlabCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit, validate and predict (``test`` is left out: the recipes have no test split; ``validate`` evaluates)."""
+        return {k: v for k, v in LightningCLI.subcommands().items() if k != "test"}
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs):
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "predict":  # what to generate and where to write it (common/predict.py)
+            parser.add_class_arguments(PredictOptions, None, instantiate=False)
+            parser.set_defaults({"return_predictions": False})  # the writer streams them to the file
+        return parser
+
     def add_arguments_to_parser(self, parser) -> None:
         # Validation need not run during fit, so checkpoint on training steps: last.ckpt every 50 optimiser
         # steps and at the end of fit (`--checkpoint.every_n_train_steps` to change).
@@ -47,12 +66,42 @@ class AdvlabCLI(LightningCLI):
                      "methods); set --model.init_args.lr, lr_schedule (constant|linear|cosine), warmup_steps, total_steps")
         if given == ["lr_scheduler"]:
             sys.exit("advlab: --lr_scheduler without --optimizer is ignored by LightningCLI; give --optimizer too")
+        if self.subcommand == "predict":  # bad options and prompt files fail here, before a model is loaded
+            opts = self._predict_options = PredictOptions(**{f.name: config.get(f.name) for f in dataclasses.fields(PredictOptions)})
+            problems = opts.problems()
+            if problems:
+                sys.exit(f"advlab predict: {problems[0]}")
+            try:
+                self._predict_samples = read_prompts(opts.prompts, opts.column) if opts.prompts else None
+            except (OSError, ValueError) as e:
+                sys.exit(f"advlab predict: {e}")
 
     def instantiate_trainer(self, **kwargs):
         # Checkpoints are written atomically unless the user configured their own checkpoint IO.
         if not self._get(self.config_init, "trainer", default={}).get("plugins"):
             kwargs["plugins"] = [AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
+
+    def before_predict(self) -> None:
+        """Predict on the prompt file's rows, or on the recipe data module's split, through :class:`PromptData`; the
+        JSONL writer joins the trainer's callbacks."""
+        opts = self._predict_options
+        samples = self._predict_samples
+        if samples is None:
+            data = self.datamodule
+            data.setup("predict")
+            samples = list(getattr(data, f"{opts.split}_set", None) or [])
+            if not samples:
+                sys.exit(f"advlab predict: --split {opts.split!r}: {type(data).__name__} has no {opts.split}_set "
+                         "samples; give a prompt file with --prompts")
+        score = opts.score if opts.score is not None else all("answer" in s for s in samples)
+        self.datamodule = PromptData(samples, opts.batch_size, opts.n, opts.greedy, score)
+        self._writer = JSONLPredictionWriter(opts.output)
+        self.trainer.callbacks.append(self._writer)
+
+    def after_predict(self) -> None:
+        if self.trainer.is_global_zero:
+            print(f"advlab predict: {self._writer.summary()}")
 
     def _evaluate(self) -> bool:
         return self.subcommand == "fit" and bool(self.config["fit"].get("evaluate", False))
@@ -74,6 +123,13 @@ class AdvlabCLI(LightningCLI):
 
 
 def main(args=None) -> None:
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["export"]:  # not a Trainer method: a checkpoint to a Hugging Face model folder
+        from common.export import main as export_main
+
+        if args is None:  # LightningCLI parses sys.argv[1:] itself: drop the word "export"
+            sys.argv = [sys.argv[0], *argv[1:]]
+        return export_main(None if args is None else argv[1:])
     AdvlabCLI(
         L.LightningModule,
         L.LightningDataModule,
