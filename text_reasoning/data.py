@@ -1,18 +1,17 @@
 """Task sources and the DataModule for math and logic reasoning.
 
 A task source is a small typed object (named by ``class_path`` in YAML) whose ``make(n, seed)`` returns
-``Problem``s: generated tasks (arithmetic, countdown, Knights-and-Knaves) or local GSM8K/MATH files read with
-HF ``datasets``. Batches are lists of sample dicts (``prompt``, ``answer``, ``task``, ``level``, ...).
+``Problem``s: generated tasks (arithmetic, countdown, Knights-and-Knaves) or a local GSM8K, MATH or other
+prompt/answer file (``LocalFile``). Batches are lists of sample dicts (``prompt``, ``answer``, ``task``, ``level``, ...).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import random
 from typing import Literal
 
 
 from common.data import SEED_STRIDE, PromptStream, ResumableData  # noqa: F401 - PromptStream is part of this API
-from common.rewards.math import extract_boxed, gsm8k_answer
 from text_reasoning import tasks
 from text_reasoning.tasks import Problem
 
@@ -69,40 +68,33 @@ class KnightsKnaves(TaskSource):
 
 
 class LocalFile(TaskSource):
-    """A local jsonl/parquet file in GSM8K (``question``, ``answer`` ending ``#### N``) or MATH (``problem``,
-    ``solution`` with ``\\boxed{}``) format, read with HF ``datasets`` (no network).
+    """Problems from a local ``.jsonl`` / ``.json`` / ``.parquet`` file, read once at construction (so a bad file
+    fails at start-up, naming it; nothing is downloaded). ``make(n, seed)`` draws ``n`` rows without replacement
+    (all of them, shuffled, when ``n`` >= the rows).
 
     Args:
-        path: the .jsonl / .json / .parquet file.
-        format: "gsm8k" or "math".
+        path: the file (``~`` is expanded; a relative path is relative to the working directory).
+        format: how the answer column is read, and the samples' ``task``, which picks the default verifier
+            (``text_reasoning.rewards.TaskReward``):
+            "gsm8k": a GSM8K solution ending ``#### 72`` -> "72"; checked as a number (the completion's last number);
+            "math": a MATH solution -> the content of its last ``\\boxed{...}``; checked by math-verify;
+            "plain": the column holds the final answer itself; checked by math-verify (numbers, fractions, LaTeX).
+        prompt_column: the column with the problem text (default: "question" for gsm8k, "problem" for math,
+            "prompt" for plain).
+        answer_column: the column with the solution or answer (default: "answer" for gsm8k, "solution" for math,
+            "answer" for plain).
     """
 
-    def __init__(self, path: str, format: Literal["gsm8k", "math"] = "gsm8k"):
-        if format not in ("gsm8k", "math"):
-            raise ValueError(f"format must be 'gsm8k' or 'math', got {format!r}")
+    def __init__(self, path: str, format: Literal["gsm8k", "math", "plain"] = "gsm8k", prompt_column: str | None = None,
+                 answer_column: str | None = None):
         self.path, self.format = path, format
+        self.prompt_column, self.answer_column = prompt_column, answer_column
+        self.problems = tasks.local_problems(path, format, prompt_column, answer_column)  # (rows,) in file order
 
     def make(self, n: int, seed: int) -> list[Problem]:
-        import datasets
-
-        suffix = Path(self.path).suffix
-        kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(suffix)
-        if kind is None:
-            raise ValueError(f"path must end in .jsonl, .json or .parquet, got {self.path!r}")
-        ds = datasets.load_dataset(kind, data_files=str(self.path), split="train")
-        cols = ("question", "answer") if self.format == "gsm8k" else ("problem", "solution")
-        missing = [c for c in cols if c not in ds.column_names]
-        if missing:
-            raise ValueError(f"{self.path} is not in {self.format} format: missing columns {missing} (has {ds.column_names})")
-        rows = ds.shuffle(seed=seed).select(range(min(n, len(ds)))) if n < len(ds) else ds
-        out = []
-        for row in rows:
-            if self.format == "gsm8k":
-                answer = gsm8k_answer(row["answer"])
-            else:
-                answer = extract_boxed(row["solution"]) or ""
-            out.append(Problem(prompt=row[cols[0]], answer=answer, task=self.format, level=int(row.get("level", 0) or 0) if str(row.get("level", "0")).isdigit() else 0))
-        return out
+        order = list(range(len(self.problems)))
+        random.Random(seed).shuffle(order)
+        return [self.problems[i] for i in order[:n]]
 
 
 class ReasoningData(ResumableData):

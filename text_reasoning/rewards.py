@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from common.rewards.expression import numbers_in, safe_eval
-from common.rewards.math import MAX_CHARS, NumericAnswerReward, PerSampleReward
+from common.rewards.math import MAX_CHARS, MathVerifyReward, NumericAnswerReward, PerSampleReward
 
 # A line of arithmetic with at least one digit. The first class holds no digit, so the first digit is the \d and
 # nothing backtracks: linear in the line (``[C]*\d[C]*`` took 0.7 s on a 10 kB line of digits ending in "=").
@@ -96,13 +96,19 @@ class KnightsKnavesReward(PerSampleReward):
 
 class TaskReward(PerSampleReward):
     """Dispatch on `sample["task"]`: arithmetic -> NumericAnswerReward, countdown ->
-    CountdownReward, knights_knaves -> KnightsKnavesReward (each with its defaults)."""
+    CountdownReward, knights_knaves -> KnightsKnavesReward (each with its defaults); the tasks of local files
+    (``text_reasoning.data.LocalFile``): gsm8k -> NumericAnswerReward (the completion's last number, GSM8K's own
+    check), math and plain -> MathVerifyReward (the last ``\\boxed{}``, else the last number, by math-verify)."""
 
     def __init__(self) -> None:
+        math_verify = MathVerifyReward()
         self.rewards: dict[str, PerSampleReward] = {
             "arithmetic": NumericAnswerReward(),
             "countdown": CountdownReward(),
             "knights_knaves": KnightsKnavesReward(),
+            "gsm8k": NumericAnswerReward(),
+            "math": math_verify,
+            "plain": math_verify,
         }
 
     def score(self, completion: str, sample: Mapping[str, Any]) -> float:

@@ -1,4 +1,5 @@
-"""Seeded generators of verifiable reasoning problems: arithmetic, Countdown, knights and knaves.
+"""Seeded generators of verifiable reasoning problems: arithmetic, Countdown, knights and knaves; and problems read
+from local files (GSM8K, MATH, or any table with a prompt and an answer column: ``local_problems``).
 
 Each generator takes `n` and a `seed` and returns `list[Problem]`; the same arguments give
 the same problems (a private `random.Random(seed)`, no global state). Answers are checked
@@ -13,6 +14,7 @@ import itertools
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -189,4 +191,121 @@ def knights_knaves(n: int, *, num_people: int = 3, seed: int = 0) -> list[Proble
         answer = ", ".join(f"{name} is a {'knight' if k else 'knave'}" for name, k in zip(names, solution))
         meta = {"names": names, "solution": solution, "statements": [list(s) for s in statements]}
         problems.append(Problem(prompt, answer, "knights_knaves", num_people, meta))
+    return problems
+
+
+# ---------------------------------------------------------------- local files (GSM8K, MATH, or any prompt/answer table)
+
+# format -> (default prompt column, default answer column); the format is also the sample's ``task``, which picks the
+# default verifier (text_reasoning.rewards.TaskReward): gsm8k -> the last number, math and plain -> math-verify.
+LOCAL_FORMATS: dict[str, tuple[str, str]] = {
+    "gsm8k": ("question", "answer"),  # answer: a worked solution ending "#### 72"
+    "math": ("problem", "solution"),  # solution: a worked solution with the final answer in \boxed{...}
+    "plain": ("prompt", "answer"),  # answer: the final answer itself ("72", "\frac{1}{2}")
+}
+_SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
+
+
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a local ``.jsonl`` (one JSON object a line), ``.json`` (a list of objects, or JSON lines) or
+    ``.parquet`` file, as dicts. Nothing is downloaded and nothing is cached. A missing, unreadable or empty file, or
+    a row that is not an object, is a one-line ValueError naming the file (and the line)."""
+    path = Path(path).expanduser()
+    kind = _SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise ValueError(f"path {str(path)!r} must end in .jsonl, .json or .parquet")
+    if not path.is_file():
+        raise ValueError(f"path {str(path)!r} does not exist" if not path.exists() else f"path {str(path)!r} is not a file")
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as err:  # noqa: BLE001 - an OSError, or pyarrow's ArrowInvalid & co. on a file that is not parquet
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ValueError(f"{path} is not a readable parquet file: {first}") from None
+    else:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as err:
+            raise ValueError(f"cannot read {path}: {err.strerror or err}") from None
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+        rows = _json_rows(path, text, kind)
+    if not rows:
+        raise ValueError(f"{path} holds no rows")
+    for number, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path} row {number} is {type(row).__name__}, expected an object with named columns")
+    return rows
+
+
+def _json_rows(path: Path, text: str, kind: str) -> list[Any]:
+    import json
+
+    if kind == "json" and text.lstrip().startswith("["):  # one JSON array of objects
+        try:
+            return list(json.loads(text))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err.msg} at line {err.lineno}") from None
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path} line {number} is not valid JSON ({err.msg}); expected one JSON object a "
+                                 "line") from None
+    return rows
+
+
+def _level(value: Any) -> int:
+    """A row's difficulty level: an int, or the digits of a label such as MATH's "Level 3"; 0 if none."""
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, int):
+        return value
+    digits = "".join(c for c in str(value or "") if c.isdigit())[:9]
+    return int(digits) if digits else 0
+
+
+def local_problems(path: str | Path, format: str = "gsm8k", prompt_column: str | None = None,
+                   answer_column: str | None = None) -> list[Problem]:
+    """Every row of a local file (:func:`read_rows`) as a ``Problem`` in file order: the prompt from
+    ``prompt_column``, the reference answer read from ``answer_column`` as ``format`` says (``LOCAL_FORMATS``:
+    "gsm8k" the text after the last ``####`` with commas removed, "math" the last ``\\boxed{...}``, "plain" the value
+    itself), ``task = format``, ``level`` from a ``level`` column if any. A missing column, an empty prompt or a
+    solution without its final answer is a one-line ValueError naming the file, the row and the argument."""
+    from common.rewards.math import extract_boxed, gsm8k_answer
+
+    if format not in LOCAL_FORMATS:
+        raise ValueError(f"format must be one of {sorted(LOCAL_FORMATS)}, got {format!r}")
+    prompt_column = prompt_column or LOCAL_FORMATS[format][0]
+    answer_column = answer_column or LOCAL_FORMATS[format][1]
+    rows = read_rows(path)
+    for arg, column in (("prompt_column", prompt_column), ("answer_column", answer_column)):
+        if column not in rows[0]:
+            raise ValueError(f"{path} has no column {column!r} ({arg}; format {format!r}); its columns are "
+                             f"{sorted(rows[0])}")
+    problems = []
+    for number, row in enumerate(rows, 1):
+        prompt, solution = row.get(prompt_column), row.get(answer_column)
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"{path} row {number}: prompt_column {prompt_column!r} is {prompt!r:.60}, expected text")
+        if solution is None or isinstance(solution, (dict, list)):
+            raise ValueError(f"{path} row {number}: answer_column {answer_column!r} is {solution!r:.60}, expected "
+                             "text or a number")
+        solution = str(solution)
+        if format == "gsm8k":
+            answer = gsm8k_answer(solution) if "####" in solution else ""
+            expected = "a solution ending '#### <answer>' (GSM8K)"
+        elif format == "math":
+            answer = extract_boxed(solution) or ""
+            expected = "a solution with its answer in \\boxed{...} (MATH)"
+        else:
+            answer, expected = solution.strip(), "the final answer"
+        if not answer:
+            raise ValueError(f"{path} row {number}: answer_column {answer_column!r} holds no final answer, expected "
+                             f"{expected}: {solution[-80:]!r}")
+        problems.append(Problem(prompt, answer, format, _level(row.get("level"))))
     return problems
