@@ -102,6 +102,8 @@ class CausalLMPolicy(Policy):
         self.gradient_checkpointing = gradient_checkpointing
         self.model, self.tokenizer = source.load()
         self.chat_template_kwargs, self.chat_template = check_template_kwargs(chat_template_kwargs), read_template(chat_template)
+        if self.chat_template is not None:  # this policy's own tokenizer: an export or an SFT of it uses the override too
+            self.tokenizer.chat_template = self.chat_template
         if self.chat_template is not None or self.chat_template_kwargs:
             try:  # a template that does not render fails here, naming the option, not at the first step
                 self.prompt_texts([{"prompt": "1 + 1"}])
@@ -131,12 +133,15 @@ class CausalLMPolicy(Policy):
 
     def prompt_texts(self, samples: Sequence[dict], key: str = "prompt") -> list[str]:
         """The chat-templated text of every sample's prompt, ending with the assistant's generation prompt."""
+        # getattr: callers that borrow this method with a tokenizer-only ``self`` (retrieval/sft.py) set no options
+        template_kwargs = dict(getattr(self, "chat_template_kwargs", None) or {},
+                               chat_template=getattr(self, "chat_template", None))
         texts = []
         for s in samples:
             messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
             messages.append({"role": "user", "content": s[key] + self.instruction})
             texts.append(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                                            chat_template=self.chat_template, **self.chat_template_kwargs))
+                                                            **template_kwargs))
         return texts
 
     def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, n: int, *, greedy: bool = False,

@@ -53,8 +53,19 @@ def test_override_replaces_the_template_and_kwargs_reach_it(bundled_path, tmp_pa
     path.write_text(TEMPLATE)
     pol = CausalLMPolicy(SmolTokenizer(bundled_path), chat_template=str(path), system_prompt="Be brief.")
     assert pol.prompt_texts([{"prompt": "hi"}]) == ["<|system|>Be brief.\n<|user|>hi\n<|assistant|>"]
-    # the tokenizer's own template is not changed (another policy loading the same tokenizer sees the original)
-    assert "<|im_start|>" in pol.tokenizer.chat_template
+    # the policy's own tokenizer carries the override (an export or SFT of this policy uses it); a fresh load does not
+    assert pol.tokenizer.chat_template == TEMPLATE
+    assert "<|im_start|>" in load_tokenizer(bundled_path).chat_template
+
+
+def test_a_tokenizer_only_caller_still_gets_the_stock_template(bundled_path):
+    """retrieval/sft.py borrows prompt_texts with an object holding only tokenizer, system_prompt and instruction."""
+    from types import SimpleNamespace
+
+    tok = load_tokenizer(bundled_path)
+    duck = SimpleNamespace(tokenizer=tok, system_prompt=None, instruction="")
+    expected = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert CausalLMPolicy.prompt_texts(duck, [{"prompt": "hi"}]) == [expected]
 
 
 def test_kwargs_reach_the_tokenizers_own_template(bundled_path):
