@@ -14,21 +14,33 @@ where `samples[i]` is the prompt's metadata dict with at least `"answer"` (str).
 
 from __future__ import annotations
 
-import multiprocessing
+import atexit
+import json
+import os
 import re
-import signal
+import select
+import subprocess
+import sys
 import threading
-from collections.abc import Callable, Mapping, Sequence
+import time
+import weakref
+from collections.abc import Mapping, Sequence
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from common.rewards.base import RewardFunction
+from common.rewards.math_worker import verify_unbounded as _verify_unbounded
+from common.rewards.math_worker import with_alarm as _with_alarm
 
 MAX_CHARS = 10_000  # completions are cut to their last MAX_CHARS characters before any regex or parser
+MAX_ANSWER_CHARS = 1_000  # an extracted answer longer than this is wrong without parsing (MATH's longest are ~200)
 _MAX_NUMBER_CHARS = 64  # longer digit strings are not answers (and int() refuses > 4300 digits)
-_WORKER_START_S = 60.0  # first use of the worker process: spawn + import math_verify
+_WORKER_START_S = 60.0  # a new worker process: Python start-up + import math_verify (~1-3 s; generous under load)
+_ROOT = str(Path(__file__).resolve().parents[2])  # the repository root, importable by the worker process
+_KILL_GRACE_S = 0.2  # a worker that has not answered this long after its deadline is stuck in C code: killed
 
 _NUMBER = re.compile(r"(?:(?<!\d)-)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
 
@@ -80,100 +92,119 @@ def _to_number(text: str) -> Fraction | None:
 # ---------------------------------------------------------------- math-verify under a deadline
 
 
-def _verify_unbounded(pred: str, gold: str) -> bool:
-    """math-verify with its own (signal-based, main-thread-only) timeouts disabled; the caller bounds time."""
-    import math_verify.grader
-    import math_verify.parser
-    from math_verify import parse, verify
+class _Process:
+    """One worker process running ``common.rewards.math_worker.serve`` (its module docstring has the protocol)."""
 
-    # Silence math-verify's "timeout is disabled" warning: the deadline is enforced by the caller.
-    math_verify.parser.TIMEOUT_WARNING_SHOWN = math_verify.grader.TIMEOUT_WARNING_SHOWN = True
+    def __init__(self) -> None:
+        code = f"import sys; sys.path.insert(0, {_ROOT!r}); from common.rewards.math_worker import serve; serve()"
+        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL)
+        self.ready = False
 
-    def wrap(s: str) -> str:  # `$...$` lets math-verify read bare LaTeX such as \sqrt{2} or x+1
-        return s if "$" in s or "\\boxed" in s else f"${s}$"
+    def alive(self) -> bool:
+        return self.proc.poll() is None
 
-    gold_parsed = parse(wrap(gold), parsing_timeout=None)
-    pred_parsed = parse(wrap(pred), parsing_timeout=None)
-    return bool(gold_parsed and pred_parsed and verify(gold_parsed, pred_parsed, timeout_seconds=None))
+    def read_line(self, timeout_s: float) -> str | None:
+        """The worker's next line, or None if none came within `timeout_s` seconds (or the worker died)."""
+        fd, data = self.proc.stdout.fileno(), b""
+        deadline = time.monotonic() + timeout_s
+        while not data.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return None
+            chunk = os.read(fd, 256)
+            if not chunk:  # the worker exited
+                return None
+            data += chunk
+        return data.decode().strip()
 
+    def wait_ready(self) -> None:
+        if not self.ready:
+            if self.read_line(_WORKER_START_S) != "ready":
+                self.kill()
+                raise RuntimeError(f"math-verify worker did not start within {_WORKER_START_S} s (is math-verify "
+                                   "installed in this Python?)")
+            self.ready = True
 
-class _Deadline(BaseException):
-    """Raised by SIGALRM. A BaseException, so math-verify's `except Exception` cannot swallow it."""
-
-
-def _with_alarm(fn: Callable[[], bool], seconds: float) -> bool:
-    """fn() in the main thread, interrupted after `seconds` by a one-shot ITIMER_REAL (-> False).
-
-    Replaces any SIGALRM handler for the duration and restores it afterwards. A single long
-    C call (no Python bytecode) is interrupted only when it returns.
-    """
-    fired = []
-
-    def on_alarm(signum: int, frame: object) -> None:
-        if not fired:
-            fired.append(True)
-            raise _Deadline
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    try:
-        signal.setitimer(signal.ITIMER_REAL, seconds)
-        try:
-            return fn()
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-    except _Deadline:
-        return False
-    finally:
-        signal.signal(signal.SIGALRM, previous)
-
-
-def _serve(conn: Any) -> None:
-    """Worker-process loop: receive (pred, gold), send the verdict."""
-    conn.send("ready")
-    while True:
-        pred, gold = conn.recv()
-        try:
-            conn.send(_verify_unbounded(pred, gold))
-        except Exception:
-            conn.send(False)
+    def kill(self) -> None:
+        if self.alive():
+            self.proc.kill()
+        self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            pipe.close()
 
 
 class _Worker:
-    """One spawned process for calls from non-main threads (signals work only in the main
-    thread). A call that overruns its timeout kills the process; the next call starts a new one.
-    As with any "spawn" multiprocessing, a script that uses it needs an `if __name__ == "__main__":` guard."""
+    """Worker processes for calls from non-main threads (signals work only in the main thread), so a timeout costs
+    only its own deadline.
 
-    def __init__(self) -> None:
+    The worker in use interrupts its own call at the deadline and stays warm; a worker that has not answered
+    ``_KILL_GRACE_S`` after the deadline (stuck in one long C call) is killed and a warm spare takes its place at
+    once, while a new spare starts in the background. Without spares the next call would wait for a new process
+    (~1-3 s: Python start-up and importing math_verify).
+
+    Args:
+        spares: warm processes kept besides the one in use.
+        interrupt: the worker interrupts its own call at the deadline (False: every timeout kills the worker, the
+            behaviour before spares and self-interruption; kept for the tests that measure the difference).
+    """
+
+    def __init__(self, spares: int = 1, interrupt: bool = True) -> None:
+        self.spares, self.interrupt = spares, interrupt
         self._lock = threading.Lock()
-        self._process: Any = None
-        self._conn: Any = None
+        self._active: _Process | None = None
+        self._spare: list[_Process] = []
+        self.kills = 0  # workers killed after overrunning their deadline
+        _LIVE.add(self)
 
-    def _start(self) -> None:
-        context = multiprocessing.get_context("spawn")
-        self._conn, child = context.Pipe()
-        self._process = context.Process(target=_serve, args=(child,), daemon=True)
-        self._process.start()
-        if not self._conn.poll(_WORKER_START_S):
-            self._stop()
-            raise RuntimeError(f"math-verify worker did not start within {_WORKER_START_S} s")
-        self._conn.recv()
+    def _take(self) -> _Process:
+        """The worker for the next call: the one in use, else the oldest spare, else a new one (waits until ready);
+        then the spares are topped up (they start in the background)."""
+        if self._active is None or not self._active.alive():
+            self._spare = [p for p in self._spare if p.alive()]
+            self._active = self._spare.pop(0) if self._spare else _Process()
+            self._active.wait_ready()
+        while len(self._spare) < self.spares:
+            self._spare.append(_Process())
+        return self._active
 
-    def _stop(self) -> None:
-        self._process.kill()
-        self._process.join()
-        self._process = None
+    def warm(self) -> None:
+        """Start the worker in use and the spares, and wait until every one is ready."""
+        with self._lock:
+            self._take()
+            for p in self._spare:
+                p.wait_ready()
+
+    def close(self) -> None:
+        with self._lock:
+            for p in [self._active, *self._spare]:
+                if p is not None:
+                    p.kill()
+            self._active, self._spare = None, []
 
     def __call__(self, pred: str, gold: str, timeout_s: float) -> bool:
         with self._lock:
-            if self._process is None or not self._process.is_alive():
-                self._start()
-            self._conn.send((pred, gold))
-            if self._conn.poll(timeout_s):
-                return bool(self._conn.recv())
-            self._stop()
-            return False
+            worker = self._take()
+            request = {"pred": pred, "gold": gold, "timeout_s": timeout_s if self.interrupt else None}
+            try:
+                worker.proc.stdin.write((json.dumps(request) + "\n").encode())
+                worker.proc.stdin.flush()
+            except OSError:  # the worker died between calls
+                worker.kill()
+                self._active = None
+                return False
+            reply = worker.read_line(timeout_s + (_KILL_GRACE_S if self.interrupt else 0.0))
+            if reply is None:  # overran: kill it; the next call takes a warm spare
+                worker.kill()
+                self._active, self.kills = None, self.kills + 1
+                if self.spares:
+                    self._take()  # promote a spare and start its replacement now, not in the next call
+                return False
+            return reply == "true"
 
 
+_LIVE: weakref.WeakSet[_Worker] = weakref.WeakSet()
+atexit.register(lambda: [w.close() for w in list(_LIVE)])
 _WORKER = _Worker()
 
 
@@ -183,7 +214,8 @@ def math_verify_equal(pred: str, gold: str, timeout_s: float = 5.0) -> bool:
 
     math-verify's own timeouts use `signal.alarm` (whole seconds, main thread only, and
     per call). Instead one deadline covers parse + parse + verify: in the main thread a
-    SIGALRM timer; in any other thread a worker process that is killed on overrun.
+    SIGALRM timer; in any other thread a worker process (``_Worker``) that interrupts itself
+    at the deadline and stays warm (one stuck past it is killed, and a warm spare takes over).
     Timeout or any exception -> False. `pred` is cut to its last MAX_CHARS characters.
     """
     if not timeout_s > 0:
@@ -248,8 +280,9 @@ class NumericAnswerReward(PerSampleReward):
 class MathVerifyReward(PerSampleReward):
     """1.0 if the completion's answer equals `sample["answer"]` by math-verify, else 0.0.
 
-    The answer is the last `\\boxed{...}` if present, else the last number in the text.
-    Each check is bounded by `timeout_s` seconds (a timeout scores 0.0).
+    The answer is the last `\\boxed{...}` if present, else the last number in the text; one longer
+    than MAX_ANSWER_CHARS scores 0.0 unparsed. Each check is bounded by `timeout_s` seconds (a
+    timeout scores 0.0).
     """
 
     def __init__(self, timeout_s: float = 5.0) -> None:
@@ -262,7 +295,9 @@ class MathVerifyReward(PerSampleReward):
         pred = extract_boxed(completion)
         if pred is None:
             pred = last_number(completion)
-        return float(pred is not None and math_verify_equal(pred, gold, self.timeout_s))
+        if pred is None or len(pred) > MAX_ANSWER_CHARS:  # a 10 kB "answer" is wrong: math-verify never sees it
+            return 0.0
+        return float(math_verify_equal(pred, gold, self.timeout_s))
 
 
 class FormatReward(PerSampleReward):
