@@ -24,6 +24,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from common.checkpoint import AtomicCheckpointIO
+from common.cli_errors import AdvlabParser, DropEmptyRunDir, concise_errors
 from common.predict import JSONLPredictionWriter, PredictOptions, PromptData, read_prompts
 
 
@@ -80,7 +81,8 @@ class AdvlabCLI(LightningCLI):
         # Checkpoints are written atomically unless the user configured their own checkpoint IO.
         if not self._get(self.config_init, "trainer", default={}).get("plugins"):
             kwargs["plugins"] = [AtomicCheckpointIO()]
-        return super().instantiate_trainer(**kwargs)
+        with concise_errors(key="trainer"):  # a Trainer argument it refuses: one line (common/cli_errors.py)
+            return super().instantiate_trainer(**kwargs)
 
     def before_predict(self) -> None:
         """Predict on the prompt file's rows, or on the recipe data module's split, through :class:`PromptData`; the
@@ -135,9 +137,11 @@ def main(args=None) -> None:
         L.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
+        parser_class=AdvlabParser,  # one- or two-line errors naming the key; negative numbers parse
         trainer_defaults={
             "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs"}},
             "enable_progress_bar": True,
+            "callbacks": [DropEmptyRunDir()],  # a run that fails before its first step leaves no version_N
         },
         save_config_kwargs={"overwrite": True},
         args=args,
