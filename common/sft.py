@@ -519,7 +519,8 @@ def save_model(model: nn.Module, tokenizer: Any, path: str | Path) -> Path:
     else:
         from safetensors.torch import save_file
 
-        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
+        # tied weights are written once per key (cloned), so a strict load_state_dict of the file works
+        save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
     return path
 
 
