@@ -33,6 +33,7 @@ import torch
 
 from common.rewards.base import RewardFunction
 from common.rewards.math_worker import verify_unbounded as _verify_unbounded
+from common.rewards.math_worker import warm as _warm
 from common.rewards.math_worker import with_alarm as _with_alarm
 
 MAX_CHARS = 10_000  # completions are cut to their last MAX_CHARS characters before any regex or parser
@@ -223,6 +224,7 @@ def math_verify_equal(pred: str, gold: str, timeout_s: float = 5.0) -> bool:
     pred = _tail(pred)
     try:
         if threading.current_thread() is threading.main_thread():
+            _warm()  # the first call imports math_verify outside the deadline
             return _with_alarm(lambda: _verify_unbounded(pred, gold), timeout_s)
         return _WORKER(pred, gold, timeout_s)
     except Exception:

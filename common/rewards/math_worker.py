@@ -39,6 +39,17 @@ def verify_unbounded(pred: str, gold: str) -> bool:
     return bool(gold_parsed and pred_parsed and verify(gold_parsed, pred_parsed, timeout_seconds=None))
 
 
+_WARM: list[bool] = []
+
+
+def warm() -> None:
+    """Import math_verify and build its parser once, outside any deadline: an import interrupted by the alarm
+    would leave half-initialised modules behind, and its ~1 s is not the completion's fault."""
+    if not _WARM:
+        verify_unbounded("\\frac{1}{2}", "0.5")
+        _WARM.append(True)
+
+
 class _Deadline(BaseException):
     """Raised by SIGALRM. A BaseException, so math-verify's `except Exception` cannot swallow it."""
 
@@ -74,7 +85,7 @@ def serve() -> None:
     stderr, so it cannot corrupt the protocol."""
     out = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
-    verify_unbounded("\\frac{1}{2}", "0.5")  # import math_verify and build its parser before saying ready
+    warm()  # import math_verify and build its parser before saying ready
     out.write("ready\n")
     for line in sys.stdin:
         try:

@@ -7,9 +7,14 @@ The comparisons are ratios against the old configuration measured in the same te
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 from common.rewards.math import _KILL_GRACE_S, _Worker
+
+ROOT = Path(__file__).resolve().parents[3]
 
 HOSTILE = "9^{9^{9}}"  # sympy evaluates the power tower for minutes
 NESTED = "{" * 20 + "1" + "}" * 20  # math-verify's parser is exponential in brace depth: > 3 s for 20 levels
@@ -60,3 +65,13 @@ def test_a_timeout_costs_only_its_own_deadline():
     finally:
         for worker in (old, spare, new):
             worker.close()
+
+
+def test_the_first_call_imports_math_verify_outside_its_deadline():
+    """In a fresh process the first check used to spend its deadline importing math-verify (~1 s): a right answer
+    with a 0.3 s deadline scored wrong, and the alarm could interrupt the import half-way."""
+    code = ("from common.rewards.math import math_verify_equal\n"
+            "print(math_verify_equal('\\\\frac{1}{2}', '0.5', timeout_s=0.3), math_verify_equal('2', '3', timeout_s=0.3))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["True", "False"]
