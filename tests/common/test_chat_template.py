@@ -3,9 +3,8 @@ template variables reach the template, an override (string or file) replaces the
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
+import copy
+import functools
 from pathlib import Path
 
 import pytest
@@ -22,15 +21,20 @@ TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% if p
             "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}{% endif %}")
 
 
+@functools.lru_cache(maxsize=None)
+def _loaded(path):
+    return TinyLlama(hidden_size=16, num_layers=1, num_heads=2, alphabet=DIGITS, seed=0).load()[0], load_tokenizer(path)
+
+
 class SmolTokenizer(PolicySource):
-    """A tiny model with the bundled SmolLM2 tokenizer (only the prompt side is exercised here)."""
+    """A tiny model with the bundled SmolLM2 tokenizer (only the prompt side is exercised here); each load is a
+    fresh copy of one loaded pair, as a real load would be."""
 
     def __init__(self, path):
         self.path = path
 
     def load(self):
-        model, _ = TinyLlama(hidden_size=16, num_layers=1, num_heads=2, alphabet=DIGITS, seed=0).load()
-        return model, load_tokenizer(self.path)
+        return copy.deepcopy(_loaded(self.path))
 
 
 def test_default_is_the_tokenizers_own_template(bundled_path):

@@ -55,7 +55,7 @@ def test_fixed_is_the_constant_case_and_not_checkpointed():
     assert float(fresh.coef) == pytest.approx(0.123)
 
 
-def test_loop_subtracts_beta_kl_then_adapts():
+def test_loop_subtracts_beta_kl_then_adapts(one_thread):
     """Through the loop with a real tiny causal LM: after one update the policy differs from its reference; the
     next round's rewards are r − β·Σ_t (ℓ − ℓ_ref) with the β before the round, and β then moves by the round's
     mean KL (hand formula)."""
