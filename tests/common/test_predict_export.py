@@ -74,6 +74,12 @@ def trained(tmp_path_factory):
     return work, path
 
 
+@pytest.fixture(scope="module")
+def loaded(trained):
+    """(module, data module) of the recipe with the perturbed checkpoint's weights, built in this process."""
+    return load_module(trained[1])
+
+
 # ---------------------------------------------------------------------------------------------- prompt files
 def test_read_prompts_jsonl_text_and_bad_files(tmp_path):
     jl = tmp_path / "p.jsonl"
@@ -102,12 +108,12 @@ def test_prompt_data_batches_in_order_with_indices():
 
 
 # ---------------------------------------------------------------------------------------------- advlab predict
-def test_predict_on_the_validation_split_is_the_checkpoints_greedy_rollout_scored_by_its_verifier(trained):
+def test_predict_on_the_validation_split_is_the_checkpoints_greedy_rollout_scored_by_its_verifier(trained, loaded):
     work, ckpt = trained
     out = advlab("predict", *TINY, "--ckpt_path", str(ckpt), "--output", "pred/val.jsonl", cwd=work)
     rows = [json.loads(line) for line in (work / "pred/val.jsonl").read_text().splitlines()]
     assert not (work / "pred/val.jsonl.partial").exists()
-    module, data = load_module(ckpt)
+    module, data = loaded
     val = data.val_set
     assert [r["prompt_index"] for r in rows] == list(range(len(val))) and all(r["n"] == 0 for r in rows)
     assert [r["prompt"] for r in rows] == [s["prompt"] for s in val]
@@ -127,10 +133,18 @@ def test_predict_on_the_validation_split_is_the_checkpoints_greedy_rollout_score
 
 
 def test_predict_on_a_prompt_file_samples_n_completions_per_prompt(trained):
+    """The CLI's predict in this process (the subprocess path is the test above; this saves an interpreter start)."""
+    from common.cli import main
+
     work, ckpt = trained
     (work / "prompts.txt").write_text("What is 2 + 3?\n\nName a colour.\nWhat is 10 + 4?\n")
-    advlab("predict", *TINY, "--ckpt_path", str(ckpt), "--prompts", "prompts.txt", "--n", "3", "--greedy", "false",
-           "--batch_size", "2", "--output", "pred/file.jsonl", cwd=work)
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        main(["predict", *TINY, "--ckpt_path", str(ckpt), "--prompts", "prompts.txt", "--n", "3", "--greedy", "false",
+              "--batch_size", "2", "--output", "pred/file.jsonl", "--trainer.enable_progress_bar", "false"])
+    finally:
+        os.chdir(cwd)
     rows = [json.loads(line) for line in (work / "pred/file.jsonl").read_text().splitlines()]
     assert [(r["prompt_index"], r["n"]) for r in rows] == [(p, j) for p in range(3) for j in range(3)]
     assert [r["prompt"] for r in rows[::3]] == ["What is 2 + 3?", "Name a colour.", "What is 10 + 4?"]
@@ -181,14 +195,14 @@ def hf_logprobs(model, batch) -> torch.Tensor:
     return lp.gather(-1, batch.completion_ids[..., None])[..., 0].masked_fill(~batch.completion_mask, 0.0)
 
 
-def test_export_of_the_checkpoint_loads_in_transformers_with_the_modules_logprobs(trained, tmp_path):
+def test_export_of_the_checkpoint_loads_in_transformers_with_the_modules_logprobs(trained, loaded, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     work, ckpt = trained
     from common.cli import main
 
     main(["export", *TINY, "--ckpt_path", str(ckpt), "--output", str(tmp_path / "hf")])  # in this process: the CLI's path
-    module, data = load_module(ckpt)
+    module, data = loaded
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
     tok = AutoTokenizer.from_pretrained(tmp_path / "hf", local_files_only=True)
     trained_state = module.policy.model.state_dict()
