@@ -144,6 +144,8 @@ def main(args=None) -> None:
             "callbacks": [DropEmptyRunDir()],  # a run that fails before its first step leaves no version_N
         },
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"description": "advantage-lab: fit | validate | predict (LightningCLI subcommands); "
+                       "`advlab export --help`: a checkpoint to a Hugging Face model folder"},
         args=args,
     )
 

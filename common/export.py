@@ -151,7 +151,9 @@ def main(args: list[str] | None = None) -> None:
             self.model = self.config_init["model"]
 
     cli = ExportCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                    run=False, args=args, save_config_callback=None)
+                    run=False, args=args, save_config_callback=None,
+                    parser_kwargs={"description": "advlab export: the recipe's module with the checkpoint's weights, "
+                                   "written as a Hugging Face model folder (safetensors, tokenizer, generation config)"})
     c = cli.config
     try:
         if c.get("ckpt_path"):
