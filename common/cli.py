@@ -126,6 +126,10 @@ class AdvlabCLI(LightningCLI):
 
 def main(args=None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["list"]:  # not a Trainer method: the components a recipe can name (common/components.py)
+        from common.components import main as list_main
+
+        return list_main(argv[1:])
     if argv[:1] == ["export"]:  # not a Trainer method: a checkpoint to a Hugging Face model folder
         from common.export import main as export_main
 
