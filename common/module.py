@@ -27,6 +27,7 @@ from torch import Tensor
 from common.advantages.base import AdvantageEstimator
 from common.advantages.group import GRPO
 from common.batch import RolloutBatch
+from common.completions_log import check_every, log_completions
 from common.data import ResumableData
 from common.distributed import all_reduce_sum
 from common.loop import Loop, Stepper
@@ -34,6 +35,7 @@ from common.losses.base import PolicyLoss
 from common.losses.kl_control import KLController, as_controller
 from common.losses.ppo_clip import ClippedPolicyLoss
 from common.methods.base import Method
+from common.methods.canaries import with_canaries
 from common.ops import masked_mean
 from common.policies.base import Policy
 from common.predict import PredictBatch, prediction_records
@@ -74,6 +76,8 @@ class PolicyOptimizationModule(L.LightningModule):
             None = no limit.
         max_generation_rounds: how many rounds a step may sample while the selector wants more rows, each round
             after the first from the next prompts of the data module's stream (DAPO's dynamic sampling; 1 = once).
+        canaries: add ``common.methods.canaries.Canaries()`` unless ``methods`` lists one (False = off).
+        log_completions_every: steps between rows of ``<log_dir>/completions/rank<r>.jsonl`` (common/completions_log.py).
     """
 
     provides: tuple[str, ...] = ()  # RolloutBatch fields the domain's score/verify fills
@@ -103,6 +107,7 @@ class PolicyOptimizationModule(L.LightningModule):
         lr_schedule: Literal["constant", "linear", "cosine"] = "constant",
         warmup_steps: int = 0,
         total_steps: int | None = None,
+        canaries: bool = True, log_completions_every: int = 1,
     ):
         super().__init__()
         problems = []
@@ -123,11 +128,12 @@ class PolicyOptimizationModule(L.LightningModule):
         self.loss_fn = loss if loss is not None else ClippedPolicyLoss()
         self.selector = selector
         self.kl_control = as_controller(kl_in_reward)  # a submodule: an adaptive β is in the checkpoint
-        self.methods = torch.nn.ModuleList(methods)
+        self.methods = torch.nn.ModuleList(with_canaries(methods, canaries))  # Canaries() appended by default
         self.group_size, self.mu = group_size, mu
         self.lr, self.weight_decay, self.max_grad_norm = lr, weight_decay, max_grad_norm
         self.lr_schedule, self.warmup_steps, self.total_steps = lr_schedule, warmup_steps, total_steps
         self.log_samples_every, self.max_consecutive_skips = log_samples_every, max_consecutive_skips
+        self.log_completions_every = check_every(log_completions_every)
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("consecutive_skips", torch.zeros((), dtype=torch.long))
         self.register_buffer("reward_failures", torch.zeros((), dtype=torch.long))
@@ -248,3 +254,4 @@ class PolicyOptimizationModule(L.LightningModule):
             lines = [f"**reward {float(r):.2f}** `{s.get('prompt', '')}` → `{c}`" for r, s, c in
                      zip(rollouts.rewards[: self.group_size].tolist(), rollouts.samples, rollouts.completions)]
             self.logger.experiment.add_text("samples", "\n\n".join(lines), step)
+        log_completions(self, rollouts, self.log_completions_every)  # JSONL beside the logger's files

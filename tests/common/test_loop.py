@@ -280,6 +280,6 @@ def test_no_domain_module_overrides_the_loop():
         overridden = {"training_step", "collect", "update", "stepper"} & set(vars(cls))
         assert not overridden, f"{cls.__module__}.{cls.__name__} overrides {overridden}"
     source = inspect.getsource(importlib.import_module("common.module"))
-    assert len(source.splitlines()) <= 250
+    assert len(source.splitlines()) <= 260  # 250 + the canaries / completions-log switches (issue 16)
     for name in ("Llama", "CausalLM", "TinyLlama", "get_decoder", "DynamicCache", "tokenizer"):
         assert name not in source, name
