@@ -249,8 +249,10 @@ class PolicyOptimizationModule(L.LightningModule):
         self.log_dict(log, prog_bar=False, on_step=True, on_epoch=False, batch_size=B, sync_dist=self.trainer.world_size > 1)
         self.log("reward", log["train/reward"], prog_bar=True, on_step=True, logger=False, batch_size=B)
         step = self.global_step
-        if (self.log_samples_every and step % self.log_samples_every == 0 and rollouts.completions
+        first = not getattr(self, "_samples_logged", False)  # the run's first step too (global_step is 1 or more by then)
+        if (self.log_samples_every and (first or step % self.log_samples_every == 0) and rollouts.completions
                 and isinstance(self.logger, TensorBoardLogger)):
+            self._samples_logged = True
             lines = [f"**reward {float(r):.2f}** `{s.get('prompt', '')}` → `{c}`" for r, s, c in
                      zip(rollouts.rewards[: self.group_size].tolist(), rollouts.samples, rollouts.completions)]
             self.logger.experiment.add_text("samples", "\n\n".join(lines), step)
