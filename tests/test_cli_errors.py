@@ -179,3 +179,32 @@ def test_the_callback_keeps_a_run_that_trained(tmp_path):
     assert kept.exists() and empty.exists()
     DropEmptyRunDir().on_exception(trainer(empty), None, RuntimeError())
     assert not empty.exists() and not (tmp_path / "empty").exists()
+
+
+def test_sample_completions_are_in_tensorboard_from_the_first_step(tmp_path):
+    """``log_samples_every: 10``: samples at the run's first step (global_step is already 1 when it logs), then at
+    multiples of 10 - not first at step 10."""
+    import lightning as L
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.data import DataLoader
+
+    from common.models import TinyLlama
+    from common.rewards.math import NumericAnswerReward
+    from common.rollout.base import Sampling
+    from helpers import DIGITS, digit_prompts
+    from text_reasoning.module import TextReasoningModule
+
+    module = TextReasoningModule(policy=TinyLlama(hidden_size=16, num_layers=1, num_heads=2, alphabet=DIGITS),
+                                 rewards=[NumericAnswerReward()], sampling=Sampling(max_new_tokens=4), group_size=2,
+                                 log_samples_every=10)
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=TensorBoardLogger(tmp_path, name="", version=0),
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=DataLoader(digit_prompts(4), batch_size=2, collate_fn=list))
+    acc = EventAccumulator(str(tmp_path / "version_0"), size_guidance={"tensors": 0})
+    acc.Reload()
+    steps = [e.step for e in acc.Tensors("samples/text_summary")]
+    assert steps == [1], steps  # step 2 is no multiple of 10
+    text = acc.Tensors("samples/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert text.count("**reward ") == 2 and "→" in text, text
