@@ -35,7 +35,7 @@ MAX_PROMPT_CHARS = 1_000_000  # a longer line is not a prompt (a wrong file): re
 
 @dataclass
 class PredictOptions:
-    """What ``advlab predict`` generates (``--predict.*`` on the command line).
+    """What ``advlab predict`` generates (``--output``, ``--prompts``, ``--n``, ... on the command line).
 
     Args:
         output: the JSONL file to write (one line per completion); its folder is created.
@@ -61,52 +61,52 @@ class PredictOptions:
         """One line per bad option (empty when all are good); the file itself is checked by :func:`read_prompts`."""
         out = []
         if not self.output:
-            out.append("--predict.output is required: the JSONL file to write (e.g. --predict.output completions.jsonl)")
+            out.append("--output is required: the JSONL file to write (e.g. --output completions.jsonl)")
         elif Path(self.output).is_dir():
-            out.append(f"--predict.output {self.output!r} is a directory; expected a file path such as {self.output}/completions.jsonl")
+            out.append(f"--output {self.output!r} is a directory; expected a file path such as {self.output}/completions.jsonl")
         if self.n < 1:
-            out.append(f"--predict.n must be a positive integer, got {self.n}")
+            out.append(f"--n must be a positive integer, got {self.n}")
         elif self.greedy and self.n > 1:
-            out.append(f"--predict.n {self.n} with --predict.greedy true gives {self.n} identical completions; "
-                       "add --predict.greedy false to sample")
+            out.append(f"--n {self.n} with --greedy true gives {self.n} identical completions; "
+                       "add --greedy false to sample")
         if self.batch_size < 1:
-            out.append(f"--predict.batch_size must be a positive integer, got {self.batch_size}")
+            out.append(f"--batch_size must be a positive integer, got {self.batch_size}")
         return out
 
 
 def read_prompts(path: str | os.PathLike, column: str = "prompt") -> list[dict]:
     """The samples of a prompt file: ``{column: prompt, ...}`` rows of a .jsonl file (renamed to ``prompt``), or
     ``{"prompt": line}`` for every non-blank line of a text file. Raises ``ValueError``/``FileNotFoundError``
-    naming ``--predict.prompts``, the file and the line."""
+    naming ``--prompts``, the file and the line."""
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"--predict.prompts {str(path)!r} does not exist (resolved: {p.resolve()})")
+        raise FileNotFoundError(f"--prompts {str(path)!r} does not exist (resolved: {p.resolve()})")
     if not p.is_file():
-        raise ValueError(f"--predict.prompts {str(path)!r} is not a file; expected a .jsonl or text file of prompts")
+        raise ValueError(f"--prompts {str(path)!r} is not a file; expected a .jsonl or text file of prompts")
     try:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"--predict.prompts {str(path)!r} cannot be read as UTF-8 text: {e}") from None
+        raise ValueError(f"--prompts {str(path)!r} cannot be read as UTF-8 text: {e}") from None
     samples = []
     for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         if len(line) > MAX_PROMPT_CHARS:
-            raise ValueError(f"--predict.prompts {str(path)!r} line {i} has {len(line)} characters (at most {MAX_PROMPT_CHARS})")
+            raise ValueError(f"--prompts {str(path)!r} line {i} has {len(line)} characters (at most {MAX_PROMPT_CHARS})")
         if p.suffix != ".jsonl":
             samples.append({"prompt": line})
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"--predict.prompts {str(path)!r} line {i} is not JSON ({e.msg}); expected one object a line") from None
+            raise ValueError(f"--prompts {str(path)!r} line {i} is not JSON ({e.msg}); expected one object a line") from None
         if not isinstance(row, dict) or not isinstance(row.get(column), str):
-            raise ValueError(f"--predict.prompts {str(path)!r} line {i} has no string field {column!r} "
-                             f"(set --predict.column to the prompt's field); got {str(row)[:120]}")
+            raise ValueError(f"--prompts {str(path)!r} line {i} has no string field {column!r} "
+                             f"(set --column to the prompt's field); got {str(row)[:120]}")
         row["prompt"] = row.pop(column)
         samples.append(row)
     if not samples:
-        raise ValueError(f"--predict.prompts {str(path)!r} holds no prompt (empty or only blank lines)")
+        raise ValueError(f"--prompts {str(path)!r} holds no prompt (empty or only blank lines)")
     return samples
 
 
