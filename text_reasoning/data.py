@@ -107,6 +107,9 @@ class ReasoningData(ResumableData):
         prompts_per_step: prompts in a training batch (each is sampled G times by the module).
         val_batch_size: prompts per validation batch.
         seed: seed of the generators and of the shuffling.
+        val_tasks: task sources of the validation problems instead of ``tasks`` (e.g. a GSM8K test file beside the
+            train file; equal shares); training never sees a validation prompt either way. None = held out from
+            ``tasks``.
     """
 
     def __init__(
@@ -117,19 +120,23 @@ class ReasoningData(ResumableData):
         prompts_per_step: int = 4,
         val_batch_size: int = 50,
         seed: int = 0,
+        val_tasks: list[TaskSource] | None = None,
     ):
         super().__init__(prompts_per_step, val_batch_size, seed)
         self.tasks = tasks if tasks is not None else [Arithmetic()]
+        self.val_tasks = val_tasks
         self.train_size, self.val_size = train_size, val_size
         self.train_sources: list[int] = []
 
     def setup(self, stage: str | None = None) -> None:
         if self.val_set:
             return
-        k = len(self.tasks)
-        val = [p for i, t in enumerate(self.tasks) for p in t.make(self.val_size // k + (i < self.val_size % k), self.seed + SEED_STRIDE)]
+        val_sources = self.val_tasks or self.tasks
+        v = len(val_sources)
+        val = [p for i, t in enumerate(val_sources) for p in t.make(self.val_size // v + (i < self.val_size % v), self.seed + SEED_STRIDE)]
         held_out = {p.prompt for p in val}
         train, sources = [], []
+        k = len(self.tasks)
         for i, t in enumerate(self.tasks):
             n = self.train_size // k + (i < self.train_size % k)
             made = [p for p in t.make(n + len(held_out), self.seed + i) if p.prompt not in held_out][:n]

@@ -98,6 +98,16 @@ def test_a_column_mapping_reads_any_jsonl_or_parquet_table(tmp_path):
     assert sorted(p.answer for p in local_problems(renamed, "gsm8k", "q", "sol")) == ["100", "300"]
 
 
+def test_validation_from_a_separate_test_file(tmp_path):
+    """val_tasks: GSM8K's test split beside its train split; a prompt in both files is never trained on."""
+    train = write_jsonl(tmp_path / "train.jsonl", GSM8K[:8])
+    test = write_jsonl(tmp_path / "test.jsonl", GSM8K[6:])  # rows 6, 7 are in both files
+    data = ReasoningData(tasks=[LocalFile(str(train))], val_tasks=[LocalFile(str(test))], train_size=100, val_size=6)
+    data.setup()
+    assert sorted(s["prompt"] for s in data.val_set) == sorted(r["question"] for r in GSM8K[6:])
+    assert sorted(s["prompt"] for s in data.train_set) == sorted(r["question"] for r in GSM8K[:6])
+
+
 def test_same_seed_same_draw(tmp_path):
     source = LocalFile(str(write_jsonl(tmp_path / "g.jsonl", GSM8K)))
     assert source.make(5, 3) == source.make(5, 3) and source.make(5, 3) != source.make(5, 4)
