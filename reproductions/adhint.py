@@ -27,6 +27,7 @@ from support.report import plt, save_plot, verdict, write_report  # the reposito
 
 import torch
 
+from common.progress import progress  # step i/N and elapsed time on stderr
 from common.advantages.adhint import ADHint, adhint_advantages, hint_ratio
 from common.advantages.group import grpo
 from common.batch import RolloutBatch
@@ -155,7 +156,7 @@ def main() -> None:
     torch.set_num_threads(1)
     c = checks()
     names = {"grpo": "GRPO (no hints)", "fixed": f"fixed hints (ω = {FIXED_OMEGA})", "adhint": "ADHint"}
-    curves = {m: torch.tensor([train(m, s) for s in range(SEEDS)]) for m in names}  # (S, STEPS)
+    curves = {m: torch.tensor([train(m, s) for s in progress(range(SEEDS), f"adhint: {m}, seeds")]) for m in names}  # (S, STEPS)
 
     def paired(a: str, b: str, step: int = -1) -> tuple[float, float]:
         d = curves[a][:, step] - curves[b][:, step]

@@ -26,6 +26,7 @@ from support.report import plt, save_plot, verdict, write_report  # the reposito
 
 import torch
 
+from common.progress import progress  # step i/N and elapsed time on stderr
 from common.advantages.group import grpo
 from common.batch import RolloutBatch
 from common.loop import Loop, Stepper
@@ -131,8 +132,8 @@ def main() -> None:
                 "matched temperature (β = 1/τ = 1; β_r = 0.5)": dict(beta=1.0, tau=1.0, beta_r=0.5)}
     rows, curves, wins_all = [], {}, True
     for name, kw in settings.items():
-        dpo = [train("dpo", s, **kw) for s in range(SEEDS)]
-        adpo = [train("adpo", s, **kw) for s in range(SEEDS)]
+        dpo = [train("dpo", s, **kw) for s in progress(range(SEEDS), f"adpo: {name}, DPO seeds")]
+        adpo = [train("adpo", s, **kw) for s in progress(range(SEEDS), f"adpo: {name}, ADPO seeds")]
         d_final = torch.tensor([c[-1] for c in dpo])
         a_final = torch.tensor([c[-1] for c in adpo])
         diff = a_final - d_final

@@ -19,6 +19,7 @@ from support.report import plt, save_plot, verdict, write_report  # the reposito
 
 import torch
 
+from common.progress import progress  # step i/N and elapsed time on stderr
 from common.advantages.group import grpo
 from common.batch import RolloutBatch
 from common.losses.aggregate import aggregate
@@ -90,7 +91,7 @@ def bandit(eps_high: float, seed: int) -> torch.Tensor:
 def main() -> None:
     checks = {"clip-higher gradient at ρ = 1.25": check_clip_higher(), "dynamic sampling: no zero advantage kept": check_dynamic_sampling(),
               "overlong 16/18/20/21 -> 0/−0.5/−1/−1": check_overlong(), "token-mean weights (10, 100) equally": check_token_mean()}
-    curves = {e: torch.stack([bandit(e, s) for s in range(SEEDS)]) for e in (0.2, 0.28)}
+    curves = {e: torch.stack([bandit(e, s) for s in progress(range(SEEDS), f"dapo: eps_high {e}, seeds")]) for e in (0.2, 0.28)}
     final = {e: c[:, -1] for e, c in curves.items()}
     diff = final[0.28] - final[0.2]  # paired by seed
     se = (diff.std() / SEEDS**0.5).item()

@@ -19,6 +19,7 @@ from support.report import plt, save_plot, verdict, write_report  # the reposito
 
 import torch
 
+from common.progress import progress  # step i/N and elapsed time on stderr
 from common.advantages.group import grpo
 from common.batch import RolloutBatch
 from common.loop import Loop, Stepper
@@ -111,7 +112,7 @@ def main() -> None:
     torch.set_num_threads(1)
     signs = sign_check()
     seeds = range(10)
-    runs = {m: [bandit(m, s) for s in seeds] for m in ("grpo_len", "drpo")}
+    runs = {m: [bandit(m, s) for s in progress(seeds, f"drpo: {m}, seeds")] for m in ("grpo_len", "drpo")}
     final = {m: (sum(r[0][-1] for r in runs[m]) / len(seeds), sum(r[1][-1] for r in runs[m]) / len(seeds)) for m in runs}
     start_len = runs["drpo"][0][1][0]
     sign_ok = signs["grpo_A"][3] < 0 and all(x < 0 for x in signs["drpo_grad"]) and all(

@@ -19,6 +19,7 @@ from support.report import plt, save_plot, verdict, write_report  # the reposito
 
 import torch
 
+from common.progress import progress  # step i/N and elapsed time on stderr
 from common.advantages.group import grpo
 from common.batch import RolloutBatch
 from common.sampling.curriculum import DUMP
@@ -70,7 +71,7 @@ def unit_check() -> tuple[bool, float]:
 def main() -> None:
     torch.set_num_threads(1)
     unit_ok, p0 = unit_check()
-    res = {name: [run(name == "DUMP", s) for s in range(SEEDS)] for name in ("DUMP", "uniform")}
+    res = {name: [run(name == "DUMP", s) for s in progress(range(SEEDS), f"dump: {name}, seeds")] for name in ("DUMP", "uniform")}
     share = {k: torch.stack([s for s, _ in v]) for k, v in res.items()}  # (SEEDS, STEPS)
     p = {k: torch.stack([q for _, q in v]) for k, v in res.items()}
     after = {k: float(v[:, WARMUP:].mean()) for k, v in share.items()}

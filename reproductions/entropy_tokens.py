@@ -21,6 +21,7 @@ from support.report import plt, save_plot, verdict, write_report  # the reposito
 
 import torch
 
+from common.progress import progress  # step i/N and elapsed time on stderr
 from common.batch import RolloutBatch
 from common.loop import Loop, Stepper
 from common.losses.entropy import ClipCovLoss, EntropyTopQuantileLoss, KLCovLoss
@@ -123,7 +124,7 @@ def main() -> None:
         "top-20% entropy": lambda s: EntropyTopQuantileLoss(quantile=0.2, eps_high=0.2),
     }
     seeds2 = range(16)
-    results = {m: [contextual(s, make(s)) for s in seeds2] for m, make in methods.items()}
+    results = {m: [contextual(s, make(s)) for s in progress(seeds2, f"entropy_tokens: {m}, seeds")] for m, make in methods.items()}
     curves = {m: [c for c, _ in rs] for m, rs in results.items()}
     reward = {m: sum(r for _, r in rs) / len(seeds2) for m, rs in results.items()}
     finals = {m: [c[-1] for c in cs] for m, cs in curves.items()}

@@ -25,6 +25,7 @@ import statistics
 import time
 from pathlib import Path
 
+from common.progress import progress  # step i/N and elapsed time on stderr
 from support.report import ROOT, mean_sd, plt, save_plot, table, verdict, write_report  # the repo root, Agg
 
 import torch
@@ -77,7 +78,7 @@ def run_setting(pools: str, cat, encoder, args) -> dict:
     results = {"embedding": [ranked_metrics(emb_rank, relt)]}
     curves: dict[str, list] = {a: [] for a in ARMS[1:]}
     log_every = max(1, args.steps // 30)
-    for seed in range(args.seeds):
+    for seed in progress(range(args.seeds), f"fgrpo: {pools} pools, seeds"):
         torch.manual_seed(seed)
         g = torch.Generator().manual_seed(seed)
         base = PointerPolicy(x.shape[-1], n_slate=N_SLATE, rank_k=RANK_K)

@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from common.progress import progress  # step i/N and elapsed time on stderr
 from support.report import apart, mean_sd, plt, save_plot, verdict, write_report  # the repo root, Agg
 
 import torch
@@ -99,7 +100,7 @@ def main() -> None:
                                                clip_eps=0.2))}
     results: dict[str, list[list[dict]]] = {name: [] for name in arms}
     curves: dict[str, list[list[float]]] = {name: [] for name in arms}
-    for seed in range(3):
+    for seed in progress(range(3), "gto: seeds"):
         batches = batches_for(data, args.steps, seed=100 + seed)  # the same batches for both arms
         for name, arm in arms.items():
             torch.manual_seed(seed)  # GTO's group placement

@@ -28,6 +28,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import math  # noqa: E402
 
+from common.progress import progress  # step i/N and elapsed time on stderr
 from common.advantages.group import grpo, ngrpo  # noqa: E402
 from common.loop import Loop, Stepper  # noqa: E402
 from common.losses.ppo_clip import ClippedPolicyLoss  # noqa: E402
@@ -81,7 +82,7 @@ def main() -> None:
     torch.set_num_threads(1)  # (16, 10) tensors: threads only add overhead
     REPORTS.mkdir(exist_ok=True)
     ok, vals = exact_values()
-    curves = {name: torch.stack([train(fn, s) for s in range(SEEDS)]) for name, fn in (("GRPO", grpo), ("NGRPO", ngrpo))}
+    curves = {name: torch.stack([train(fn, s) for s in progress(range(SEEDS), f"ngrpo: {name}, seeds")]) for name, fn in (("GRPO", grpo), ("NGRPO", ngrpo))}
     reached = {n: (c < 0.5).sum(1).double() for n, c in curves.items()}  # (SEEDS,) STEPS if never
     steps_to_half = {n: v.mean().item() for n, v in reached.items()}
     sem = {n: (v.std() / SEEDS**0.5).item() for n, v in reached.items()}

@@ -22,6 +22,7 @@ from support.report import plt, save_plot, verdict, write_report  # the reposito
 
 import torch
 
+from common.progress import progress  # step i/N and elapsed time on stderr
 from common.advantages.group import grpo
 from common.batch import RolloutBatch
 from common.loop import Loop, Stepper
@@ -97,7 +98,7 @@ def main() -> None:
     torch.set_num_threads(1)
     serr_ok, serr_vals = check_serr()
     ccr_ok, without, with_replay = check_ccr()
-    curves = {name: torch.stack([run(name == "GRPO + CCR", s) for s in range(SEEDS)]) for name in ("GRPO", "GRPO + CCR")}
+    curves = {name: torch.stack([run(name == "GRPO + CCR", s) for s in progress(range(SEEDS), f"r3: {name}, seeds")]) for name in ("GRPO", "GRPO + CCR")}
     reach = {k: torch.tensor([steps_to(a) for a in v], dtype=torch.float64) for k, v in curves.items()}
     diff = reach["GRPO"] - reach["GRPO + CCR"]
     se = float(diff.std() / len(diff) ** 0.5)

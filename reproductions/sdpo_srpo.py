@@ -31,6 +31,7 @@ from support.report import plt, save_plot, verdict, write_report  # the reposito
 import torch
 import torch.nn.functional as F
 
+from common.progress import progress  # step i/N and elapsed time on stderr
 from common.advantages.group import grpo
 from common.batch import RolloutBatch
 from common.losses.ppo_clip import ClippedPolicyLoss
@@ -214,7 +215,7 @@ def main() -> None:
                  and c["grad_0_3"] < 1e-12 and c["grad_4"] > 1e-3 and c["ema"] < 1e-6 and c["routes_ok"]
                  and c["all_correct_vs_grpo"] == 0 and c["w_mean_minus_1"] < 1e-12 and c["w_beta0_is_1"]
                  and c["dlogpi_a_sdpo"] < 0 < c["dlogpi_a_srpo"])
-    curves = {m: torch.tensor([train(m, s) for s in range(SEEDS)]) for m in ("grpo", "sdpo", "srpo")}  # (S, STEPS)
+    curves = {m: torch.tensor([train(m, s) for s in progress(range(SEEDS), f"sdpo_srpo: {m}, seeds")]) for m in ("grpo", "sdpo", "srpo")}  # (S, STEPS)
 
     def paired(a: str, b: str, step: int) -> tuple[float, float]:
         diff = curves[a][:, step] - curves[b][:, step]

@@ -26,6 +26,7 @@ from support.report import plt, save_plot, verdict, write_report  # the reposito
 
 import torch
 
+from common.progress import progress  # step i/N and elapsed time on stderr
 from common.advantages.group import grpo
 from common.advantages.segment import SPOChain, SPOTree, cut_starts, segment_advantages, spo_chain, spo_tree, whiten
 from common.batch import RolloutBatch
@@ -212,7 +213,7 @@ def main() -> None:
     checks = component_checks()
     seeds = range(20)
     methods = ("GRPO", "SPO-chain", "SPO-tree")
-    runs = {m: [train(m, s) for s in seeds] for m in methods}
+    runs = {m: [train(m, s) for s in progress(seeds, f"segment_po: {m}, seeds")] for m in methods}
     steps = {m: torch.tensor([float(r[1][0]) for r in rs]) for m, rs in runs.items()}
     toks = {m: torch.tensor([float(r[1][1]) for r in rs]) for m, rs in runs.items()}
     drift = {m: torch.tensor([r[2] for r in rs]) for m, rs in runs.items()}

@@ -21,6 +21,7 @@ from support.report import plt, save_plot, verdict, write_report  # the reposito
 
 import torch
 
+from common.progress import progress  # step i/N and elapsed time on stderr
 from common.advantages.group import grpo
 from common.advantages.tracker import SPOTracker, spo_advantage
 from common.batch import RolloutBatch
@@ -77,7 +78,7 @@ def check_baseline(prompts: int = 100, visits: int = 200, warmup: int = 50) -> t
 
 def recovery(drift: float, seeds: int = 200, jump: int = 100, horizon: int = 200) -> tuple[float, torch.Tensor]:
     steps, curves = [], []
-    for seed in range(seeds):
+    for seed in progress(range(seeds), f"spo_stream: drift {drift}, seeds"):
         g = torch.Generator().manual_seed(seed)
         t = SPOTracker(num_prompts=1, d_half=0.01)
         curve = []

@@ -22,6 +22,7 @@ from support.report import plt, save_plot, verdict, write_report  # the reposito
 
 import torch
 
+from common.progress import progress  # step i/N and elapsed time on stderr
 from common.advantages.group import grpo
 from common.batch import RolloutBatch
 from common.loop import Loop, Stepper
@@ -92,7 +93,7 @@ def steps_to(acc: torch.Tensor, level: float = 0.9) -> int:
 
 def main() -> None:
     torch.set_num_threads(1)
-    res = {name: [run(name, s) for s in range(SEEDS)] for name in VARIANTS}
+    res = {name: [run(name, s) for s in progress(range(SEEDS), f"ssb: {name}, seeds")] for name in VARIANTS}
     S1, S2 = "SSB (single use)", "SSB (reuse, max age 20)"
     stack = {k: {f: torch.stack([r[f] for r in v]).double() for f in ("acc", "share", "informative")} for k, v in res.items()}
     late_share = {k: float(v["share"][:, -50:].mean()) for k, v in stack.items()}

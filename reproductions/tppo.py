@@ -21,6 +21,7 @@ from support.report import plt, save_plot, verdict, write_report  # the reposito
 
 import torch
 
+from common.progress import progress  # step i/N and elapsed time on stderr
 from common.advantages.gae import egae, value_targets
 from common.critic import ValueHead, value_loss
 
@@ -73,7 +74,7 @@ def main() -> None:
     gae = egae(reward, values, full_mask, torch.zeros(N, dtype=torch.bool), gamma=GAMMA, lam=LAM)[:, :EARLY]  # (N, 3)
     rows, curves = [], {"GAE (full)": (gae.mean(0), gae.std(0) / N ** 0.5)}
     ok = True
-    for l in WINDOWS:
+    for l in progress(WINDOWS, "tppo: windows"):
         seen = length.clamp(max=l)  # tokens generated inside the window
         truncated = length > l
         m = torch.arange(T_MAX)[None, :] < seen[:, None]

@@ -121,3 +121,29 @@ def test_list_one_kind_and_a_misspelled_kind(capsys):
         main(["rewardz"])
     message = str(done.value.code).splitlines()
     assert len(message) == 2 and message[0] == "advlab list: no kind 'rewardz'; did you mean rewards?", message
+
+
+def test_progress_yields_unchanged_and_reports_i_of_n(monkeypatch):
+    """The long scripts' progress lines (common/progress.py): items pass through untouched; ``label i/N, elapsed``
+    on the stream; the last item is always reported; ``ADVLAB_PROGRESS=0`` silences it."""
+    import io
+
+    from common.progress import progress
+
+    out = io.StringIO()
+    assert list(progress(range(3), "repro: seeds", every_s=0.0, stream=out)) == [0, 1, 2]
+    lines = out.getvalue().splitlines()
+    assert [ln.split(",")[0] for ln in lines] == ["repro: seeds 1/3", "repro: seeds 2/3", "repro: seeds 3/3"]
+    assert "elapsed, ~" in lines[0] and lines[-1].endswith(" s elapsed")
+
+    out = io.StringIO()
+    assert list(progress(range(50), "fast", every_s=3600.0, stream=out)) == list(range(50))
+    assert out.getvalue().splitlines()[0].startswith("fast 50/50, ")  # throttled: only the last
+
+    out = io.StringIO()
+    assert list(progress((i for i in range(2)), "gen", every_s=3600.0, stream=out)) == [0, 1]
+    assert out.getvalue().startswith("gen 2 done, ")  # no len(): a closing line
+
+    monkeypatch.setenv("ADVLAB_PROGRESS", "0")
+    out = io.StringIO()
+    assert list(progress(range(3), "quiet", every_s=0.0, stream=out)) == [0, 1, 2] and out.getvalue() == ""

@@ -27,6 +27,8 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from common.progress import progress  # noqa: E402 (step i/N and elapsed time on stderr)
+
 THREADS = 2
 # ADVLAB_BENCH_RESULTS redirects the reports (the tests run benchmarks into a temporary folder)
 RESULTS = Path(os.environ.get("ADVLAB_BENCH_RESULTS") or Path(__file__).resolve().parent.parent / "results")
@@ -73,7 +75,7 @@ def alternate(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1, 
             if on_result:
                 on_result(k, out)
             del out
-    for _ in range(reps):
+    for _ in progress(range(reps), f"{', '.join(names)}: repetitions"):
         for k in names:
             sync(device)
             t0 = time.perf_counter()
