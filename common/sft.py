@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import time
+from contextlib import nullcontext
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,8 +186,14 @@ class NextTokenCE(SFTObjective):
         model = policy.model
         decoder, head = model.get_decoder(), model.get_output_embeddings()
         attn = batch.block_mask(True, head.weight.dtype) if batch.packed else batch.attention_mask.long()
-        h = decoder(input_ids=batch.input_ids, attention_mask=attn, position_ids=batch.position_ids,
-                    use_cache=False).last_hidden_state  # (R, L, H)
+        context = nullcontext()
+        if getattr(policy, "gradient_checkpointing", False) and torch.is_grad_enabled():
+            from common.policies.causal_lm import checkpointed_layers
+
+            context = checkpointed_layers(model)  # the policy's activation checkpointing (CausalLMPolicy option)
+        with context:
+            h = decoder(input_ids=batch.input_ids, attention_mask=attn, position_ids=batch.position_ids,
+                        use_cache=False).last_hidden_state  # (R, L, H)
         m = batch.target_mask[:, 1:]  # (R, L-1): position i-1 predicts token i
         lp, _ = token_logprobs(h[:, :-1][m], head.weight, batch.input_ids[:, 1:][m], bias=head.bias,
                                chunk_size=self.chunk_size)  # (N,)
@@ -316,7 +323,9 @@ class SFTModule(L.LightningModule):
         objective: the loss (default :class:`NextTokenCE`; ``diffusion.dllm.sft.MaskedDiffusionCE``).
         sampling: sampling of validation generations (greedy) and of the policy afterwards.
         lora: LoRA adapters (None = full fine-tuning).
-        system_prompt, instruction: as ``CausalLMPolicy`` (the prompt text the RL recipe will sample from).
+        system_prompt, instruction, chat_template_kwargs, chat_template: as ``CausalLMPolicy`` (the prompt text the
+            RL recipe will sample from: give them the same values there).
+        gradient_checkpointing: as ``CausalLMPolicy`` (recompute activations in the backward pass).
         pack_length: pack the step's examples into rows of at most this many tokens (None = one example a row).
         max_length: cut each example to this many tokens (the response's end first; None = no limit).
         micro_batch_size: rows per forward/backward (gradient accumulation; the normaliser is the step's).
@@ -336,7 +345,9 @@ class SFTModule(L.LightningModule):
                  micro_batch_size: int | None = None, lr: float = 1e-5, weight_decay: float = 0.0,
                  max_grad_norm: float = 1.0, lr_schedule: Literal["constant", "linear", "cosine"] = "constant",
                  warmup_steps: int = 0, total_steps: int | None = None, max_consecutive_skips: int = 3,
-                 verifier: RewardFunction | None = None, log_samples_every: int = 1, output_dir: str | None = None):
+                 verifier: RewardFunction | None = None, log_samples_every: int = 1, output_dir: str | None = None,
+                 chat_template_kwargs: dict[str, Any] | None = None, chat_template: str | None = None,
+                 gradient_checkpointing: bool = False):
         super().__init__()
         problems = schedule_problems(lr_schedule, warmup_steps, total_steps)
         if pack_length is not None and pack_length < 2:
@@ -349,16 +360,19 @@ class SFTModule(L.LightningModule):
             problems.append(f"lr must be > 0, got {lr}")
         if problems:
             raise ValueError("SFTModule: " + "; ".join(problems))
+        lm_args = dict(sampling=sampling, lora=lora, system_prompt=system_prompt, instruction=instruction,
+                       chat_template_kwargs=chat_template_kwargs, chat_template=chat_template,
+                       gradient_checkpointing=gradient_checkpointing)
         if isinstance(policy, Policy):
-            if lora is not None or system_prompt is not None or instruction or sampling is not None:
-                raise ValueError("SFTModule: lora, system_prompt, instruction and sampling belong to the policy's own "
-                                 "arguments when policy is a Policy (they build a CausalLMPolicy from a source)")
+            given = [k for k, v in lm_args.items() if v not in (None, "", False)]
+            if given:
+                raise ValueError(f"SFTModule: {', '.join(given)} belong to the policy's own arguments when policy is a "
+                                 "Policy (they build a CausalLMPolicy from a policy source)")
             self.policy = policy
         else:
             from common.policies.causal_lm import CausalLMPolicy
 
-            self.policy = CausalLMPolicy(policy if policy is not None else TinyLlama(), sampling, None, lora,
-                                         system_prompt, instruction)
+            self.policy = CausalLMPolicy(policy if policy is not None else TinyLlama(), **lm_args)
         for attr in ("model", "tokenizer", "encode"):
             if not hasattr(self.policy, attr):
                 raise ValueError(f"SFTModule: policy {type(self.policy).__name__} has no {attr!r}")

@@ -262,3 +262,26 @@ def test_advlab_sft_bad_data_path_fails_fast_naming_it(tmp_path):
     assert "Records: path 'missing/train.jsonl' is not a file" in proc.stderr  # the argument and the path
     assert beyond_import < 10, f"took {beyond_import:.1f} s beyond importing the CLI"
     assert not list(tmp_path.glob("runs/lightning_logs/version_*"))
+
+
+def test_gradient_checkpointing_and_chat_template_options_reach_the_policy():
+    """The CausalLMPolicy options pass through: the same loss and gradient with activation checkpointing, and the
+    template kwargs / override change the prompt text exactly as they do for the RL policy."""
+    examples = EXAMPLES[:3]
+    grads = []
+    for ckpt in (False, True):
+        m = SFTModule(policy=TinyLlama(hidden_size=32, num_layers=2, seed=0), gradient_checkpointing=ckpt)
+        b = encode_examples(m.policy, m.objective, examples)
+        total, count = m.objective(m.policy, b)
+        (total / count).backward()
+        grads.append((total.detach(), [p.grad.clone() for p in m.policy.model.parameters()]))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-6, atol=1e-6)
+    for a, b in zip(grads[0][1], grads[1][1]):  # recomputation repeats the same float32 ops
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(a.abs().max()))
+    template = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}{% if add_generation_prompt %}>{% endif %}"
+    m = SFTModule(policy=TinyLlama(hidden_size=32, num_layers=1, seed=0), chat_template=template)
+    b = encode_examples(m.policy, m.objective, examples[:1])
+    text = m.policy.tokenizer.decode(b.input_ids[0][~b.target_mask[0]].tolist())
+    assert text == "[What is 2 + 3?]>" and m.policy.prompt_texts(examples[:1]) == [text]
+    with pytest.raises(ValueError, match="chat_template belong to the policy's own arguments"):
+        SFTModule(policy=m.policy, chat_template=template)
