@@ -103,6 +103,8 @@ def main() -> None:
     ap.add_argument("--val-size", type=int, default=32, help="held-out prompts for the accuracy (the first of the recipe's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fresh", action="store_true", help="rerun every stage")
+    ap.add_argument("--stages", default="rm,rank,before,grpo,after",
+                    help="comma-separated stages to run now (others are read from results.json, or skipped)")
     args = ap.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -118,31 +120,37 @@ def main() -> None:
     val = ["--data.init_args.val_size", str(4 if args.smoke else args.val_size),
            "--data.init_args.val_batch_size", str(4 if args.smoke else args.val_size)]
     policy = SMOKE_POLICY if args.smoke else []
-    if "rm" not in results:
+    stages = set(args.stages.split(","))
+    if stages - {"rm", "rank", "before", "grpo", "after"}:
+        raise SystemExit(f"--stages: expected names from rm,rank,before,grpo,after, got {args.stages!r}")
+    if "rm" not in results and "rm" in stages:
         advlab("fit", "--config", str(RM_CONFIG), *seed, *(SMOKE_RM if args.smoke else []), cwd=out)
         results["rm"] = True
         save()
-    if "rank" not in results:
+    if "rank" not in results and "rank" in stages:
         results["rank"] = rank(out, args.smoke)
         print(f"  held-out pair accuracy {results['rank']['held_out']:.3f} ({results['rank']['n_held_out']} pairs)", flush=True)
         save()
-    if "before" not in results:
+    if "before" not in results and "before" in stages:
         results["before"] = val_accuracy(advlab("validate", "--config", str(BASE_CONFIG), *seed, *policy, *val, cwd=out))
         print(f"  held-out accuracy before: {results['before']:.3f}", flush=True)
         save()
-    if "grpo" not in results:
-        root = out / "runs/grpo_reward_model"
-        before = set(root.glob("lightning_logs/version_*"))
+    if "grpo" not in results and "grpo" in stages:
+        root = out / "runs/lightning_logs"  # the CLI's TensorBoard logger writes runs/lightning_logs/version_N
+        before = set(root.glob("version_*"))
         advlab("fit", "--config", str(GRPO_CONFIG), *seed, *policy, *val, "--trainer.max_steps", str(steps),
                "--model.init_args.group_size", str(2 if args.smoke else args.group_size), cwd=out)
-        (run,) = set(root.glob("lightning_logs/version_*")) - before
+        (run,) = set(root.glob("version_*")) - before
         results["grpo"] = str(run / "checkpoints/last.ckpt")
         save()
-    if "after" not in results:
+    if "after" not in results and "after" in stages:
         results["after"] = val_accuracy(advlab("validate", "--config", str(BASE_CONFIG), *seed, *policy, *val,
                                                "--ckpt_path", results["grpo"], cwd=out))
         print(f"  held-out accuracy after: {results['after']:.3f}", flush=True)
         save()
+    if any(k not in results for k in ("rank", "before", "after")):
+        print(f"stages done: {sorted(results)}; the verdict needs rank, before and after", flush=True)
+        return
     r = results["rank"]
     ranks, raises = r["held_out"] >= 0.9, results["after"] > results["before"]
     details = (f"held-out pair accuracy {r['held_out']:.3f} ({r['n_held_out']} pairs, {r['held_out_prompts']} unseen prompts; "

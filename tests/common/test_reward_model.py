@@ -247,3 +247,18 @@ def test_cli_missing_reward_model_names_the_path_fast(tmp_path):
     err = (proc.stderr + proc.stdout).strip().splitlines()
     assert any("path 'runs/reward_model/export'" in line and "does not exist" in line for line in err), err[-5:]
     assert cpu < 10.0, f"{cpu:.1f} s of CPU ({wall:.1f} s of wall time)"
+
+
+@pytest.mark.slow
+def test_reproduction_smoke_runs_every_stage(tmp_path):
+    """reproductions/reward_model.py --smoke: the RM recipe, the ranking, validate, GRPO on the RM and validate again,
+    each a real `advlab` process on a tiny model."""
+    proc = subprocess.run([sys.executable, str(ROOT / "reproductions/reward_model.py"), "--smoke", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=1200, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    results = json.loads((tmp_path / "results_smoke.json").read_text())
+    assert set(results) == {"rm", "rank", "before", "grpo", "after"}
+    assert 0.0 <= results["rank"]["held_out"] <= 1.0 and results["rank"]["n_held_out"] > 0
+    assert (tmp_path / "runs/reward_model/export/model.safetensors").is_file()
+    assert Path(results["grpo"]).is_file()
+    assert "reward_model (smoke): held-out pair accuracy" in proc.stdout
