@@ -8,21 +8,23 @@ GRPO loss (eps 0.2) with per-sequence token means (TRL ``loss_type="grpo"``), gr
 the same user message (TRL's conversational format), 2 torch threads, seed 0.
 
 Ours: ``TextReasoningModule`` as ``configs/text_reasoning/grpo_arithmetic.yaml`` builds it (micro-batch 16), one
-call of its real ``training_step`` per step. It runs outside a ``lightning.Trainer``, so the three Trainer
-services ``update`` uses are given directly: ``optimizers()`` returns the module's own AdamW
-(``configure_optimizers``), ``manual_backward(loss)`` is ``loss.backward()`` and ``clip_gradients`` is
-``torch.nn.utils.clip_grad_norm_`` (what Lightning's 32-true precision plugin calls); logging is a no-op.
+call of its real ``training_step`` per step, twice: as shipped (activations kept) and with
+``gradient_checkpointing: true`` (each decoder layer recomputed in the backward; "ours, checkpointing"). It runs
+outside a ``lightning.Trainer``, so the Trainer services ``update`` uses are given directly: ``optimizers()``
+returns the module's own AdamW (``configure_optimizers``), ``lr_schedulers()`` its schedule (None for the constant
+rate), ``manual_backward(loss)`` is ``loss.backward()`` and ``clip_gradients`` is ``torch.nn.utils.clip_grad_norm_``
+(what Lightning's 32-true precision plugin calls); logging is a no-op.
 
 TRL: ``trainer.train()`` with a callback; a TRL step is timed from ``on_step_begin`` to ``on_step_end`` (generation,
 rewards, advantages, every micro-batch's forward/backward, clipping and the optimiser step) and ``on_step_end``
-then runs one step of ours (not timed as TRL's). The split comes from timing wrappers around ``trainer._generate``
-(instrumentation only). TRL runs twice: its defaults (only what the identical work needs is set) and its fastest
+then runs one step of each of ours (not timed as TRL's). The split comes from timing wrappers around
+``trainer._generate`` (instrumentation only). TRL runs twice: its defaults (only what the identical work needs is set) and its fastest
 configuration here (gradient checkpointing off, the whole 32-row step in one micro-batch).
 
 Columns: rollout = generation and decoding (ours ``module.rollout``, TRL ``_generate``); logprob+update = the rest
 of the step (rewards, advantages, the policy forward for log-probs, backward, clip, AdamW); generated tokens/s =
 completion tokens (up to and including EOS) / rollout seconds. Peak RSS comes from separate processes
-(``--only ours|trl-default|trl-fast``) that run one warm-up and 3 steps of one side alone.
+(``--only ours|ours-gc|trl-default|trl-fast``) that run one warm-up and 3 steps of one side alone.
 
     python benchmarks/grpo_step.py            # full: 1 warm-up + 5 counted steps each, writes results/grpo_step.md
     python benchmarks/grpo_step.py --quick    # smoke test: 1 warm-up + 1 counted step, prints only
@@ -77,7 +79,7 @@ def problems(n_steps: int) -> list[list[dict]]:
 
 # ---------------------------------------------------------------- ours
 class Ours:
-    def __init__(self):
+    def __init__(self, gradient_checkpointing: bool = False):
         from common.advantages.group import GRPO
         from common.losses.ppo_clip import ClippedPolicyLoss
         from common.models import BundledSmolLM2
@@ -89,11 +91,13 @@ class Ours:
             policy=BundledSmolLM2(), advantage=GRPO(scale="group", eps=1e-6),
             loss=ClippedPolicyLoss(eps_low=0.2, eps_high=0.2, aggregation="seq_mean_token_mean", beta=0.0),
             sampling=Sampling(max_new_tokens=MAX_NEW, temperature=1.0), group_size=G, lr=LR, max_grad_norm=1.0,
-            micro_batch_size=MICRO, log_samples_every=0)
-        opt = m.configure_optimizers()
+            micro_batch_size=MICRO, log_samples_every=0, gradient_checkpointing=gradient_checkpointing)
+        conf = m.configure_optimizers()  # the optimiser, or {"optimizer", "lr_scheduler"} with a schedule
+        opt, sched = (conf["optimizer"], conf["lr_scheduler"]) if isinstance(conf, dict) else (conf, None)
         params = [p for g in opt.param_groups for p in g["params"]]
         # the Trainer services update() uses (see the module docstring)
         m.optimizers = lambda: opt
+        m.lr_schedulers = lambda: sched
         m.manual_backward = lambda loss, *a, **k: loss.backward()
         m.clip_gradients = lambda o, gradient_clip_val=None, gradient_clip_algorithm=None: \
             torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
@@ -184,34 +188,39 @@ def check_same_prompt_ids(ours: Ours, trainer, sample: dict) -> None:
 
 
 # ---------------------------------------------------------------- runs
-def alternating(fast: bool, warmup: int, counted: int) -> tuple[list[dict], list[dict]]:
+def alternating(fast: bool, warmup: int, counted: int) -> tuple[list[dict], list[dict], list[dict]]:
+    """(ours, ours with gradient checkpointing, TRL) step stats after the warm-up, run A B C A B C."""
     n = warmup + counted
     batches = problems(n)
-    ours = Ours()
+    ours, ours_gc = Ours(), Ours(gradient_checkpointing=True)
     ours_steps: list[dict] = []
+    gc_steps: list[dict] = []
 
-    def after_trl_step(k: int) -> None:  # A B A B: one step of ours after every TRL step
+    def after_trl_step(k: int) -> None:  # A B C A B C: one step of each of ours after every TRL step
         ours_steps.append(ours.step(batches[k - 1]))
-        o, t = ours_steps[-1], timer.steps[-1]
+        gc_steps.append(ours_gc.step(batches[k - 1]))
+        o, g, t = ours_steps[-1], gc_steps[-1], timer.steps[-1]
         print(f"  step {k}: TRL {t['step']:.2f} s (gen {t['rollout']:.2f} s, {t['tokens']} tok) | "
-              f"ours {o['step']:.2f} s (gen {o['rollout']:.2f} s, {o['tokens']} tok)", flush=True)
+              f"ours {o['step']:.2f} s (gen {o['rollout']:.2f} s, {o['tokens']} tok) | "
+              f"ours, checkpointing {g['step']:.2f} s (gen {g['rollout']:.2f} s, {g['tokens']} tok)", flush=True)
 
     timer = TRLTimer(after_trl_step)
     trainer = make_trl(batches, fast, [timer.callback])
     timer.instrument(trainer)
     check_same_prompt_ids(ours, trainer, batches[0][0])
     trainer.train()
-    if len(timer.steps) != n or len(ours_steps) != n:
-        raise SystemExit(f"expected {n} steps each, got TRL {len(timer.steps)}, ours {len(ours_steps)}")
-    return ours_steps[warmup:], timer.steps[warmup:]
+    if len(timer.steps) != n or len(ours_steps) != n or len(gc_steps) != n:
+        raise SystemExit(f"expected {n} steps each, got TRL {len(timer.steps)}, ours {len(ours_steps)}, "
+                         f"ours with checkpointing {len(gc_steps)}")
+    return ours_steps[warmup:], gc_steps[warmup:], timer.steps[warmup:]
 
 
 def only(which: str, steps: int) -> None:
     """One side alone (for peak RSS): ``steps`` steps, then print the stats as JSON."""
     setup_threads()
     batches = problems(steps)
-    if which == "ours":
-        ours = Ours()
+    if which in ("ours", "ours-gc"):
+        ours = Ours(gradient_checkpointing=which == "ours-gc")
         for b in batches:
             ours.step(b)
     else:
@@ -251,7 +260,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5, help="counted steps each (with --only: steps in all)")
     ap.add_argument("--rss-steps", type=int, default=3, help="steps after the warm-up in the peak-RSS processes")
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
-    ap.add_argument("--only", choices=["ours", "trl-default", "trl-fast"], help=argparse.SUPPRESS)
+    ap.add_argument("--only", choices=["ours", "ours-gc", "trl-default", "trl-fast"], help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.only:
         only(a.only, a.steps)
@@ -266,11 +275,12 @@ def main() -> None:
     for fast in (False, True):
         name = "TRL fastest" if fast else "TRL default"
         print(f"{name} vs ours, alternating: {a.warmup} warm-up + {a.steps} counted steps each", flush=True)
-        o, t = alternating(fast, a.warmup, a.steps)
-        res[f"ours (vs {name})"], res[name] = summary(o), summary(t)
+        o, g, t = alternating(fast, a.warmup, a.steps)
+        res[f"ours (vs {name})"], res[f"ours, checkpointing (vs {name})"], res[name] = summary(o), summary(g), summary(t)
     rss = {}
     if not a.no_rss:
-        for which, key in (("ours", "ours"), ("trl-default", "TRL default"), ("trl-fast", "TRL fastest")):
+        for which, key in (("ours", "ours"), ("ours-gc", "ours, checkpointing"), ("trl-default", "TRL default"),
+                           ("trl-fast", "TRL fastest")):
             rss[key] = peak_rss(which, a.warmup + a.rss_steps)
             print(f"peak RSS {key}: {rss[key]:.0f} MB", flush=True)
 
@@ -281,18 +291,19 @@ def main() -> None:
 
     heads = ["run", "median step s", "rollout s", "logprob+update s", "generated tok/s", "tokens/step",
              "peak RSS MB"]
-    body = table(heads, [row("ours (vs TRL default)", "ours"), row("TRL default", "TRL default"),
-                         row("ours (vs TRL fastest)", "ours"), row("TRL fastest", "TRL fastest")])
+    body = table(heads, [row(f"{o} (vs {t})", o) for t in ("TRL default", "TRL fastest")
+                         for o in ("ours", "ours, checkpointing")] + [row(t, t) for t in ("TRL default", "TRL fastest")])
     ratios, verdicts = [], []
     for name, target in (("TRL default", 0.5), ("TRL fastest", 0.8)):
-        o, t = res[f"ours (vs {name})"], res[name]
-        r = o["step"] / t["step"]
-        rr = rss["ours"] / rss[name] if rss else float("nan")
-        ratios.append([f"ours / {name}", f"{r:.2f}", f"{o['rollout'] / t['rollout']:.2f}",
-                       f"{o['rest'] / t['rest']:.2f}", f"{o['tok_s'] / t['tok_s']:.2f}", f"{rr:.2f}"])
-        verdicts.append(f"- step time <= {target}x {name}: {r:.2f}x -> {mark(r <= target)}")
-        if rss:
-            verdicts.append(f"- peak RSS <= {name}: {rr:.2f}x -> {mark(rr <= 1.0)}")
+        for ours_key in ("ours", "ours, checkpointing"):
+            o, t = res[f"{ours_key} (vs {name})"], res[name]
+            r = o["step"] / t["step"]
+            rr = rss[ours_key] / rss[name] if rss else float("nan")
+            ratios.append([f"{ours_key} / {name}", f"{r:.2f}", f"{o['rollout'] / t['rollout']:.2f}",
+                           f"{o['rest'] / t['rest']:.2f}", f"{o['tok_s'] / t['tok_s']:.2f}", f"{rr:.2f}"])
+            verdicts.append(f"- {ours_key}: step time <= {target}x {name}: {r:.2f}x -> {mark(r <= target)}")
+            if rss:
+                verdicts.append(f"- {ours_key}: peak RSS <= {name}: {rr:.2f}x -> {mark(rr <= 1.0)}")
     body += "\nRatios (ours / TRL; step and split times lower is better, tokens/s higher is better):\n\n"
     body += table(["ratio", "step", "rollout", "logprob+update", "generated tok/s", "peak RSS"], ratios)
     body += "\nTargets:\n\n" + "\n".join(verdicts) + "\n"
@@ -303,12 +314,14 @@ Setup:
 
 - versions: trl {trl.__version__}, transformers {transformers.__version__}, torch {torch.__version__}; \
 {torch.get_num_threads()} threads; counted steps {a.steps} each after {a.warmup} warm-up, alternating TRL, ours, \
-TRL, ours in one process (one process per TRL configuration); peak RSS from separate processes (one side alone, \
-{a.warmup} warm-up + {a.rss_steps} steps), `ru_maxrss`.
+ours with checkpointing, TRL, ... in one process (one process per TRL configuration); peak RSS from separate \
+processes (one side alone, {a.warmup} warm-up + {a.rss_steps} steps), VmHWM.
 - work: bundled SmolLM2-135M-Instruct, two-digit addition, {PROMPTS} prompts x G = {G}, <= {MAX_NEW} new tokens, \
 full fine-tuning, fp32, AdamW lr {LR}, clip 1.0, beta 0, the same prompts in the same order, reward = our TaskReward.
 - ours: `TextReasoningModule.training_step` as configs/text_reasoning/grpo_arithmetic.yaml (micro-batch {MICRO}; \
-lr as TRL's), outside a lightning.Trainer (optimizers / manual_backward / clip_gradients given directly).
+lr as TRL's), outside a lightning.Trainer (optimizers / manual_backward / clip_gradients given directly); \
+"ours, checkpointing" adds `gradient_checkpointing: true` (every decoder layer recomputed in the backward, the \
+shared-prompt KV cache kept).
 - TRL, set in both runs for identical work (not speed options): {same}.
 - TRL fastest, changed on top of that: {fast_opts} (gradient checkpointing is TRL's default; off recomputes \
 nothing; one 32-row micro-batch instead of 4 x 8).
