@@ -28,6 +28,8 @@ completion tokens (up to and including EOS) / rollout seconds. Peak RSS comes fr
 
     python benchmarks/grpo_step.py            # full: 1 warm-up + 5 counted steps each, writes results/grpo_step.md
     python benchmarks/grpo_step.py --quick    # smoke test: 1 warm-up + 1 counted step, prints only
+    python benchmarks/grpo_step.py --rss-only # peak RSS only (ours, ours with checkpointing, TRL default), the three
+                                              # processes at once; writes results/grpo_step_memory.md
 """
 
 from __future__ import annotations
@@ -245,6 +247,39 @@ def peak_rss(which: str, steps: int) -> float:
     raise SystemExit(f"--only {which} failed (rc {out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
 
 
+def rss_only(steps: int) -> None:
+    """Peak RSS of ours, ours with gradient checkpointing and TRL's defaults, each alone in its own process; the
+    processes run at the same time (memory only: no times are taken)."""
+    which = {"ours": "ours", "ours-gc": "ours, checkpointing", "trl-default": "TRL default"}
+    procs = {w: subprocess.Popen([sys.executable, __file__, "--only", w, "--steps", str(steps)], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for w in which}
+    rss = {}
+    for w, proc in procs.items():
+        out, err = proc.communicate()
+        line = next((x for x in out.splitlines() if x.startswith("RSS_JSON ")), None)
+        if line is None:
+            raise SystemExit(f"--only {w} failed (rc {proc.returncode}):\n{out[-3000:]}\n{err[-3000:]}")
+        rss[which[w]] = json.loads(line[len("RSS_JSON "):])["peak_rss_mb"]
+        print(f"peak RSS {which[w]}: {rss[which[w]]:.0f} MB", flush=True)
+    write_memory(rss, steps)
+
+
+def write_memory(rss: dict[str, float], steps: int) -> None:
+    base = rss["TRL default"]
+    body = table(["run", "peak RSS MB", "/ TRL default"], [[k, f"{v:.0f}", f"{v / base:.2f}"] for k, v in rss.items()])
+    r = rss["ours, checkpointing"] / base
+    body += f"""
+Target: peak RSS of ours with gradient checkpointing <= TRL's default configuration (which checkpoints too): \
+{r:.2f}x -> {mark(r <= 1.0)}
+
+Setup: `python benchmarks/grpo_step.py --rss-only --rss-steps {steps - 1}`: each side alone in its own process \
+(1 warm-up + {steps - 1} step(s) of the work in the module docstring), VmHWM; the three processes ran at the same \
+time, so no step times are reported here (see grpo_step.md). Ours: micro-batch {MICRO}; TRL default: 4 micro-batches \
+of 8, gradient checkpointing on.
+"""
+    write_result("grpo_step_memory", "GRPO step peak memory: ours with and without gradient checkpointing vs TRL", body)
+
+
 def summary(steps: list[dict]) -> dict:
     med = statistics.median
     return dict(step=med([s["step"] for s in steps]), rollout=med([s["rollout"] for s in steps]),
@@ -260,10 +295,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5, help="counted steps each (with --only: steps in all)")
     ap.add_argument("--rss-steps", type=int, default=3, help="steps after the warm-up in the peak-RSS processes")
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
+    ap.add_argument("--rss-only", action="store_true", help="only the peak-RSS processes (run at once); writes "
+                    "results/grpo_step_memory.md")
     ap.add_argument("--only", choices=["ours", "ours-gc", "trl-default", "trl-fast"], help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.only:
         only(a.only, a.steps)
+        return
+    if a.rss_only:
+        setup_threads()
+        rss_only(a.warmup + a.rss_steps)
         return
     if a.quick:
         a.warmup, a.steps, a.rss_steps = 1, 1, 1
