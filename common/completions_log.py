@@ -117,12 +117,13 @@ def log_completions(module: Any, rollouts: RolloutBatch, every: int) -> None:
     """The RL module's hook (``log_step``): write the step's rows when ``every`` > 0 and the Trainer has a logger,
     at the step of the ``train/*`` scalars. Every rank calls it at the same step (``trainer.log_dir`` broadcasts
     rank 0's directory, a collective), so the ranks' files lie side by side."""
-    trainer = module.trainer
-    if not every or not trainer.loggers:
+    trainer = module._trainer  # None for a module stepped by hand
+    if not every or trainer is None or not trainer.loggers:
         return
     if trainer not in _WRITERS:
         _WRITERS[trainer] = CompletionsLog(trainer.log_dir, trainer.global_rank, every)
-    _WRITERS[trainer].write(rollouts, trainer.fit_loop.epoch_loop._batches_that_stepped, module.global_step)
+    step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", module.global_step)  # the scalars' step
+    _WRITERS[trainer].write(rollouts, step, module.global_step)
 
 
 __all__ = ["CompletionsLog", "check_every", "completion_rows", "log_completions"]

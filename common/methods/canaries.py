@@ -29,7 +29,9 @@ metric ``train/canary/...``:
     construction (the loss covers the completion's (B, T) positions only), so there is no prompt-masking check;
     policies without ``truncated`` (fixed-horizon actions) are not checked.
 - **stale sampler**: the rollout engine did not receive the new weights. At every ``sync_check_every``-th step
-  (the first, then every K-th) a probe of ``probe_rows`` rows of the step's batch is scored twice, before the
+  (the first, then every K-th) a probe, ``probe_rows`` rows of the step's batch cut to the last ``probe_tokens``
+  prompt tokens and the first ``probe_tokens`` actions (any fixed input will do: memory stays small for long
+  prompts and a large vocabulary), is scored twice, before the
   step's update (after scoring) and after it (after ``policy.sync()``), by the trainer (``policy(probe)``) and by
   the engine (``policy.sampler_logprobs(probe)``: vLLM's prompt log-probs, or HF's forward of the weights
   ``generate`` uses). Metrics ``canary/policy_logprob_change`` and ``canary/sampler_logprob_change``: the mean
@@ -38,7 +40,7 @@ metric ``train/canary/...``:
   that binds nothing, a skipped sync, an engine that reloads a stale copy); an update too small to move the
   trainer's log-probs (lr 0, skipped steps) is never a warning. The ratio is loose because the trainer scores at the
   sampling temperature and the engine at temperature 1, and a bfloat16 engine rounds small updates. Cost: 2
-  forwards of ``probe_rows`` rows on each side per checked step, none in between; the schedule depends only on the
+  forwards of a ``probe_rows`` x 2 ``probe_tokens`` input on each side per checked step, none in between; the schedule depends only on the
   checkpointed step counter, so a resumed run checks (and logs) the steps the straight run does. Skipped for a
   policy that samples from its own forward (``sampler_logprobs`` not overridden); switched off with one warning if
   the engine cannot score.
@@ -53,7 +55,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from common.batch import RolloutBatch
+from common.batch import TIME_ALIGNED, RolloutBatch
 from common.methods.base import Method
 from common.policies.base import Policy
 
@@ -73,16 +75,19 @@ class Canaries(Method):
         full_mask_steps: consecutive steps with every position trained while some rows ended early (>= 1).
         sync_check_every: K, the stale-sampler check runs at steps 0, K, 2K, ... (0 = off).
         probe_rows: rows of the batch scored by the stale-sampler check (>= 1).
+        probe_tokens: prompt tokens (the last) and actions (the first) of each probe row (>= 1).
         min_policy_change: the trainer's mean |Δ log π| per token over a checked update above which the engine must have moved too.
         min_sampler_ratio: the engine's change below this fraction of the trainer's is a stale sampler, in (0, 1).
     """
 
     def __init__(self, equal_reward_steps: int = 5, full_mask_steps: int = 3, sync_check_every: int = 10,
-                 probe_rows: int = 2, min_policy_change: float = 1e-3, min_sampler_ratio: float = 0.1):
+                 probe_rows: int = 2, probe_tokens: int = 32, min_policy_change: float = 1e-3,
+                 min_sampler_ratio: float = 0.1):
         super().__init__()
         problems = []
         for name, v, low in (("equal_reward_steps", equal_reward_steps, 1), ("full_mask_steps", full_mask_steps, 1),
-                             ("sync_check_every", sync_check_every, 0), ("probe_rows", probe_rows, 1)):
+                             ("sync_check_every", sync_check_every, 0), ("probe_rows", probe_rows, 1),
+                             ("probe_tokens", probe_tokens, 1)):
             if not isinstance(v, int) or v < low:
                 problems.append(f"{name} must be an integer >= {low}, got {v!r}")
         if not min_policy_change > 0:
@@ -92,7 +97,7 @@ class Canaries(Method):
         if problems:
             raise ValueError("Canaries: " + "; ".join(problems))
         self.equal_reward_steps, self.full_mask_steps = equal_reward_steps, full_mask_steps
-        self.sync_check_every, self.probe_rows = sync_check_every, probe_rows
+        self.sync_check_every, self.probe_rows, self.probe_tokens = sync_check_every, probe_rows, probe_tokens
         self.min_policy_change, self.min_sampler_ratio = min_policy_change, min_sampler_ratio
         # checkpointed: a resume keeps counting
         self.register_buffer("equal_streak", torch.zeros((), dtype=torch.long))
@@ -170,7 +175,12 @@ class Canaries(Method):
         rows = batch.loss_mask.any(1).nonzero().squeeze(1)[: self.probe_rows]  # (R,) rows with a trainable token
         if rows.numel() == 0:
             return
-        probe = batch.select(rows)
+        probe, K = batch.select(rows), self.probe_tokens
+        fields = {f: getattr(probe, f) for f in TIME_ALIGNED}
+        cut = {f: t[:, :K] for f, t in fields.items() if torch.is_tensor(t) and t.dim() > 1}  # the first K actions
+        if probe.prompt_ids is not None:  # left-padded: the prompt's last K tokens
+            cut.update(prompt_ids=probe.prompt_ids[:, -K:], prompt_mask=probe.prompt_mask[:, -K:])
+        probe = probe.replace(**cut)  # (R, <= K) prompt, (R, <= K) actions
         try:
             trainer, engine = self._score(loop, probe)
         except Exception as e:  # a canary never stops training: say so once and switch the check off

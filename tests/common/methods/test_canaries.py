@@ -106,7 +106,7 @@ def test_no_trainable_token_warns_once_per_streak():
 def test_bad_arguments_are_named():
     for kwargs, name in (({"sync_check_every": -1}, "sync_check_every"), ({"full_mask_steps": 0}, "full_mask_steps"),
                          ({"probe_rows": 0}, "probe_rows"), ({"min_sampler_ratio": 1.5}, "min_sampler_ratio"),
-                         ({"min_policy_change": 0.0}, "min_policy_change")):
+                         ({"min_policy_change": 0.0}, "min_policy_change"), ({"probe_tokens": 0}, "probe_tokens")):
         with pytest.raises(ValueError, match=name):
             Canaries(**kwargs)
 
@@ -237,7 +237,8 @@ def test_stale_sampler_is_caught_only_when_the_sync_is_skipped(skip_sync, lr):
     """The engine's log-probs of the probe must move as the trainer's do. Synced, they move by the same amount
     (both are float32 forwards of equal weights at temperature 1: equal to ~1e-6); skipped, not at all (the same
     stale weights score the same tokens: exactly 0), and the canary warns; with lr 0 nothing moves and nothing warns."""
-    metrics, warned = train(lm_policy(CopyBackend(skip_sync)), Canaries(sync_check_every=2), lr=lr, steps=3)
+    # a probe cut to 3 prompt tokens and 3 actions of the 6 (any fixed input shows whether the engine moved)
+    metrics, warned = train(lm_policy(CopyBackend(skip_sync)), Canaries(sync_check_every=2, probe_tokens=3), lr=lr, steps=3)
     checked = [(float(m["canary/policy_logprob_change"]), float(m["canary/sampler_logprob_change"])) for m in metrics]
     assert checked[1] == checked[0] and checked[2] != checked[0] or lr == 0  # checked at steps 0 and 2, held between
     for d_policy, d_engine in (checked[0], checked[2]):
