@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from common.models import BundledSmolLM2, PolicySource, cache_dir
+from common.progress import progress
 
 __all__ = ["MarkovSource", "MarkovTarget", "MarkovCorpus", "SelfGeneratedResponses", "generated_prompts", "chat_ids",
            "self_generated"]
@@ -71,7 +72,7 @@ def _train_markov_target(source: MarkovSource, hidden_size: int, num_layers: int
         model = LlamaForCausalLM(cfg)
         data = source.sample(10000, seq_len, seed=seed + 1)  # the spec's 10 k training sequences
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-        for _ in range(train_steps):
+        for _ in progress(range(train_steps), "speculative: training the Markov target, steps"):
             x = data[torch.randint(0, len(data), (batch_size,))]
             loss = model(input_ids=x, labels=x).loss
             opt.zero_grad()
@@ -212,7 +213,7 @@ def self_generated(model, tokenizer, prompts: list[str], max_new_tokens: int, ba
     chats = [chat_ids(tokenizer, p)[0] for p in prompts]
     eos = tokenizer.eos_token_id
     out = []
-    for i in range(0, len(chats), batch_size):
+    for i in progress(range(0, len(chats), batch_size), "speculative: target responses, batches"):
         chunk = chats[i : i + batch_size]
         if batch_size == 1:
             out.append(torch.cat([chunk[0], greedy_decode(model, chunk[0][None], max_new_tokens, eos)[0]]))

@@ -23,9 +23,11 @@ TINY = ["--model.init_args.policy", "common.models.TinyLlama", "--model.init_arg
 
 
 def short(text: str) -> list[str]:
-    """The error's lines (stderr, without Lightning's seed banner and Python warnings)."""
-    return [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("Seed set to")
-            and "Warning" not in ln and not ln.startswith("  warnings.warn")]
+    """The error's lines: stderr from the first ``advlab`` line on (before it: Lightning's seed banner and library
+    warnings, which the messages do not control)."""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    first = next((i for i, ln in enumerate(lines) if ln.startswith("advlab")), 0)
+    return lines[first:]
 
 
 def run_inprocess(args: list[str], capsys) -> tuple[int, list[str], str, float]:

@@ -34,6 +34,7 @@ from common.batch import RolloutBatch
 from common.critic import ValueHead
 from common.methods.base import Method
 from common.policies.causal_lm import CausalLMPolicy
+from common.progress import progress
 from text_reasoning.data import ReasoningData
 from text_reasoning.module import TextReasoningModule
 
@@ -162,7 +163,7 @@ def build_step_records(module: TextReasoningModule, problems: Sequence[dict], sa
     """Stage 1: rollouts of the module's policy (π_ref), scored and split into steps; one record per step with
     its state prefix, whether it is the last step, and the rollout's outcome reward (the state's MC label)."""
     records = []
-    for start in range(0, len(problems), batch_prompts):
+    for start in progress(range(0, len(problems), batch_prompts), "offline_steps: rollouts, prompt batches"):
         chunk = problems[start:start + batch_prompts]
         rollouts = module.score(module.policy.rollout(chunk, samples_per_prompt))
         for text, sample, reward, cut in zip(rollouts.completions, rollouts.samples, rollouts.rewards.tolist(),
@@ -186,7 +187,7 @@ def fit_step_critic(module: TextReasoningModule, records: list[dict], *, hidden:
     torch.manual_seed(seed)
     critic = ValueHead(feats.shape[1], hidden)
     opt = torch.optim.Adam(critic.parameters(), lr=lr)
-    for _ in range(steps):
+    for _ in progress(range(steps), "offline_steps: fitting the step critic, steps"):
         opt.zero_grad()
         loss = 0.5 * (critic(feats) - labels).pow(2).mean()
         loss.backward()
