@@ -115,11 +115,12 @@ class _PromptFormat:
 
 
 def last_token_scores(model: nn.Module, ids: Tensor, mask: Tensor) -> Tensor:
-    """Scalar rewards (N,) float32 of left-padded inputs: the head's value at the last position (the last real
-    token, since padding is on the left). Read from the last hidden state rather than transformers' own pooling,
-    which skips trailing tokens equal to ``pad_token_id`` (SmolLM2 pads with its end-of-turn token)."""
-    out = model(input_ids=ids, attention_mask=mask)
-    return out.logits[:, -1, 0].float() if out.logits.dim() == 3 else out.logits[:, 0].float()
+    """Scalar rewards (N,) float32 of left-padded inputs, by the classifier's own pooling (so any
+    ``AutoModelForSequenceClassification`` works). For causal-LM classifiers that is the rightmost token that is not
+    ``pad_token_id``: here always the last position, because every row ends with its completion's last token (or
+    the generation prompt's) and the completion is tokenised with ``split_special_tokens``, so it never holds the
+    pad (SmolLM2: end-of-turn) token."""
+    return model(input_ids=ids, attention_mask=mask).logits[:, 0].float()
 
 
 def classifier_from_causal_lm(source: PolicySource):

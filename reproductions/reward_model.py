@@ -111,8 +111,10 @@ def main() -> None:
     results_path = out / ("results_smoke.json" if args.smoke else "runs/reward_model_repro/results.json")
     results = {} if args.fresh or not results_path.exists() else json.loads(results_path.read_text())
 
-    def save() -> None:
+    def save() -> None:  # merged with the file: stages may run in parallel processes (--stages)
         results_path.parent.mkdir(parents=True, exist_ok=True)
+        on_disk = json.loads(results_path.read_text()) if results_path.exists() else {}
+        results.update({k: v for k, v in on_disk.items() if k not in results})
         results_path.write_text(json.dumps(results, indent=1))
 
     seed = ["--seed_everything", str(args.seed)]
@@ -142,6 +144,7 @@ def main() -> None:
                "--model.init_args.group_size", str(2 if args.smoke else args.group_size), cwd=out)
         (run,) = set(root.glob("version_*")) - before
         results["grpo"] = str(run / "checkpoints/last.ckpt")
+        results["grpo_steps"], results["group_size"] = steps, (2 if args.smoke else args.group_size)
         save()
     if "after" not in results and "after" in stages:
         results["after"] = val_accuracy(advlab("validate", "--config", str(BASE_CONFIG), *seed, *policy, *val,
@@ -152,6 +155,7 @@ def main() -> None:
         print(f"stages done: {sorted(results)}; the verdict needs rank, before and after", flush=True)
         return
     r = results["rank"]
+    steps, args.group_size = results.get("grpo_steps", steps), results.get("group_size", args.group_size)
     ranks, raises = r["held_out"] >= 0.9, results["after"] > results["before"]
     details = (f"held-out pair accuracy {r['held_out']:.3f} ({r['n_held_out']} pairs, {r['held_out_prompts']} unseen prompts; "
                f">= 0.9: {ranks}); held-out greedy accuracy {results['before']:.3f} -> {results['after']:.3f} after "
@@ -173,7 +177,7 @@ Setup (seed {args.seed}, one seed: each stage is minutes of a shared 2-core CPU)
 - pairs (`configs/text_reasoning/reward_model.yaml`): 2 completions per prompt sampled from the policy at its GRPO
   sampling settings (T = 1, 32 tokens), labelled by the verifier; the reference answer written "The answer is N."
   is one more correct completion (the base policy is right on only a few % of samples, so sampled-only pairs
-  would be too few). {r['n_train']} training pairs from 64 training prompts; held-out pairs from {r['held_out_prompts']}
+  would be too few). {r['n_train']} training pairs from 32 training prompts; held-out pairs from {r['held_out_prompts']}
   of ReasoningData's validation prompts (GRPO's validation set), none seen in training;
 - RM: SmolLM2-135M backbone + scalar head (`AutoModelForSequenceClassification`, num_labels = 1), LoRA r = 8 on the
   last 4 layers, Bradley-Terry loss, 2 epochs;
@@ -194,7 +198,7 @@ helps the policy add.
 
 Verdict: `{line}`
 
-Commands: `.venv/bin/python reproductions/reward_model.py --grpo-steps {args.grpo_steps} --group-size {args.group_size} --val-size {args.val_size} --seed {args.seed}`
+Commands: `.venv/bin/python reproductions/reward_model.py --grpo-steps {steps} --group-size {args.group_size} --val-size {args.val_size} --seed {args.seed}`
 (stages: `advlab fit --config configs/text_reasoning/reward_model.yaml`; `advlab validate --config
 configs/text_reasoning/grpo_arithmetic.yaml --data.init_args.val_size {args.val_size}`; `advlab fit --config
 configs/text_reasoning/grpo_reward_model.yaml --trainer.max_steps {steps} --model.init_args.group_size {args.group_size}`;
