@@ -149,7 +149,8 @@ def main(args=None) -> None:
         },
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"description": "advantage-lab: fit | validate | predict (LightningCLI subcommands); "
-                       "`advlab export --help`: a checkpoint to a Hugging Face model folder"},
+                       "`advlab export --help`: a checkpoint to a Hugging Face model folder; "
+                       "`advlab list [losses ...]`: the components a recipe can name"},
         args=args,
     )
 

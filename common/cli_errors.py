@@ -224,6 +224,12 @@ def describe(message: str, option_names=(), top_keys=()) -> list[str]:
         near = nearest(flag.split("=")[0], option_names)
         line = f"unrecognized argument {flag}" + (f"; did you mean {near}?" if near else "")
         return [line, f"see: advlab {_subcommand()} --help" if not near else ""]
+    m = re.match(r"argument subcommand: invalid choice: '([^']*)' \(choose from (.*)\)$", message)
+    if m:
+        choices = re.findall(r"'([^']*)'", m.group(2))
+        near = nearest(m.group(1), [*choices, "list", "export"])
+        return [f"no subcommand {m.group(1)!r}" + (f"; did you mean {near}?" if near else ""),
+                f"  subcommands: {', '.join(choices)}, list, export"]
     m = re.match(r"argument (\S+): expected one argument$", message)
     if m:
         flag = _flag_without_value(m.group(1))

@@ -102,6 +102,13 @@ def test_a_bad_recipe_file_is_named(name, expected, bad_files, capsys):
     assert elapsed < 10
 
 
+def test_a_misspelled_subcommand_suggests_the_nearest(capsys):
+    code, lines, _, elapsed = run_inprocess(["fitt", "--config", RECIPE], capsys)
+    assert code == 2 and lines == ["advlab: no subcommand 'fitt'; did you mean fit?",
+                                   "  subcommands: fit, validate, predict, list, export"], lines
+    assert elapsed < 10
+
+
 @pytest.mark.parametrize("value, parsed", [("-1e-3", "-0.001"), ("-0.5", "-0.5"), ("-.25", "-0.25"), ("-2.", "-2.0"),
                                            ("-1.5E+1", "-15.0")])
 def test_negative_numbers_parse_as_values(value, parsed, capsys):
