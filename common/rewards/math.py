@@ -158,6 +158,10 @@ class _Worker:
         self.kills = 0  # workers killed after overrunning their deadline
         _LIVE.add(self)
 
+    def _after_fork_in_child(self) -> None:
+        """A forked child starts its own workers: the parent's are forgotten (not killed), the lock is new."""
+        self._lock, self._active, self._spare = threading.Lock(), None, []
+
     def _take(self) -> _Process:
         """The worker for the next call: the one in use, else the oldest spare, else a new one (waits until ready);
         then the spares are topped up (they start in the background)."""
@@ -206,6 +210,7 @@ class _Worker:
 
 _LIVE: weakref.WeakSet[_Worker] = weakref.WeakSet()
 atexit.register(lambda: [w.close() for w in list(_LIVE)])
+os.register_at_fork(after_in_child=lambda: [w._after_fork_in_child() for w in list(_LIVE)])
 _WORKER = _Worker()
 
 
