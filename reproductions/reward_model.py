@@ -60,6 +60,14 @@ def val_accuracy(output: str) -> float:
     return float(found[-1])
 
 
+def wilson(p: float, n: int, z: float = 1.96) -> str:
+    """The 95% Wilson score interval of a proportion p over n trials, as "[lo, hi]"."""
+    if n <= 0:
+        return "[n/a]"
+    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return f"[{max(0.0, centre - half):.2f}, {min(1.0, centre + half):.2f}]"
+
+
 def rank(out: Path, smoke: bool) -> dict:
     """Held-out pair accuracy, and two diagnostics: sampled-only pairs and same-form pairs (reference vs off-by-d)."""
     sys.path.insert(0, str(ROOT))
@@ -196,13 +204,22 @@ sentence with N off by ±1 or ±10) shows how much of that is arithmetic: near 0
 not the sum. GRPO on such an RM teaches the policy the rewarded form; accuracy rises only as far as that form
 helps the policy add.
 
+Limits (what this run does not show): one seed; small samples (95% Wilson interval of the held-out pair accuracy
+{wilson(r['held_out'], r['n_held_out'])}; greedy accuracy before {wilson(results['before'], args.val_size)}, after
+{wilson(results['after'], args.val_size)}, on the same {args.val_size} prompts); {steps} GRPO steps only, because
+every stage shares two CPU cores with other jobs (a GRPO step of 16 SmolLM2 rollouts took about 5 minutes of wall
+time). It would have counted as not reproduced had the held-out pair accuracy been below 0.9 or the greedy
+accuracy after GRPO not above the accuracy before.
+
 Verdict: `{line}`
 
 Commands: `.venv/bin/python reproductions/reward_model.py --grpo-steps {steps} --group-size {args.group_size} --val-size {args.val_size} --seed {args.seed}`
 (stages: `advlab fit --config configs/text_reasoning/reward_model.yaml`; `advlab validate --config
 configs/text_reasoning/grpo_arithmetic.yaml --data.init_args.val_size {args.val_size}`; `advlab fit --config
 configs/text_reasoning/grpo_reward_model.yaml --trainer.max_steps {steps} --model.init_args.group_size {args.group_size}`;
-`advlab validate ... --ckpt_path <its last.ckpt>`).
+`advlab validate ... --ckpt_path <its last.ckpt>`). This run: the stages were started separately (`--stages`, the
+RM fit and the first validate by hand with the same commands), each with `OMP_NUM_THREADS=1` (two threads on a CPU
+shared by many jobs ran several times slower); results in `runs/reward_model_repro/results.json`.
 """
     write_report("reward_model", report)
 
