@@ -202,7 +202,10 @@ Reading: the held-out pairs mostly oppose the reference written as "The answer i
 completion, so they can be ranked by form alone. The same-form diagnostic (the reference against the same
 sentence with N off by ±1 or ±10) shows how much of that is arithmetic: near 0.5 means the RM rewards the form,
 not the sum. GRPO on such an RM teaches the policy the rewarded form; accuracy rises only as far as that form
-helps the policy add.
+helps the policy add. (In the seed-0 run the greedy completions after 2 steps were single equations such as
+"32 + 69 = 101." or "82 + 65 equals 159.", 10 of 32 right: `advlab predict --config
+configs/text_reasoning/grpo_arithmetic.yaml --data.init_args.val_size 32 --ckpt_path <GRPO's last.ckpt> --output
+after.jsonl`; before, they were mostly prose that never stated the sum.)
 
 Limits (what this run does not show): one seed; small samples (95% Wilson interval of the held-out pair accuracy
 {wilson(r['held_out'], r['n_held_out'])}; greedy accuracy before {wilson(results['before'], args.val_size)}, after
