@@ -226,6 +226,29 @@ COMMANDS: dict[str, Run | Exempt] = {
              "--model.init_args.group_size", "2", "--data.init_args.train_size", "8", "--data.init_args.val_size", "4",
              "--data.init_args.prompts_per_step", "2", *STEP1), expect="held-out accuracy: before",
             files=(("my_gsm8k.yaml", readme_block("# my_gsm8k.yaml")), ("data/gsm8k_train.jsonl", gsm8k_rows))),
+    # ---- the reward model: reproductions/reward_model.py --smoke runs both recipes with tiny-model overrides
+    "advlab fit --config configs/text_reasoning/reward_model.yaml":
+        Exempt("run with tiny-model overrides by tests/common/test_reward_model.py::test_reproduction_smoke_runs_every_stage"),
+    "advlab fit --config configs/text_reasoning/grpo_reward_model.yaml --evaluate true":
+        Exempt("run with tiny-model overrides by tests/common/test_reward_model.py::test_reproduction_smoke_runs_every_stage"),
+    ".venv/bin/python reproductions/reward_model.py":
+        Exempt("a measurement on SmolLM2 (tens of minutes); its --smoke mode runs in tests/common/test_reward_model.py"),
+    ".venv/bin/python reproductions/reward_model.py --grpo-steps 2 --group-size 4 --val-size 32":
+        Exempt("the measured run of the line above (as above)"),
+    # ---- the completions log (one step, then the README's `head`)
+    f"{FIRST_FIT} --trainer.max_steps 1":
+        Run(TINY, check=jsonl_lines("runs/lightning_logs/version_0/completions/rank0.jsonl", 32)),
+    "head -n 1 runs/lightning_logs/version_0/completions/rank0.jsonl":
+        Run(needs=f"{FIRST_FIT} --trainer.max_steps 1", expect='"reward_components"'),
+    # ---- the component listing and the help of one component
+    "advlab list": Run(expect="common.losses.ppo_clip.ClippedPolicyLoss"),
+    "advlab list losses": Run(expect="common.losses.drpo.DRPOLoss"),
+    "advlab list advantages --format markdown": Run(expect="|"),
+    "advlab fit --model.help": Exempt("quoted as what cannot list every component; `advlab list` (run here) does"),
+    f"{FIRST_FIT} --model.init_args.loss.help common.losses.drpo.DRPOLoss": Run(expect="DRPOLoss"),
+    "python reproductions/<name>.py": Exempt("a placeholder for any reproduction script"),
+    "python benchmarks/grpo_step.py --only ours|ours-gc|trl-default --steps 2":
+        Exempt("a benchmark's peak-memory processes (minutes each, TRL installed by `make bench`)"),
 }
 
 
