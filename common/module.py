@@ -133,6 +133,7 @@ class PolicyOptimizationModule(L.LightningModule):
         self.lr, self.weight_decay, self.max_grad_norm = lr, weight_decay, max_grad_norm
         self.lr_schedule, self.warmup_steps, self.total_steps = lr_schedule, warmup_steps, total_steps
         self.log_samples_every, self.max_consecutive_skips = log_samples_every, max_consecutive_skips
+        self.samples_logged = False  # TensorBoard samples are written at this run's first step, then every N
         self.log_completions_every = check_every(log_completions_every)
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("consecutive_skips", torch.zeros((), dtype=torch.long))
@@ -249,10 +250,9 @@ class PolicyOptimizationModule(L.LightningModule):
         self.log_dict(log, prog_bar=False, on_step=True, on_epoch=False, batch_size=B, sync_dist=self.trainer.world_size > 1)
         self.log("reward", log["train/reward"], prog_bar=True, on_step=True, logger=False, batch_size=B)
         step = self.global_step
-        first = not getattr(self, "_samples_logged", False)  # the run's first step too (global_step is 1 or more by then)
-        if (self.log_samples_every and (first or step % self.log_samples_every == 0) and rollouts.completions
-                and isinstance(self.logger, TensorBoardLogger)):
-            self._samples_logged = True
+        if (self.log_samples_every and (not self.samples_logged or step % self.log_samples_every == 0)
+                and rollouts.completions and isinstance(self.logger, TensorBoardLogger)):
+            self.samples_logged = True
             lines = [f"**reward {float(r):.2f}** `{s.get('prompt', '')}` → `{c}`" for r, s, c in
                      zip(rollouts.rewards[: self.group_size].tolist(), rollouts.samples, rollouts.completions)]
             self.logger.experiment.add_text("samples", "\n\n".join(lines), step)

@@ -57,7 +57,13 @@ def test_print_config_of_every_recipe_parses(capsys):
         assert "class_path" in capsys.readouterr().out, config
 
 
-@pytest.mark.parametrize("config", sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs/text_reasoning").glob("*.yaml")))
+# The reward-model recipes run in sequence (train the RM, then GRPO on its export), shrunk by
+# tests/common/test_reward_model.py::test_reproduction_smoke_runs_every_stage.
+RUN_ELSEWHERE = {"reward_model.yaml", "grpo_reward_model.yaml"}
+
+
+@pytest.mark.parametrize("config", sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs/text_reasoning").glob("*.yaml")
+                                          if p.name not in RUN_ELSEWHERE))
 def test_every_text_recipe_runs_two_steps_on_a_tiny_model(config, tmp_path):
     """Every text-reasoning recipe, shrunk to a tiny policy (other domains run theirs in tests/<domain>/)."""
     # vLLM's CPU attention kernels need a head size >= 32: TinyLlama's default is 16 (64 hidden / 4 heads)

@@ -75,7 +75,7 @@ def alternate(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1, 
             if on_result:
                 on_result(k, out)
             del out
-    for _ in progress(range(reps), f"{', '.join(names)}: repetitions"):
+    for _ in progress(range(reps), f"{', '.join(map(str, names))}: repetitions"):
         for k in names:
             sync(device)
             t0 = time.perf_counter()
