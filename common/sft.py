@@ -27,6 +27,7 @@ Data: :class:`SFTData` (a ``ResumableData``: exact data position in the checkpoi
 from __future__ import annotations
 
 import copy
+import random
 import time
 from contextlib import nullcontext
 from collections.abc import Sequence
@@ -42,6 +43,7 @@ from torchmetrics import MeanMetric
 
 from common.data import SEED_STRIDE, ResumableData
 from common.distributed import all_reduce_sum
+from common.files import read_rows
 from common.loop import Stepper
 from common.losses.logprobs import token_logprobs
 from common.models import LoRA, PolicySource, TinyLlama
@@ -211,7 +213,7 @@ class SFTSource:
 
 
 class Records(SFTSource):
-    """A local JSONL / JSON / Parquet file of examples, read with HF ``datasets`` (no network).
+    """A local JSONL / JSON / Parquet file of examples (``common.files.read_rows``: no network, no cache).
 
     Args:
         path: the .jsonl / .json / .parquet file.
@@ -232,27 +234,17 @@ class Records(SFTSource):
             raise ValueError(f"Records: path {self.path!r} is empty")
 
     def make(self, n: int | None, seed: int) -> list[dict]:
-        import datasets
-
-        p = Path(self.path)
         try:
-            ds = datasets.load_dataset(self.kind, data_files=str(p), split="train")
-        except Exception as error:  # noqa: BLE001 - any parse failure is the file's
-            raise ValueError(f"Records: path {self.path!r} is not readable as {self.kind}: {str(error).splitlines()[0][:200]}") from error
+            rows = read_rows(self.path)  # common.files: the same reader as the task sources' local files
+        except ValueError as error:
+            raise ValueError(f"Records: path {self.path!r} is not readable as {self.kind}: {error}") from None
         cols = {"prompt_column": self.prompt_column, "response_column": self.response_column}
-        missing = [f"{k}={v!r}" for k, v in cols.items() if v not in ds.column_names]
+        missing = [f"{k}={v!r}" for k, v in cols.items() if v not in rows[0]]
         if missing:
-            raise ValueError(f"Records: {', '.join(missing)} not in {self.path} (columns: {ds.column_names})")
-        if len(ds) == 0:
-            raise ValueError(f"Records: path {self.path!r} has no rows")
-        if n is not None and n < len(ds):
-            ds = ds.shuffle(seed=seed).select(range(n))
-        out = []
-        for row in ds:
-            sample = dict(row)
-            sample["prompt"], sample["response"] = str(row[self.prompt_column]), str(row[self.response_column])
-            out.append(sample)
-        return out
+            raise ValueError(f"Records: {', '.join(missing)} not in {self.path} (columns: {list(rows[0])})")
+        if n is not None and n < len(rows):
+            rows = random.Random(seed).sample(rows, n)
+        return [{**row, "prompt": str(row[self.prompt_column]), "response": str(row[self.response_column])} for row in rows]
 
 
 class SFTData(ResumableData):
