@@ -8,6 +8,7 @@ Lightning and plain scripts under ``torchrun`` use them as they are.
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
@@ -48,3 +49,12 @@ def all_gather_objects(obj: object) -> list:
     dist.all_gather_object(out, obj)
     return out
 
+
+def all_gather_cat(t: Tensor) -> Tensor:
+    """Every rank's rows of ``t`` (N_r, ...) concatenated in rank order, (Σ_r N_r, ...) on ``t``'s device; ``t`` on
+    one process. The ranks may hold different numbers of rows (the trailing shape and dtype must agree). A
+    collective; it goes through the CPU (``all_gather_object``): for per-step state updates of a few rows (a
+    curriculum's or a tracker's observations), not for activations."""
+    if world_size() == 1:
+        return t
+    return torch.cat([part.to(t.device) for part in all_gather_objects(t.detach().cpu())])
