@@ -75,13 +75,16 @@ class IGPO(Method):
         max_replacements: λ_max, wrong samples replaced per group (paper 4 of 8; 0 = diffu-GRPO).
         entropy_keep: τ, the fraction of hint tokens kept by the entropy filter (paper 0.2; 1.0 = no filter).
         trace_key: the sample's reference-trace field.
+        max_groups: inpaint at most this many all-wrong groups a step (the first ones; None = all): caps the extra
+            samples, e.g. to stop a run at an exact sample budget (``reproductions/igpo.py``).
     """
 
     requires = ("correct",)
     provides = ("hint_mask", "hint_keep")
 
     def __init__(self, eta_low: float = 0.2, eta_high: float = 0.6, chunk_min: int = 1, chunk_max: int = 2,
-                 max_replacements: int = 4, entropy_keep: float = 0.2, trace_key: str = "trace"):
+                 max_replacements: int = 4, entropy_keep: float = 0.2, trace_key: str = "trace",
+                 max_groups: int | None = None):
         super().__init__()
         problems = []
         if not 0 <= eta_low <= eta_high <= 1:
@@ -92,10 +95,13 @@ class IGPO(Method):
             problems.append(f"max_replacements must be >= 0, got {max_replacements}")
         if not 0 < entropy_keep <= 1:
             problems.append(f"entropy_keep must be in (0, 1], got {entropy_keep}")
+        if max_groups is not None and max_groups < 0:
+            problems.append(f"max_groups must be >= 0 or None, got {max_groups}")
         if problems:
             raise ValueError("IGPO: " + "; ".join(problems))
         self.eta_low, self.eta_high, self.chunk_min, self.chunk_max = eta_low, eta_high, chunk_min, chunk_max
         self.max_replacements, self.entropy_keep, self.trace_key = max_replacements, entropy_keep, trace_key
+        self.max_groups = max_groups
 
     def setup(self, loop: "Loop") -> None:
         if not isinstance(loop.policy, MaskedDiffusionPolicy):
@@ -130,6 +136,7 @@ class IGPO(Method):
         groups, inverse = torch.unique(batch.group_ids, return_inverse=True)  # (U,), (B,)
         n_correct = torch.zeros(len(groups), dtype=torch.long, device=inverse.device).index_add_(0, inverse, batch.correct.long())
         wrong_groups = (n_correct == 0).nonzero().squeeze(1).tolist()  # ok: one sync per step, host-side bookkeeping
+        wrong_groups = wrong_groups[: self.max_groups]  # None: all
         if not wrong_groups:
             return batch
         members = [(inverse == g).nonzero().squeeze(1) for g in wrong_groups]  # rows of each all-wrong group
