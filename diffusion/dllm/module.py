@@ -3,6 +3,10 @@
 The loop is ``common/loop.py``'s and the policy is :class:`diffusion.dllm.policy.MaskedDiffusionPolicy`; this module
 only builds that policy from its arguments, says which completions are correct (the task's verifier) and scores
 validation (greedy accuracy). diffu-GRPO (d1) is a recipe of it (``configs/diffusion/d1.yaml``); IGPO adds a method.
+
+Every validation also appends its evaluation record (``diffusion.dllm.evaluation.EvaluationRecord``: prompt
+template, EOS rule, T, steps, block length, temperature, split hash) with the accuracy to
+``evaluation_records.jsonl`` in the run's log folder.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from common.models import PolicySource
 from common.module import PolicyOptimizationModule
 from common.rewards.base import RewardFunction
 from diffusion.dllm.data import ALPHABET
+from diffusion.dllm.evaluation import EvaluationRecord
 from diffusion.dllm.model import TinyDiffusionLM
 from diffusion.dllm.policy import MaskedDiffusionPolicy
 from diffusion.dllm.rewards import ChainSumCorrect, ChainSumReward
@@ -49,16 +54,27 @@ class DiffusionLMModule(PolicyOptimizationModule):
         super().__init__(lm, **kwargs)
         self.verifier = verifier if verifier is not None else ChainSumCorrect()
         self.val_accuracy = MeanMetric()
+        self.val_problems: list[dict] = []  # the problems of the current validation (its split hash)
+        self.evaluation_record: EvaluationRecord | None = None  # the last validation's record
 
     def verify(self, rollouts: RolloutBatch) -> torch.Tensor:  # (B,) bool
         return torch.as_tensor(self.verifier(rollouts.completions, rollouts.samples), dtype=torch.float32).to(self.device) > 0.5
 
     def validation_step(self, prompts: Sequence[dict], batch_idx: int) -> None:
         self.val_accuracy.update(self.verify(self.policy.rollout(prompts, 1, greedy=True)).float())
+        self.val_problems.extend(prompts)
 
     def on_validation_epoch_end(self) -> None:
-        self.log("val/accuracy", self.val_accuracy.compute(), prog_bar=True)
+        acc, n = self.val_accuracy.compute(), int(self.val_accuracy.weight)
+        self.log("val/accuracy", acc, prog_bar=True)
         self.val_accuracy.reset()
+        split = getattr(self.trainer.datamodule, "val_set", None) or self.val_problems  # the whole split (all ranks)
+        self.evaluation_record = EvaluationRecord.of(self.policy, split, greedy=True, verifier=self.verifier)
+        self.val_problems = []
+        folder = self.trainer.log_dir or self.trainer.default_root_dir
+        if self.trainer.is_global_zero and not self.trainer.sanity_checking and folder:
+            self.evaluation_record.append(f"{folder}/evaluation_records.jsonl", step=int(self.global_step),
+                                          accuracy=float(acc), n=n)
 
 
 __all__ = ["DiffusionLMModule"]
