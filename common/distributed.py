@@ -1,5 +1,5 @@
 """Data-parallel helpers over ``torch.distributed`` (the process group Lightning's DDP strategy starts): a sum over
-ranks that is the identity on one process, and the rank / world size of this process.
+ranks and gathers of every rank's rows, all the identity on one process, and the rank / world size of this process.
 
 Lightning's ``DDPStrategy.reduce(t, reduce_op="sum")`` is ``torch.distributed.all_reduce`` on the default (WORLD)
 group; these are the same calls without a Trainer, so the loop (common/loop.py) and the estimators stay free of
@@ -7,6 +7,8 @@ Lightning and plain scripts under ``torchrun`` use them as they are.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -58,3 +60,39 @@ def all_gather_cat(t: Tensor) -> Tensor:
     if world_size() == 1:
         return t
     return torch.cat([part.to(t.device) for part in all_gather_objects(t.detach().cpu())])
+
+
+class Gathered(NamedTuple):
+    """Every rank's rows, concatenated in rank order, and where this rank's own rows start in them."""
+
+    values: Tensor  # (Σ_r n_r, ...) rank 0's n_0 rows, then rank 1's, ...
+    start: int  # this rank's rows are values[start : start + n_rank]
+
+
+def all_gather_rows(t: Tensor) -> Gathered:
+    """Every rank's ``t`` (n_r, ...) concatenated along dim 0 in rank order, with this rank's offset in it;
+    ``Gathered(t, 0)`` on one process (no copy, no host sync).
+
+    The ranks may hold different numbers of rows n_r (the trailing dimensions must agree): the sizes are gathered
+    first (one host sync), every rank's rows are padded to the largest n_r, gathered, and the padding is dropped.
+    Unlike :func:`all_gather_cat` it stays on ``t``'s device (NCCL or gloo tensors, no pickling), for per-token
+    statistics. A collective: every rank must call it, in the same order. Not differentiable (values are
+    detached): it gathers statistics' inputs, so that a quantile, a whitening or a top-k selection over the
+    concatenation is exactly the one a single process computes on the global batch (rows of rank r follow those of
+    ranks < r, as in a batch that is the ranks' rows concatenated in rank order). Bool tensors travel as uint8.
+    """
+    if world_size() == 1:
+        return Gathered(t, 0)
+    world, me = world_size(), rank()
+    x = t.detach().contiguous()
+    x = x.to(torch.uint8) if x.dtype == torch.bool else x
+    n = torch.tensor([x.shape[0]], dtype=torch.long, device=x.device)  # (1,)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    counts = torch.cat(sizes).tolist()  # ok: one host sync, the padded size
+    padded = x.new_zeros((max(counts), *x.shape[1:]))  # (max n_r, ...)
+    padded[: x.shape[0]] = x
+    out = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(out, padded)
+    values = torch.cat([o[:c] for o, c in zip(out, counts)])  # (Σ n_r, ...)
+    return Gathered(values.to(torch.bool) if t.dtype == torch.bool else values, sum(counts[:me]))

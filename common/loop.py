@@ -17,11 +17,15 @@ Micro-batches are normalised by the whole minibatch (``Normaliser``), so the spl
 Data parallelism (DDP: one Loop per rank, each on its own prompts): with ``all_reduce`` (the sum over ranks) the
 minibatch normaliser counts the tokens and sequences of every rank (``Normaliser.of``), so DDP's mean of the ranks'
 gradients is exactly the gradient of one process on the global minibatch, and the estimator's batch-level
-statistics that it reduces with ``all_reduce`` (GRPO's ``scale="batch"``) are the global batch's. ``minibatch_size``
-and ``micro_batch_size`` count rows per rank (a global minibatch is ``W x minibatch_size`` rows), and every rank
-must train on the same number of rows (one collective per step checks it). Per rank, not reduced: group statistics
-(a group's G samples lie on one rank), selectors and buffers, methods' state, and the other estimators' batch
-statistics (REINFORCE++ whitening, SPO's normalisation, entropy quantiles, Clip-Cov).
+statistics that it reduces with ``all_reduce`` (GRPO's ``scale="batch"``) are the global batch's. With
+``all_gather`` (every rank's rows in rank order, ``common.distributed.all_gather_rows``) the parts that declare an
+``all_gather`` field compute their batch statistics on the concatenation of every rank's values, exactly as one
+process on the global batch: REINFORCE++ whitening, SPO's normalisation, Segment-PO whitening (the estimator),
+the entropy quantiles of the 80/20 filter and HAPO, Clip-Cov / KL-Cov's covariance and token selection (the
+loss; over the global micro-batch, each rank's k-th micro-batch together), HAPO's sampling statistics (a method).
+``minibatch_size`` and ``micro_batch_size`` count rows per rank (a global minibatch is ``W x minibatch_size``
+rows), and every rank must train on the same number of rows (one collective per step checks it). Per rank, not
+reduced: group statistics (a group's G samples lie on one rank), selectors and buffers, and methods' state.
 """
 
 from __future__ import annotations
@@ -133,13 +137,17 @@ class Loop:
         all_reduce: ``tensor -> tensor`` summed over data-parallel ranks (a collective; e.g.
             ``common.distributed.all_reduce_sum``); None = one process. Given to the estimator as its
             ``all_reduce``.
+        all_gather: ``tensor (n_r, ...) -> (every rank's rows concatenated in rank order, this rank's start)`` (a
+            collective; e.g. ``common.distributed.all_gather_rows``); None = one process. Given as ``all_gather``
+            to the estimator, the loss and the methods that declare that field.
     """
 
     def __init__(self, policy: Policy, score: Callable[[RolloutBatch], RolloutBatch], advantage: AdvantageEstimator,
                  loss: PolicyLoss, selector: Selector | None = None, methods: Sequence[Method] = (), *, group_size: int = 8,
                  mu: int = 1, minibatch_size: int | None = None, micro_batch_size: int | None = None,
                  kl_in_reward: float | KLController = 0.0, max_generation_rounds: int = 1, provided: Sequence[str] = (),
-                 all_reduce: Callable[[Tensor], Tensor] | None = None):
+                 all_reduce: Callable[[Tensor], Tensor] | None = None,
+                 all_gather: Callable[[Tensor], tuple[Tensor, int]] | None = None):
         problems = []
         if group_size < 1:
             problems.append(f"group_size must be >= 1, got {group_size}")
@@ -168,6 +176,9 @@ class Loop:
         self.all_reduce = all_reduce
         if all_reduce is not None:
             advantage.all_reduce = all_reduce
+        for part in (advantage, loss, *self.methods):  # those whose batch statistics span the ranks declare it
+            if all_gather is not None and hasattr(part, "all_gather"):
+                part.all_gather = all_gather
         self.needs_reference = loss.needs_reference or self.kl_control.active
         if self.needs_reference:
             policy.enable_reference()

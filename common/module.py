@@ -29,7 +29,7 @@ from common.advantages.group import GRPO
 from common.batch import RolloutBatch
 from common.completions_log import check_every, log_completions
 from common.data import ResumableData
-from common.distributed import all_reduce_sum
+from common.distributed import all_gather_rows, all_reduce_sum
 from common.loop import Loop, Stepper
 from common.losses.base import PolicyLoss
 from common.losses.kl_control import KLController, as_controller
@@ -141,7 +141,7 @@ class PolicyOptimizationModule(L.LightningModule):
         self.loop = Loop(self.policy, self.score, self.advantage, self.loss_fn, selector, list(self.methods),
                          group_size=group_size, mu=mu, minibatch_size=minibatch_size, micro_batch_size=micro_batch_size,
                          kl_in_reward=self.kl_control, max_generation_rounds=max_generation_rounds, provided=self.provides,
-                         all_reduce=all_reduce_sum)  # Σ over DDP ranks (Lightning's process group); identity on one
+                         all_reduce=all_reduce_sum, all_gather=all_gather_rows)  # over DDP ranks; identity on one
 
     def set_rewards(self, rewards: Sequence[RewardFunction], weights: Sequence[float] | None = None) -> None:
         self.reward_fns = list(rewards)
