@@ -97,8 +97,12 @@ class ResumableData(L.LightningDataModule):
         self.val_set: list[dict] = []
         self.batches_served = 0
 
+    def rank_and_world(self) -> tuple[int, int]:
+        """This process's data-parallel rank and the number of ranks, from the Trainer ((0, 1) without one)."""
+        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+
     def train_dataloader(self) -> DataLoader:
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        rank, world = self.rank_and_world()
         stream = PromptStream(self.train_set, self.prompts_per_step, self.seed, start=self.batches_served,
                               rank=rank, world_size=world)
         # Its own generator: creating a DataLoader iterator draws a seed, which must not come from (and shift)
@@ -111,8 +115,9 @@ class ResumableData(L.LightningDataModule):
 
     def train_batch(self, number: int) -> list[dict]:
         """This rank's prompts of global training batch ``number``: a pure function of the number and of checkpointed
-        state. A data module that draws its batches otherwise (a curriculum) overrides this."""
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        state. A data module that draws its batches otherwise (a curriculum) overrides this, drawing the global
+        batch of ``world_size x prompts_per_step`` prompts and keeping this rank's slice."""
+        rank, world = self.rank_and_world()
         return next(iter(PromptStream(self.train_set, self.prompts_per_step, self.seed, start=number, rank=rank,
                                       world_size=world)))
 

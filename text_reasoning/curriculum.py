@@ -11,6 +11,11 @@ Exact resume: the distributions are drawn in ``train_batch`` when the batch is a
 Lightning prefetches it; refill rounds draw the same way), with a generator seeded by (data seed, batch number). The
 draw is therefore a pure function of checkpointed state: the curriculum's buffers (model state) and
 ``batches_served`` (data-module state).
+
+Data parallelism (DDP, W ranks): every rank draws the same global batch of W x ``prompts_per_step`` slots and trains
+on its own slice (rank r: slots [r S, (r + 1) S)); the curriculum observes every rank's rows (gathered), so its state
+and the draw are equal on all ranks, and equal to one process's with W x ``prompts_per_step`` prompts a step. Slots
+are drawn with replacement (as in one process), so a prompt can recur within a global batch.
 """
 
 from __future__ import annotations
@@ -48,12 +53,20 @@ class CurriculumData(ReasoningData):
         return found
 
     def draw(self, batch_number: int, probs: torch.Tensor) -> list[dict]:
-        """The prompts of training batch ``batch_number``: per slot j ~ ``probs`` (J,), prompt ~ Uniform(d_j)."""
+        """This rank's prompts of training batch ``batch_number``: per slot j ~ ``probs`` (J,), prompt ~ Uniform(d_j).
+
+        Under data parallelism the global batch of ``world_size x prompts_per_step`` slots is drawn (the same on
+        every rank: the curriculum's state is global, see ``DUMP``) and rank r keeps slots ``[r S, (r + 1) S)``, so
+        the ranks' slots are disjoint and together they are one process's draw of ``world_size x S`` slots.
+        """
+        rank, world = self.rank_and_world()
+        S, size = self.prompts_per_step, self.prompts_per_step * world
         gen = torch.Generator().manual_seed(self.seed * SEED_STRIDE + batch_number)
-        slots = torch.multinomial(probs.detach().double().cpu(), self.prompts_per_step, replacement=True, generator=gen)  # (S,)
-        sizes = torch.tensor([len(p) for p in self.pools], dtype=torch.float64)[slots]  # (S,)
-        within = (torch.rand(self.prompts_per_step, generator=gen, dtype=torch.float64) * sizes).long()  # (S,)
-        return [self.train_set[int(self.pools[j][k])] for j, k in zip(slots.tolist(), within.tolist())]
+        slots = torch.multinomial(probs.detach().double().cpu(), size, replacement=True, generator=gen)  # (W S,)
+        sizes = torch.tensor([len(p) for p in self.pools], dtype=torch.float64)[slots]  # (W S,)
+        within = (torch.rand(size, generator=gen, dtype=torch.float64) * sizes).long()  # (W S,)
+        mine = slice(rank * S, (rank + 1) * S)  # this rank's slots of the global batch
+        return [self.train_set[int(self.pools[j][k])] for j, k in zip(slots[mine].tolist(), within[mine].tolist())]
 
     def train_batch(self, number: int) -> list[dict]:
         available = torch.tensor([len(p) > 0 for p in self.pools])  # (J,) sources without prompts are excluded

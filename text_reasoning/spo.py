@@ -4,7 +4,9 @@
 prompts without replacement from ``w(x) ∝ sqrt(v̂(1 − v̂)) / N_eff^γ + ε_explore`` of the module's value tracker
 (its ``advantage``, a ``common.advantages.tracker.SPOTracker``). The draw happens in ``train_batch`` (for the batch
 about to be trained on, and for refill rounds) with a generator seeded by (data seed, batch number): a pure function of
-checkpointed state, so a resumed run continues exactly.
+checkpointed state, so a resumed run continues exactly. Under data parallelism (W ranks) the global batch of
+W x ``prompts_per_step`` distinct prompts is drawn on every rank alike (the tracker observes every rank's rows, so its
+state is global) and rank r trains on its r-th slice.
 
 The rest of the method is domain-free: ``common.methods.sample_fields.SampleFields`` (``{prompt_uid: uid}``) puts the
 tag in ``RolloutBatch.prompt_uid`` for the tracker, and ``common.methods.spo_stream.SPOStream`` feeds the tracker
@@ -58,10 +60,18 @@ class PrioritisedData(ReasoningData):
         return spo_priority(tracker.alpha[:n].cpu(), tracker.beta[:n].cpu(), gamma=self.gamma, eps_explore=self.eps_explore)
 
     def draw(self, batch_number: int, probs: Tensor) -> list[dict]:
-        """The prompts of training batch ``batch_number``: ``prompts_per_step`` distinct prompts ~ ``probs`` (N,)."""
+        """This rank's prompts of training batch ``batch_number``: ``prompts_per_step`` distinct prompts ~ ``probs``
+        (N,). Under data parallelism the global batch of ``world_size x prompts_per_step`` distinct prompts is drawn
+        (the same on every rank: the tracker's state is global) and rank r keeps picks ``[r S, (r + 1) S)``: the
+        ranks' prompts are disjoint and together they are one process's draw of ``world_size x S`` prompts."""
+        rank, world = self.rank_and_world()
+        S, size = self.prompts_per_step, self.prompts_per_step * world
+        if size > probs.numel():
+            raise ValueError(f"prompts_per_step x ranks = {self.prompts_per_step} x {world} must be at most the "
+                             f"{probs.numel()} training prompts (train_size): a global batch draws distinct prompts")
         gen = torch.Generator().manual_seed(self.seed * SEED_STRIDE + batch_number)
-        picks = torch.multinomial(probs.double().cpu(), self.prompts_per_step, replacement=False, generator=gen)  # (S,)
-        return [self.train_set[i] for i in picks.tolist()]
+        picks = torch.multinomial(probs.double().cpu(), size, replacement=False, generator=gen)  # (W S,)
+        return [self.train_set[i] for i in picks[rank * S:(rank + 1) * S].tolist()]
 
     def train_batch(self, number: int) -> list[dict]:
         return self.draw(number, self.probs())

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from common.advantages.base import AdvantageEstimator, check_rewards
 from common.batch import RolloutBatch
+from common.distributed import all_gather_cat
 
 
 def spo_advantage(rewards: Tensor, baseline: Tensor, *, eps: float = 1e-6) -> Tensor:
@@ -119,7 +120,12 @@ class SPOTracker(AdvantageEstimator, torch.nn.Module):
 
     @torch.no_grad()
     def observe(self, uid: Tensor, rewards: Tensor) -> None:
-        """Fold rewards (B,) of prompts ``uid`` (B,) into the tracker with the KL-adaptive discount."""
+        """Fold rewards (B,) of prompts ``uid`` (B,) into the tracker with the KL-adaptive discount.
+
+        Under data parallelism every rank's rows are folded in (gathered in rank order; the identity on one
+        process), so each rank's tracker is the one global tracker of the global batch: equal on every rank, as the
+        prioritised draw (``text_reasoning.spo.PrioritisedData``) needs. A collective: every rank calls it."""
+        uid, rewards = all_gather_cat(uid), all_gather_cat(rewards)  # (Σ_r B_r,)
         uniq, inv = torch.unique(uid, return_inverse=True)  # (U,), (B,)
         r = rewards.to(self.alpha.dtype)
         successes = torch.zeros(uniq.numel(), dtype=r.dtype, device=r.device).index_add_(0, inv, r)  # (U,)

@@ -11,6 +11,9 @@ with π_before = the batch's ``old_logprobs`` (the loop computes them because ``
 no-grad forward after the optimiser steps. Logged: ``train/spo_kl`` and ``train/spo_value`` (the tracker's mean v̂
 over visited prompts).
 
+Under data parallelism the mean is over every rank's valid tokens (sum and count all-reduced), so K_total, like the
+tracker's other state, is equal on every rank.
+
 Components it wires:
     advantage   ``common.advantages.tracker.SPOTracker`` (requires ``prompt_uid``)
     method      ``common.methods.sample_fields.SampleFields`` with ``{prompt_uid: uid}`` fills that field
@@ -28,7 +31,7 @@ from common.advantages.tracker import SPOTracker
 from common.batch import RolloutBatch
 from common.losses.kl import kl_estimate
 from common.methods.base import Method
-from common.ops import masked_mean
+from common.ops import masked_sum
 
 if TYPE_CHECKING:
     from common.loop import Loop
@@ -48,7 +51,12 @@ class SPOStream(Method):
     def after_update(self, loop: "Loop", batch: RolloutBatch) -> dict[str, Tensor]:
         tracker = loop.advantage
         after = loop.logprobs(batch)  # (B, T) log π_after
-        kl = masked_mean(kl_estimate(batch.old_logprobs, after, "k3"), batch.completion_mask)  # () KL(π_before ‖ π_after)
+        mask = batch.completion_mask
+        k3 = masked_sum(kl_estimate(batch.old_logprobs, after, "k3"), mask)  # () Σ k3 over this rank's valid tokens
+        sums = torch.stack([k3, mask.sum().to(k3.dtype)])  # (2,) Σ k3, valid tokens
+        if loop.all_reduce is not None:  # DDP: the global batch's mean, so K_total is equal on every rank
+            sums = loop.all_reduce(sums)
+        kl = sums[0] / sums[1].clamp(min=1)  # () KL(π_before ‖ π_after) over every rank's valid tokens
         tracker.observe_kl(kl)
         visited = tracker.visits > 0  # (N,)
         return {"spo_kl": kl, "spo_value": (tracker.value() * visited).sum() / visited.sum().clamp(min=1)}

@@ -20,6 +20,10 @@ The windows are updated once per training step, after advantages, from training 
 code also pushes validation *rewards* into them; the paper's algorithm does not, and neither do we: the
 selector is called only by ``training_step``).
 
+Data parallelism (DDP): every rank observes the rows of all ranks (gathered in rank order), so the windows, counts
+and P(j) are one global state, equal on every rank (DDP's broadcast of rank 0's buffers before each step is then a
+no-op) and equal to one process's trained on the same global batch.
+
 State (in the Lightning checkpoint, as buffers): ``windows (J, W)``, ``counts (J,)``. The draw for a batch is a pure
 function of that state, the data seed and the batch number (``text_reasoning.curriculum.CurriculumData``), so a
 resumed run draws what the uninterrupted one would have. Each row's distribution is the declared field
@@ -34,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from common.batch import RolloutBatch
+from common.distributed import all_gather_cat
 from common.ops import masked_mean
 from common.sampling.base import Selector
 
@@ -153,5 +158,7 @@ class DUMP(Curriculum):
         if adv.dim() == 2:
             adv = masked_mean(adv, rollouts.completion_mask, 1)  # (B,) mean over valid tokens; 0 if none
         ids = distribution_ids(rollouts, self.num_distributions, type(self).__name__).to(adv.device)  # (B,)
-        self.observe(adv.abs(), ids)
+        # every rank's rows in rank order (the identity on one process): each rank's curriculum makes the update
+        # one process would make on the global batch, so all ranks hold the same state and draw the same batch
+        self.observe(all_gather_cat(adv.abs()), all_gather_cat(ids))  # (Σ_r B_r,)
         return rollouts
