@@ -100,6 +100,7 @@ def reinforce_pp(
     *,
     eps: float = 1e-6,
     num_groups: int | None = None,
+    all_gather: Callable[[Tensor], tuple[Tensor, int]] | None = None,
 ) -> Tensor:
     """REINFORCE++-baseline (Hu et al. 2025, arXiv 2501.03262, §3, eq. 10): group-mean baseline, then whitening
     over every valid token of the batch
@@ -113,7 +114,10 @@ def reinforce_pp(
     ``compute_reinforce_plus_plus_baseline_outcome_advantage`` (``masked_whiten``, ddof 1 over tokens); OpenRLHF
     divides the token variance by Σ L_i (ddof 0), which scales every A_i by sqrt((N − 1)/N), N = Σ L_i.
 
-    Batch statistics are over this (rank-local) batch. Shapes: rewards (B,), group_ids (B,), lengths (B,) valid
+    ``all_gather`` (every rank's rows in rank order and this rank's start, a collective; e.g.
+    ``common.distributed.all_gather_rows``): m and s² are over the valid tokens of every data-parallel rank's rows,
+    computed on the gathered (A'_i, L_i) exactly as one process computes them on the global batch (groups lie on
+    one rank, so μ_g needs none); None: over this batch. Shapes: rewards (B,), group_ids (B,), lengths (B,) valid
     tokens per row (None: one per row, i.e. whitening over sequences, for one-action rows) -> (B,). If every A'
     on a counted token is equal (e.g. every group is all-equal), or fewer than two tokens count, the result is all
     0; rows with no tokens get the formula's value but carry no gradient.
@@ -129,6 +133,14 @@ def reinforce_pp(
         if bool(((lengths < 0) | ~torch.isfinite(lengths.double())).any()):  # ok: one sync, input check
             raise ValueError(f"lengths must be finite token counts >= 0, got {lengths.tolist()[:8]}")  # ok: error path
         weights = lengths.to(centred.dtype)  # (B,)
+    if all_gather is None:
+        return _token_whiten(centred, weights, eps)
+    both, start = all_gather(torch.stack([centred, weights], 1))  # (Σ_r B_r, 2) every rank's (A'_i, L_i)
+    return _token_whiten(both[:, 0], both[:, 1], eps)[start:start + centred.numel()]  # (B,) this rank's rows
+
+
+def _token_whiten(centred: Tensor, weights: Tensor, eps: float) -> Tensor:
+    """REINFORCE++'s whitening of ``centred`` (B,) with row weights (B,) = tokens per row (see :func:`reinforce_pp`)."""
     if centred.numel() == 0:
         return centred
     tokens = weights.sum()  # () N = Σ L_i
@@ -180,12 +192,15 @@ class RLOO(AdvantageEstimator):
 class ReinforcePP(AdvantageEstimator):
     """REINFORCE++-baseline (see :func:`reinforce_pp`): whitened over the batch's valid tokens, each row weighted by
     its tokens in the loss (``batch.loss_mask``: the completion's tokens, less any written by an environment).
+    Under data parallelism (the Loop's ``all_gather``) the batch is the global one: every rank's valid tokens.
 
     Args:
         eps: added to the batch std before dividing.
     """
 
     min_group_size = 2  # group-centred: a group of one has advantage 0
+    # every rank's rows, set by the Loop under data parallelism: the whitening is over the global batch's tokens
+    all_gather: Callable[[Tensor], tuple[Tensor, int]] | None = None
 
     def __init__(self, eps: float = 1e-6):
         if eps < 0:
@@ -193,7 +208,7 @@ class ReinforcePP(AdvantageEstimator):
         self.eps = eps
 
     def __call__(self, batch: RolloutBatch) -> Tensor:  # (B,)
-        return reinforce_pp(batch.rewards, batch.group_ids, batch.loss_mask.sum(1), eps=self.eps)
+        return reinforce_pp(batch.rewards, batch.group_ids, batch.loss_mask.sum(1), eps=self.eps, all_gather=self.all_gather)
 
 
 # ------------------------------------------------------------------------------------ MC-GRPO and NGRPO

@@ -13,7 +13,8 @@ SPO-chain (short chains of thought), cut points at low-probability tokens:
     A_t = V̂(s_{k+1}) − V̂(s_k)   for s_k ≤ t < s_{k+1}    (s_{n+1} = L, so the last segment ends at r)
     A_t = 0                     for t < s_1               (only tokens with p ≥ τ live there)
     m'_t = m_t · 1[p_t < τ]                               the probability mask: only these tokens are trained
-    A ← (A − mean_{m'} A) / sqrt(var_{m'} A + 1e-8)       whitening over the batch's m' tokens (unbiased var)
+    A ← (A − mean_{m'} A) / sqrt(var_{m'} A + 1e-8)       whitening over the batch's m' tokens (unbiased var;
+                                                          under DDP every rank's, gathered)
 
 Telescoping: Σ over segments of A = r − V̂(s_1) (= r − V̂(prompt) when s_1 = 0). No cut point → A = 0.
 
@@ -35,6 +36,7 @@ rewards V(child) and ``old_logprobs``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -88,11 +90,20 @@ def segment_advantages(rewards: Tensor, starts: Tensor, values: Tensor, mask: Te
     return torch.where((current >= 0) & mask, v_next - v_cur, torch.zeros_like(v_cur))
 
 
-def whiten(advantages: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
+def whiten(advantages: Tensor, mask: Tensor, eps: float = 1e-8,
+           all_gather: Callable[[Tensor], tuple[Tensor, int]] | None = None) -> Tensor:
     """``(A − mean_m A) / sqrt(var_m A + eps)`` over the masked tokens of the whole batch (unbiased variance);
-    0 off the mask. All-equal advantages give exactly 0. Shapes: (B, T), (B, T) -> (B, T)."""
+    0 off the mask. All-equal advantages give exactly 0. Shapes: (B, T), (B, T) -> (B, T).
+
+    ``all_gather`` (every rank's rows in rank order and this rank's start, a collective; e.g.
+    ``common.distributed.all_gather_rows``): the mean and variance are over the masked tokens of every
+    data-parallel rank, computed on the gathered tokens as one process on the global batch; None: this batch."""
     if advantages.shape != mask.shape:
         raise ValueError(f"advantages {tuple(advantages.shape)} and mask {tuple(mask.shape)} must both be (B, T)")
+    if all_gather is not None:
+        both, start = all_gather(torch.stack([advantages.flatten(), mask.flatten().to(advantages.dtype)], 1))  # (L, 2)
+        every = whiten(both[None, :, 0], both[None, :, 1] > 0, eps)[0]  # (L,) every rank's tokens, row-major
+        return every[start:start + advantages.numel()].view(advantages.shape)  # (B, T) this rank's
     n = mask.sum()  # ()
     first = advantages.flatten()[mask.flatten().long().argmax()]  # () a masked value: shift so equal values give 0
     a = torch.where(mask, advantages - first, torch.zeros_like(advantages))  # (B, T)
@@ -103,14 +114,16 @@ def whiten(advantages: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
 
 
 def spo_chain(rewards: Tensor, starts: Tensor, values: Tensor, mask: Tensor, probs: Tensor, *,
-              threshold: float = 0.9, use_prob_mask: bool = True, whitening: bool = True, eps: float = 1e-8) -> Tensor:
+              threshold: float = 0.9, use_prob_mask: bool = True, whitening: bool = True, eps: float = 1e-8,
+              all_gather: Callable[[Tensor], tuple[Tensor, int]] | None = None) -> Tensor:
     """SPO-chain advantages (arXiv 2505.23564, §4; see the module docstring): segment differences of MC values,
-    probability mask ``p < threshold``, whitening over the masked tokens. Shapes: rewards (B,); starts, values,
-    mask, probs (B, T) -> (B, T), exactly 0 off the (probability) mask."""
+    probability mask ``p < threshold``, whitening over the masked tokens (of every rank's rows with ``all_gather``,
+    see :func:`whiten`). Shapes: rewards (B,); starts, values, mask, probs (B, T) -> (B, T), exactly 0 off the
+    (probability) mask."""
     A = segment_advantages(rewards, starts, values, mask)  # (B, T)
     m = mask & (probs < threshold) if use_prob_mask else mask  # (B, T) m'
     A = torch.where(m, A, torch.zeros_like(A))
-    return whiten(A, m, eps) if whitening else A
+    return whiten(A, m, eps, all_gather) if whitening else A
 
 
 def spo_tree(values: Tensor, parent_ids: Tensor, *, mode: Literal["rloo", "grpo"] = "rloo", eps: float = 1e-8,
@@ -141,6 +154,8 @@ class SPOChain(AdvantageEstimator):
     """
 
     requires = ("old_logprobs", "segment_starts", "prefix_values")
+    # every rank's rows, set by the Loop under data parallelism: the whitening is over the global batch's tokens
+    all_gather: Callable[[Tensor], tuple[Tensor, int]] | None = None
 
     def __init__(self, threshold: float = 0.9, interval: int = 5, num_samples: int = 9, use_prob_mask: bool = True,
                  whitening: bool = True, eps: float = 1e-8):
@@ -164,7 +179,7 @@ class SPOChain(AdvantageEstimator):
         batch.require(type(self).__name__, *self.requires)
         return spo_chain(batch.rewards, batch.segment_starts, batch.prefix_values, batch.completion_mask,
                          batch.old_logprobs.exp(), threshold=self.threshold, use_prob_mask=self.use_prob_mask,
-                         whitening=self.whitening, eps=self.eps)
+                         whitening=self.whitening, eps=self.eps, all_gather=self.all_gather)
 
 
 class SPOTree(AdvantageEstimator):
@@ -179,6 +194,8 @@ class SPOTree(AdvantageEstimator):
     """
 
     requires = ("old_logprobs",)
+    # every rank's rows, set by the Loop under data parallelism: the whitening is over the global batch's tokens
+    all_gather: Callable[[Tensor], tuple[Tensor, int]] | None = None
 
     def __init__(self, mode: Literal["rloo", "grpo"] = "rloo", threshold: float = 0.9, use_prob_mask: bool = True,
                  whitening: bool = True, eps: float = 1e-8):
@@ -196,4 +213,4 @@ class SPOTree(AdvantageEstimator):
             batch.require(type(self).__name__, "old_logprobs")
             mask = mask & (batch.old_logprobs.exp() < self.threshold)
         A = torch.where(mask, edge[:, None].expand_as(mask), torch.zeros_like(mask, dtype=edge.dtype))  # (E, T)
-        return (whiten(A, mask, self.eps) if self.whitening else A), keep
+        return (whiten(A, mask, self.eps, self.all_gather) if self.whitening else A), keep

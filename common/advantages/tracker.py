@@ -7,7 +7,8 @@ Equations as summarised there (the paper body was not readable; the tracker logi
     tracker per prompt x:  α(x), β(x);  v̂(x) = α / (α + β);  N_eff(x) = α + β
     one response y ~ π(·|x), reward r ∈ [0, 1]
     A(x, y) = r − v̂₋₁(x)                                      baseline from *before* this observation
-    Ã = (A − mean_B A) / (std_B A + ε)                         global normalisation over the batch
+    Ã = (A − mean_B A) / (std_B A + ε)                         global normalisation over the batch (under DDP:
+                                                               every rank's rows, gathered)
     ρ(x) = clamp(2^(−D(x) / D_half), ρ_min, ρ_max)             KL-adaptive forgetting
     α(x) ← ρ(x)·α(x) + r ;  β(x) ← ρ(x)·β(x) + (1 − r)        (= v̂ ← v̂ + (r − v̂) / (ρ N_eff + 1))
 
@@ -22,6 +23,8 @@ all of them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -30,15 +33,27 @@ from common.batch import RolloutBatch
 from common.distributed import all_gather_cat
 
 
-def spo_advantage(rewards: Tensor, baseline: Tensor, *, eps: float = 1e-6) -> Tensor:
+def spo_advantage(rewards: Tensor, baseline: Tensor, *, eps: float = 1e-6,
+                  all_gather: Callable[[Tensor], tuple[Tensor, int]] | None = None) -> Tensor:
     """SPO's advantage ``Ã = (A − mean_B A) / (std_B A + eps)`` with ``A = r − v̂₋₁`` (unbiased batch std).
 
+    ``all_gather`` (every rank's rows in rank order and this rank's start, a collective; e.g.
+    ``common.distributed.all_gather_rows``): mean_B and std_B are the global batch's, over every data-parallel
+    rank's A, computed on the gathered A exactly as one process on the global batch; None: this batch's.
     Shapes: rewards (B,), baseline (B,) -> (B,). A batch whose A are all equal (or a batch of one) gives exactly 0.
     """
     check_rewards(rewards)
     if baseline.shape != rewards.shape:
         raise ValueError(f"baseline must have the shape of rewards {tuple(rewards.shape)}, got {tuple(baseline.shape)}")
     a = rewards - baseline.to(rewards.dtype)  # (B,)
+    if all_gather is not None:
+        every, start = all_gather(a)  # (Σ_r B_r,) every rank's A
+        return _normalise(every, eps)[start:start + a.numel()]  # (B,) this rank's rows
+    return _normalise(a, eps)
+
+
+def _normalise(a: Tensor, eps: float) -> Tensor:
+    """SPO's global normalisation of A (B,) -> (B,) (see :func:`spo_advantage`)."""
     a = a - a[:1]  # shift by a member: all-equal A become exact zeros (the normalised value is shift-invariant)
     centred = a - a.mean()  # (B,)
     if a.numel() < 2:
@@ -75,6 +90,8 @@ class SPOTracker(AdvantageEstimator, torch.nn.Module):
     """
 
     min_group_size = 1  # group-free: the baseline is the tracked value, so G = 1 works
+    # every rank's rows, set by the Loop under data parallelism: the normalisation is over the global batch
+    all_gather: Callable[[Tensor], tuple[Tensor, int]] | None = None
 
     requires = ("prompt_uid",)
 
@@ -149,6 +166,6 @@ class SPOTracker(AdvantageEstimator, torch.nn.Module):
                              f"[{float(rewards.min())}, {float(rewards.max())}]")
         uid = self.uids(batch)  # (B,)
         baseline = self.value()[uid].to(rewards.dtype)  # (B,) v̂₋₁: before this batch
-        advantages = spo_advantage(rewards, baseline, eps=self.eps)  # (B,)
+        advantages = spo_advantage(rewards, baseline, eps=self.eps, all_gather=self.all_gather)  # (B,)
         self.observe(uid, rewards)
         return advantages
