@@ -65,13 +65,18 @@ class BidirectionalLM(nn.Module):
     def head(self) -> nn.Module:  # the output projection (H -> V)
         return self.model.get_output_embeddings()
 
-    def hidden(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    def hidden(self, input_ids: Tensor, attention_mask: Tensor | None = None, causal: bool = False) -> Tensor:
         """Last-layer hidden states that predict each position's token (after Dream's shift if set).
+        ``causal`` restricts attention to earlier keys (a check against the autoregressive model adapted from).
         Shapes: ids (B, L) long, mask (B, L) bool (left padding) -> (B, L, H)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         emb = self.model.get_input_embeddings()
         mask4 = bidirectional_mask(attention_mask, emb.weight.dtype)  # (B, 1, L, L)
+        if causal:
+            L_ = input_ids.shape[1]
+            later = torch.ones(L_, L_, dtype=torch.bool, device=input_ids.device).triu(1)  # (L, L): key after query
+            mask4 = mask4.masked_fill(later, torch.finfo(mask4.dtype).min)
         position_ids = (attention_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, L): 0 at the first real token
         h = self.model.get_decoder()(input_ids=input_ids, attention_mask=mask4, position_ids=position_ids,
                                      use_cache=False).last_hidden_state  # (B, L, H)
@@ -79,9 +84,9 @@ class BidirectionalLM(nn.Module):
             h = torch.cat([h[:, :1], h[:, :-1]], dim=1)
         return h
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, causal: bool = False) -> Tensor:
         """Logits of every position. Shapes: ids (B, L) long, mask (B, L) bool (left padding) -> (B, L, V)."""
-        return self.head(self.hidden(input_ids, attention_mask))
+        return self.head(self.hidden(input_ids, attention_mask, causal))
 
 
 class TinyDiffusionLM(PolicySource):
@@ -124,6 +129,85 @@ class TinyDiffusionLM(PolicySource):
         return model, tok
 
 
+SMOLLM2_DLLM_TEMPLATE = (  # SmolLM2's ChatML without the default system prompt; the policy prepends BOS = <|im_start|>
+    "{% for m in messages %}{% if not loop.first %}{{ '<|im_start|>' }}{% endif %}"
+    "{{ m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def add_mask_token(model: nn.Module, tokenizer) -> int:
+    """Add ``<mask>`` to ``tokenizer`` and one embedding row for it to ``model`` (a HF causal LM), initialised to the
+    mean of the existing input embeddings; a tied output head grows with it (its MASK row is the same vector, and
+    the sampler and estimator remove the MASK logit anyway). Every other weight is unchanged. Returns the MASK id."""
+    if tokenizer.mask_token_id is not None:
+        raise ValueError(f"add_mask_token: the tokenizer already has a mask token {tokenizer.mask_token!r}")
+    old = model.get_input_embeddings().weight.shape[0]
+    tokenizer.add_special_tokens({"mask_token": MASK_TOKEN})
+    mask_id = int(tokenizer.mask_token_id)
+    if mask_id != old or len(tokenizer) != old + 1:
+        raise ValueError(f"add_mask_token: expected the mask token to be the new id {old}, got {mask_id} "
+                         f"(tokenizer length {len(tokenizer)}, embedding rows {old})")
+    with torch.no_grad():
+        mean = model.get_input_embeddings().weight.mean(0)  # (H,)
+        model.resize_token_embeddings(old + 1, mean_resizing=False)
+        model.get_input_embeddings().weight[mask_id] = mean
+        head = model.get_output_embeddings()
+        if head is not None and head.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
+            head.weight[mask_id] = mean  # an untied head: the same sensible row
+    return mask_id
+
+
+class SmolLM2DiffusionLM(PolicySource):
+    """The bundled SmolLM2-135M-Instruct adapted into a masked-diffusion LM, as Dream (Ye et al. 2025, arXiv
+    2508.15487) adapts an autoregressive checkpoint: the same LLaMA weights with bidirectional attention, a new MASK
+    token (``add_mask_token``: one embedding row, the mean embedding; the tied head grows with it) and Dream's shift
+    (token i predicted at position i − 1, so position i − 1's autoregressive head is reused as is). Masked-diffusion
+    SFT (``configs/diffusion/sft_smollm2.yaml``) then trains it; ``checkpoint`` loads the result.
+
+    ``load() -> (BidirectionalLM, tokenizer)``; the tokenizer is SmolLM2's plus ``<mask>`` (id 49152), with SmolLM2's
+    ChatML template minus its default system prompt (``SMOLLM2_DLLM_TEMPLATE``: the policy prepends BOS =
+    ``<|im_start|>``), EOS ``<|im_end|>``.
+
+    Args:
+        checkpoint: a ``model.safetensors`` of an adapted ``BidirectionalLM``'s state dict (what ``SFTModule``'s
+            ``output_dir`` holds), or the folder holding it; None = the adapted weights before any training.
+        shift: Dream's shift (True for a model adapted from an autoregressive checkpoint).
+        dtype: "float32" or "bfloat16".
+    """
+
+    def __init__(self, checkpoint: str | None = None, shift: bool = True, dtype: str = "float32"):
+        if dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"SmolLM2DiffusionLM: dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+        if checkpoint is not None:
+            from pathlib import Path
+
+            path = Path(checkpoint)
+            path = path / "model.safetensors" if path.is_dir() else path
+            if not path.is_file():
+                raise FileNotFoundError(f"SmolLM2DiffusionLM: checkpoint {checkpoint!r} is not a model.safetensors "
+                                        f"file or a folder holding one (resolved: {path.resolve()})")
+            checkpoint = str(path)
+        self.checkpoint, self.shift, self.dtype = checkpoint, shift, dtype
+
+    def load(self):
+        from transformers import AutoModelForCausalLM
+
+        from common.models import bundled_smollm2_path, load_tokenizer
+
+        path = bundled_smollm2_path()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        tok = load_tokenizer(path)
+        add_mask_token(model, tok)
+        tok.chat_template = SMOLLM2_DLLM_TEMPLATE
+        lm = BidirectionalLM(model, shift=self.shift)
+        if self.checkpoint:
+            from safetensors.torch import load_file
+
+            lm.load_state_dict(load_file(self.checkpoint))
+        return lm.to(getattr(torch, self.dtype)), tok
+
+
 def masked_diffusion_sft_loss(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor,
                               response_mask: Tensor, mask_id: int, generator: torch.Generator | None = None) -> Tensor:
     """LLaDA's SFT loss (module docstring). Shapes: prompt (B, P) left-padded, response (B, T) with ``response_mask``
@@ -141,5 +225,6 @@ def masked_diffusion_sft_loss(model: nn.Module, prompt_ids: Tensor, prompt_mask:
     return (ce * masked / t).sum() / response_mask.sum()
 
 
-__all__ = ["BidirectionalLM", "TinyDiffusionLM", "bidirectional_mask", "dllm_tokenizer", "masked_diffusion_sft_loss",
+__all__ = ["BidirectionalLM", "SMOLLM2_DLLM_TEMPLATE", "SmolLM2DiffusionLM", "TinyDiffusionLM", "add_mask_token",
+           "bidirectional_mask", "dllm_tokenizer", "masked_diffusion_sft_loss",
            "MASK_TOKEN"]
