@@ -82,7 +82,12 @@ class AdvlabCLI(LightningCLI):
         if not self._get(self.config_init, "trainer", default={}).get("plugins"):
             kwargs["plugins"] = [AtomicCheckpointIO()]
         with concise_errors(key="trainer"):  # a Trainer argument it refuses: one line (common/cli_errors.py)
-            return super().instantiate_trainer(**kwargs)
+            trainer = super().instantiate_trainer(**kwargs)
+            if isinstance(self.model, L.LightningModule):  # a strategy the loop cannot run under, before any launch
+                from common.distributed import check_strategy
+
+                check_strategy(trainer.strategy, self.model.automatic_optimization)
+            return trainer
 
     def before_predict(self) -> None:
         """Predict on the prompt file's rows, or on the recipe data module's split, through :class:`PromptData`; the

@@ -96,3 +96,25 @@ def all_gather_rows(t: Tensor) -> Gathered:
     dist.all_gather(out, padded)
     values = torch.cat([o[:c] for o, c in zip(out, counts)])  # (Σ n_r, ...)
     return Gathered(values.to(torch.bool) if t.dtype == torch.bool else values, sum(counts[:me]))
+
+
+def check_strategy(strategy: object, automatic_optimization: bool) -> None:
+    """Refuse, in one line, a Lightning strategy the manual-optimisation loop cannot run under (raises ValueError).
+
+    Lightning's ``FSDPStrategy`` (``--trainer.strategy fsdp``, torch's FSDP1 ``FullyShardedDataParallel``) wraps
+    the whole LightningModule and runs ``training_step`` inside the wrapper's ``forward``
+    (``lightning/pytorch/strategies/strategy.py``, ``Strategy.training_step`` -> ``_forward_redirection``). The
+    loop's ``manual_backward`` then runs while the root FSDP unit is still in its forward, and torch's post-backward
+    hook refuses it: ``AssertionError: Expects `BACKWARD_PRE` or `BACKWARD_POST` state but got
+    HandleTrainingState.FORWARD`` (``torch/distributed/fsdp/_runtime_utils.py``, ``_post_backward_hook``; torch 2.13,
+    Lightning 2.6; tests/test_distributed_fsdp.py shows it on two gloo processes). This holds on GPUs as on CPUs, so
+    it is refused before any process starts instead of failing at the first backward. A module with automatic
+    optimisation (backward after ``forward`` returns) is left alone.
+    """
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if isinstance(strategy, FSDPStrategy) and not automatic_optimization:
+        raise ValueError(
+            "--trainer.strategy fsdp: Lightning's FSDPStrategy (FSDP1) runs training_step inside the sharded module's "
+            "forward and this loop's manual backward there fails in torch's FSDP post-backward hook; use "
+            "--trainer.strategy ddp (README: 'More than one device')")

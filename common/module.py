@@ -210,6 +210,9 @@ class PolicyOptimizationModule(L.LightningModule):
 
     # ------------------------------------------------------------------ data parallelism, checkpointed RNG
     def setup(self, stage: str) -> None:
+        from common.distributed import check_strategy
+
+        check_strategy(self.trainer.strategy, self.automatic_optimization)  # FSDP1 cannot run this loop: one line
         if stage == "fit":  # each DDP rank samples with its own seed (common.rng.seed_rank)
             seed_rank(self.trainer.world_size, self.trainer.global_rank)
 
