@@ -19,13 +19,16 @@ paper's intent (lower temperature and stronger probability reduction at low-entr
 sign-preserving h̃ above, which is the default here. ``code_compat=True`` reproduces the code.
 
 The entropy statistics are over the micro-batch's valid tokens (as in the code, per micro-batch); the loss is
-micro-batch invariant for fixed statistics, and exact when ``micro_batch_size`` is None. Adaptive temperature
+micro-batch invariant for fixed statistics, and exact when ``micro_batch_size`` is None. Under data parallelism
+(``all_gather``, set by the Loop) they are over every rank's valid tokens of the global micro-batch (each rank's
+k-th micro-batch together), computed on the gathered entropies as one process on the global micro-batch. Adaptive temperature
 sampling (the rollout side of HAPO, ``common/methods/hapo.py``, the paper's home) needs the previous step's
 statistics, :func:`hapo_entropy_stats`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -55,16 +58,22 @@ class EntropyStats(NamedTuple):
     neg_scale: Tensor  # () |min of h| over h < 0 (1 if none); in code_compat mode min h itself (<= 0)
 
 
-def hapo_entropy_stats(entropy: Tensor, mask: Tensor, pivot: float = 0.8, code_compat: bool = False) -> EntropyStats:
+def hapo_entropy_stats(entropy: Tensor, mask: Tensor, pivot: float = 0.8, code_compat: bool = False,
+                       all_gather: Callable[[Tensor], tuple[Tensor, int]] | None = None) -> EntropyStats:
     """q, s and the two branch scales of HAPO's normalised entropy over the valid tokens (no grad, no host sync).
 
-    q is ``torch.quantile(z[mask], pivot, interpolation="nearest")``, found by one sort.
+    q is ``torch.quantile(z[mask], pivot, interpolation="nearest")``, found by one sort. ``all_gather`` (every
+    rank's rows in rank order, a collective; e.g. ``common.distributed.all_gather_rows``): the statistics are over
+    every data-parallel rank's valid tokens, computed on the gathered entropies as one process on the global batch.
     Shapes: entropy, mask (B, T) -> four () tensors.
     """
     if entropy.shape != mask.shape or mask.dtype != torch.bool:
         raise ValueError(f"entropy {tuple(entropy.shape)} and a bool mask {tuple(mask.shape)} must both be (B, T)")
     if not 0 <= pivot <= 1:
         raise ValueError(f"pivot must be in [0, 1], got {pivot}")
+    if all_gather is not None:
+        every, _ = all_gather(torch.stack([entropy.detach().flatten(), mask.flatten().to(entropy.dtype)], 1))  # (L, 2)
+        return hapo_entropy_stats(every[None, :, 0], every[None, :, 1] > 0, pivot, code_compat)  # over (1, L)
     with torch.no_grad():
         z = torch.log(entropy.detach().clamp(min=_MIN_ENTROPY))  # (B, T)
         ordered = torch.sort(z.masked_fill(~mask, torch.inf).flatten()).values  # (B·T,) valid first, ascending
@@ -141,6 +150,9 @@ class HAPOLoss(PolicyLoss):
         self.entropy_pivot, self.dual_clip, self.aggregation, self.code_compat = (
             entropy_pivot, dual_clip, aggregation, code_compat)
 
+    # every rank's rows, set by the Loop under data parallelism: the entropy statistics are the global micro-batch's
+    all_gather: Callable[[Tensor], tuple[Tensor, int]] | None = None
+
     def __call__(self, logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
                  ref_logprobs: Tensor | None = None, entropy: Tensor | None = None,
                  normaliser: Normaliser | None = None, batch: "RolloutBatch | None" = None) -> LossOutput:
@@ -155,8 +167,9 @@ class HAPOLoss(PolicyLoss):
         if advantages.shape != (B, T):
             raise ValueError(f"advantages must be (B,) or (B, T) = ({B}, {T}), got {tuple(advantages.shape)}")
         norm = normaliser if normaliser is not None else Normaliser.of(mask)
-        # 1. normalised entropy h̃ (no grad), from this micro-batch's statistics
-        h = normalised_entropy(entropy, mask, hapo_entropy_stats(entropy, mask, self.entropy_pivot, self.code_compat))
+        # 1. normalised entropy h̃ (no grad), from this micro-batch's statistics (every rank's under DDP)
+        stats = hapo_entropy_stats(entropy, mask, self.entropy_pivot, self.code_compat, self.all_gather)
+        h = normalised_entropy(entropy, mask, stats)
         with torch.no_grad():  # ρ for the neutral band of step 2 (the loss's own ρ is clipped_surrogate's)
             log_ratio = torch.where(mask, logprobs - old_logprobs, torch.zeros_like(logprobs))  # (B, T)
             ratio = torch.exp(log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))  # (B, T)

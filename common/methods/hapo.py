@@ -22,7 +22,7 @@ Components it wires (the configs/text_reasoning/hapo.yaml recipe lists all four)
     loss        ``common.losses.hapo.HAPOLoss`` (3, 4; dual-clip through ``common.losses.ppo_clip.clipped_surrogate``)
 
 The temperature's statistics are those of the entropies of the tokens trained on in the last update (under
-π_old), so high-entropy ("forking") tokens are sampled hotter and low-entropy ones colder. The public code's
+π_old; under DDP every rank's, gathered, so all ranks sample with the global batch's statistics), so high-entropy ("forking") tokens are sampled hotter and low-entropy ones colder. The public code's
 negative branch divides by min(h) (a negative number), which makes h̃ >= 0 everywhere; the default follows the
 paper's intent (sign-preserving) unless ``code_compat=True``. Before the first update (no statistics yet)
 T = T_0. The HF backend hands the processor the scores at T_0 (logits / T_0, before top-k / top-p), so the
@@ -34,6 +34,7 @@ sampler and learner differ slightly here; ``RolloutCorrection`` with ``sampling.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -84,11 +85,17 @@ class AdaptiveTemperature(nn.Module):
         return h.reshape(z.shape).clamp(-1.0, 1.0)
 
     @torch.no_grad()
-    def observe(self, entropy: Tensor, mask: Tensor) -> None:
-        """Update the statistics from a step's token entropies. Shapes: (B, T), (B, T) bool."""
+    def observe(self, entropy: Tensor, mask: Tensor, all_gather: Callable[[Tensor], tuple[Tensor, int]] | None = None) -> None:
+        """Update the statistics from a step's token entropies. Shapes: (B, T), (B, T) bool. ``all_gather`` (a
+        collective, e.g. ``common.distributed.all_gather_rows``): from every data-parallel rank's tokens, so every
+        rank holds the statistics of the global batch."""
+        entropy = entropy.float()
+        if all_gather is not None:
+            every, _ = all_gather(torch.stack([entropy.flatten(), mask.flatten().float()], 1))  # (L, 2) every rank's
+            entropy, mask = every[None, :, 0], every[None, :, 1] > 0  # (1, L)
         if not bool(mask.any()):
             return
-        for name, value in zip(EntropyStats._fields, hapo_entropy_stats(entropy.float(), mask, self.quantile, self.code_compat)):
+        for name, value in zip(EntropyStats._fields, hapo_entropy_stats(entropy, mask, self.quantile, self.code_compat)):
             getattr(self, name).copy_(value)
         self.ready.fill_(True)
 
@@ -116,6 +123,9 @@ class AdaptiveTemperatureSampling(Method):
         code_compat: reproduce the public code's sign bug (h̃ ≥ 0 everywhere).
     """
 
+    # every rank's rows, set by the Loop under data parallelism: the statistics are the global batch's on every rank
+    all_gather: Callable[[Tensor], tuple[Tensor, int]] | None = None
+
     def __init__(self, tau: float = 0.05, pivot: float = 0.8, code_compat: bool = False):
         super().__init__()
         self.temperature = AdaptiveTemperature(tau, pivot, code_compat)
@@ -130,7 +140,7 @@ class AdaptiveTemperatureSampling(Method):
             loop.policy.backend.logits_processors.append(self.temperature)
 
     def after_update(self, loop: "Loop", batch: RolloutBatch) -> dict[str, Tensor]:
-        self.temperature.observe(batch.entropy, batch.loss_mask)  # (B, T) under π_old, set by the update
+        self.temperature.observe(batch.entropy, batch.loss_mask, self.all_gather)  # (B, T) under π_old, by the update
         return {}
 
 
