@@ -269,3 +269,25 @@ def test_the_server_refuses_bad_requests_in_one_line(server, policy):
     with pytest.raises(RuntimeError, match="refused /update_weights: ValueError: update_weights: got chunk 1/2"):
         backend._request("/update_weights?version=x&chunk=1&chunks=2", b"", 30.0)
     assert json.loads(json.dumps(backend._health(server, 5.0)))["ready"]
+
+
+def test_a_server_outlives_no_killed_trainer(tmp_path):
+    """``--parent-pid``: a server whose trainer was SIGKILLed (no atexit, no close) exits by itself within seconds."""
+    parent = subprocess.Popen(["sleep", "600"], start_new_session=True)  # stands in for the trainer
+    (tmp_path / "model").mkdir()
+    TinyLlama(**TINY).load()[0].config.save_pretrained(tmp_path / "model")
+    port_file = tmp_path / "port"
+    with open(tmp_path / "server.log", "wb") as log:
+        server = subprocess.Popen([sys.executable, "-m", "common.rollout.vllm_server", "--model", str(tmp_path / "model"),
+                                   "--port", "0", "--port-file", str(port_file), "--parent-pid", str(parent.pid)],
+                                  cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not port_file.exists():  # listening: the watchdog runs
+            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-2000:]
+            time.sleep(0.2)
+        kill_group(parent)
+        assert server.wait(60) == 0
+    finally:
+        kill_group(server)
+        kill_group(parent)
