@@ -60,7 +60,8 @@ def test_print_config_of_every_recipe_parses(capsys):
 # The reward-model recipes run in sequence (train the RM, then GRPO on its export), shrunk by
 # tests/common/test_reward_model.py::test_reproduction_smoke_runs_every_stage; the vLLM-server recipe (a server
 # subprocess) by tests/test_vllm_server.py::test_recipe_runs_two_steps_against_the_server_it_starts.
-RUN_ELSEWHERE = {"reward_model.yaml", "grpo_reward_model.yaml", "grpo_arithmetic_vllm_server.yaml"}
+# The multi-GPU recipe (accelerator gpu) is built on CPU by tests/test_distributed_fsdp.py::test_the_multigpu_recipe_builds.
+RUN_ELSEWHERE = {"reward_model.yaml", "grpo_reward_model.yaml", "grpo_arithmetic_vllm_server.yaml", "grpo_gsm8k_multigpu.yaml"}
 
 
 @pytest.mark.parametrize("config", sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs/text_reasoning").glob("*.yaml")

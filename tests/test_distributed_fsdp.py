@@ -116,3 +116,50 @@ def test_torch_fsdp1_steps_like_one_process_but_refuses_a_backward_inside_its_fo
         for n in ref:
             torch.testing.assert_close(got["weights"][n], ref[n], rtol=0, atol=1e-12, msg=f"rank {r} {n}")
         assert "Expects `BACKWARD_PRE` or `BACKWARD_POST` state but got HandleTrainingState.FORWARD" in got["inside"], got["inside"]
+
+
+# ------------------------------------------------------------------ the multi-GPU recipe cannot rot
+MULTIGPU = str(ROOT / "configs/text_reasoning/grpo_gsm8k_multigpu.yaml")
+GSM8K_ROWS = [{"question": f"Tom has {a} apples and buys {b} more. How many apples does he have?",
+               "answer": f"{a} + {b} = {a + b}\n#### {a + b}"} for a, b in ((3, 4), (5, 2), (6, 1), (2, 2), (7, 3))]
+
+
+def test_the_multigpu_recipe_builds(tmp_path, monkeypatch, capsys):
+    """configs/text_reasoning/grpo_gsm8k_multigpu.yaml, built on CPU by advlab's own CLI (every class constructed,
+    nothing run): the model path pointed at the bundled SmolLM2, the accelerator at cpu, two tiny GSM8K files in
+    the working directory where the recipe looks for them. It is DDP on 2 devices, bf16-mixed, vLLM rollouts in
+    bf16 with TIS, GSM8K verified from ``####``; the placeholder path, left as it is, fails in one line naming it."""
+    import json
+
+    import lightning as L
+
+    from common.cli import AdvlabCLI, AdvlabParser
+    from common.models import bundled_smollm2_path
+    from common.rollout.vllm import VLLMBackend
+
+    (tmp_path / "data").mkdir()
+    for name in ("gsm8k_train.jsonl", "gsm8k_test.jsonl"):
+        (tmp_path / "data" / name).write_text("".join(json.dumps(r) + "\n" for r in GSM8K_ROWS))
+    monkeypatch.chdir(tmp_path)
+    args = ["--config", MULTIGPU, "--model.init_args.policy.init_args.name_or_path", str(bundled_smollm2_path()),
+            "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.logger", "false",
+            "--data.init_args.train_size", "4", "--data.init_args.val_size", "1"]
+    cli = AdvlabCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                    parser_class=AdvlabParser, run=False, args=args)
+    trainer, module, data = cli.trainer, cli.model, cli.datamodule
+    assert type(trainer.strategy).__name__ == "DDPStrategy" and trainer.num_devices == 2
+    assert trainer.precision == "bf16-mixed"
+    backend = module.policy.backend
+    assert isinstance(backend, VLLMBackend) and backend.dtype == "bfloat16" and backend.kv_cache_gib is None
+    assert type(module.loss_fn).__name__ == "RolloutCorrection" and module.policy.sampling.logprobs
+    assert module.policy.model.config.model_type == "llama"  # the SmolLM2 the path points at was loaded
+    data.setup("fit")
+    assert len(data.train_set) == 4 and {s["answer"] for s in data.val_set} <= {"7", "4", "10"}
+
+    from common.cli import main
+
+    with pytest.raises(SystemExit) as done:  # the recipe as shipped: the placeholder path is named
+        main(["fit", "--config", MULTIGPU])
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("advlab")]
+    assert done.value.code == 2 and len(lines) == 1, lines
+    assert "model.init_args.policy" in lines[0] and "/path/to/Qwen2.5-1.5B-Instruct" in lines[0], lines
