@@ -282,7 +282,11 @@ def write(r: dict) -> None:
     sc = rl["scalars"]
     fmt_list = lambda xs: ", ".join(f"{x:.3g}" for x in xs) if xs else "-"  # noqa: E731
     step_s = [x + y for x, y in zip(sc.get("perf/rollout_s", []), sc.get("perf/update_s", []))]
-    examples = "\n".join(f"| `{e['prompt']}` | `{e['trace']}` | `{e['completion']}` | {e['correct']} |" for e in a["examples"])
+    cell = lambda text: "`" + text.replace("\n", "\\n").replace("|", "\\|").replace("`", "'") + "`"  # noqa: E731
+    examples = "\n".join(f"| `{e['prompt']}` | `{e['trace']}` | {cell(e['completion'])} | {e['correct']} |"
+                         for e in a["examples"])
+    tokens = 16 * sft["steps"] * 25  # ~13 prompt + 12 response tokens an example
+    lowered = "lowers" if a["masked_ce"] < b["masked_ce"] else "does not lower"
     deciles = ", ".join(f"{d:.2f}" for d in sft["deciles"])
     report = f"""# SmolLM2-135M adapted into a masked-diffusion LM (Dream's recipe at CPU scale), then IGPO on it
 
@@ -291,7 +295,7 @@ Issue 18 (b): the bundled SmolLM2-135M-Instruct turned into a masked-diffusion L
 shift "token i predicted at position i − 1" — then masked-diffusion SFT (LLaDA's loss, arXiv 2502.09992 eq. (5))
 on one CPU core, and a few IGPO steps (arXiv 2509.10396) from the result on the shared loop. This is a measurement
 of how far a CPU-scale adaptation gets, not a reproduction of a paper number (Dream: 580 B tokens on 96 H800s;
-here {sft['steps']} steps x 16 problems = {16 * sft['steps']} short traces).
+here {sft['steps']} steps x 16 problems = {16 * sft['steps']} short traces, ~{tokens / 1000:.0f} k tokens).
 
 ## What was run
 
@@ -353,19 +357,20 @@ Completions after SFT (the first held-out problems):
 | seconds (rollout + update, wall) | {fmt_list(step_s)} |
 | reward (1.0 answer + 0.1 format) | {fmt_list(sc.get('train/reward', []))} |
 | accuracy of the rollouts | {fmt_list(sc.get('train/accuracy', []))} |
-| all-wrong groups before / after inpainting | {fmt_list(sc.get('train/all_wrong_before', []))} / {fmt_list(sc.get('train/all_wrong_after', []))} |
-| rescued groups, replacements | {fmt_list(sc.get('train/rescued_groups', []))}; {fmt_list(sc.get('train/replacements', []))} |
+| all-wrong rate of the groups, before / after inpainting | {fmt_list(sc.get('train/all_wrong_before', []))} / {fmt_list(sc.get('train/all_wrong_after', []))} |
+| rescued groups, replaced samples (counts) | {fmt_list(sc.get('train/rescued_groups', []))}; {fmt_list(sc.get('train/replacements', []))} |
 | loss, grad norm | {fmt_list(sc.get('train/loss', []))}; {fmt_list(sc.get('train/grad_norm', []))} |
 
 ## What this scale can and cannot show
 
 - It shows the adaptation path works mechanically and measurably: the AR weights load into the bidirectional
-  model exactly (tested), the shift aligns the AR head with the masked-diffusion targets, masked-diffusion SFT lowers
-  the held-out masked-token loss, and the shared loop runs IGPO (rollout with the LLaDA sampler, inpainting,
-  one-step log-probs, clipped update) on a 135 M masked-diffusion policy with the same recipe file as the toy model.
+  model exactly (tested), the shift aligns the AR head with the masked-diffusion targets, masked-diffusion SFT
+  {lowered} the held-out masked-token loss in this run (CE {b['masked_ce']:.3f} -> {a['masked_ce']:.3f}), and the
+  shared loop runs IGPO (rollout with the LLaDA sampler, inpainting, one-step log-probs, clipped update) on a 135 M
+  masked-diffusion policy with the same recipe file as the toy model.
 - It cannot show what Dream shows: that an AR checkpoint's knowledge carries over into a *good* diffusion LM.
-  {sft['steps']} steps of 16 short traces is ~{16 * sft['steps'] * 20 / 1000:.0f} k tokens, about 10⁻⁷ of Dream's
-  adaptation; the task is a synthetic chain sum, not language. A held-out accuracy of {a['accuracy']:.3f} (interval
+  {sft['steps']} steps of 16 short traces is ~{tokens / 1000:.0f} k tokens, {tokens / 580e9:.0e} of Dream's 580 B
+  tokens of adaptation; the task is a synthetic chain sum, not language. A held-out accuracy of {a['accuracy']:.3f} (interval
   above) after SFT is what {sft['steps']} steps on one core buy, not a ceiling.
 - {rl['steps']} IGPO steps at lr {rl['lr']:g} cannot show an RL improvement (a handful of optimiser steps, one seed, no
   held-out evaluation after RL); they show the step runs and what it costs (seconds per step above). The
