@@ -83,8 +83,20 @@ class VLLMBackend(nn.Module):
             are copied in memory and nothing needs an ``if __name__ == "__main__"`` guard. False = vLLM's
             default engine-core process (weights are then serialised to it at every sync).
         seed: engine seed; each request's seed is drawn from torch's RNG, so a seeded run samples the same
-            completions again and a resumed run continues the RNG stream from the checkpoint.
+            completions again and a resumed run continues the RNG stream from the checkpoint. Under data
+            parallelism (DDP) rank r's engine gets ``seed + r`` (see "Under DDP" below).
         engine_kwargs: extra keyword arguments for ``vllm.LLM`` (e.g. ``tensor_parallel_size``).
+
+    Under DDP (Lightning's ``--trainer.strategy ddp``) every rank builds its own colocated engine, in its own
+    process, on its first ``generate`` (all ranks at the same step). vLLM finds Lightning's process group already
+    started and uses it as is (each rank an independent "external data-parallel" engine of tensor-parallel size
+    1: vllm/distributed/parallel_state.py, ``initialize_model_parallel``), so no port or group of its own is
+    needed. Building an engine reseeds torch, Python and NumPy with the engine seed
+    (``vllm.utils.torch_utils.set_random_seed``, in-process): those RNG states are saved before and restored
+    after, so each rank keeps sampling from its own stream (``common.rng.seed_rank``: seed + rank; restored from
+    the checkpoint on resume) and a resumed run draws what the uninterrupted one drew. Every rank copies the
+    updated weights into its own engine after every optimiser step (:meth:`sync_weights`; the weights are equal
+    on every rank after DDP's gradient averaging).
     """
 
     def __init__(
@@ -155,8 +167,10 @@ class VLLMBackend(nn.Module):
             weights[name] = t.to("cpu").contiguous()
         save_file(weights, os.path.join(self._model_dir, "model.safetensors"))
         dtype = self.dtype if self.dtype != "auto" else str(next(policy.parameters()).dtype).removeprefix("torch.")
+        from common.distributed import rank
+
         kwargs = dict(
-            model=self._model_dir, skip_tokenizer_init=True, dtype=dtype, seed=self.seed,
+            model=self._model_dir, skip_tokenizer_init=True, dtype=dtype, seed=self.seed + rank(),  # per DDP rank
             max_model_len=self.max_model_len, enforce_eager=self.enforce_eager,
             enable_prefix_caching=self.enable_prefix_caching, logprobs_mode="processed_logprobs",
         )
@@ -166,6 +180,9 @@ class VLLMBackend(nn.Module):
             kwargs["gpu_memory_utilization"] = self.gpu_memory_utilization
         kwargs.update(self.engine_kwargs)
         set_num_threads = torch.set_num_threads  # vLLM's CPU worker replaces it process-wide with a no-op
+        from common.rng import rng_state, set_rng_state
+
+        trainer_rng = rng_state()  # vLLM's worker reseeds torch / random / numpy with the engine seed: keep ours
         try:
             # The first generate may come from validation, inside Lightning's inference mode: weights made there are
             # inference tensors, and every later in-place weight sync (outside it) would fail. Build outside it.
@@ -173,6 +190,7 @@ class VLLMBackend(nn.Module):
                 self.llm = LLM(**kwargs)
         finally:
             torch.set_num_threads = set_num_threads
+            set_rng_state(trainer_rng)
         self._synced_policy = id(policy)
 
     def close(self) -> None:
