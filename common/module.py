@@ -40,6 +40,7 @@ from common.ops import masked_mean
 from common.policies.base import Policy
 from common.predict import PredictBatch, prediction_records
 from common.rewards.base import RewardFunction, reward_name, score_components
+from common.rank_state import load_rank_module_state, rank_module_state, save_rank_module_states
 from common.rng import load_rank_states, save_rank_states, seed_rank
 from common.schedules import lr_scheduler, schedule_problems
 from common.sampling.base import Selector
@@ -165,6 +166,8 @@ class PolicyOptimizationModule(L.LightningModule):
 
     # ------------------------------------------------------------------ the loop
     def training_step(self, prompts: Any, batch_idx: int) -> None:
+        # a resumed rank's own buffers: here, after the DDP forward that broadcast rank 0's (the run's first)
+        load_rank_module_state(self, self.__dict__.pop("_rank_state", {}))
         self.loss_fn.set_step(self.global_step)
         t0 = time.perf_counter()
         got = self.loop.collect(prompts, more=self.more_prompts())  # 1-5
@@ -223,11 +226,13 @@ class PolicyOptimizationModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         save_rank_states(checkpoint)  # every rank's RNG states, so a resumed run samples what it would have
+        save_rank_module_states(self, checkpoint)  # and its own buffers / extra state (common/rank_state.py)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         fitting = self._trainer is not None and self._trainer.state.fn == "fit"
         world, rank = (self._trainer.world_size, self._trainer.global_rank) if fitting else (1, 0)
         load_rank_states(checkpoint, world, rank, fitting)
+        self._rank_state = rank_module_state(checkpoint, world, rank, fitting)  # loaded in the first training_step
 
     # ------------------------------------------------------------------ step 7: logging
     def log_step(self, rollouts: RolloutBatch, metrics: dict[str, Tensor], *, rollout_s: float, prep_s: float, update_s: float) -> None:

@@ -21,8 +21,10 @@ code also pushes validation *rewards* into them; the paper's algorithm does not,
 selector is called only by ``training_step``).
 
 Data parallelism (DDP): every rank observes the rows of all ranks (gathered in rank order), so the windows, counts
-and P(j) are one global state, equal on every rank (DDP's broadcast of rank 0's buffers before each step is then a
-no-op) and equal to one process's trained on the same global batch.
+and P(j) are one global state, equal on every rank (so rank 0's checkpoint is every rank's) and equal to one
+process's trained on the same global batch. (Without the gather each rank's windows would follow its own rows only:
+the ranks would draw from different P(j), no longer disjoint slices of one draw, and a resume would give every rank
+rank 0's windows.)
 
 State (in the Lightning checkpoint, as buffers): ``windows (J, W)``, ``counts (J,)``. The draw for a batch is a pure
 function of that state, the data seed and the batch number (``text_reasoning.curriculum.CurriculumData``), so a

@@ -1,0 +1,231 @@
+"""Stateful methods under data parallelism (issue 15), with real ``advlab fit`` runs on 2 CPU ranks (gloo):
+
+- DUMP's curriculum (``CurriculumData`` + ``DUMP``) and SPO's stream (``PrioritisedData`` + ``SPOTracker``) draw the
+  global batch of 2 x prompts_per_step and train each rank on its slice: the ranks' slices, in rank order, are exactly
+  one process's draw from the same state; the curriculum / tracker observes every rank's rows, so its state is equal
+  on both ranks after every step and equals a plain reference updated with the global batch; resumed from a step-1
+  checkpoint, both ranks continue exactly (same prompts, completions, state);
+- kill-and-resume: a 2-rank GRPO run (with R³'s replay buffer as its selector, a per-rank buffer) is SIGKILLed after a
+  checkpoint (one rank's process; the run dies) and resumed: later losses and rewards, the final weights and every
+  other checkpointed tensor (both ranks' RNG states and buffers included) equal an uninterrupted 2-rank run exactly.
+
+Each rank's state after every step comes from ``ddp_state_support.StateRecorder`` (Lightning's checkpoint holds
+rank 0's module state only).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from ddp_state_support import ddp_args, ddp_env, instantiate, recorded_states, records
+from resume import ROOT, TINY, _flatten, cli, events, step_of
+
+pytestmark = pytest.mark.slow
+
+
+def fit(tmp: Path, name: str, config: str, *args: str, steps: int, ckpt: Path | None = None, cwd: Path | None = None):
+    """A 2-rank ``advlab fit`` of ``config`` (tiny model) to ``steps``; returns its records and state directory."""
+    cwd = cwd or tmp / name
+    cwd.mkdir(exist_ok=True)
+    record, states = tmp / f"{name}.jsonl", tmp / f"{name}_states"
+    cmd = cli(config, *TINY, *args, *ddp_args(record, states), "--trainer.max_steps", str(steps),
+              *(["--ckpt_path", str(ckpt)] if ckpt else []))
+    done = subprocess.run(cmd, cwd=cwd, env=ddp_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return records(record), states
+
+
+def checkpoint(run_dir: Path, step: int) -> Path:
+    return next(p for p in (run_dir / "runs/lightning_logs/version_0/checkpoints").glob("*.ckpt") if f"step={step}" in p.name)
+
+
+def recipe_data(config: str, **overrides):
+    """The recipe's data module, one process, with ``overrides`` of its init_args (tasks built from the YAML)."""
+    spec = yaml.safe_load((ROOT / config).read_text())["data"]
+    spec["init_args"].update(overrides)
+    data = instantiate(spec)
+    data.setup("fit")
+    return data
+
+
+def assert_same_state(a: dict, b: dict, prefix: str) -> None:
+    keys = [k for k in a if k.startswith(prefix)]
+    assert keys
+    for k in keys:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+
+
+def assert_resumed_continues(straight: dict, states: Path, again: dict, again_states: Path, steps: int) -> None:
+    """Resumed at step 1: every rank's later prompts, completions and rewards, and its final state, are the
+    straight run's."""
+    for r in (0, 1):
+        assert again[r] == straight[r][1:], r
+    for r, (a, b) in enumerate(zip(recorded_states(states, steps), recorded_states(again_states, steps))):
+        assert sorted(a) == sorted(b)
+        for k in a:
+            if torch.is_tensor(a[k]):
+                torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=f"rank {r}: {k}")
+
+
+# ------------------------------------------------------------------ DUMP: CurriculumData + DUMP
+def test_dump_curriculum_on_two_ranks_is_one_global_curriculum(tmp_path):
+    from common.advantages.group import grpo
+    from common.sampling.curriculum import DUMP
+
+    config, steps, S, G = "configs/text_reasoning/dump.yaml", 3, 2, 2
+    args = ["--model.init_args.group_size", str(G), "--data.init_args.prompts_per_step", str(S)]
+    seen, states = fit(tmp_path, "straight", config, *args, steps=steps)
+    assert [len(seen[r]) for r in (0, 1)] == [steps, steps]
+
+    data = recipe_data(config, train_size=24, val_size=4, prompts_per_step=2 * S)  # one process, the global batch
+    yml = yaml.safe_load((ROOT / config).read_text())["model"]["init_args"]["selector"]["init_args"]
+    ref = DUMP(**yml)  # a plain curriculum fed the global batch
+    available = torch.tensor([len(p) > 0 for p in data.pools])
+    for k in range(steps):
+        # (a) the ranks' slots, in rank order, are one process's draw of 2 x S slots from the same state
+        want = data.draw(k, ref.probs(available))
+        got = [seen[r][k] for r in (0, 1)]
+        assert [p for r in (0, 1) for p in got[r]["prompts"][::G]] == [s["prompt"] for s in want], k
+        assert [d for r in (0, 1) for d in got[r]["distributions"][::G]] == [s["distribution"] for s in want], k
+        # (b) the curriculum observed the global batch: equal on both ranks, and equal to the reference's update
+        rewards = torch.tensor([x for r in (0, 1) for x in got[r]["rewards"]])  # (2 S G,) rank order
+        adv = grpo(rewards, torch.arange(2 * S).repeat_interleave(G), scale="group", eps=1e-6)  # groups on one rank
+        ref.observe(adv.abs(), torch.tensor([d for r in (0, 1) for d in got[r]["distributions"]]))
+        mine = recorded_states(states, k + 1)
+        assert_same_state(mine[0], mine[1], "selector.")
+        assert int(mine[0]["selector.counts"].sum()) == (k + 1) * 2 * S * G
+        torch.testing.assert_close(mine[0]["selector.counts"], ref.counts, rtol=0, atol=0)
+        # the run's |A| are GRPO's on the same float32 rewards: the same operations, so equal to float32 rounding
+        torch.testing.assert_close(mine[0]["selector.windows"], ref.windows, rtol=1e-6, atol=1e-6)
+    assert int((ref.counts > 0).sum()) >= 3  # the draws spread over several distributions
+
+    # (c) checkpoint round trip: resumed from step 1, both ranks continue exactly
+    again, again_states = fit(tmp_path, "resumed", config, *args, steps=steps, ckpt=checkpoint(tmp_path / "straight", 1))
+    assert_resumed_continues(seen, states, again, again_states, steps)
+
+
+# ------------------------------------------------------------------ SPO: PrioritisedData + SPOTracker + SPOStream
+def test_spo_stream_on_two_ranks_is_one_global_tracker(tmp_path):
+    from common.advantages.tracker import SPOTracker
+    from common.sampling.priority import spo_priority
+
+    config, steps, S = "configs/text_reasoning/spo_stream.yaml", 3, 3
+    args = ["--data.init_args.prompts_per_step", str(S)]
+    seen, states = fit(tmp_path, "straight", config, *args, steps=steps)
+
+    data = recipe_data(config, train_size=24, val_size=4, prompts_per_step=2 * S)  # one process, the global batch
+    yml = yaml.safe_load((ROOT / config).read_text())["model"]["init_args"]["advantage"]["init_args"]
+    ref = SPOTracker(**yml)
+    for k in range(steps):
+        if k:  # the tracker's state before step k (its KL feed needs the model: taken from the run)
+            ref.load_state_dict({n[len("advantage."):]: v for n, v in recorded_states(states, k)[0].items()
+                                 if n.startswith("advantage.")})
+        got = [seen[r][k] for r in (0, 1)]
+        # (a) disjoint prompts (drawn without replacement); in rank order, one process's draw of 2 x S prompts
+        assert not set(got[0]["uids"]) & set(got[1]["uids"]), k
+        probs = spo_priority(ref.alpha[:24], ref.beta[:24], gamma=data.gamma, eps_explore=data.eps_explore)  # (N,)
+        want = data.draw(k, probs)
+        assert got[0]["uids"] + got[1]["uids"] == [s["uid"] for s in want], k
+        # (b) the tracker observed both ranks' rows: equal on both ranks and equal to the reference's update
+        ref.observe(torch.tensor(got[0]["uids"] + got[1]["uids"]),
+                    torch.tensor(got[0]["rewards"] + got[1]["rewards"], dtype=torch.float32))
+        mine = recorded_states(states, k + 1)
+        assert_same_state(mine[0], mine[1], "advantage.")
+        assert int(mine[0]["advantage.visits"].sum()) == (k + 1) * 2 * S
+        for name in ("alpha", "beta", "visits", "kl_at_visit"):  # float64 state, the same operations: exact
+            torch.testing.assert_close(mine[0][f"advantage.{name}"], getattr(ref, name), rtol=0, atol=0, msg=name)
+    assert float(mine[0]["advantage.kl_total"]) > 0  # the KL drift (global token mean) moved, equally on both ranks
+
+    again, again_states = fit(tmp_path, "resumed", config, *args, steps=steps, ckpt=checkpoint(tmp_path / "straight", 1))
+    assert_resumed_continues(seen, states, again, again_states, steps)
+
+
+# ------------------------------------------------------------------ kill-and-resume under DDP
+def rank_one(launcher: int) -> int | None:
+    """The pid of rank 1: the child of Lightning's launcher (rank 0) whose environment has LOCAL_RANK=1."""
+    for task in Path(f"/proc/{launcher}/task").iterdir():
+        for pid in (task / "children").read_text().split():
+            try:
+                if b"LOCAL_RANK=1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                    return int(pid)
+            except OSError:
+                continue
+    return None
+
+
+def test_sigkill_one_rank_then_resume_equals_the_uninterrupted_two_rank_run(tmp_path):
+    """GRPO on 2 ranks, 8 prompts (2 a rank a step: prompts come back every other step, on either rank), a checkpoint
+    after every step. R³'s replay buffer is the selector: a per-rank buffer of each rank's own rows (the tiny policy
+    answers nothing right, so nothing is replayed and Eq. 3 with α = 1, λ = 1e-6 is GRPO's advantage). Rank 1's
+    process is SIGKILLed once a checkpoint at step >= 2 is on disk; rank 0 then fails in its next collective and the
+    run is gone. Resumed from last.ckpt, the run equals the uninterrupted one exactly: the same operations on the same
+    inputs in the same order (gloo's sum of two ranks is commutative, so even the gradient average is bit-equal)."""
+    config, steps = "configs/text_reasoning/grpo_arithmetic.yaml", 5
+    ccr = '{"class_path": "common.sampling.replay.CrossContextReplay"}'
+    args = ["--model.init_args.group_size", "2", "--data.init_args.prompts_per_step", "2",
+            "--data.init_args.train_size", "8", "--model.init_args.selector", ccr]
+
+    def command(name: str, max_steps: int, *extra: str) -> list[str]:
+        return cli(config, *TINY, *args, *ddp_args(tmp_path / f"{name}.jsonl", tmp_path / f"{name}_states"),
+                   "--trainer.max_steps", str(max_steps), *extra)
+
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    straight.mkdir(), broken.mkdir()
+    ref = subprocess.Popen(command("straight", steps), cwd=straight, env=ddp_env(), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(command("broken", 1000), cwd=broken, env=ddp_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    last = broken / "runs/lightning_logs/version_0/checkpoints/last.ckpt"
+    deadline = time.time() + 300
+    while (step_of(last) or 0) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    victim = rank_one(proc.pid)
+    assert victim is not None and proc.poll() is None, "no rank 1 to kill"
+    os.kill(victim, signal.SIGKILL)
+    try:
+        _, err = proc.communicate(timeout=120)  # rank 0 fails at its next collective with rank 1 gone
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0, "the run went on without rank 1"
+    killed_at = step_of(last)
+    assert killed_at is not None and 2 <= killed_at < steps, killed_at
+
+    resumed = subprocess.run(command("resumed", steps, "--ckpt_path", str(last)), cwd=broken, env=ddp_env(),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _, err = ref.communicate(timeout=300)
+    assert ref.returncode == 0, err[-3000:]
+
+    a = torch.load(straight / "runs/lightning_logs/version_0/checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    b = torch.load(broken / "runs/lightning_logs/version_1/checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    assert a["global_step"] == b["global_step"] == steps
+    skip = {"callbacks", "loops", "hparams_name", "hyper_parameters", "pytorch-lightning_version", "lr_schedulers"}
+    fa = _flatten("", {k: v for k, v in a.items() if k not in skip}, {})
+    fb = _flatten("", {k: v for k, v in b.items() if k not in skip}, {})
+    assert sorted(fa) == sorted(fb), set(fa) ^ set(fb)
+    for name, va in fa.items():  # weights, AdamW moments, both ranks' RNG states and per-rank buffers: exact
+        if torch.is_tensor(va):
+            torch.testing.assert_close(fb[name], va, rtol=0, atol=0, msg=name)
+        else:
+            assert fb[name] == va, name
+    # rank 1's own replay buffer is in the checkpoint (its prompts, not rank 0's) and came back on resume
+    keys = [a["state_dict"]["selector._extra_state"]["keys"], a["advlab_module_state_ranks"][1]["selector._extra_state"]["keys"]]
+    assert len(keys[0]) == len(keys[1]) == steps * 2 * 2 and keys[0] != keys[1]
+    for r in (0, 1):
+        want, got = recorded_states(tmp_path / "straight_states", steps)[r], recorded_states(tmp_path / "resumed_states", steps)[r]
+        assert want["selector._extra_state"]["keys"] == got["selector._extra_state"]["keys"], r
+    for tag in ("train/loss", "train/reward"):
+        seen_a = events(straight / "runs/lightning_logs/version_0", tag)
+        seen_b = events(broken / "runs/lightning_logs/version_1", tag)
+        assert sorted(seen_b) == list(range(killed_at, steps)), (tag, seen_b)
+        assert [seen_b[s] for s in sorted(seen_b)] == [seen_a[s] for s in sorted(seen_b)], tag
+    assert len(set(seen_a.values())) > 1  # the losses are not all equal (the weights moved)
+
