@@ -84,7 +84,7 @@ def scalars(run_dir: Path) -> dict[str, list[float]]:
 # Runs first (before the module's server starts): two servers never hold memory at the same time.
 @needs_vllm
 def test_recipe_runs_two_steps_against_the_server_it_starts(tmp_path):
-    """`advlab fit` with the recipe (base_url null: the backend starts the server) on a tiny policy with a length
+    """`advlab fit --evaluate true` with the recipe (base_url null: the backend starts the server) on a tiny policy with a length
     reward (so every step has a gradient) and lr 1e-3: step 1 moves the trainer's log-probs by ~0.25 per token, the
     server's move as much (the canary scores a probe on both sides after the push), and step 2's rollouts carry
     behaviour log-probs equal to the trainer's (is_logp_diff ~ 1e-7; without the push it would be ~0.25). The server
@@ -92,11 +92,12 @@ def test_recipe_runs_two_steps_against_the_server_it_starts(tmp_path):
     cmd = [sys.executable, "-m", "common.cli", "fit", "--config", str(RECIPE),
            "--model.init_args.policy", "common.models.TinyLlama", "--model.init_args.policy.init_args.hidden_size", "128",
            "--model.init_args.sampling.max_new_tokens", "8", "--data.init_args.val_size", "8",
-           "--data.init_args.train_size", "64", "--trainer.max_steps", "2", "--model.init_args.lr", "1e-3",
+           "--data.init_args.train_size", "64", "--trainer.max_steps", "2", "--model.init_args.lr", "1e-3", "--evaluate", "true",
            "--model.init_args.rewards", '[{"class_path": "common.rewards.length.LengthReward", "init_args": {"target": 12}}]']
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{out[-2000:]}\n{err[-4000:]}"
+    assert "held-out accuracy: before" in out and "(8 problems)" in out  # greedy validation through the server too
     run = tmp_path / "runs/lightning_logs/version_0"
     assert torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 2
     m = scalars(run)
@@ -263,12 +264,30 @@ def test_the_server_refuses_bad_requests_in_one_line(server, policy):
     not an engine crash, and the server keeps serving."""
     model, tok = policy
     backend = VLLMServerBackend(base_url=server)
-    backend.url = server
+    ids, mask = chat_prompts(tok, ["hi"])
+    backend.generate(model, tok, ids, mask, 1, Sampling(max_new_tokens=2))  # connected, this policy's weights pushed
     with pytest.raises(RuntimeError, match=r"refused /generate: ValueError: prompts: token ids must be ints in \[0, 49152\)"):
         backend._request("/generate", {"prompts": [[1, 10**9]], "max_tokens": 2}, 30.0)
     with pytest.raises(RuntimeError, match="refused /update_weights: ValueError: update_weights: got chunk 1/2"):
         backend._request("/update_weights?version=x&chunk=1&chunks=2", b"", 30.0)
     assert json.loads(json.dumps(backend._health(server, 5.0)))["ready"]
+    # a push that does not fit the served model is refused before it reaches the engine: same version, same weights
+    from safetensors.torch import save
+
+    version = backend._health(server, 5.0)["weight_version"]
+    with pytest.raises(RuntimeError, match=r"refused /update_weights: ValueError: .*1 tensors the model does not have "
+                                           r"\(\['model.no_such.weight'\]\)"):
+        weights = {n: p.detach().clone() for n, p in model.state_dict().items()} | {"model.no_such.weight": torch.ones(2)}
+        backend._request("/update_weights?version=bad&chunk=0&chunks=1", save(weights), 60.0)
+    with pytest.raises(RuntimeError, match=r"model.norm.weight has shape \(3,\), the model \(128,\)"):
+        weights = {n: p.detach().clone() for n, p in model.state_dict().items()} | {"model.norm.weight": torch.ones(3)}
+        backend._request("/update_weights?version=bad&chunk=0&chunks=1", save(weights), 60.0)
+    with pytest.raises(RuntimeError, match=r"missing 1 tensors \(\['model.norm.weight'\]\)"):
+        weights = {n: p.detach().clone() for n, p in model.state_dict().items() if n != "model.norm.weight"}
+        backend._request("/update_weights?version=bad&chunk=0&chunks=1", save(weights), 60.0)
+    assert backend._health(server, 5.0)["weight_version"] == version
+    out = backend.generate(model, tok, ids, mask, 2, Sampling(max_new_tokens=4, logprobs=True))
+    torch.testing.assert_close(out.behaviour_logprobs, hf_logprobs(model, out), rtol=0, atol=TOL)
 
 
 def test_a_server_outlives_no_killed_trainer(tmp_path):

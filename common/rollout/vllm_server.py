@@ -132,6 +132,22 @@ def buckets(tensors: dict[str, Tensor], limit_bytes: int) -> list[dict[str, Tens
     return out
 
 
+def checkpoint_shapes(model_dir: str | os.PathLike) -> dict[str, tuple[int, ...]] | None:
+    """Name -> shape of every tensor in a model folder's safetensors files (read from their headers only); None when
+    the folder has none (e.g. a ``.bin`` checkpoint)."""
+    from safetensors import safe_open
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        return None
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                shapes[name] = tuple(st.get_slice(name).get_shape())
+    return shapes
+
+
 # ====================================================================================================== server
 class Engine:
     """The server's state: one ``vllm.LLM``, the version of the weights it holds, the tensors of a push in progress.
@@ -153,6 +169,25 @@ class Engine:
         declared = config.get("dtype") or config.get("torch_dtype")
         self.dtype = args.dtype if args.dtype != "auto" else (declared if declared in ("float32", "bfloat16", "float16") else "float32")
         self.on_cpu = not torch.cuda.is_available()
+        self.tied = bool(config.get("tie_word_embeddings", False))
+        self.shapes = checkpoint_shapes(args.model)  # what a push must hold; None: the folder has no safetensors
+        self.broken: str | None = None  # set when a load failed inside the engine: it must be restarted
+
+    def check_push(self, weights: dict[str, Tensor]) -> None:
+        """A complete push holds every tensor of the checkpoint the engine was started from, in its shapes, and nothing
+        else (plus ``lm_head.weight`` when tied): checked before anything reaches the engine, because vLLM's in-place
+        reload of a partial or misshapen set leaves half-loaded layers behind (on CPU, weights left on the meta device)."""
+        if self.shapes is None:
+            return
+        allowed = set(self.shapes) | ({"lm_head.weight"} if self.tied else set())
+        missing, unknown = sorted(set(self.shapes) - set(weights)), sorted(set(weights) - allowed)
+        shapes = sorted(n for n, t in weights.items() if n in self.shapes and tuple(t.shape) != self.shapes[n])
+        problems = ([f"missing {len(missing)} tensors ({missing[:3]})"] if missing else []) + \
+                   ([f"{len(unknown)} tensors the model does not have ({unknown[:3]})"] if unknown else []) + \
+                   [f"{n} has shape {tuple(weights[n].shape)}, the model {self.shapes[n]}" for n in shapes[:3]]
+        if problems:
+            raise ValueError("update_weights: the push does not match the served model's checkpoint: " + "; ".join(problems)
+                             + " (expected the full weights of the policy this server was started for)")
 
     def start(self) -> None:
         a = self.args
@@ -187,7 +222,8 @@ class Engine:
         return value
 
     def health(self) -> dict:
-        return {"server": SERVER_NAME, "ready": self.llm is not None, "error": self.error, "weight_version": self.version,
+        return {"server": SERVER_NAME, "ready": self.llm is not None and not self.broken, "error": self.broken or self.error,
+                "weight_version": self.version,
                 "model": self.model, "model_path": self.args.model, "max_model_len": self.args.max_model_len,
                 "dtype": self.dtype, "pid": os.getpid()}
 
@@ -249,10 +285,16 @@ class Engine:
             if self.next_chunk < chunks:
                 return {"weight_version": self.version, "staged": len(self.staged)}
             weights, self.staged, self.staged_version, self.next_chunk = self.staged, {}, None, 0
-            # vLLM's in-place reload: checkpoint-format tensors through each layer's loader and post-processing
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights.items()),
-                                                              "is_checkpoint_format": True})
-            self.llm.reset_prefix_cache()  # its keys/values were computed with the old weights
+            self.check_push(weights)
+            try:  # vLLM's in-place reload: checkpoint-format tensors through each layer's loader and post-processing
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights.items()),
+                                                                  "is_checkpoint_format": True})
+                self.llm.reset_prefix_cache()  # its keys/values were computed with the old weights
+            except Exception as e:  # half-loaded layers: nothing this engine answers can be trusted any more
+                self.version = f"broken:{version}"
+                self.broken = (f"loading the weights of version {version!r} failed inside the engine "
+                               f"({type(e).__name__}: {str(e)[:300]}); restart the server")
+                raise
             self.version = version
             return {"weight_version": self.version, "loaded": len(weights)}
 
@@ -289,8 +331,8 @@ class Handler(BaseHTTPRequestHandler):
         url = urllib.parse.urlsplit(self.path)
         e = self.engine
         try:
-            if e.llm is None:
-                return self.reply(503, {"error": e.error or "the engine is still starting"})
+            if e.llm is None or e.broken:
+                return self.reply(503, {"error": e.broken or e.error or "the engine is still starting"})
             if url.path == "/update_weights":
                 q = urllib.parse.parse_qs(url.query)
                 version, chunk, chunks = q["version"][0], int(q["chunk"][0]), int(q["chunks"][0])
