@@ -225,6 +225,27 @@ def test_push_after_an_optimizer_step(server, policy):
         backend.generate(model, tok, ids, mask, 1, Sampling(max_new_tokens=2))
 
 
+def test_a_lora_policy_is_pushed_merged(server):
+    """With LoRA the server gets W + (α/r)·B·A under the base model's names: its log-probs equal the adapted policy's."""
+    from common.models import LoRA
+
+    base, tok = TinyLlama(**TINY).load()
+    model = LoRA(rank=4, alpha=8.0).apply(base)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)  # B starts at 0 (no change); make the adapter move the log-probs
+    model.eval()
+    backend = VLLMServerBackend(base_url=server)
+    ids, mask = chat_prompts(tok, ["What is 3+4?"])
+    torch.manual_seed(3)
+    out = backend.generate(model, tok, ids, mask, 2, Sampling(max_new_tokens=6, logprobs=True))
+    expected = hf_logprobs(model, out)
+    with model.disable_adapter():
+        assert (hf_logprobs(model, out) - expected).abs().max() > 100 * TOL, "the adapter does not change the log-probs"
+    torch.testing.assert_close(out.behaviour_logprobs, expected, rtol=0, atol=TOL)
+
+
 def test_a_server_of_another_architecture_is_refused(server):
     wrong, tok = TinyLlama(hidden_size=256, num_layers=2, num_heads=8).load()
     backend = VLLMServerBackend(base_url=server)
