@@ -344,8 +344,10 @@ class AdvlabParser(LightningArgumentParser):
         cfg = super().parse_args(args, *rest, **kwargs)
         sub = cfg.get("subcommand") if hasattr(cfg, "get") else None
         ckpt = cfg.get(f"{sub}.ckpt_path") if sub else None
-        # a checkpoint that is not there fails here, naming it, not after the model is built and a run folder made
-        if isinstance(ckpt, str) and ckpt not in CKPT_ALIASES and "://" not in ckpt and not Path(ckpt).is_file():
+        # a checkpoint that is not there fails here, naming it, not after the model is built and a run folder made;
+        # a folder with meta.pt is a sharded checkpoint (ModelParallelStrategy's, FSDP2: common/fsdp.py)
+        if (isinstance(ckpt, str) and ckpt not in CKPT_ALIASES and "://" not in ckpt and not Path(ckpt).is_file()
+                and not (Path(ckpt) / "meta.pt").is_file()):
             self.error(f"ckpt_path: {'is a directory, not a checkpoint file' if Path(ckpt).is_dir() else 'no such file'}: {ckpt}")
         return cfg
 

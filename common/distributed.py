@@ -110,11 +110,20 @@ def check_strategy(strategy: object, automatic_optimization: bool) -> None:
     Lightning 2.6; tests/test_distributed_fsdp.py shows it on two gloo processes). This holds on GPUs as on CPUs, so
     it is refused before any process starts instead of failing at the first backward. A module with automatic
     optimisation (backward after ``forward`` returns) is left alone.
+
+    FSDP runs through Lightning's ``ModelParallelStrategy`` instead (torch's FSDP2; it calls ``training_step``
+    directly and the module shards itself in ``configure_model``, common/fsdp.py), as pure data parallelism: its
+    sizes are checked here too (``common.fsdp.check_sizes``).
     """
-    from lightning.pytorch.strategies import FSDPStrategy
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
     if isinstance(strategy, FSDPStrategy) and not automatic_optimization:
         raise ValueError(
             "--trainer.strategy fsdp: Lightning's FSDPStrategy (FSDP1) runs training_step inside the sharded module's "
-            "forward and this loop's manual backward there fails in torch's FSDP post-backward hook; use "
-            "--trainer.strategy ddp (README: 'More than one device')")
+            "forward and this loop's manual backward there fails in torch's FSDP post-backward hook; use FSDP2: "
+            "--trainer.strategy lightning.pytorch.strategies.ModelParallelStrategy --trainer.strategy.data_parallel_size "
+            "<devices x nodes> --trainer.strategy.tensor_parallel_size 1 (or ddp; README: 'More than one device')")
+    if isinstance(strategy, ModelParallelStrategy) and not automatic_optimization:
+        from common.fsdp import check_sizes
+
+        check_sizes(strategy)

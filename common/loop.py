@@ -80,6 +80,7 @@ class Stepper:
     def step(self, loss: Tensor) -> Tensor:
         grads = [p.grad for p in self.params if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a replicated DTensor
         if bool(torch.isfinite(grad_norm) & torch.isfinite(loss)):  # ok: one sync per optimiser step
             if self.max_grad_norm > 0:
                 self.clip()

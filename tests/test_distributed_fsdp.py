@@ -163,3 +163,125 @@ def test_the_multigpu_recipe_builds(tmp_path, monkeypatch, capsys):
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("advlab")]
     assert done.value.code == 2 and len(lines) == 1, lines
     assert "model.init_args.policy" in lines[0] and "/path/to/Qwen2.5-1.5B-Instruct" in lines[0], lines
+
+
+# ------------------------------------------------------------------ FSDP2: Lightning's ModelParallelStrategy runs the loop
+# The loop runs sharded under Lightning's ModelParallelStrategy (torch's FSDP2, ``fully_shard``): it calls
+# training_step directly, and PolicyOptimizationModule.configure_model shards the policy (common/fsdp.py).
+FSDP2 = ["--trainer.strategy", "lightning.pytorch.strategies.ModelParallelStrategy",
+         "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
+FSDP2_SIZES = ["--trainer.strategy.data_parallel_size", "2", "--trainer.strategy.tensor_parallel_size", "1"]
+
+
+def test_an_fsdp2_step_equals_one_process_on_the_global_batch(tmp_path):
+    """2 gloo ranks, the tiny Llama in float64 sharded by ``shard_policy`` (every parameter a DTensor holding its
+    rank's half of the rows), each rank stepping ``Loop.update`` on its half of test_distributed's global batch (ragged masks, an
+    empty row): SGD lr 1, token-mean and sequence-mean, and token-mean with the global gradient norm clipped to
+    0.05 (the norm is ~1.1, so clipping acts). The gathered weights equal one process's step on the whole batch to
+    1e-10 (float64 sums in another order, ~1e-16 relative each; measured <= 6e-17) while the step moves them by
+    > 1e-3 (clipped: > 1e-3 too), and the gradient norm the Stepper sees is the global one; normalising each rank by
+    its own token count (the control) differs by > 1e-4. Generation on the sharded policy is the unsharded policy's
+    (greedy, and sampled under the same seed), with rank 0 generating 3 tokens and rank 1 6: no collective inside."""
+    from ddp_support import make_policy
+    from fsdp2_support import CASES, generations, global_batch, one_step
+
+    batch = global_batch()
+    torch.save(batch.state_dict(), tmp_path / "batch.pt")
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, str(SUPPORT / "fsdp2_support.py"), str(tmp_path / "batch.pt"), str(tmp_path)],
+                              env=env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
+                                      MASTER_PORT=port), stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(e[-3000:] for e in errors)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    plain = make_policy()
+    init = {n: p.detach() for n, p in plain.named_parameters()}
+    for r in (0, 1):  # sharded: every parameter a DTensor holding this rank's chunk of the rows (dim 0; 15 -> 8 + 7)
+        assert ranks[r]["sharded"] == {n: ("DTensor", tuple(p.chunk(2)[r].shape)) for n, p in init.items()}
+    for case in CASES:
+        ref = one_step(batch, *case)  # one process, the whole batch, no sharding
+        moved = max(float((ref[n] - init[n]).abs().max()) for n in init)
+        assert moved > 1e-3, (case, moved)
+        for r in (0, 1):
+            gap = max(float((ranks[r][case][n] - ref[n]).abs().max()) for n in init)
+            assert gap <= 1e-10, (case, r, gap)
+            torch.testing.assert_close(ranks[r][case]["grad_norm"], ref["grad_norm"], rtol=0, atol=1e-10)
+    ref = one_step(batch, "token_mean", 0.0)
+    control = max(float((ranks[0]["per_rank"][n] - ref[n]).abs().max()) for n in init)
+    assert control > 1e-4, control
+    for r in (0, 1):
+        want = generations(plain, r)
+        got = ranks[r]["generations"]
+        assert got["greedy"].shape[1] == 3 + 3 * r and torch.equal(got["greedy"], want["greedy"]), (r, got, want)
+        assert torch.equal(got["sampled"], want["sampled"]), r
+
+
+def fsdp2_fit(cwd: Path, record: Path, *args: str) -> subprocess.CompletedProcess:
+    """``advlab fit`` under ModelParallelStrategy on 2 CPU ranks, tiny model, 2 prompts x G = 2 a rank, a varied
+    reward (so the weights move), a checkpoint every step."""
+    import json
+
+    from resume import cli
+
+    cwd.mkdir(exist_ok=True)
+    reward = json.dumps([{"class_path": "ddp_support.RecordingReward", "init_args": {"path": str(record)}}])
+    cmd = cli("configs/text_reasoning/grpo_arithmetic.yaml", *TINY, *FSDP2, *FSDP2_SIZES,
+              "--data.init_args.prompts_per_step", "2", "--model.init_args.group_size", "2",
+              "--model.init_args.rewards", reward, "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false",
+              "--checkpoint.every_n_train_steps", "1", "--checkpoint.save_top_k", "-1", *args)
+    return subprocess.run(cmd, cwd=cwd, env=env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())),
+                          capture_output=True, text=True, timeout=300)
+
+
+def sharded_weights(ckpt: Path, tmp: Path) -> dict[str, torch.Tensor]:
+    """The policy's full weights from a sharded (distributed) checkpoint folder."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(ckpt, tmp / "full.pt")
+    state = torch.load(tmp / "full.pt", weights_only=False)["state_dict"]
+    return {k: v for k, v in state.items() if k.startswith("policy.")}
+
+
+def test_advlab_fit_under_fsdp2_on_two_cpu_ranks_checkpoints_shards_and_resumes_exactly(tmp_path):
+    """``advlab fit`` with ``--trainer.strategy lightning.pytorch.strategies.ModelParallelStrategy`` (sizes 2 x 1)
+    on 2 gloo ranks: 2 steps; the ranks score disjoint prompts; every checkpoint is a folder of 2 shards and
+    meta.pt (Lightning's distributed checkpoint: each rank writes its own rows of weights and AdamW state). Resumed
+    from step 1's folder, step 2 draws on every rank the completions of the straight run and ends with its weights,
+    bit for bit, while step 2 moved them."""
+    from fsdp2_support import records
+
+    straight = fsdp2_fit(tmp_path / "straight", tmp_path / "straight.jsonl")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    seen = records(tmp_path / "straight.jsonl")
+    assert [len(seen[r]) for r in (0, 1)] == [2, 2], seen
+    for step in range(2):
+        assert not set(seen[0][step]["prompts"]) & set(seen[1][step]["prompts"]), step
+    ckpts = tmp_path / "straight/runs/lightning_logs/version_0/checkpoints"
+    first, last = ckpts / "epoch=0-step=1.ckpt", ckpts / "epoch=0-step=2.ckpt"
+    assert sorted(p.name for p in first.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
+    resumed = fsdp2_fit(tmp_path / "resumed", tmp_path / "resumed.jsonl", "--ckpt_path", str(first))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    again = records(tmp_path / "resumed.jsonl")
+    for r in (0, 1):
+        assert again[r] == seen[r][1:], (r, again[r], seen[r][1:])
+    one, two = sharded_weights(first, tmp_path), sharded_weights(last, tmp_path)
+    back = sharded_weights(tmp_path / "resumed/runs/lightning_logs/version_0/checkpoints/epoch=0-step=2.ckpt", tmp_path)
+    assert max(float((two[k] - one[k]).abs().max()) for k in two) > 1e-4  # step 2 moved the weights
+    assert two.keys() == back.keys() and all(torch.equal(two[k], back[k]) for k in two)
+
+
+def test_fsdp2_with_its_default_sizes_is_refused_in_one_line_before_launch(tmp_path):
+    """``ModelParallelStrategy``'s defaults put a node's devices in a tensor-parallel group that advlab does not
+    shard; the strategy without sizes fails in one line naming both sizes and the values to give. (The bare
+    ``--trainer.strategy lightning.pytorch.strategies.ModelParallelStrategy``, with no init argument, is read as a
+    strategy name and Lightning refuses that name; a class path with its sizes is what the README gives.)"""
+    strategy = '{"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"}'
+    proc, beyond_import = advlab_failure("fit", "--config", RECIPE, *TINY, "--trainer.strategy", strategy,
+                                         *FSDP2[2:], cwd=tmp_path)
+    lines = short(proc.stderr)
+    assert proc.returncode == 2 and len(lines) <= 2, proc.stderr[-3000:]
+    assert lines[0].startswith("advlab: trainer: ValueError: --trainer.strategy ModelParallelStrategy: expected "
+                               "data_parallel_size=2 (devices x nodes) and tensor_parallel_size=1"), lines
+    assert "got data_parallel_size=1, tensor_parallel_size=2" in lines[0], lines
+    assert "Initializing distributed" not in proc.stderr
+    assert beyond_import < 10
