@@ -128,3 +128,20 @@ def test_hapo_sampling_statistics_are_the_global_batch_s(ranks):
     for r in (0, 1):
         torch.testing.assert_close(results[r]["temperature"], want, rtol=0, atol=1e-6)  # float32 statistics
     assert float((results[1]["per_rank", "temperature"] - want).abs().max()) > 1e-3
+
+
+def test_clip_cov_keys_are_uniform_and_a_function_of_the_index_and_seed_only():
+    """Clip-Cov's draw keys (common.losses.entropy.uniform_keys): 10^5 indices fill 10 equal bins within 5 standard
+    deviations of Binomial(10^5, 0.1) (sd ≈ 95) and adjacent keys are uncorrelated (|r| < 5/sqrt(n)); the same
+    (index, seed) gives the same key whatever else is drawn with it, and another seed other keys."""
+    from common.losses.entropy import uniform_keys
+
+    n = 100_000
+    keys = uniform_keys(torch.arange(n), 12345)  # (n,)
+    assert keys.dtype == torch.float64 and bool(((keys >= 0) & (keys < 1)).all())
+    counts = torch.bincount((keys * 10).long(), minlength=10)
+    assert int((counts - n // 10).abs().max()) < 5 * 95, counts.tolist()
+    r = torch.corrcoef(torch.stack([keys[:-1], keys[1:]]))[0, 1]
+    assert abs(float(r)) < 5 / n**0.5
+    assert torch.equal(uniform_keys(torch.tensor([[7, 99_999]]), 12345)[0], keys[[7, 99_999]])
+    assert not torch.equal(uniform_keys(torch.arange(100), 12346), keys[:100])
