@@ -50,27 +50,50 @@ def short(text: str) -> list[str]:
     return lines[next((i for i, ln in enumerate(lines) if ln.startswith("advlab")), 0):]
 
 
-def test_fsdp_on_cpu_fails_fast_in_one_line_naming_the_strategy_and_the_accelerator(tmp_path):
-    proc, beyond_import = advlab_failure("fit", "--config", RECIPE, *TINY, "--trainer.strategy", "fsdp",
-                                         "--trainer.devices", "2", "--trainer.accelerator", "cpu", cwd=tmp_path)
-    lines = short(proc.stderr)
-    assert proc.returncode == 2 and len(lines) <= 2, proc.stderr[-3000:]
+def refused(args: list[str], tmp_path, monkeypatch, capsys) -> tuple[int, list[str], float]:
+    """``advlab fit`` on the tiny recipe with ``args``, in this process (the same AdvlabCLI as the console script):
+    its exit code, its error lines and the CPU seconds it took."""
+    import time
+
+    from common.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    start = time.process_time()
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--config", RECIPE, *TINY, "--trainer.devices", "2", "--trainer.accelerator", "cpu", *args])
+    return done.value.code, short(capsys.readouterr().err), time.process_time() - start
+
+
+def test_fsdp_on_cpu_fails_fast_in_one_line_naming_the_strategy_and_the_accelerator(tmp_path, monkeypatch, capsys):
+    import torch.distributed as dist
+
+    code, lines, cpu_s = refused(["--trainer.strategy", "fsdp"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and len(lines) <= 2, lines
     assert lines[0].startswith("advlab: trainer: ValueError: ") and LIGHTNING_REFUSAL in lines[0], lines
-    assert "Initializing distributed" not in proc.stderr  # refused before Lightning launched the second process
-    assert beyond_import < 10, f"took {beyond_import:.1f} s beyond importing the CLI"
+    assert not dist.is_initialized()  # refused before Lightning started a process group (or a second process)
+    assert cpu_s < 10, f"took {cpu_s:.1f} s of CPU"
 
 
-def test_fsdp_past_the_cpu_checks_is_refused_by_advlab_before_launch(tmp_path):
+def test_fsdp_past_the_cpu_checks_is_refused_by_advlab_before_launch(tmp_path, monkeypatch, capsys):
     """The GPU path on CPU (the strategy past Lightning's and torch's CPU-only checks): advlab names the strategy
-    and the reason in one line, before Lightning starts the second process."""
-    strategy = '{"class_path": "fsdp_support.CPUFSDP"}'
-    proc, beyond_import = advlab_failure("fit", "--config", RECIPE, *TINY, "--trainer.strategy", strategy,
-                                         "--trainer.devices", "2", "--trainer.accelerator", "cpu", cwd=tmp_path,
-                                         env=env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())))
-    lines = short(proc.stderr)
-    assert proc.returncode == 2 and len(lines) <= 2, proc.stderr[-3000:]
+    and the reason in one line, before Lightning starts a process group or the second process."""
+    import torch.distributed as dist
+
+    code, lines, cpu_s = refused(["--trainer.strategy", '{"class_path": "fsdp_support.CPUFSDP"}'], tmp_path, monkeypatch, capsys)
+    assert code == 2 and len(lines) <= 2, lines
     assert lines[0].startswith("advlab: trainer: ValueError: " + OUR_REFUSAL), lines
-    assert "Initializing distributed" not in proc.stderr
+    assert not dist.is_initialized()
+    assert cpu_s < 10, f"took {cpu_s:.1f} s of CPU"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Lightning's FSDPStrategy as it runs there)")
+def test_fsdp_on_gpus_is_refused_by_advlab_before_launch(tmp_path):
+    """On a GPU machine Lightning accepts the strategy; advlab refuses it in one line, before any process starts."""
+    proc, beyond_import = advlab_failure("fit", "--config", RECIPE, *TINY, "--trainer.strategy", "fsdp",
+                                         "--trainer.devices", str(max(1, torch.cuda.device_count())),
+                                         "--trainer.accelerator", "gpu", cwd=tmp_path)
+    lines = short(proc.stderr)
+    assert proc.returncode == 2 and lines[0].startswith("advlab: trainer: ValueError: " + OUR_REFUSAL), lines
     assert beyond_import < 10
 
 
