@@ -185,9 +185,13 @@ def test_generation_returns_the_trainers_logprobs_reproducibly(server, policy):
 
 def test_push_after_an_optimizer_step(server, policy):
     """After one AdamW step the server still samples from the old weights (its log-probs of fixed completions differ
-    from the updated policy's); after sync_weights they equal the updated policy's, under a new version."""
+    from the updated policy's); after sync_weights they equal the updated policy's, under a new version. Pushed in
+    buckets of 0.5 MiB: several requests (the embedding and the tied head alone, the layers' 1.25 MiB over three)."""
     model, tok = policy
-    backend = VLLMServerBackend(base_url=server)
+    backend = VLLMServerBackend(base_url=server, bucket_mb=0.5)
+    from common.rollout.vllm_server import buckets, weight_tensors
+
+    assert len(buckets(weight_tensors(model, tied_head=True), backend.bucket_bytes)) >= 5
     ids, mask = chat_prompts(tok, ["What is 7+5?"])
     torch.manual_seed(1)
     fixed = backend.generate(model, tok, ids, mask, 2, Sampling(max_new_tokens=6))

@@ -717,8 +717,9 @@ class VLLMServerBackend(nn.Module):
         version = f"{self._token}:{self._pushes}"
         from common.distributed import rank
 
+        tensors = weight_tensors(policy, tied_head=True)  # on every rank: under FSDP gathering a full tensor is a collective
         if not shared or rank() == 0:
-            parts = buckets(weight_tensors(policy, tied_head=True), self.bucket_bytes)
+            parts = buckets(tensors, self.bucket_bytes)
             from safetensors.torch import save
 
             deadline = time.monotonic() + self.sync_timeout_s
