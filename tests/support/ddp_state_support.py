@@ -113,3 +113,4 @@ def instantiate(spec):
         args = {k: instantiate(v) for k, v in (spec.get("init_args") or {}).items()}
         return getattr(importlib.import_module(module), name)(**args)
     return spec
+
