@@ -25,7 +25,9 @@ the entropy quantiles of the 80/20 filter and HAPO, Clip-Cov / KL-Cov's covarian
 loss; over the global micro-batch, each rank's k-th micro-batch together), HAPO's sampling statistics (a method).
 ``minibatch_size`` and ``micro_batch_size`` count rows per rank (a global minibatch is ``W x minibatch_size``
 rows), and every rank must train on the same number of rows (one collective per step checks it). Per rank, not
-reduced: group statistics (a group's G samples lie on one rank), selectors and buffers, and methods' state.
+reduced: group statistics (a group's G samples lie on one rank) and buffers' rows (each rank's own, checkpointed per
+rank by ``common/rank_state.py``). Curricula and trackers that draw the batches (DUMP, SPO's tracker) gather every
+rank's rows themselves, so their state is global.
 """
 
 from __future__ import annotations
