@@ -5,7 +5,8 @@ Both ranks see the same prompt text (a training file of one repeated problem), s
 through their sampling streams: before the fix, building the engine reseeded torch with the engine seed on every
 rank (vLLM's ``set_random_seed``, in-process) and both ranks drew the same completions. Now each rank samples from
 its own stream (seed + rank, kept across the engine's construction), the same run twice draws the same completions
-on every rank, and after the optimiser step each rank's engine holds the trainer's weights.
+on every rank, and after the optimiser step each rank's engine holds the trainer's weights; the same under FSDP2
+(Lightning's ``ModelParallelStrategy``), whose engine is built from and synced with the gathered shards.
 
 GPU-only checks (the CUDA vLLM engine, bf16) skip without a GPU.
 """
@@ -43,7 +44,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def vllm_ddp_fit(tmp: Path, name: str) -> tuple[dict[int, list[str]], dict[int, dict], float]:
+FSDP2 = json.dumps({"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
+                    "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1}})
+
+
+def vllm_ddp_fit(tmp: Path, name: str, strategy: str = "ddp") -> tuple[dict[int, list[str]], dict[int, dict], float]:
     """One optimiser step of the vLLM recipe on 2 CPU ranks, 1 prompt x G = 4 a rank, every prompt "What is 2+3?".
     Returns each rank's completions, each rank's engine probe, and the CPU seconds of the run's processes."""
     run = tmp / name
@@ -60,7 +65,7 @@ def vllm_ddp_fit(tmp: Path, name: str) -> tuple[dict[int, list[str]], dict[int, 
               "--data.init_args.train_size", "4", "--data.init_args.val_size", "1",
               "--data.init_args.prompts_per_step", "1",
               "--trainer.callbacks+", json.dumps({"class_path": "vllm_ddp_support.EngineProbe", "init_args": {"path": str(probe)}}),
-              "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+              "--trainer.strategy", strategy, "--trainer.devices", "2", "--trainer.accelerator", "cpu",
               "--trainer.max_steps", "1", "--trainer.logger", "false",
               "--trainer.enable_progress_bar", "false")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(SUPPORT)]), "OMP_NUM_THREADS": "1",
@@ -94,6 +99,16 @@ def test_vllm_under_ddp_samples_per_rank_reproducibly_and_syncs_every_rank(tmp_p
     # the same run again: the same completions on every rank
     again, _, _ = vllm_ddp_fit(tmp_path, "again")
     assert again == first, (again, first)
+
+    # FSDP2 (Lightning's ModelParallelStrategy, common/fsdp.py): the engine is built from, and synced with, the
+    # gathered shards (DTensor.full_tensor in export_weights); it samples what DDP sampled (the same seed + rank
+    # streams and initial weights) and after the step holds the trainer's weights on every rank
+    sharded, probes, cpu = vllm_ddp_fit(tmp_path, "fsdp2", FSDP2)
+    print(f"2-rank vLLM FSDP2 run: {cpu:.1f} s CPU")
+    assert sharded == first, (sharded, first)
+    for r in (0, 1):
+        assert probes[r]["tokens"] > 0 and probes[r]["engine_vs_trainer"] <= TOL, probes[r]
+        assert probes[r]["trainer_vs_init"] > 10 * TOL, probes[r]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the CUDA vLLM engine, bf16, DDP on GPUs)")

@@ -61,7 +61,10 @@ def export_weights(policy: nn.Module) -> Iterator[tuple[str, Tensor]]:
         if "lora_" in name:
             continue
         name = name.replace(".base_layer.", ".")
-        yield name, merged.get(name, tensor).detach()
+        tensor = merged.get(name, tensor).detach()
+        if hasattr(tensor, "full_tensor"):  # FSDP2 (common/fsdp.py): a shard, as a DTensor; a collective (every rank)
+            tensor = tensor.full_tensor()
+        yield name, tensor
 
 
 def write_model_dir(policy: nn.Module, directory: str | os.PathLike) -> None:
