@@ -4,8 +4,8 @@ GPUs while the trainer keeps its own.
 Two halves in this file:
 
 * the **server**, ``python -m common.rollout.vllm_server --model PATH --port P``: one ``vllm.LLM`` behind a small
-  HTTP API (standard library ``http.server``; requests are served one at a time by the engine, so a weight push and
-  a generation never interleave)::
+  HTTP API (standard library ``http.server``; the engine serves one request at a time, under a lock, so a weight
+  push and a generation never interleave, while ``/health`` answers at any time)::
 
       GET  /health          -> {"server": "advlab-vllm", "ready", "weight_version", "model": {config fields}, ...}
       POST /generate        {"prompts": [[token ids]], "n", "max_tokens", "temperature", "top_p", "top_k",
@@ -31,11 +31,19 @@ buckets of at most ``bucket_mb`` over HTTP and names them with a new version ``"
 returns the version it generated with in every answer and the client refuses an answer generated with any other
 weights (a lost push, or another trainer pushing to the same server). Connecting to a server the user started, the
 client first pushes the trainer's weights (``push_on_connect``), so the server's starting checkpoint does not matter,
-only its architecture (checked against the policy's config). On GPUs the HTTP body is the slow part (a 7B bf16
-model is 14 GB per push); TRL's ``trl vllm-serve`` instead joins the trainer to the server's workers in an NCCL group
-(``StatelessProcessGroup`` + ``PyNcclCommunicator``) and broadcasts each tensor, and vLLM >= 0.2x's own
-``/update_weights`` endpoints (``VLLM_SERVER_DEV_MODE=1 vllm serve``, NCCL or CUDA-IPC weight-transfer engines) do the
-same; both need GPUs on both ends, so this CPU-testable HTTP path is the one implemented here.
+only its architecture (checked against the policy's config). The server loads a push only when it holds exactly the
+tensors of the checkpoint it serves, in their shapes (vLLM's in-place reload of a partial set leaves half-loaded
+layers); a load that still fails inside the engine marks the server broken (every request then answers 503: restart
+it).
+
+Why not ``vllm serve`` itself: its OpenAI completions API takes token-id prompts and returns log-probs, but its weight
+updates (vLLM 0.32: ``VLLM_SERVER_DEV_MODE=1``, ``/init_weight_transfer_engine`` + ``/update_weights`` in
+vllm/entrypoints/rl/online/api_router.py) go through NCCL or CUDA-IPC transfer engines, GPU only, and its
+``/collective_rpc`` passes strings only. On GPUs the HTTP body is the slow part of this server (a 7B bf16 model is
+14 GB per push); TRL's ``trl vllm-serve`` and vLLM's transfer engines instead join the trainer to the server's workers
+in an NCCL group (``StatelessProcessGroup`` + ``PyNcclCommunicator``) and broadcast each tensor GPU to GPU, which would
+replace ``/update_weights``' body here (the versioning and the checks stay); that needs GPUs on both ends and is not
+implemented.
 
 Sampling randomness: the client draws one seed per request from torch's RNG (seeded runs and resumes repeat) and the
 server seeds the engine with it: per request on GPU (sample j of prompt p gets seed + p·n + j); on CPU, where
@@ -526,7 +534,13 @@ class VLLMServerBackend(nn.Module):
         self.version: str | None = None  # the weights the server must generate with
         self._synced_policy: int | None = None
         if base_url is not None and connect_on_init:
-            self._health(base_url, self.connect_timeout_s, what="base_url")
+            failure = None
+            try:
+                self._health(base_url, self.connect_timeout_s, what="base_url")
+            except ConnectionError as e:  # re-raised outside the except block: one exception, no chain under it
+                failure = ConnectionError(f"{e} (connect_on_init: false builds the backend without it, e.g. for advlab export)")
+            if failure is not None:
+                raise failure
 
     # ------------------------------------------------------------------ HTTP
     def _where(self) -> str:
