@@ -149,9 +149,11 @@ GSM8K_ROWS = [{"question": f"Tom has {a} apples and buys {b} more. How many appl
 
 def test_the_multigpu_recipe_builds(tmp_path, monkeypatch, capsys):
     """configs/text_reasoning/grpo_gsm8k_multigpu.yaml, built on CPU by advlab's own CLI (every class constructed,
-    nothing run): the model path pointed at the bundled SmolLM2, the accelerator at cpu, two tiny GSM8K files in
-    the working directory where the recipe looks for them. It is DDP on 2 devices, bf16-mixed, vLLM rollouts in
-    bf16 with TIS, GSM8K verified from ``####``; the placeholder path, left as it is, fails in one line naming it."""
+    nothing run): the model path pointed at the bundled SmolLM2, the accelerator at cpu with 2 devices (and
+    data_parallel_size 2), two tiny GSM8K files in the working directory where the recipe looks for them. It is FSDP2
+    (ModelParallelStrategy, pure data parallelism), bf16-mixed, vLLM rollouts in bf16 with TIS, GSM8K verified from
+    ``####``; the documented DDP override builds DDP; the placeholder path, left as it is, fails in one line naming
+    it."""
     import json
 
     import lightning as L
@@ -167,10 +169,16 @@ def test_the_multigpu_recipe_builds(tmp_path, monkeypatch, capsys):
     args = ["--config", MULTIGPU, "--model.init_args.policy.init_args.name_or_path", str(bundled_smollm2_path()),
             "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.logger", "false",
             "--data.init_args.train_size", "4", "--data.init_args.val_size", "1"]
-    cli = AdvlabCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                    parser_class=AdvlabParser, run=False, args=args)
+
+    def build(*extra: str) -> AdvlabCLI:
+        return AdvlabCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                         parser_class=AdvlabParser, run=False, args=[*args, *extra])
+
+    cli = build("--trainer.strategy.data_parallel_size", "2")
     trainer, module, data = cli.trainer, cli.model, cli.datamodule
-    assert type(trainer.strategy).__name__ == "DDPStrategy" and trainer.num_devices == 2
+    strategy = trainer.strategy
+    assert type(strategy).__name__ == "ModelParallelStrategy" and trainer.num_devices == 2
+    assert (strategy._data_parallel_size, strategy._tensor_parallel_size) == (2, 1)
     assert trainer.precision == "bf16-mixed"
     backend = module.policy.backend
     assert isinstance(backend, VLLMBackend) and backend.dtype == "bfloat16" and backend.kv_cache_gib is None
@@ -179,8 +187,13 @@ def test_the_multigpu_recipe_builds(tmp_path, monkeypatch, capsys):
     data.setup("fit")
     assert len(data.train_set) == 4 and {s["answer"] for s in data.val_set} <= {"7", "4", "10"}
 
+    assert type(build("--trainer.strategy", "ddp").trainer.strategy).__name__ == "DDPStrategy"  # the DDP override
     from common.cli import main
 
+    with pytest.raises(SystemExit) as done:  # the recipe's data_parallel_size (4) on 2 devices: named in one line
+        main(["fit", *args])
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("advlab")]
+    assert done.value.code == 2 and len(lines) == 1 and "data_parallel_size=2" in lines[0], lines
     with pytest.raises(SystemExit) as done:  # the recipe as shipped: the placeholder path is named
         main(["fit", "--config", MULTIGPU])
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("advlab")]
