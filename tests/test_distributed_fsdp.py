@@ -216,10 +216,11 @@ def test_an_fsdp2_step_equals_one_process_on_the_global_batch(tmp_path):
     0.05 (the norm is ~1.1, so clipping acts). The gathered weights equal one process's step on the whole batch to
     1e-10 (float64 sums in another order, ~1e-16 relative each; measured <= 6e-17) while the step moves them by
     > 1e-3 (clipped: > 1e-3 too), and the gradient norm the Stepper sees is the global one; normalising each rank by
-    its own token count (the control) differs by > 1e-4. Generation on the sharded policy is the unsharded policy's
+    its own token count (the control) differs by > 1e-4. LoRA (frozen base weights, trained adapters, in the same
+    units) takes the one-process step too. Generation on the sharded policy is the unsharded policy's
     (greedy, and sampled under the same seed), with rank 0 generating 3 tokens and rank 1 6: no collective inside."""
     from ddp_support import make_policy
-    from fsdp2_support import CASES, generations, global_batch, one_step
+    from fsdp2_support import CASES, generations, global_batch, lora_policy, one_step
 
     batch = global_batch()
     torch.save(batch.state_dict(), tmp_path / "batch.pt")
@@ -245,6 +246,13 @@ def test_an_fsdp2_step_equals_one_process_on_the_global_batch(tmp_path):
     ref = one_step(batch, "token_mean", 0.0)
     control = max(float((ranks[0]["per_rank"][n] - ref[n]).abs().max()) for n in init)
     assert control > 1e-4, control
+    ref = one_step(batch, "token_mean", 0.0, lora=True)  # LoRA: frozen base weights and adapters in the same units
+    lora_init = {n: p.detach() for n, p in lora_policy().named_parameters()}
+    trained = [n for n, p in lora_policy().named_parameters() if p.requires_grad]
+    assert len(trained) == 8 and all(float((ref[n] - lora_init[n]).abs().max()) > 1e-3 for n in trained)  # A and B moved
+    for r in (0, 1):
+        gap = max(float((ranks[r]["lora"][n] - ref[n]).abs().max()) for n in lora_init)
+        assert gap <= 1e-10, ("lora", r, gap)
     for r in (0, 1):
         want = generations(plain, r)
         got = ranks[r]["generations"]

@@ -53,18 +53,39 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def one_step(batch, aggregation: str, max_grad_norm: float, *, mesh=None, global_counts: bool = True) -> dict:
+def lora_policy():
+    """``make_policy`` with LoRA adapters (rank 4 on the attention projections; peft) whose B matrices are drawn
+    non-zero, so that A gets a gradient too; the base weights frozen (mixed requires_grad inside every unit)."""
+    from common.models import LoRA, TinyLlama
+    from common.policies.causal_lm import CausalLMPolicy
+    from common.rollout.base import Sampling
+    from helpers import DIGITS
+
+    with torch.random.fork_rng(devices=[]):  # peft draws A from the global RNG: the same adapters in every process
+        torch.manual_seed(1)
+        policy = CausalLMPolicy(TinyLlama(hidden_size=32, num_layers=1, num_heads=2, alphabet=DIGITS, seed=0),
+                                Sampling(max_new_tokens=6), lora=LoRA(rank=4)).double()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return policy
+
+
+def one_step(batch, aggregation: str, max_grad_norm: float, *, mesh=None, global_counts: bool = True,
+             lora: bool = False) -> dict:
     """One SGD step (lr 1: a wrong gradient scale shows in the weights) of ``Loop.update`` on ``batch`` (rewards set;
     GRPO per group), two micro-batches. ``mesh``: the policy is sharded over it (FSDP2) and, with ``global_counts``,
     the normaliser counts every rank's tokens (without: this rank's, the control). Returns the advantages, the
-    gradient norm the Stepper saw and the final full weights."""
+    gradient norm the Stepper saw and the final full weights. ``lora``: the policy of :func:`lora_policy`."""
     from common.advantages.group import GRPO
     from common.distributed import all_reduce_sum
     from common.fsdp import shard_policy
     from common.loop import Loop, Stepper
     from common.losses.ppo_clip import ClippedPolicyLoss
 
-    policy = make_policy()
+    policy = lora_policy() if lora else make_policy()
     if mesh is not None:
         shard_policy(policy, mesh)
     loop = Loop(policy, lambda b: b, GRPO(), ClippedPolicyLoss(aggregation=aggregation), group_size=G,
@@ -107,6 +128,7 @@ def main(batch_file: str, out_dir: str) -> None:
     local = batch.select(torch.arange(rank * rows, (rank + 1) * rows))
     out: dict = {case: one_step(local, *case, mesh=mesh) for case in CASES}
     out["per_rank"] = one_step(local, "token_mean", 0.0, mesh=mesh, global_counts=False)  # the control
+    out["lora"] = one_step(local, "token_mean", 0.0, mesh=mesh, lora=True)
     policy = make_policy()
     shard_policy(policy, mesh)
     out["generations"] = generations(policy, rank)
