@@ -281,3 +281,29 @@ def test_each_rank_gets_its_own_buffers_and_extra_state_back(tmp_path):
         assert all(torch.equal(row["ids"], torch.arange(i + r)) for i, row in enumerate(rows))
     stored = got["stored"]
     assert stored[0] == {} and sorted(stored[1]) == ["buffer._extra_state", "buffer.seen"]  # only what differs
+
+
+# ------------------------------------------------------------------ the draws by rank, in one process
+@pytest.mark.parametrize("config", ["configs/text_reasoning/dump.yaml", "configs/text_reasoning/spo_stream.yaml"])
+def test_rank_slices_of_a_drawn_batch_are_one_process_draw_of_the_global_batch(config):
+    """Rank r of 3 (its rank and world size set as the Trainer would give them) draws slice r of the global batch:
+    in rank order the slices are one process's draw of 3 x S prompts, for any state (probabilities) and batch number.
+    SPO's prompts (without replacement) are disjoint; a global batch larger than the training set is refused."""
+    S = 2
+    one = recipe_data(config, train_size=24, val_size=4, prompts_per_step=3 * S)
+    ranks = [recipe_data(config, train_size=24, val_size=4, prompts_per_step=S) for _ in range(3)]
+    for r, data in enumerate(ranks):
+        data.rank_and_world = lambda r=r: (r, 3)
+    n = len(one.pools) if hasattr(one, "pools") else len(one.train_set)
+    probs = torch.softmax(torch.randn(n, generator=torch.Generator().manual_seed(1), dtype=torch.float64), 0)
+    for number in (0, 5):
+        want = one.draw(number, probs)
+        got = [data.draw(number, probs) for data in ranks]
+        assert sum(got, []) == want
+        if hasattr(one, "gamma"):  # SPO
+            assert len({s["uid"] for s in want}) == 3 * S
+    if hasattr(one, "gamma"):
+        big = recipe_data(config, train_size=24, val_size=4, prompts_per_step=9)
+        big.rank_and_world = lambda: (0, 3)
+        with pytest.raises(ValueError, match=r"prompts_per_step x ranks = 9 x 3 must be at most the 24 training prompts"):
+            big.draw(0, probs)
