@@ -31,6 +31,7 @@ class EngineProbe(L.Callback):
         mine = policy(batch).logprobs  # (B, T) the trainer's, at the sampling temperature (1 in the test)
         h, n_layers, heads = self.shape
         init = CausalLMPolicy(TinyLlama(hidden_size=h, num_layers=n_layers, num_heads=heads, seed=0), policy.sampling)
+        init = init.to(batch.completion_ids.device)  # the trainer's device (a GPU in the GPU-only test)
         before = init(batch).logprobs
         m = batch.completion_mask
         out = {"rank": trainer.global_rank, "engine_vs_trainer": float((engine - mine)[m].abs().max()),
