@@ -17,9 +17,10 @@ import functools
 
 import torch
 
-# Policy methods that use the weights outside ``forward`` (the Policy interface, common/policies/base.py, and
-# CausalLMPolicy.generate, which methods call for extra samples)
-OUTSIDE_FORWARD = ("rollout", "generate", "sampler_logprobs", "sync")
+# Policy methods that run the model outside the policy's ``forward`` (the Policy interface, common/policies/base.py,
+# and CausalLMPolicy.generate, which methods call for extra samples). ``sync`` is not one: the HF backend's is a
+# no-op, and vLLM's ``export_weights`` gathers every sharded tensor itself (``DTensor.full_tensor``, on every rank).
+OUTSIDE_FORWARD = ("rollout", "generate", "sampler_logprobs")
 
 
 def shard_policy(policy: torch.nn.Module, mesh) -> None:
@@ -103,3 +104,36 @@ def check_sizes(strategy) -> None:
             f"and tensor_parallel_size=1 (advlab shards the policy with FSDP2 over the data-parallel ranks and applies "
             f"no tensor parallelism), got data_parallel_size={dp}, tensor_parallel_size={tp}; set "
             f"--trainer.strategy.data_parallel_size {devices * nodes} --trainer.strategy.tensor_parallel_size 1")
+
+
+def consolidate(folder: str, out: str) -> None:
+    """Write the sharded checkpoint ``folder`` (ModelParallelStrategy's default: one ``.distcp`` file per rank,
+    ``.metadata`` and Lightning's ``meta.pt``) as one Lightning checkpoint file ``out``: ``meta.pt``'s contents
+    (step, loops, data position, RNG states) with the full ``state_dict``, the weights under the unsharded module's
+    names, which ``advlab predict`` / ``export`` and ``--ckpt_path`` of a non-sharded run read. Its optimiser state
+    is left out (sharded optimiser state is keyed by parameter name, not in Lightning's single-file layout): resume
+    a run from the folder itself. Lightning's own ``consolidate_checkpoint`` expects FSDPStrategy's layout."""
+    import tempfile
+    from pathlib import Path
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    folder_path = Path(folder)
+    if not (folder_path / "meta.pt").is_file():
+        raise ValueError(f"folder: {folder!r} is not a sharded Lightning checkpoint (expected a folder with meta.pt)")
+    checkpoint = torch.load(folder_path / "meta.pt", map_location="cpu", weights_only=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(folder_path, Path(tmp) / "full.pt")
+        checkpoint["state_dict"] = torch.load(Path(tmp) / "full.pt", map_location="cpu", weights_only=False)["state_dict"]
+    torch.save(checkpoint, out)
+
+
+if __name__ == "__main__":  # python -m common.fsdp <sharded checkpoint folder> <out.ckpt>
+    import sys
+
+    if len(sys.argv) != 3:
+        sys.exit("usage: python -m common.fsdp <sharded checkpoint folder> <out.ckpt>")
+    try:
+        consolidate(sys.argv[1], sys.argv[2])
+    except ValueError as e:
+        sys.exit(f"common.fsdp: {e}")

@@ -278,11 +278,11 @@ def fsdp2_fit(cwd: Path, record: Path, *args: str) -> subprocess.CompletedProces
 
 
 def sharded_weights(ckpt: Path, tmp: Path) -> dict[str, torch.Tensor]:
-    """The policy's full weights from a sharded (distributed) checkpoint folder."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    """The policy's full weights from a sharded checkpoint folder, through ``common.fsdp.consolidate``."""
+    from common.fsdp import consolidate
 
-    dcp_to_torch_save(ckpt, tmp / "full.pt")
-    state = torch.load(tmp / "full.pt", weights_only=False)["state_dict"]
+    consolidate(str(ckpt), str(tmp / "one.ckpt"))
+    state = torch.load(tmp / "one.ckpt", weights_only=False)["state_dict"]
     return {k: v for k, v in state.items() if k.startswith("policy.")}
 
 
@@ -291,7 +291,8 @@ def test_advlab_fit_under_fsdp2_on_two_cpu_ranks_checkpoints_shards_and_resumes_
     on 2 gloo ranks: 2 steps; the ranks score disjoint prompts; every checkpoint is a folder of 2 shards and
     meta.pt (Lightning's distributed checkpoint: each rank writes its own rows of weights and AdamW state). Resumed
     from step 1's folder, step 2 draws on every rank the completions of the straight run and ends with its weights,
-    bit for bit, while step 2 moved them."""
+    bit for bit, while step 2 moved them. ``common.fsdp.consolidate`` writes a folder as one checkpoint file that
+    loads strictly into an unsharded module."""
     from fsdp2_support import records
 
     straight = fsdp2_fit(tmp_path / "straight", tmp_path / "straight.jsonl")
@@ -312,6 +313,17 @@ def test_advlab_fit_under_fsdp2_on_two_cpu_ranks_checkpoints_shards_and_resumes_
     back = sharded_weights(tmp_path / "resumed/runs/lightning_logs/version_0/checkpoints/epoch=0-step=2.ckpt", tmp_path)
     assert max(float((two[k] - one[k]).abs().max()) for k in two) > 1e-4  # step 2 moved the weights
     assert two.keys() == back.keys() and all(torch.equal(two[k], back[k]) for k in two)
+    # consolidated to one file (common.fsdp.consolidate), the checkpoint loads strictly into an unsharded module
+    from common.models import TinyLlama
+    from text_reasoning.module import TextReasoningModule
+
+    full = torch.load(tmp_path / "one.ckpt", weights_only=False)
+    assert full["global_step"] == 2 and len(full["advlab_rng_ranks"]) == 2
+    TextReasoningModule(policy=TinyLlama()).load_state_dict(full["state_dict"], strict=True)
+    from common.fsdp import consolidate
+
+    with pytest.raises(ValueError, match="folder: .* is not a sharded Lightning checkpoint"):
+        consolidate(str(tmp_path), str(tmp_path / "x.ckpt"))
 
 
 def test_fsdp2_with_its_default_sizes_is_refused_in_one_line_before_launch(tmp_path, monkeypatch, capsys):
