@@ -96,7 +96,7 @@ def rank_one(launcher: int) -> int | None:
 
 def test_dump_on_two_ranks_is_one_global_curriculum_and_a_killed_rank_resumes_exactly(tmp_path):
     """GRPO with DUMP's curriculum (configs/text_reasoning/dump.yaml: GRPO advantages, the curriculum as selector)
-    on 2 ranks, 2 prompts x G = 2 a rank, a checkpoint after every step, 4 steps.
+    on 2 ranks, 2 prompts x G = 2 a rank, a checkpoint after every step, 5 steps.
 
     (a) the ranks' slots, in rank order, are one process's draw of 2 x 2 slots from the same curriculum state;
     (b) the curriculum observed the global batch: equal on both ranks after every step, and equal to a plain DUMP fed
@@ -110,7 +110,7 @@ def test_dump_on_two_ranks_is_one_global_curriculum_and_a_killed_rank_resumes_ex
     from common.advantages.group import grpo
     from common.sampling.curriculum import DUMP
 
-    config, steps, S, G = "configs/text_reasoning/dump.yaml", 4, 2, 2
+    config, steps, S, G = "configs/text_reasoning/dump.yaml", 5, 2, 2
     args = ["--model.init_args.group_size", str(G), "--data.init_args.prompts_per_step", str(S)]
 
     def command(name: str, max_steps: int, *extra: str) -> list[str]:
