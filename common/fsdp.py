@@ -3,8 +3,9 @@ gradients and optimiser state split over the data-parallel ranks).
 
 Lightning's ``FSDPStrategy`` (FSDP1) cannot run the loop (``common.distributed.check_strategy`` says why). Its
 ``ModelParallelStrategy`` calls ``training_step`` directly and leaves the sharding to the LightningModule's
-``configure_model``, which ``PolicyOptimizationModule`` implements with :func:`shard_policy` over the strategy's
-``device_mesh["data_parallel"]``; :func:`check_sizes` refuses the strategy's sizes that are not pure data parallelism.
+``configure_model``, which ``PolicyOptimizationModule`` implements with :func:`shard_module` (:func:`shard_policy`
+over the strategy's ``device_mesh["data_parallel"]``); :func:`check_sizes` refuses the strategy's sizes that are not
+pure data parallelism.
 
     advlab fit --config <recipe> --trainer.strategy lightning.pytorch.strategies.ModelParallelStrategy \\
         --trainer.strategy.data_parallel_size <devices x nodes> --trainer.strategy.tensor_parallel_size 1 \\
@@ -21,6 +22,25 @@ import torch
 # and CausalLMPolicy.generate, which methods call for extra samples). ``sync`` is not one: the HF backend's is a
 # no-op, and vLLM's ``export_weights`` gathers every sharded tensor itself (``DTensor.full_tensor``, on every rank).
 OUTSIDE_FORWARD = ("rollout", "generate", "sampler_logprobs")
+
+
+def shard_module(module) -> None:
+    """``PolicyOptimizationModule.configure_model``: shard ``module.policy`` over the data-parallel ranks of the
+    strategy's device mesh (:func:`shard_policy`); nothing without a mesh (any strategy but ModelParallelStrategy).
+
+    Trainable parameters outside the policy (a method's critic or value head, T-PPO's) would be neither sharded
+    nor averaged over the ranks (no DDP wrapper averages them here), so the ranks would silently train different
+    critics: refused in one line (ValueError), naming the first of them."""
+    mesh = module._device_mesh
+    if mesh is None:
+        return
+    own = {id(p) for p in module.policy.parameters()}
+    others = [n for n, p in module.named_parameters() if p.requires_grad and id(p) not in own]
+    if others:
+        raise ValueError(f"--trainer.strategy ModelParallelStrategy: {len(others)} trainable parameter(s) outside the "
+                         f"policy ({others[0]}, ...: a method's own network) would be neither sharded nor averaged over "
+                         "the ranks (advlab shards only the policy); use --trainer.strategy ddp for this recipe")
+    shard_policy(module.policy, mesh)
 
 
 def shard_policy(policy: torch.nn.Module, mesh) -> None:

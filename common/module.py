@@ -30,7 +30,7 @@ from common.batch import RolloutBatch
 from common.completions_log import check_every, log_completions
 from common.data import ResumableData
 from common.distributed import all_gather_rows, all_reduce_sum
-from common.fsdp import shard_policy
+from common.fsdp import shard_module
 from common.loop import Loop, Stepper
 from common.losses.base import PolicyLoss
 from common.losses.kl_control import KLController, as_controller
@@ -221,7 +221,7 @@ class PolicyOptimizationModule(L.LightningModule):
             seed_rank(self.trainer.world_size, self.trainer.global_rank)
 
     def configure_model(self) -> None:  # FSDP2 under Lightning's ModelParallelStrategy (common/fsdp.py); else nothing
-        shard_policy(self.policy, self._device_mesh)
+        shard_module(self)
 
     def on_fit_start(self) -> None:
         for fn in self.reward_fns:  # a reward that holds a model (common.rewards.model) scores on the trainer's device

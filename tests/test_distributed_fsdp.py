@@ -341,3 +341,27 @@ def test_fsdp2_with_its_default_sizes_is_refused_in_one_line_before_launch(tmp_p
     assert "got data_parallel_size=1, tensor_parallel_size=2" in lines[0], lines
     assert not dist.is_initialized()  # refused before Lightning started a process group (or a second process)
     assert cpu_s < 10, f"took {cpu_s:.1f} s of CPU"
+
+
+def test_fsdp2_refuses_trainable_parameters_outside_the_policy():
+    """A method with its own trainable network (a critic) would be neither sharded nor averaged over the ranks under
+    ModelParallelStrategy: ``configure_model`` refuses it in one line naming the parameter; without a device mesh
+    (any other strategy) it does nothing."""
+    from torch import nn
+
+    from common.methods.base import Method
+    from common.models import TinyLlama
+    from text_reasoning.module import TextReasoningModule
+
+    class Critic(Method):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(2, 1)
+
+    module = TextReasoningModule(policy=TinyLlama(hidden_size=32, num_layers=1, num_heads=2), methods=[Critic()])
+    module.configure_model()  # no mesh: nothing sharded
+    assert not any(type(p).__name__ == "DTensor" for p in module.parameters())
+    module._device_mesh = object()  # refused before the mesh is used
+    with pytest.raises(ValueError, match=r"^--trainer.strategy ModelParallelStrategy: 2 trainable parameter\(s\) outside "
+                                         r"the policy \(methods.0.head.weight, \.\.\.: a method's own network\)"):
+        module.configure_model()
