@@ -331,6 +331,14 @@ def analyse(results: dict, seeds: list[int], arms: list[str], n_eval: int) -> di
     return out
 
 
+def extra_groups(run: dict, args: argparse.Namespace) -> int:
+    """All-wrong groups that got G extra samples (inpainted, or resampled without hints), from the steps' sample
+    counts: a step's own rows are min(P, remaining // G)·G, the rest are the rescues'."""
+    G, P = args.group_size, args.prompts_per_step
+    own = [min(P, (args.budget - start) // G) * G for start, _ in run["step_samples"]]
+    return sum((end - start) - o for (start, end), o in zip(run["step_samples"], own)) // G
+
+
 def results_markdown(results: dict, summary: dict, args: argparse.Namespace, meta: dict) -> str:
     arms = list(summary["arms"])
     f = lambda x: f"{x:.3f}"  # noqa: E731
@@ -360,8 +368,10 @@ def results_markdown(results: dict, summary: dict, args: argparse.Namespace, met
             wil.append(f"{a}/{x} {r['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]")
     rec = results[f"{arms[0]}/{summary['seeds'][arms[0]][0]}"]["eval_record"]
     record = "\n".join(f"- {k}: {v}" for k, v in rec.items())
-    rescue = table(["arm", "rescued groups (per seed)", "replaced samples (per seed)"],
-                   [[a, ", ".join(f"{results[f'{a}/{x}']['rescued']:.0f}" for x in summary["seeds"][a]),
+    rescue = table(["arm", "all-wrong groups given G extra samples (per seed)", "groups rescued by hints (per seed)",
+                    "hinted samples swapped in (per seed)"],
+                   [[a, ", ".join(str(extra_groups(results[f"{a}/{x}"], args)) for x in summary["seeds"][a]),
+                     ", ".join(f"{results[f'{a}/{x}']['rescued']:.0f}" for x in summary["seeds"][a]),
                      ", ".join(f"{results[f'{a}/{x}']['replacements']:.0f}" for x in summary["seeds"][a])]
                     for a in arms if ARMS[a][2] is not None])
     sft_rows = [[k, f"{v['loss_last50']:.3f}", v["examples"], f"{v['cpu_s']:.0f}"] for k, v in sorted(meta.get("sft", {}).items())]
@@ -387,6 +397,9 @@ Overall verdict: **{summary.get('verdict', 'n/a')}**.
 Per seed and arm, 95% Wilson intervals of the final accuracy ({args.eval_size} prompts): {'; '.join(wil)}.
 
 {rescue}
+
+("Groups rescued by hints" and "hinted samples swapped in" are the IGPO method's own metrics, which count rows
+that carry a hint mask; resampling's swapped-in samples carry none, so they are not counted there.)
 
 SFT checkpoints (loss = the masked-diffusion loss, mean of the last 50 steps):
 
