@@ -85,8 +85,10 @@ class AdvlabCLI(LightningCLI):
             trainer = super().instantiate_trainer(**kwargs)
             if isinstance(self.model, L.LightningModule):  # a strategy the loop cannot run under, before any launch
                 from common.distributed import check_strategy
+                from common.fsdp import check_module
 
                 check_strategy(trainer.strategy, self.model.automatic_optimization)
+                check_module(self.model, trainer.strategy)  # FSDP2 shards only the policy (common/fsdp.py)
             return trainer
 
     def before_predict(self) -> None:

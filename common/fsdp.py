@@ -27,12 +27,22 @@ OUTSIDE_FORWARD = ("rollout", "generate", "sampler_logprobs")
 def shard_module(module) -> None:
     """``PolicyOptimizationModule.configure_model``: shard ``module.policy`` over the data-parallel ranks of the
     strategy's device mesh (:func:`shard_policy`); nothing without a mesh (any strategy but ModelParallelStrategy).
-
-    Trainable parameters outside the policy (a method's critic or value head, T-PPO's) would be neither sharded
-    nor averaged over the ranks (no DDP wrapper averages them here), so the ranks would silently train different
-    critics: refused in one line (ValueError), naming the first of them."""
+    A module :func:`check_module` refuses is refused here too (a module built in Python, without the CLI)."""
     mesh = module._device_mesh
     if mesh is None:
+        return
+    check_module(module)
+    shard_policy(module.policy, mesh)
+
+
+def check_module(module, strategy=None) -> None:
+    """Refuse in one line (ValueError) trainable parameters outside ``module.policy`` under ModelParallelStrategy
+    (``strategy``; None: the module is being sharded): a method's critic or value head (T-PPO's) would be neither
+    sharded nor averaged over the ranks (no DDP wrapper averages them here), so the ranks would silently train
+    different critics. The CLI calls it before launch; names the first such parameter."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    if (strategy is not None and not isinstance(strategy, ModelParallelStrategy)) or not hasattr(module, "policy"):
         return
     own = {id(p) for p in module.policy.parameters()}
     others = [n for n, p in module.named_parameters() if p.requires_grad and id(p) not in own]
@@ -40,7 +50,6 @@ def shard_module(module) -> None:
         raise ValueError(f"--trainer.strategy ModelParallelStrategy: {len(others)} trainable parameter(s) outside the "
                          f"policy ({others[0]}, ...: a method's own network) would be neither sharded nor averaged over "
                          "the ranks (advlab shards only the policy); use --trainer.strategy ddp for this recipe")
-    shard_policy(module.policy, mesh)
 
 
 def shard_policy(policy: torch.nn.Module, mesh) -> None:

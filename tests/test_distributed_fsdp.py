@@ -345,8 +345,8 @@ def test_fsdp2_with_its_default_sizes_is_refused_in_one_line_before_launch(tmp_p
 
 def test_fsdp2_refuses_trainable_parameters_outside_the_policy():
     """A method with its own trainable network (a critic) would be neither sharded nor averaged over the ranks under
-    ModelParallelStrategy: ``configure_model`` refuses it in one line naming the parameter; without a device mesh
-    (any other strategy) it does nothing."""
+    ModelParallelStrategy: refused in one line naming the parameter, by the CLI before launch and by
+    ``configure_model``; without a device mesh (any other strategy) ``configure_model`` does nothing."""
     from torch import nn
 
     from common.methods.base import Method
@@ -358,10 +358,18 @@ def test_fsdp2_refuses_trainable_parameters_outside_the_policy():
             super().__init__()
             self.head = nn.Linear(2, 1)
 
+    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+
+    from common.fsdp import check_module
+
     module = TextReasoningModule(policy=TinyLlama(hidden_size=32, num_layers=1, num_heads=2), methods=[Critic()])
+    message = (r"^--trainer.strategy ModelParallelStrategy: 2 trainable parameter\(s\) outside the policy "
+               r"\(methods.0.head.weight, \.\.\.: a method's own network\)")
+    with pytest.raises(ValueError, match=message):  # what the CLI calls before launch (common/cli.py)
+        check_module(module, ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1))
+    check_module(module, DDPStrategy())  # DDP averages every parameter's gradient
     module.configure_model()  # no mesh: nothing sharded
     assert not any(type(p).__name__ == "DTensor" for p in module.parameters())
-    module._device_mesh = object()  # refused before the mesh is used
-    with pytest.raises(ValueError, match=r"^--trainer.strategy ModelParallelStrategy: 2 trainable parameter\(s\) outside "
-                                         r"the policy \(methods.0.head.weight, \.\.\.: a method's own network\)"):
+    module._device_mesh = object()  # a module built in Python: refused in configure_model, before the mesh is used
+    with pytest.raises(ValueError, match=message):
         module.configure_model()
