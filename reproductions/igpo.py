@@ -59,6 +59,7 @@ from diffusion.dllm.module import DiffusionLMModule  # noqa: E402
 
 NAME = "igpo"
 RESULTS_MARKER = "## Results"
+READING_MARKER = "## Reading"  # hand-written sections after the results start here; a rerun keeps them
 # arm -> (recipe, SFT init, IGPO overrides or None for no method part, description)
 ARMS: dict[str, tuple[str, str, dict | None, str]] = {
     "d1": ("d1", "concise", None, "diffu-GRPO: p_mask 0.15, no inpainting"),
@@ -508,9 +509,10 @@ def main() -> None:
         return
     report_dir = out if args.smoke else REPORTS
     report = report_dir / f"{NAME}.md"
-    pre = (REPORTS / f"{NAME}.md").read_text() if (REPORTS / f"{NAME}.md").exists() else f"# {NAME}\n\n"
-    pre = pre.split(RESULTS_MARKER)[0].rstrip() + "\n\n"
-    report.write_text(pre + results_markdown(results, summary, args, meta) + f"\nVerdict line: `{line}`\n")
+    old = (REPORTS / f"{NAME}.md").read_text() if (REPORTS / f"{NAME}.md").exists() else f"# {NAME}\n\n"
+    pre = old.split(RESULTS_MARKER)[0].rstrip() + "\n\n"  # the pre-registration, kept as written
+    kept = "" if args.smoke or READING_MARKER not in old else "\n" + old[old.index(READING_MARKER):]  # hand-written notes
+    report.write_text(pre + results_markdown(results, summary, args, meta) + f"\nVerdict line: `{line}`\n" + kept)
     plot(results, summary, report_dir)
 
 
