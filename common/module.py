@@ -41,8 +41,7 @@ from common.ops import masked_mean
 from common.policies.base import Policy
 from common.predict import PredictBatch, prediction_records
 from common.rewards.base import RewardFunction, reward_name, score_components
-from common.rank_state import load_rank_module_state, rank_module_state, save_rank_module_states
-from common.rng import load_rank_states, save_rank_states, seed_rank
+from common.rank_state import load_rank_checkpoint, load_rank_module_state, save_rank_checkpoint, setup_rank
 from common.schedules import lr_scheduler, schedule_problems
 from common.sampling.base import Selector
 
@@ -140,6 +139,7 @@ class PolicyOptimizationModule(L.LightningModule):
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("consecutive_skips", torch.zeros((), dtype=torch.long))
         self.register_buffer("reward_failures", torch.zeros((), dtype=torch.long))
+        self.pending_rank_state: dict = {}  # this rank's own state from a checkpoint (common/rank_state.py)
         self.loop = Loop(self.policy, self.score, self.advantage, self.loss_fn, selector, list(self.methods),
                          group_size=group_size, mu=mu, minibatch_size=minibatch_size, micro_batch_size=micro_batch_size,
                          kl_in_reward=self.kl_control, max_generation_rounds=max_generation_rounds, provided=self.provides,
@@ -167,8 +167,7 @@ class PolicyOptimizationModule(L.LightningModule):
 
     # ------------------------------------------------------------------ the loop
     def training_step(self, prompts: Any, batch_idx: int) -> None:
-        # a resumed rank's own buffers: here, after the DDP forward that broadcast rank 0's (the run's first)
-        load_rank_module_state(self, self.__dict__.pop("_rank_state", {}))
+        self.pending_rank_state = load_rank_module_state(self, self.pending_rank_state)  # a resumed rank's own state
         self.loss_fn.set_step(self.global_step)
         t0 = time.perf_counter()
         got = self.loop.collect(prompts, more=self.more_prompts())  # 1-5
@@ -213,12 +212,8 @@ class PolicyOptimizationModule(L.LightningModule):
         return prediction_records(batch, rollouts)
 
     # ------------------------------------------------------------------ data parallelism, checkpointed RNG
-    def setup(self, stage: str) -> None:
-        from common.distributed import check_strategy
-
-        check_strategy(self.trainer.strategy, self.automatic_optimization)  # FSDP1 cannot run this loop: one line
-        if stage == "fit":  # each DDP rank samples with its own seed (common.rng.seed_rank)
-            seed_rank(self.trainer.world_size, self.trainer.global_rank)
+    def setup(self, stage: str) -> None:  # FSDP1 refused in one line; each DDP rank samples with seed + rank
+        setup_rank(self, stage)
 
     def configure_model(self) -> None:  # FSDP2 under Lightning's ModelParallelStrategy (common/fsdp.py); else nothing
         shard_module(self)
@@ -228,15 +223,11 @@ class PolicyOptimizationModule(L.LightningModule):
             if isinstance(fn, torch.nn.Module):
                 fn.to(self.device)
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        save_rank_states(checkpoint)  # every rank's RNG states, so a resumed run samples what it would have
-        save_rank_module_states(self, checkpoint)  # and its own buffers / extra state (common/rank_state.py)
+    def on_save_checkpoint(self, checkpoint: dict) -> None:  # every rank's RNG states and own state (common/rank_state.py)
+        save_rank_checkpoint(self, checkpoint)
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        fitting = self._trainer is not None and self._trainer.state.fn == "fit"
-        world, rank = (self._trainer.world_size, self._trainer.global_rank) if fitting else (1, 0)
-        load_rank_states(checkpoint, world, rank, fitting)
-        self._rank_state = rank_module_state(checkpoint, world, rank, fitting)  # loaded in the first training_step
+    def on_load_checkpoint(self, checkpoint: dict) -> None:  # RNG states now; the rank's own state at its next step
+        self.pending_rank_state = load_rank_checkpoint(self, checkpoint)
 
     # ------------------------------------------------------------------ step 7: logging
     def log_step(self, rollouts: RolloutBatch, metrics: dict[str, Tensor], *, rollout_s: float, prep_s: float, update_s: float) -> None:
@@ -250,14 +241,11 @@ class PolicyOptimizationModule(L.LightningModule):
         adv = rollouts.advantages if rollouts.advantages.dim() == 1 else masked_mean(rollouts.advantages, rollouts.completion_mask, 1)
         log["train/zero_adv_frac"] = (adv == 0).float().mean()
         log["train/response_len"] = rollouts.lengths.float().mean()
-        log["train/reward_failures"] = self.reward_failures.float()
-        log["train/skipped_steps"] = self.skipped_steps.float()
+        log["train/reward_failures"], log["train/skipped_steps"] = self.reward_failures.float(), self.skipped_steps.float()
         if rollouts.truncated is not None:
             log["train/truncated_frac"] = rollouts.truncated.float().mean()
-        tokens = rollouts.lengths.sum().float()
-        log["perf/rollout_s"] = torch.tensor(rollout_s)
-        log["perf/update_s"] = torch.tensor(prep_s + update_s)
-        log["perf/tokens_per_s"] = tokens / max(rollout_s, 1e-9)
+        log.update({"perf/rollout_s": torch.tensor(rollout_s), "perf/update_s": torch.tensor(prep_s + update_s),
+                    "perf/tokens_per_s": rollouts.lengths.sum().float() / max(rollout_s, 1e-9)})
         # under DDP every metric is the mean over ranks (the loss terms are each rank's share of the global sum)
         self.log_dict(log, prog_bar=False, on_step=True, on_epoch=False, batch_size=B, sync_dist=self.trainer.world_size > 1)
         self.log("reward", log["train/reward"], prog_bar=True, on_step=True, logger=False, batch_size=B)

