@@ -8,6 +8,12 @@ last sum, ``#`` or the answer): ``hint_positions`` lists them. Verbose trace (th
 
 Samples are dicts: ``prompt``, ``answer`` (s_k), ``trace`` (concise y*), ``verbose`` (the verbose trace), ``task``,
 ``level`` (= k), ``hint_positions`` (trace positions that may be hints).
+
+:class:`ReasoningTaskData` is the same for text_reasoning's generated tasks (the arithmetic generator by default):
+text_reasoning's own ``ReasoningData`` (same tasks and seed -> the same problems and the same held-out split), each
+sample given its reference trace (``text_reasoning.traces.reference_solution``, e.g. ``"23 + 45 = 68. The answer is
+68."``) and the trace positions that may be hints: the trace's prefix that does not depend on the answer
+(:func:`answer_free_prefix`: ``"23 + 45 = "``), so a hint never holds an answer character.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from collections.abc import Sequence
 import torch
 
 from common.data import SEED_STRIDE, ResumableData
+from text_reasoning.data import ReasoningData, TaskSource
+from text_reasoning.traces import reference_solution
 
 ALPHABET = "0123456789#+;"  # digits, the answer separator, the verbose trace's symbols ('=' is the template's)
 
@@ -73,4 +81,52 @@ class ChainSumData(ResumableData):
         self.train_set = [s for s in drawn if s["prompt"] not in held_out][: self.train_size]
 
 
-__all__ = ["ALPHABET", "ChainSumData", "chain_sum"]
+# The characters of text_reasoning's arithmetic prompts ("What is 23 + 45?") and reference traces ("23 + 45 = 68. The
+# answer is 68.") for every digits (1-4) and ops ("+-*"): a TinyDiffusionLM alphabet that can write the task (tested).
+ARITHMETIC_ALPHABET = "0123456789+-*= .?TWaehinrstw"
+_SENTINEL = "\x00"  # never in an answer: where a trace written for this answer departs from the trace of the real one
+
+
+def answer_free_prefix(sample: dict) -> int:
+    """Length of the reference trace's prefix that does not depend on the answer: the common prefix of
+    ``reference_solution(sample)`` and the trace written with the answer replaced by a sentinel character. Every
+    position before it is the same whatever the answer (``"23 + 45 = "``); the first answer character is at it."""
+    trace, other = reference_solution(sample), reference_solution({**sample, "answer": _SENTINEL})
+    n = 0
+    while n < min(len(trace), len(other)) and trace[n] == other[n]:  # ok: a few characters, data preparation
+        n += 1
+    return n
+
+
+def with_trace(sample: dict) -> dict:
+    """``sample`` plus ``trace`` (its reference solution) and ``hint_positions`` (the answer-free prefix's
+    positions). Positions are characters: the token positions of a character tokenizer (``TinyDiffusionLM``)."""
+    return {**sample, "trace": reference_solution(sample), "hint_positions": list(range(answer_free_prefix(sample)))}
+
+
+class ReasoningTaskData(ReasoningData):
+    """text_reasoning's generated tasks (default: ``text_reasoning.data.Arithmetic()``, two-digit addition) for a
+    masked-diffusion LM: ``text_reasoning.data.ReasoningData`` with the same arguments, so the same seed gives the
+    same training problems and the same held-out validation problems, each sample with ``trace`` and
+    ``hint_positions`` (:func:`with_trace`, IGPO's hint source). Rewards and verifier: text_reasoning's own
+    (``text_reasoning.rewards.TaskReward`` on the decoded completion).
+
+    Args: those of ``text_reasoning.data.ReasoningData`` (tasks, train_size, val_size, prompts_per_step,
+        val_batch_size, seed, val_tasks).
+    """
+
+    def __init__(self, tasks: list[TaskSource] | None = None, train_size: int = 4096, val_size: int = 200,
+                 prompts_per_step: int = 8, val_batch_size: int = 100, seed: int = 0,
+                 val_tasks: list[TaskSource] | None = None):
+        super().__init__(tasks, train_size, val_size, prompts_per_step, val_batch_size, seed, val_tasks)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.val_set:
+            return
+        super().setup(stage)
+        self.train_set = [with_trace(s) for s in self.train_set]
+        self.val_set = [with_trace(s) for s in self.val_set]
+
+
+__all__ = ["ALPHABET", "ARITHMETIC_ALPHABET", "ChainSumData", "ReasoningTaskData", "answer_free_prefix", "chain_sum",
+           "with_trace"]
