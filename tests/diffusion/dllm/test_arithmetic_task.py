@@ -165,3 +165,32 @@ def test_recipe_runs_two_steps_from_advlab(name, tmp_path):
         assert sorted(values) == [0, 1] and all(v == v for v in values.values()), tag
     ckpt = torch.load(logs / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 2 * 4
+
+
+def test_sft_stage_writes_weights_the_rl_recipe_loads(tmp_path):
+    """configs/diffusion/sft_arithmetic.yaml (masked-diffusion SFT on text_reasoning's reference solutions) runs 2
+    steps and its model.safetensors is the RL recipes' policy: TinyDiffusionLM with the recipe's arguments loads it."""
+    from safetensors.torch import load_file
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    small = ["--model.init_args.policy.init_args.source.init_args.hidden_size", "32",
+             "--model.init_args.policy.init_args.source.init_args.num_layers", "1",
+             "--model.init_args.policy.init_args.source.init_args.num_heads", "2", "--data.init_args.train_size", "64",
+             "--data.init_args.val_size", "4", "--data.init_args.batch_size", "4", "--trainer.max_steps", "2",
+             "--trainer.enable_progress_bar", "false"]
+    proc = subprocess.run(cli("configs/diffusion/sft_arithmetic.yaml", *small), cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sft = recipe("sft_arithmetic")["model"]["init_args"]
+    weights = tmp_path / sft["output_dir"] / "model.safetensors"
+    source = sft["policy"]["init_args"]["source"]["init_args"]
+    assert source["alphabet"] == ARITHMETIC_ALPHABET
+    for k in ("gen_length", "block_length", "steps"):
+        assert sft["policy"]["init_args"][k] == recipe("igpo_arithmetic")["model"]["init_args"][k] == recipe("d1_arithmetic")["model"]["init_args"][k]
+    model, _ = TinyDiffusionLM(alphabet=ARITHMETIC_ALPHABET, hidden_size=32, num_layers=1, num_heads=2,
+                               checkpoint=str(weights)).load()
+    saved = load_file(str(weights))
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    assert not all(torch.equal(v, saved[k]) for k, v in TinyDiffusionLM(alphabet=ARITHMETIC_ALPHABET, hidden_size=32,
+                                                                         num_layers=1, num_heads=2).load()[0].state_dict().items())
