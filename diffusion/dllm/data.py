@@ -124,8 +124,12 @@ class ReasoningTaskData(ReasoningData):
         if self.val_set:
             return
         super().setup(stage)
-        self.train_set = [with_trace(s) for s in self.train_set]
-        self.val_set = [with_trace(s) for s in self.val_set]
+        try:
+            self.train_set = [with_trace(s) for s in self.train_set]
+            self.val_set = [with_trace(s) for s in self.val_set]
+        except ValueError as e:  # a task without a reference solution (a local file): no hint source
+            raise ValueError(f"ReasoningTaskData: tasks must be generated tasks with a reference solution "
+                             f"(text_reasoning.data.Arithmetic, Countdown, KnightsKnaves): {e}") from None
 
 
 __all__ = ["ALPHABET", "ARITHMETIC_ALPHABET", "ChainSumData", "ReasoningTaskData", "answer_free_prefix", "chain_sum",

@@ -62,6 +62,17 @@ def test_samples_are_the_text_reasoning_generators_problems():
         == yaml.safe_load((ROOT / "configs/text_reasoning/grpo_arithmetic.yaml").read_text())["data"]["init_args"]["tasks"]
 
 
+def test_a_task_without_reference_solution_is_refused_in_one_line(tmp_path):
+    from text_reasoning.data import LocalFile
+
+    path = tmp_path / "gsm8k.jsonl"
+    path.write_text('{"question": "What is 2 + 2?", "answer": "2 + 2 = 4\\n#### 4"}\n')
+    data = ReasoningTaskData(tasks=[LocalFile(str(path))], train_size=1, val_size=0)
+    with pytest.raises(ValueError, match=r"^ReasoningTaskData: tasks must be generated tasks .*'gsm8k'") as e:
+        data.setup()
+    assert "\n" not in str(e.value)
+
+
 def test_the_recipe_alphabet_writes_every_prompt_and_trace():
     for name in RECIPES:
         policy = recipe(name)["model"]["init_args"]["policy"]["init_args"]
