@@ -510,8 +510,9 @@ def main() -> None:
     report_dir = out if args.smoke else REPORTS
     report = report_dir / f"{NAME}.md"
     old = (REPORTS / f"{NAME}.md").read_text() if (REPORTS / f"{NAME}.md").exists() else f"# {NAME}\n\n"
-    pre = old.split(RESULTS_MARKER)[0].rstrip() + "\n\n"  # the pre-registration, kept as written
-    kept = "" if args.smoke or READING_MARKER not in old else "\n" + old[old.index(READING_MARKER):]  # hand-written notes
+    pre = old.split("\n" + RESULTS_MARKER + "\n")[0].rstrip() + "\n\n"  # the pre-registration, kept as written
+    reading = "\n" + READING_MARKER
+    kept = "" if args.smoke or reading not in old else old[old.index(reading):]  # hand-written notes, kept
     report.write_text(pre + results_markdown(results, summary, args, meta) + f"\nVerdict line: `{line}`\n" + kept)
     plot(results, summary, report_dir)
 
