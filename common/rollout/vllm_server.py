@@ -80,7 +80,8 @@ from torch import Tensor, nn
 
 from common.batch import RolloutBatch
 from common.rollout.base import Sampling
-from common.rollout.vllm import CPU_HEAD_SIZES, completion_batch, export_weights, write_model_dir
+from common.rollout.vllm import (CPU_HEAD_SIZES, completion_batch, export_weights, generation_request, prompt_lists,
+                                 write_model_dir)
 
 SERVER_NAME = "advlab-vllm"
 # Config fields that fix the weights' names and shapes: the server's model must agree with the policy on all of them
@@ -766,27 +767,16 @@ class VLLMServerBackend(nn.Module):
                                "another trainer pushes to the same server)")
 
     # ------------------------------------------------------------------ generation
-    @staticmethod
-    def _prompt_lists(ids: Tensor, mask: Tensor) -> list[list[int]]:
-        rows, keep = ids.cpu().tolist(), mask.bool().cpu().tolist()
-        return [[t for t, m in zip(r, k) if m] for r, k in zip(rows, keep)]  # ok: host-side request building
-
     @torch.no_grad()
     def generate(
         self, policy: nn.Module, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, num_samples: int,
         sampling: Sampling, *, greedy: bool = False,
     ) -> RolloutBatch:
-        if num_samples <= 0:
-            raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
-        if prompt_ids.shape != prompt_mask.shape or prompt_ids.dim() != 2:
-            raise ValueError(f"prompt_ids {tuple(prompt_ids.shape)} and prompt_mask {tuple(prompt_mask.shape)} must both be (P, L)")
+        eos_list = generation_request(policy, tokenizer, prompt_ids, prompt_mask, num_samples)
         self._ensure(policy, tokenizer)
-        gen_cfg = getattr(policy, "generation_config", None)
-        eos = gen_cfg.eos_token_id if gen_cfg is not None and gen_cfg.eos_token_id is not None else tokenizer.eos_token_id
-        eos_list = [eos] if isinstance(eos, int) else list(eos)
         seed = int(torch.randint(0, 2**30, ()))  # from torch's RNG: seeded runs and resumes are reproducible
         answer = self._request("/generate", {
-            "prompts": self._prompt_lists(prompt_ids, prompt_mask), "n": num_samples, "max_tokens": sampling.max_new_tokens,
+            "prompts": prompt_lists(prompt_ids, prompt_mask), "n": num_samples, "max_tokens": sampling.max_new_tokens,
             "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
             "stop_token_ids": eos_list, "logprobs": bool(sampling.logprobs), "greedy": greedy, "seed": seed,
         }, self.request_timeout_s)
@@ -803,8 +793,8 @@ class VLLMServerBackend(nn.Module):
         """Teacher-forced log-probs (temperature 1) of given completions under the server's weights. Shapes: prompt
         (B, L) left-padded, completion (B, T) right-padded -> (B, T), 0 off the mask."""
         self._ensure(policy, tokenizer)
-        prompts = self._prompt_lists(prompt_ids, prompt_mask)
-        completions = self._prompt_lists(completion_ids, completion_mask)
+        prompts = prompt_lists(prompt_ids, prompt_mask)
+        completions = prompt_lists(completion_ids, completion_mask)
         answer = self._request("/score", {"sequences": [p + c for p, c in zip(prompts, completions)],
                                           "starts": [len(p) for p in prompts]}, self.request_timeout_s)
         self._check_version(answer)
