@@ -123,7 +123,7 @@ def _tokens(all_gather: Gather | None, mask: Tensor, *columns: Tensor) -> tuple[
         dtype = torch.promote_types(dtype, c.dtype)
     stacked = torch.stack([*(c.detach().to(dtype).flatten() for c in columns), mask.flatten().to(dtype)], 1)  # (B·T, k+1)
     every, start = _every(stacked, all_gather)  # (L, k + 1)
-    return tuple(every[None, :, i] for i in range(len(columns))), every[None, :, -1] > 0, start
+    return tuple(every[None, :, i] for i in range(len(columns))), every[None, :, -1] > 0, start  # ok: k column views, not a loop over the batch
 
 
 def _mine(selected: Tensor, start: int, mask: Tensor) -> Tensor:

@@ -81,6 +81,20 @@ def write_model_dir(policy: nn.Module, directory: str | os.PathLike) -> None:
     save_file(weights, os.path.join(directory, "model.safetensors"))
 
 
+def engine_problems(dtype: str, max_model_len: int, kv_cache_gib: float | None, gpu_memory_utilization: float) -> list[str]:
+    """One-line problems with a vLLM engine's size arguments (shared by the colocated and the server backend)."""
+    problems = []
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        problems.append(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
+    if max_model_len < 2:
+        problems.append(f"max_model_len must be >= 2, got {max_model_len}")
+    if kv_cache_gib is not None and kv_cache_gib <= 0:
+        problems.append(f"kv_cache_gib must be > 0 or None, got {kv_cache_gib}")
+    if not 0 < gpu_memory_utilization <= 1:
+        problems.append(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+    return problems
+
+
 def prompt_lists(ids: Tensor, mask: Tensor) -> list[list[int]]:
     """(P, L) ids and their mask -> P lists of the unmasked ids (a request to an engine)."""
     rows, keep = ids.cpu().tolist(), mask.bool().cpu().tolist()
@@ -191,14 +205,7 @@ class VLLMBackend(nn.Module):
     ):
         super().__init__()
         problems = []
-        if dtype not in ("auto", "float32", "bfloat16", "float16"):
-            problems.append(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
-        if max_model_len < 2:
-            problems.append(f"max_model_len must be >= 2, got {max_model_len}")
-        if kv_cache_gib is not None and kv_cache_gib <= 0:
-            problems.append(f"kv_cache_gib must be > 0 or None, got {kv_cache_gib}")
-        if not 0 < gpu_memory_utilization <= 1:
-            problems.append(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        problems += engine_problems(dtype, max_model_len, kv_cache_gib, gpu_memory_utilization)
         if sync_timeout_s <= 0:
             problems.append(f"sync_timeout_s must be > 0, got {sync_timeout_s}")
         if problems:

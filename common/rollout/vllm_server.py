@@ -80,8 +80,8 @@ from torch import Tensor, nn
 
 from common.batch import RolloutBatch
 from common.rollout.base import Sampling
-from common.rollout.vllm import (CPU_HEAD_SIZES, completion_batch, export_weights, generation_request, prompt_lists,
-                                 write_model_dir)
+from common.rollout.vllm import (CPU_HEAD_SIZES, completion_batch, engine_problems, export_weights, generation_request,
+                                 prompt_lists, write_model_dir)
 
 SERVER_NAME = "advlab-vllm"
 # Config fields that fix the weights' names and shapes: the server's model must agree with the policy on all of them
@@ -502,14 +502,7 @@ class VLLMServerBackend(nn.Module):
             base_url = str(base_url).rstrip("/")
         if not 0 <= port <= 65535:
             problems.append(f"port must be in [0, 65535] (0 = a free port), got {port}")
-        if dtype not in ("auto", "float32", "bfloat16", "float16"):
-            problems.append(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
-        if max_model_len < 2:
-            problems.append(f"max_model_len must be >= 2, got {max_model_len}")
-        if kv_cache_gib is not None and kv_cache_gib <= 0:
-            problems.append(f"kv_cache_gib must be > 0 or None, got {kv_cache_gib}")
-        if not 0 < gpu_memory_utilization <= 1:
-            problems.append(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        problems += engine_problems(dtype, max_model_len, kv_cache_gib, gpu_memory_utilization)
         if bucket_mb <= 0:
             problems.append(f"bucket_mb must be > 0, got {bucket_mb}")
         for name, value in (("connect_timeout_s", connect_timeout_s), ("startup_timeout_s", startup_timeout_s),
