@@ -33,7 +33,7 @@ from torch import Tensor
 PROMPT_ALIGNED = frozenset({"prompt_ids", "prompt_mask", "teacher_prompt_ids", "teacher_prompt_mask"})
 TIME_ALIGNED = frozenset({"completion_ids", "completion_mask", "behaviour_logprobs", "old_logprobs", "ref_logprobs",
                           "advantages", "values", "entropy", "token_turn", "env_mask", "segment_starts",
-                          "prefix_values", "hint_mask", "hint_keep"})
+                          "prefix_values", "hint_mask", "hint_keep", "process_rewards"})
 # Fields every rollout has once the loop has run steps 1-4; components need not declare them.
 ALWAYS = frozenset({"completion_ids", "completion_mask", "group_ids", "rewards", "reward_components", "advantages",
                     "samples", "completions", "reward_names", "inputs"})
@@ -79,6 +79,15 @@ class RolloutBatch:
     env_mask: Tensor | None = None  # (B, T) bool: tokens written by the environment or a tool (never trained on)
     end_reason: Tensor | None = None  # (B,) long: why the episode ended, an index into common.rollout.env.END_REASONS
     num_turns: Tensor | None = None  # (B,) long: assistant turns the episode took
+    # per-turn table of multi-turn agents: column k of row b is turn turn_ids[b] + k of episode episode_ids[b]
+    # (K = the most turns a row holds: 1 in layout A, one row per turn; max_turns in layout B, one row per episode)
+    turn_rewards: Tensor | None = None  # (B, K) float: immediate reward r_t (an episode's sum is its return)
+    turn_keys: Tensor | None = None  # (B, K) long: 63-bit hash of the observation the turn acted on (GiGPO anchor), −1 none
+    turn_mask: Tensor | None = None  # (B, K) bool: the column is a turn of the row
+    turn_valid: Tensor | None = None  # (B, K) bool: the turn's action parsed (False: parse error / invalid action)
+    turn_drift: Tensor | None = None  # (B, K) bool: re-rendering the history through the chat template before this turn
+    #                                   gives other tokens than the sampled context (re-tokenisation drift, reported)
+    process_rewards: Tensor | None = None  # (B, K) float: per-turn process reward of the row's turns k = 0..K-1 (iStar's implicit PRM), 0 past them
     samples: list[dict[str, Any]] = field(default_factory=list)  # (B,) the data module's records (prompt, answer, ...)
     completions: list[str] = field(default_factory=list)  # (B,) decoded text, for rewards and logging
 
