@@ -33,7 +33,8 @@ from torch import Tensor
 PROMPT_ALIGNED = frozenset({"prompt_ids", "prompt_mask", "teacher_prompt_ids", "teacher_prompt_mask"})
 TIME_ALIGNED = frozenset({"completion_ids", "completion_mask", "behaviour_logprobs", "old_logprobs", "ref_logprobs",
                           "advantages", "values", "entropy", "token_turn", "env_mask", "segment_starts",
-                          "prefix_values", "hint_mask", "hint_keep", "process_rewards"})
+                          "prefix_values", "hint_mask", "hint_keep", "process_rewards",
+                          "turn_rewards", "turn_keys", "turn_mask", "turn_valid", "turn_drift"})  # (B, K) turn columns too
 # Fields every rollout has once the loop has run steps 1-4; components need not declare them.
 ALWAYS = frozenset({"completion_ids", "completion_mask", "group_ids", "rewards", "reward_components", "advantages",
                     "samples", "completions", "reward_names", "inputs"})
