@@ -34,7 +34,8 @@ PROMPT_ALIGNED = frozenset({"prompt_ids", "prompt_mask", "teacher_prompt_ids", "
 TIME_ALIGNED = frozenset({"completion_ids", "completion_mask", "behaviour_logprobs", "old_logprobs", "ref_logprobs",
                           "advantages", "values", "entropy", "token_turn", "env_mask", "segment_starts",
                           "prefix_values", "hint_mask", "hint_keep", "process_rewards",
-                          "turn_rewards", "turn_keys", "turn_mask", "turn_valid", "turn_drift"})  # (B, K) turn columns too
+                          "turn_rewards", "turn_keys", "turn_mask", "turn_valid", "turn_drift",
+                          "turn_matched", "turn_kinds"})  # (B, K) turn columns too
 # Fields every rollout has once the loop has run steps 1-4; components need not declare them.
 ALWAYS = frozenset({"completion_ids", "completion_mask", "group_ids", "rewards", "reward_components", "advantages",
                     "samples", "completions", "reward_names", "inputs"})
@@ -88,6 +89,8 @@ class RolloutBatch:
     turn_valid: Tensor | None = None  # (B, K) bool: the turn's action parsed (False: parse error / invalid action)
     turn_drift: Tensor | None = None  # (B, K) bool: re-rendering the history through the chat template before this turn
     #                                   gives other tokens than the sampled context (re-tokenisation drift, reported)
+    turn_matched: Tensor | None = None  # (B, K) bool: the turn's action matched the expert's (UI-S1 semi-online returns)
+    turn_kinds: Tensor | None = None  # (B, K) long: decision type of the turn (ToMPO / HRPO normalisation scopes; 0 default)
     process_rewards: Tensor | None = None  # (B, K) float: per-turn process reward of the row's turns k = 0..K-1 (iStar's implicit PRM), 0 past them
     samples: list[dict[str, Any]] = field(default_factory=list)  # (B,) the data module's records (prompt, answer, ...)
     completions: list[str] = field(default_factory=list)  # (B,) decoded text, for rewards and logging
