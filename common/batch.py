@@ -92,6 +92,7 @@ class RolloutBatch:
     turn_matched: Tensor | None = None  # (B, K) bool: the turn's action matched the expert's (UI-S1 semi-online returns)
     turn_kinds: Tensor | None = None  # (B, K) long: decision type of the turn (ToMPO / HRPO normalisation scopes; 0 default)
     process_rewards: Tensor | None = None  # (B, K) float: per-turn process reward of the row's turns k = 0..K-1 (iStar's implicit PRM), 0 past them
+    zigzag: Tensor | None = None  # (B,) bool: the row's first transition starts from a zigzag (ZMV) state (MVC-ZigAL); rows in (S, Z) pairs
     samples: list[dict[str, Any]] = field(default_factory=list)  # (B,) the data module's records (prompt, answer, ...)
     completions: list[str] = field(default_factory=list)  # (B,) decoded text, for rewards and logging
 
