@@ -19,7 +19,11 @@ reaches the loop's reward functions through the sample dict (``episode_return``,
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
+import random
+import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -34,20 +38,63 @@ log = logging.getLogger(__name__)
 MAX_ACTION_CHARS = 4096  # an action's text is cut to its last MAX_ACTION_CHARS characters before any parsing
 TOOL_OPEN, TOOL_CLOSE = "<tool>", "</tool>"
 
-# Why an episode ended (``RolloutBatch.end_reason`` holds the index into this tuple):
-#   done       the environment said so
-#   stopped    the model ended the sequence (EOS) before the environment was done
-#   max_turns  the turn budget ran out
-#   overflow   the token budget of the sequence (actions + observations) ran out
-#   timeout    a reset or step took longer than ``EpisodeLimits.step_timeout_s``
-#   env_error  the environment raised (logged with the task and the action)
-END_REASONS = ("done", "stopped", "max_turns", "overflow", "timeout", "env_error")
+# Why an episode ended (``RolloutBatch.end_reason`` holds the index into this tuple; new reasons are appended):
+#   done         the environment said so
+#   stopped      the model ended the sequence (EOS) before the environment was done
+#   max_turns    the turn budget ran out (truncated)
+#   overflow     the token budget of the sequence (actions + observations) ran out (context overflow)
+#   timeout      a reset, step or tool took longer than ``EpisodeLimits.step_timeout_s`` (tool timeout)
+#   env_error    the environment raised (logged with the task and the action)
+#   parse_error  ``EpisodeLimits.max_parse_errors`` actions in the episode did not parse (``Step.valid`` False)
+END_REASONS = ("done", "stopped", "max_turns", "overflow", "timeout", "env_error", "parse_error")
+FAILURES = ("timeout", "env_error", "parse_error")  # reasons whose return is ``failure_reward`` unless configured
 
 
 class Step(NamedTuple):
     observation: str  # text the environment writes back (appended to the sequence, masked out of the loss)
     reward: float  # immediate reward r_t
     done: bool  # the episode is over
+    valid: bool = True  # the action parsed (False: a parse error or an invalid action; counted, see max_parse_errors)
+
+
+# ---------------------------------------------------------------- clocks
+
+
+class Clock:
+    """Wall time for environments and the step runner: ``now()`` seconds, ``sleep(s)``. Environments and tools that
+    wait (a slow tool, a remote call) wait through ``self.clock`` so that a test can swap in :class:`FakeClock`."""
+
+    real = True
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+class FakeClock(Clock):
+    """A clock that never waits: ``sleep(s)`` advances ``now()`` by ``s`` at once (thread-safe). With it,
+    :func:`run_step` runs a call inline and reads its duration off this clock, so a tool that "hangs" (sleeps for
+    an hour of fake time) times out deterministically and instantly; nothing depends on the machine's load."""
+
+    real = False
+
+    def __init__(self, start: float = 0.0):
+        self.t = float(start)
+        self._lock = threading.Lock()
+
+    def now(self) -> float:
+        return self.t
+
+    def sleep(self, seconds: float) -> None:
+        with self._lock:
+            self.t += max(0.0, float(seconds))
+
+
+def stable_hash(text: str) -> int:
+    """A 63-bit non-negative hash of a text, the same in every process (blake2b; Python's ``hash`` is salted)."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=8).digest(), "little") >> 1
 
 
 class Environment:
@@ -60,6 +107,8 @@ class Environment:
     """
 
     stop_strings: tuple[str, ...] = ()
+    clock: Clock = Clock()  # set by the agent on every spawned instance (EpisodeLimits.clock)
+    rng: random.Random = random.Random(0)  # seeded by the agent before every reset, from (task id, episode seed)
 
     def reset(self, task: Mapping[str, Any]) -> str:
         raise NotImplementedError
@@ -69,6 +118,17 @@ class Environment:
 
     def spawn(self) -> "Environment":
         return copy.deepcopy(self)
+
+    def seed(self, seed: int) -> None:
+        """Seed this episode's randomness (``self.rng``); called before ``reset`` with the episode's seed, derived
+        from (task id, episode seed) so an evaluation panel resets to the same states in every run."""
+        self.rng = random.Random(seed)
+
+    def state_text(self, observation: str) -> str:
+        """The canonical text of the current state after ``observation`` was returned: history-free, no
+        instruction (GiGPO's anchor states hash it; agentic.md §14.4). Default: the observation, stripped;
+        environments whose observations carry more than the state override it."""
+        return observation.strip()
 
 
 @dataclass
@@ -80,9 +140,22 @@ class EpisodeLimits:
         max_total_tokens: tokens of the whole completion (assistant and environment tokens), the row width T.
         max_observation_tokens: an observation is cut to this many tokens.
         step_timeout_s: seconds a reset or step may take (None = unbounded); a late step ends the episode.
-        failure_reward: the return of an episode that ended by ``timeout`` or ``env_error``.
+        failure_reward: the return of an episode that ended by ``timeout``, ``env_error`` or ``parse_error``.
+        end_rewards: the return of an episode that ended for one of these reasons (names from END_REASONS),
+            replacing what it collected; overrides ``failure_reward`` for the reasons it names. The difference is
+            carried on the episode's last turn, so its turn rewards still sum to its return.
+        max_parse_errors: an episode ends (``parse_error``) at its k-th action that does not parse (``Step.valid``
+            False); None = never (the environment answers a bad action with an error text and the episode goes on).
         observation_prefix / observation_suffix: text around every observation (e.g. the chat template's
             end-of-turn and tool-turn markers); empty = the observation continues the assistant's text inline.
+        observation_role: render every observation as a chat message of this role (``"user"``, ``"tool"``) with the
+            policy's chat template: the assistant turn's end, the message and the next generation prompt, as the
+            template writes them (overrides prefix/suffix). The history is then also re-rendered through the
+            template before every turn and compared with the sampled tokens (``RolloutBatch.turn_drift``).
+        clock: the clock of the environments and of the step timeout (``FakeClock`` in tests; default wall time).
+        layout: how the agent stores episodes (agentic.md §1): ``"episode"`` (layout B, one row per episode: the
+            actions and observations concatenated) or ``"turn"`` (layout A, one row per turn: the exact context the
+            turn was sampled from as the prompt, the action as the completion). Same tokens either way.
     """
 
     max_turns: int = 4
@@ -90,18 +163,40 @@ class EpisodeLimits:
     max_observation_tokens: int = 32
     step_timeout_s: float | None = 5.0
     failure_reward: float = 0.0
+    end_rewards: dict[str, float] | None = None
+    max_parse_errors: int | None = None
     observation_prefix: str = ""
     observation_suffix: str = ""
+    observation_role: str | None = None
+    clock: Clock | None = None
+    layout: str = "episode"
 
     def __post_init__(self):
         problems = []
+        if self.layout not in ("episode", "turn"):
+            problems.append(f"layout must be 'episode' (one row per episode) or 'turn' (one row per turn), got {self.layout!r}")
         for name in ("max_turns", "max_total_tokens", "max_observation_tokens"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 problems.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.step_timeout_s is not None and not self.step_timeout_s > 0:
             problems.append(f"step_timeout_s must be > 0 or None, got {self.step_timeout_s!r}")
+        bad = sorted(set(self.end_rewards or {}) - set(END_REASONS))
+        if bad:
+            problems.append(f"end_rewards names unknown end reasons {bad}; expected names from {END_REASONS}")
+        if self.max_parse_errors is not None and (not isinstance(self.max_parse_errors, int) or self.max_parse_errors < 1):
+            problems.append(f"max_parse_errors must be a positive integer or None, got {self.max_parse_errors!r}")
+        if self.observation_role is not None and not (isinstance(self.observation_role, str) and self.observation_role.strip()):
+            problems.append(f"observation_role must be a chat role such as 'user' or 'tool', or None, got {self.observation_role!r}")
+        if self.clock is not None and not isinstance(self.clock, Clock):
+            problems.append(f"clock must be a common.rollout.env.Clock, got {type(self.clock).__name__}")
         if problems:
             raise ValueError("EpisodeLimits: " + "; ".join(problems))
+
+    def end_reward(self, reason: str) -> float | None:
+        """The configured return of an episode that ended for ``reason`` (None: it keeps what it collected)."""
+        if self.end_rewards and reason in self.end_rewards:
+            return float(self.end_rewards[reason])
+        return self.failure_reward if reason in FAILURES else None
 
 
 class Outcome(NamedTuple):
@@ -109,10 +204,18 @@ class Outcome(NamedTuple):
     reason: str | None  # None, "timeout" or "env_error"
 
 
-def run_step(fn: Callable[[Any], Any], arg: Any, timeout_s: float | None, what: str) -> Outcome:
+def run_step(fn: Callable[[Any], Any], arg: Any, timeout_s: float | None, what: str, clock: Clock | None = None) -> Outcome:
     """``fn(arg)`` (an environment's reset or step) bounded in time; an exception or a timeout is an outcome, not
-    an error of the run (one warning line names the call and the cause)."""
+    an error of the run (one warning line names the call and the cause). With a real clock the call runs in a
+    daemon thread that is abandoned at the deadline; with a :class:`FakeClock` it runs inline and is late when the
+    fake time it used (its ``clock.sleep``s) exceeds ``timeout_s``: deterministic."""
     try:
+        if clock is not None and not clock.real:
+            start = clock.now()
+            value = fn(arg)
+            if timeout_s is not None and clock.now() - start > timeout_s:
+                raise TimeoutError
+            return Outcome(value, None)
         return Outcome(call_with_timeout(fn, arg, timeout_s=timeout_s), None)
     except TimeoutError:
         log.warning("environment %s timed out after %s s; the episode ends (timeout)", what, timeout_s)
@@ -124,11 +227,13 @@ def run_step(fn: Callable[[Any], Any], arg: Any, timeout_s: float | None, what: 
 
 def as_step(value: Any) -> Step:
     """An environment's step return as a Step; anything else (a wrong arity, a non-finite reward) raises."""
-    observation, reward, done = value
+    observation, reward, done, *rest = value
+    if len(rest) > 1:
+        raise ValueError(f"a step returns (observation, reward, done[, valid]), got {len(rest) + 3} values")
     reward = float(reward)
     if reward != reward or reward in (float("inf"), float("-inf")):
         raise ValueError(f"non-finite reward {reward}")
-    return Step(str(observation), reward, bool(done))
+    return Step(str(observation), reward, bool(done), bool(rest[0]) if rest else True)
 
 
 # ---------------------------------------------------------------- tool calls
@@ -259,5 +364,5 @@ class EpisodeReturn(RewardFunction):
         return torch.tensor([float(s["episode_return"]) for s in samples], dtype=torch.float32)
 
 
-__all__ = ["END_REASONS", "Environment", "EpisodeLimits", "EpisodeReturn", "ParseError", "Step", "ToolCall",
-           "call_tool", "parse_json_tool_call", "parse_tool_call", "run_step"]
+__all__ = ["END_REASONS", "Clock", "Environment", "EpisodeLimits", "EpisodeReturn", "FakeClock", "ParseError", "Step",
+           "ToolCall", "call_tool", "parse_json_tool_call", "parse_tool_call", "run_step", "stable_hash"]
