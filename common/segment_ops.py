@@ -88,14 +88,15 @@ def seg_stats(x: Tensor, ids: Tensor, n: int | None = None, weights: Tensor | No
     """Per-segment statistics (§2.2) of ``x (M,)`` over ``ids (M,)`` in [0, n) (−1: excluded), with optional
     non-negative ``weights (M,)``: count, weight W = Σ w, mean, population variance, unbiased variance
     var_pop·W/(W − 1) (0 for W ≤ 1). Values are shifted by the segment's first member before summing, so an
-    all-equal segment has variance exactly 0 and ``x − mean`` exactly 0 on it."""
+    all-equal segment has variance exactly 0 and ``x − mean`` exactly 0 on it. Every statistic has max(n, 1)
+    entries (n = 0: one empty slot of count 0)."""
     _check_1d("x", x)
     _check_1d("ids", ids, x.shape[0], integer=True)
     if not x.is_floating_point():
         raise ValueError(f"x must be a floating tensor, got {x.dtype}")
     if weights is not None:
         _check_1d("weights", weights, x.shape[0])
-    n = _num(ids, n)
+    n = max(_num(ids, n), 1)  # one empty slot when no row has a group, so ids.clamp(min=0) can always index
     M = x.shape[0]
     inside = ids >= 0  # (M,)
     safe = ids.clamp(min=0)  # (M,)

@@ -220,3 +220,12 @@ def test_turn_table_both_layouts(layout):
     else:
         assert a_tok.tolist() == [[12, 12, 12], [20, 20, 20], [10, 10, 0], [11, 0, 0]]
     assert ((a_tok != 0) <= b.loss_mask).all()
+
+
+def test_no_group_at_all_gives_zeros():
+    x = torch.tensor([1.0, 2.0])
+    ids = torch.tensor([-1, -1])
+    for singleton in ("zero", "raw", "drop"):
+        assert gnorm(x, ids, singleton=singleton).tolist() == [0.0, 0.0]
+    assert rloo(x, ids).tolist() == [0.0, 0.0]
+    assert seg_stats(x, ids).count.tolist() == [0.0]
