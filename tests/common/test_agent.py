@@ -20,6 +20,7 @@ from common.policies.causal_lm import CausalLMPolicy
 from common.rollout.base import Sampling
 from common.rollout.env import END_REASONS, EpisodeLimits
 from common.rollout.hf import HFBackend
+from agent_support import Script
 from helpers import DIGITS
 from text_reasoning.envs.calculator import Calculator
 from text_reasoning.envs.grid import GridTasks, GridWorld
@@ -138,27 +139,6 @@ def test_environment_tokens_never_enter_the_loss(one_thread):
     assert batch.env_mask.any()
     assert (raw.grad[batch.env_mask] == 0).all()
     assert (raw.grad[batch.loss_mask] != 0).any()
-
-
-class Script:
-    """A logits processor that forces a text per generate call (turn), then EOS: real generation by a real model
-    whose choices are constrained (as a hinted rollout forces a prefix)."""
-
-    def __init__(self, tokenizer, texts: list[str]):
-        self.turns = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-        self.eos = tokenizer.eos_token_id
-        self.call, self.start, self.last = -1, 0, -10
-
-    def __call__(self, input_ids, scores):
-        L = input_ids.shape[1]
-        if L != self.last + 1:  # a new generate call
-            self.call, self.start = self.call + 1, L
-        self.last = L
-        seq = self.turns[min(self.call, len(self.turns) - 1)]
-        k = L - self.start
-        forced = torch.full_like(scores, float("-inf"))
-        forced[:, seq[k] if k < len(seq) else self.eos] = 0.0
-        return forced
 
 
 CHAT_TOOL_TURN = ("<|im_end|>\n<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n")  # SmolLM2's turn markers
