@@ -50,6 +50,8 @@ class TextReasoningModule(PolicyOptimizationModule):
             several turns (``common.policies.agent.MultiTurnAgentPolicy``, one sequence per episode) and the
             default verifier is the episode's return (``EpisodeReturn``). None = single-turn completions.
         episode: the agent's episode limits (``common.rollout.env.EpisodeLimits``; only with ``environment``).
+        policy_kind: the CausalLMPolicy class built from these arguments (by import path in YAML), e.g.
+            ``multimodal.vlm.policy.VLMPolicy`` for a vision-language model whose samples carry an image.
         **kwargs: everything of :class:`common.module.PolicyOptimizationModule` but ``policy``.
     """
 
@@ -72,11 +74,12 @@ class TextReasoningModule(PolicyOptimizationModule):
         episode: EpisodeLimits | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
         chat_template: str | None = None,
+        policy_kind: type[CausalLMPolicy] = CausalLMPolicy,
         **kwargs: Any,
     ):
         if episode is not None and environment is None:
             raise ValueError("TextReasoningModule: episode limits are given but no environment")
-        lm = CausalLMPolicy(policy if policy is not None else TinyLlama(), sampling, rollout_backend, lora,
+        lm = policy_kind(policy if policy is not None else TinyLlama(), sampling, rollout_backend, lora,
                             system_prompt, instruction, share_prompt, logprob_chunk_size,
                             gradient_checkpointing=gradient_checkpointing,
                             chat_template_kwargs=chat_template_kwargs, chat_template=chat_template)
