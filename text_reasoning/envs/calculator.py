@@ -12,6 +12,7 @@ and parsed by bounded string operations (``common.rollout.env.parse_tool_call``)
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from collections.abc import Mapping
@@ -30,9 +31,17 @@ INSTRUCTION = ("You have a calculator. To use it write <tool>calc: EXPRESSION</t
                "<result>VALUE</result>. When you know the answer, write it as <answer>NUMBER</answer>.\n")
 
 
-INSTRUCTION_JSON = ('You have a calculator. To use it write <tool_call>{"name": "calc", "arguments": {"expression": '
-                    '"EXPRESSION"}}</tool_call> and wait for <result>VALUE</result>. When you know the answer, write it '
-                    'as <answer>NUMBER</answer>.\n')
+# The function's JSON schema (OpenAI / transformers ``get_json_schema`` format). SmolLM2's chat template renders no
+# ``tools`` (it has no tool section and treats every role alike), so the schema goes into the instruction in the
+# layout of templates that do (Qwen2.5's <tools> block); the result comes back as a ``tool`` message when the agent
+# renders observations through the template (``EpisodeLimits.observation_role: tool``).
+CALC_SCHEMA = {"type": "function", "function": {
+    "name": "calc", "description": "Evaluate an arithmetic expression (numbers, + - * / and parentheses).",
+    "parameters": {"type": "object", "properties": {"expression": {"type": "string", "description": "e.g. 37 * 12"}},
+                   "required": ["expression"]}}}
+INSTRUCTION_JSON = ('You have a calculator function:\n<tools>\n' + json.dumps(CALC_SCHEMA) + '\n</tools>\n'
+                    'To call it write <tool_call>{"name": "calc", "arguments": {"expression": "EXPRESSION"}}</tool_call> '
+                    'and wait for <result>VALUE</result>. When you know the answer, write it as <answer>NUMBER</answer>.\n')
 
 
 def format_number(value: float) -> str:
@@ -95,7 +104,7 @@ class Calculator(Environment):
             correct = value is not None and self.answer is not None and abs(value - self.answer) <= 1e-6
             return Step("", self.correct_reward if correct else 0.0, True)
         if isinstance(call, ParseError):
-            return Step(f"<result>error: {call.message}</result>", 0.0, False)
+            return Step(f"<result>error: {call.message}</result>", 0.0, False, False)  # not a valid call
         self.calls += 1
         if self.calls > self.max_tool_calls:
             return Step("<result>error: no tool calls left</result>", 0.0, False)

@@ -51,6 +51,9 @@ class GridWorld(Environment):
             raise ValueError(f"GridWorld task out of bounds: size {self.size}, start {self.agent}, goal {self.goal}")
         return self.instruction + render(self.size, self.agent, self.goal)
 
+    def state_text(self, observation: str) -> str:  # the rendering alone (no instruction): GiGPO's anchor state
+        return render(self.size, self.agent, self.goal)
+
     def step(self, action: str) -> Step:
         move = last_move(action)
         if move is not None:
