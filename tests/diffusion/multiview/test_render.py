@@ -83,3 +83,35 @@ def test_bad_input():
         render(ObjectSpec("cube", "red", "blue"), size=2)
     with pytest.raises(ValueError, match="kind must be"):
         random_style(np.random.default_rng(0), "wild")
+
+
+def test_prompt_data_and_pretraining_batches():
+    import torch
+
+    from diffusion.multiview.data import MultiviewPrompts, RenderDataset, pretrain_batch, render_samples
+
+    d = MultiviewPrompts(val_size=20, prompts_per_step=4, seed=3)
+    d.setup()
+    assert len(d.train_set) == 100 and len(d.val_set) == 20
+    assert not {s["prompt"] for s in d.train_set} & {s["prompt"] for s in d.val_set}
+    s = d.train_set[0]
+    obj = ObjectSpec(s["shape"], s["body"], s["accent"])
+    assert s["prompt"] == obj.caption and s["object"] == object_index(obj) and s["views"] == 4
+    batch = d.next_prompts()
+    assert len(batch) == 4 and all(b in d.train_set for b in batch)
+    x, caps = pretrain_batch(7, 5)
+    x2, caps2 = pretrain_batch(7, 5)
+    assert x.shape == (5, 12, 16, 16) and torch.equal(x, x2) and caps == caps2
+    rows = [object_index(o) for o in all_objects() if o.caption in caps]
+    assert x.min() == -1 and x.max() == 1 and len(rows) >= 1
+    assert torch.equal(x[0], torch.from_numpy(templates()[0][[o.caption for o in all_objects()].index(caps[0])]).flatten(0, 1) * 2 - 1)
+    broad, _ = pretrain_batch(7, 5, views=1, style="broad")
+    assert broad.shape == (5, 3, 16, 16) and not torch.equal(broad, pretrain_batch(8, 5, views=1, style="broad")[0])
+    win = render_samples(d.val_set[:2], views=1, style="winner", seed=1)
+    assert win.shape == (2, 1, 3, 16, 16) and torch.equal(win, render_samples(d.val_set[:2], views=1, style="winner", seed=1))
+    img, cap = RenderDataset(10, style="jitter")[3]
+    assert img.shape == (12, 16, 16) and cap == all_objects()[3].caption
+    with pytest.raises(ValueError, match="views must be"):
+        MultiviewPrompts(views=2)
+    with pytest.raises(ValueError, match="'shape'"):
+        render_samples([{"prompt": "x"}])
