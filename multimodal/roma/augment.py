@@ -29,6 +29,16 @@ if TYPE_CHECKING:
     from common.loop import Loop
 
 
+def _uid(uid: Any) -> int:
+    """A prompt's identity as one integer: an int, or a tuple of ints such as (seed, index) folded together."""
+    if isinstance(uid, (tuple, list)):
+        out = 0
+        for x in uid:
+            out = (out * 1_000_003 + int(x)) % (1 << 62)
+        return out
+    return int(uid)
+
+
 class NaiveAugmentation(Method):
     """Roll out on corrupted images with probability ``prob`` (module docstring).
 
@@ -71,7 +81,7 @@ class NaiveAugmentation(Method):
     def rollout(self, loop: "Loop", prompts: Any, n: int) -> RolloutBatch:
         prompts = list(prompts)
         images = [self._image(p, i) for i, p in enumerate(prompts)]
-        uids = torch.tensor([int(p.get("uid", i)) for i, p in enumerate(prompts)], dtype=torch.long)  # (P,)
+        uids = torch.tensor([_uid(p.get("uid", i)) for i, p in enumerate(prompts)], dtype=torch.long)  # (P,)
         keys = C.view_keys(self.seed, uids, self.step, 1)[:, 0]  # (P,)
         hit = seeded_uniform(keys, 3, (1,))[:, 0] < self.prob  # (P,)
         kinds, levels = C.draw_views(keys, self.allowed, self.min_level, self.max_level)
