@@ -117,3 +117,55 @@ class AcceptanceLength(Metric):
 
     def compute(self) -> Tensor:
         return self.tokens / self.cycles.clamp(min=1)
+
+
+def sharpe_ratio_at_k(estimated: Tensor, true: Tensor, behaviour_value: float, k: int) -> Tensor:
+    """SharpeRatio@k of an off-policy / offline estimator used to pick policies (Kiyohara et al., ICLR 2024, "Towards
+    Assessing and Benchmarking Risk-Return Tradeoff of Off-Policy Evaluation"; agentic.md §15):
+
+        Π_k      = the k candidate policies ranked highest by the estimates Ĵ
+        best@k   = max_{π ∈ Π_k} J(π)          (J = the true, online value)
+        std@k    = std_{π ∈ Π_k} J(π)          (population std, numpy's default; the paper's convention is unverified)
+        SharpeRatio@k = (best@k − J(π_b)) / std@k
+
+    A high value means the top-k shortlist holds a policy better than the behaviour policy π_b with little risk of
+    deploying a bad one. Ties in Ĵ are broken by the lower index. ``std@k = 0`` (k = 1, or equal true values) gives 0
+    (never inf or NaN). Shapes: estimated (P,), true (P,) -> () float64.
+    """
+    if estimated.dim() != 1 or true.shape != estimated.shape:
+        raise ValueError(f"estimated and true must be (P,) tensors of one shape, got {tuple(estimated.shape)} and {tuple(true.shape)}")
+    if not isinstance(k, int) or not 1 <= k <= estimated.numel():
+        raise ValueError(f"k must be an integer in [1, P={estimated.numel()}], got {k!r}")
+    if not (torch.isfinite(estimated).all() and torch.isfinite(true).all()):
+        raise ValueError("estimated and true must be finite")
+    order = torch.sort(estimated.double(), descending=True, stable=True).indices[:k]  # (k,)
+    top = true.double()[order]  # (k,)
+    best, std = top.max(), top.std(unbiased=False)
+    return torch.where(std > 0, (best - behaviour_value) / std.clamp(min=1e-300), torch.zeros_like(std))
+
+
+class SharpeRatioAtK(Metric):
+    """SharpeRatio@k (see `sharpe_ratio_at_k`) over the candidate policies given so far: ``update(estimated, true)``
+    adds candidates (P,), ``compute()`` ranks all of them."""
+
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, k: int, behaviour_value: float) -> None:
+        super().__init__()
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive int, got {k!r}")
+        self.k, self.behaviour_value = k, float(behaviour_value)
+        self.add_state("estimated", [], dist_reduce_fx="cat")
+        self.add_state("true", [], dist_reduce_fx="cat")
+
+    def update(self, estimated: Tensor, true: Tensor) -> None:
+        if estimated.dim() != 1 or true.shape != estimated.shape:
+            raise ValueError(f"estimated and true must be (P,) tensors of one shape, got {tuple(estimated.shape)} and {tuple(true.shape)}")
+        self.estimated.append(estimated.double())
+        self.true.append(true.double())
+
+    def compute(self) -> Tensor:
+        est = torch.cat(self.estimated) if isinstance(self.estimated, list) else self.estimated
+        tru = torch.cat(self.true) if isinstance(self.true, list) else self.true
+        return sharpe_ratio_at_k(est, tru, self.behaviour_value, self.k)
