@@ -78,7 +78,7 @@ def test_calculator_episode_by_hand():
     assert env.reset(TASK).endswith("What is 12 + 7 * 2?")
     assert env.step("<tool>calc: 7 * 2</tool>") == Step("<result>14</result>", 0.0, False)
     assert env.step("<tool>calc: 12 + 14</tool>") == Step("<result>error: no tool calls left</result>", 0.0, False)
-    assert env.step("<tool>calc: 1") == Step("<result>error: unclosed <tool> tag</result>", 0.0, False)
+    assert env.step("<tool>calc: 1") == Step("<result>error: unclosed <tool> tag</result>", 0.0, False, False)  # invalid
     assert env.step("so <answer>26</answer>") == Step("", 1.0, True)
     env.reset(TASK)
     assert env.step("<answer>25</answer>") == Step("", 0.0, True)
