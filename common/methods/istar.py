@@ -18,7 +18,7 @@ by micro-batch, ρ's dependence on log π_φ (ρ_e = β/T_e Σ q for "mean", β 
 surrogate Σ_{b,j} w_{b,j} log π_φ(y_{b,j}) with w = ∂J/∂ρ_{e(b)}·β/T_e.
 
 State: the PRM's weights (a submodule: in the checkpoint) and its optimiser's state (extra state). One process:
-under data parallelism each rank would step its own PRM on its own rows (not supported; refused in ``setup``).
+under data parallelism each rank would step its own PRM on its own rows (not supported; refused at the first step).
 """
 
 from __future__ import annotations
@@ -89,9 +89,6 @@ class OnlinePRM(Method):
         if not isinstance(loop.advantage, IStar):
             raise ValueError("OnlinePRM: the advantage must be common.advantages.istar.IStar (it reads the PRM's "
                              f"process_rewards), got {type(loop.advantage).__name__}")
-        if loop.all_reduce is not None:
-            raise ValueError("OnlinePRM: data parallelism is not supported (each rank would step its own PRM); "
-                             "train on one device")
         lm = getattr(loop.policy, "lm", loop.policy)
         if not hasattr(lm, "completion_hidden"):
             raise ValueError(f"OnlinePRM: the policy must be a causal LM (or an agent over one), got {type(lm).__name__}")
@@ -116,6 +113,11 @@ class OnlinePRM(Method):
 
     # ------------------------------------------------------------------ step 2 -> 3: step rewards, one PRM step
     def after_score(self, loop: "Loop", batch: RolloutBatch) -> RolloutBatch:
+        from common.distributed import world_size
+
+        if world_size() > 1:
+            raise ValueError("OnlinePRM: data parallelism is not supported (each rank would step its own PRM on its "
+                             "own rows); train on one device")
         batch = with_turn_mask(batch)
         size = loop.micro_batch_size or batch.batch_size
         micros = batch.split(size)

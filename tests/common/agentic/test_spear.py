@@ -160,3 +160,36 @@ def test_degenerate_input_and_bad_arguments():
         SPEAR(tool_schedule="linear")
     with pytest.raises(ValueError, match="old_logprobs"):
         buf.add(rows([1.0], [2]).replace(old_logprobs=None), step=0)
+
+
+def test_replay_runs_inside_the_loop_with_a_real_agent(one_thread):
+    """Two real steps of the loop with a tiny agent in the grid world: step 1 fills the buffer with the episodes of
+    positive advantage, step 2 replays them (extra_loss: a policy forward on the replayed rows) next to the on-policy
+    loss; the update is finite and the replayed rows' environment tokens stay out of the loss."""
+    from common.advantages.group import DrGRPO
+    from common.loop import Loop, Stepper
+    from common.models import TinyLlama
+    from common.policies.agent import MultiTurnAgentPolicy
+    from common.policies.causal_lm import CausalLMPolicy, Sampling
+    from common.rollout.env import EpisodeLimits
+    from text_reasoning.envs.grid import GridTasks, GridWorld
+
+    torch.manual_seed(0)
+    lm = CausalLMPolicy(TinyLlama(hidden_size=16, num_layers=1, num_heads=2, alphabet="0123456789+udlr.AG\n", seed=0),
+                        Sampling(max_new_tokens=3))
+    policy = MultiTurnAgentPolicy(lm, GridWorld(), EpisodeLimits(max_turns=2, max_total_tokens=30))
+    spear = SPEAR(buffer_size=2, replay_steps=0, replay_coef=0.5)
+    gen = torch.Generator().manual_seed(0)
+    loop = Loop(policy, lambda b: b.replace(rewards=torch.rand(b.batch_size, generator=gen)), DrGRPO(),
+                ClipCovLoss(eps_high=0.28, aggregation="seq_mean_token_sum_norm"), methods=[spear], group_size=4,
+                micro_batch_size=4)
+    params = policy.trainable_parameters()
+    stepper = Stepper(torch.optim.SGD(params, lr=0.01), params)
+    tasks = [p.as_sample() for p in GridTasks(3).make(2, 0)]
+    first = loop.update(loop.collect(tasks).kept, stepper)
+    assert "spear/replay_loss" not in first and len(spear.buffer) > 3  # > 1.5 x buffer_size rows stored
+    stored = spear.buffer.rows
+    assert bool((stored.old_logprobs[stored.env_mask] == 0).all())
+    second = loop.update(loop.collect(tasks).kept, stepper)
+    assert float(second["spear/replay_rows"]) == 2.0 and torch.isfinite(second["spear/replay_loss"])
+    assert float(second["spear/replay_dropped"]) == 0.0 and bool(torch.isfinite(second["loss"]))
