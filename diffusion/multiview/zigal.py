@@ -125,6 +125,93 @@ class ZigzagFirstStep:
         return zigzag_state(x_T, denoise=lambda x: step(x, self.omega_high), predict_eps=lambda x: eps(x, self.omega_low),
                             alpha_t=alpha_t, alpha_prev=alpha_prev, iterations=self.iterations)
 
+    @torch.no_grad()
+    def __call__(self, policy, x_T: Tensor, cond: Tensor, seeds: Tensor) -> Tensor:
+        """The ``first_step`` hook of ``common.policies.diffusion.DiffusionSamplerPolicy``: the zigzag's denoise is the
+        *mean* of the policy's first transition at ω_high (deterministic, as Zigzag Diffusion Sampling's DDIM
+        denoise), its ε̂ the policy's noise prediction at the second timestep with ω_low; ᾱ from the step builder's
+        tables (DDIM or LCM; a flow-matching step has none and is refused). Shapes: x_T (B, C, H, W), cond (B, ...),
+        seeds (B,) -> (B, C, H, W)."""
+        step = policy.step
+        if not (hasattr(step, "alpha_t") and hasattr(step, "alpha_prev")) or step.num_steps < 2:
+            raise ValueError(f"ZigzagFirstStep: needs a DDIM or LCM step builder with >= 2 steps (ᾱ tables), got "
+                             f"{type(step).__name__} with {step.num_steps} steps")
+        B, dev = x_T.shape[0], x_T.device
+        k0, k1 = (torch.full((B,), k, dtype=torch.long, device=dev) for k in (0, 1))
+
+        def denoise(x: Tensor, omega: float) -> Tensor:  # (B, C, H, W) the first transition's mean at ω
+            return step.stats(policy.model_output(x, k0, cond, scale=omega), x, k0)[0]
+
+        def predict_eps(x: Tensor, omega: float) -> Tensor:  # ε̂ at the second timestep (x' sits at ᾱ_prev of step 0)
+            out = policy.model_output(x, k1, cond, scale=omega)
+            if step.prediction_type == "epsilon":
+                return out
+            a = step.alpha_t[1].to(x)
+            x0 = step.denoised(out, x, k1) if step.prediction_type == "sample" else a.sqrt() * x - (1 - a).sqrt() * out
+            return (x - a.sqrt() * x0) / (1 - a).sqrt()
+
+        return self.state(x_T, step=denoise, eps=predict_eps, alpha_t=step.alpha_t[0].to(x_T),
+                          alpha_prev=step.alpha_prev[0].to(x_T))
+
+
+class ZigzagPairs(Method):
+    """MVC-ZigAL's rollout: for each prompt, ``n // 2`` initial noises, each sampled twice — a standard trajectory
+    (S) and a zigzag one (Z, :class:`ZigzagFirstStep` as the policy's first-step hook) — from the same seed, so the
+    same x_T and the same step noises. Rows are interleaved (S, Z) pairs with ``zigzag`` marking Z; the group id is
+    the prompt. Equal samples with a PG baseline of ``n`` standard trajectories per prompt (the zigzag's extra
+    2 NFEs per Z row are not counted as samples, as in the paper).
+
+    Args:
+        first_step: the zigzag settings (default ω_high = the policy's guidance, ω_low = 1).
+        omega_high, omega_low, iterations: shortcuts for ``first_step``'s fields when it is not given
+            (omega_high None = the policy's guidance scale).
+    """
+
+    provides = ("zigzag",)
+
+    def __init__(self, first_step: ZigzagFirstStep | None = None, omega_high: float | None = None,
+                 omega_low: float = 1.0, iterations: int = 1):
+        super().__init__()
+        self.first_step = first_step
+        self._settings = (omega_high, omega_low, iterations)
+        if first_step is None:
+            ZigzagFirstStep(omega_high if omega_high is not None else 1.0, omega_low, iterations)  # check the arguments
+
+    def setup(self, loop: "Loop") -> None:
+        problems = []
+        if not hasattr(loop.policy, "sample_batch"):
+            problems.append(f"the policy must be a DiffusionSamplerPolicy (sample_batch with a first_step hook), got "
+                            f"{type(loop.policy).__name__}")
+        if loop.group_size % 2:
+            problems.append(f"group_size must be even (n/2 (standard, zigzag) pairs per prompt), got {loop.group_size}")
+        for name in ("minibatch_size", "micro_batch_size"):
+            v = getattr(loop, name)
+            if v is not None and v % 2:
+                problems.append(f"{name} must be even (a pair never splits), got {v}")
+        if problems:
+            raise ValueError("ZigzagPairs: " + "; ".join(problems))
+        if self.first_step is None:
+            high, low, it = self._settings
+            g = getattr(loop.policy, "guidance", None)
+            self.first_step = ZigzagFirstStep(high if high is not None else (g.scale if g is not None else 1.0), low, it)
+
+    @torch.no_grad()
+    def rollout(self, loop: "Loop", prompts, n: int) -> RolloutBatch:
+        policy = loop.policy
+        m = n // 2
+        cond = policy.encode(policy.prompt_texts(prompts)).repeat_interleave(m, 0)  # (P·m, ...)
+        P, dev = len(prompts), cond.device
+        group = torch.arange(P, device=dev).repeat_interleave(m)  # (P·m,)
+        seeds = torch.randint(0, 2**62, (P * m,), device=dev)  # (P·m,) one noise per pair
+        samples = [dict(p) if isinstance(p, dict) else {policy.prompt_key: p} for p in prompts for _ in range(m)]
+        std = policy.sample_batch(cond, seeds, group, samples)
+        zz = policy.sample_batch(cond, seeds, group, [dict(s) for s in samples], first_step=self.first_step)
+        both = RolloutBatch.cat([std, zz])  # S rows then Z rows
+        order = torch.stack([torch.arange(P * m), torch.arange(P * m) + P * m], 1).flatten()  # (2·P·m,) S0 Z0 S1 Z1 ..
+        both = both.select(order)
+        return both.replace(group_ids=group.repeat_interleave(2),
+                            zigzag=(torch.arange(2 * P * m, device=dev) % 2 == 1))
+
 
 # ---------------------------------------------------------------------------------------------- MV-ZigAL loss
 def zigal_pair_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, zigzag: Tensor, *,
