@@ -34,7 +34,10 @@ The last step's variance, explicitly:
   still sampled and trained, and the sample returned to the reward is that step's ``denoised`` (:meth:`output`),
   not the noisy ``x_next``.
 * Flow SDE: the last step goes from ``σ_{K−1} > 0`` to 0, ``std = a √(σ/(1 − σ)) √(−dt) > 0``; the first step's
-  ``σ = 1`` is replaced by the schedule's second sigma in the denominator only (Flow-GRPO's code).
+  ``σ = 1`` is replaced by the schedule's second sigma in the denominator only (Flow-GRPO's code). A consequence we
+  measured and test: from σ = 1 that first step has noise variance a² and drift factor 1 − a²/2 whatever K, so the
+  marginal variance after it is 1 + a⁴/4 instead of ≈ 1 (+6 % at a = 0.7); from any σ_0 < 1 the SDE's marginals
+  match the ODE's at every step (tests/common/test_gaussian_step.py, 2-D Gaussian mixture with exact velocity).
 
 Every builder checks at construction that each step's σ is finite and > 0, so every stored transition has a finite
 log-prob.
