@@ -25,7 +25,7 @@ once K are held (the spec keeps "up to K = 7"; which one is dropped when full is
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,12 @@ from torch import Tensor, nn
 from common.batch import RolloutBatch
 from common.losses.aggregate import Normaliser
 from common.losses.base import LossOutput, PolicyLoss
+from common.methods.base import Method
+from common.ops import seeded_uniform
+from common.sampling.gaussian_step import seeded_normal
+
+if TYPE_CHECKING:
+    from common.loop import Loop
 
 FLIPS = ("aaf", "indicator", "off")
 
@@ -183,3 +189,114 @@ class SePPOLoss(PolicyLoss):
             "winner_margin": (d[:, 1] - d[:, 0]).sum() / norm.num_sequences,  # e_ref(x^w) − e_θ(x^w)
             "loser_margin": (d[:, 3] - d[:, 2]).sum() / norm.num_sequences,
         })
+
+
+def _timesteps_from_seeds(seeds: Tensor, num_timesteps: int, stream: int) -> Tensor:
+    """A uniform timestep in [0, num_timesteps) per row, a pure function of its seed. (B,) -> (B,) long."""
+    u = seeded_uniform(seeds, stream, (1,)).double()[:, 0]  # (B,) U[0, 1)
+    return (u * num_timesteps).long().clamp(0, num_timesteps - 1)
+
+
+class SePPO(Method):
+    """SePPO's rollout and its errors (module docstring), over a ``DiffusionSamplerPolicy``.
+
+    Each training step: draw j ~ U over the ring, load θ_j into the policy's reference network, sample the rows'
+    reference images x^ref with θ_j (the policy's own sampler with its weights swapped in, without gradient, and
+    restored exactly), and render the prompts' winning images x^w (``diffusion.multiview.data.render_samples`` in
+    the ``winner_style``, seeded by the update count, so a resumed run renders the same). In the update, each row's
+    four denoising errors e_θ(x^w), e_ref(x^w), e_θ(x^ref), e_ref(x^ref) at one (t, ε) drawn from the row's seed go
+    to :class:`SePPOLoss` as ``seppo_errors``. After each update the ring counts it and saves every ``every``.
+
+    Args:
+        ring: the checkpoint ring (default ``CheckpointRing(7, 30)``).
+        reference: "uniform" (SePPO), "first" (θ_0 always) or "latest" (the newest checkpoint; SPIN-like).
+        winner_style: ``render_samples`` style of the winners ("winner": large, centred, saturated, jittered).
+        num_train_timesteps, beta_start, beta_end: the DDPM training schedule of the ε-errors (the base's).
+    """
+
+    requires = ("seeds",)
+
+    def __init__(self, ring: CheckpointRing | None = None, reference: Literal["uniform", "first", "latest"] = "uniform",
+                 winner_style: str = "winner", num_train_timesteps: int = 1000, beta_start: float = 1e-4,
+                 beta_end: float = 0.02):
+        super().__init__()
+        if reference not in ("uniform", "first", "latest"):
+            raise ValueError(f"SePPO: reference must be 'uniform', 'first' or 'latest', got {reference!r}")
+        self.ring = ring if ring is not None else CheckpointRing()
+        self.reference, self.winner_style = reference, winner_style
+        self.num_train_timesteps = num_train_timesteps
+        betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
+        self.register_buffer("alphas_cumprod", torch.cumprod(1 - betas, 0), persistent=False)  # (T,) DDPM linear
+        self.register_buffer("last_ref", torch.zeros((), dtype=torch.long))  # the slot drawn this step
+
+    def setup(self, loop: "Loop") -> None:
+        problems = []
+        if not isinstance(loop.loss, SePPOLoss):
+            problems.append(f"the loss must be diffusion.multiview.seppo.SePPOLoss, got {type(loop.loss).__name__}")
+        if not hasattr(loop.policy, "sample_batch") or not hasattr(loop.policy, "denoiser"):
+            problems.append(f"the policy must be a DiffusionSamplerPolicy, got {type(loop.policy).__name__}")
+        if problems:
+            raise ValueError("SePPO: " + "; ".join(problems))
+        params = loop.policy.trainable_parameters()
+        loop.policy.enable_reference()  # the frozen copy that holds θ_ref (a submodule: checkpointed)
+        self.ring.bind(params)
+        if int(self.ring.saved) == 0:
+            self.ring.save(params)  # θ_0 (a resumed run's ring is then loaded over it)
+
+    def pick(self) -> int:
+        if self.reference == "first":  # θ_0 sits in slot 0 until the ring wraps
+            return 0 if int(self.ring.saved) <= self.ring.size else -1
+        if self.reference == "latest":
+            return (int(self.ring.saved) - 1) % self.ring.size
+        return self.ring.draw()
+
+    @torch.no_grad()
+    def rollout(self, loop: "Loop", prompts, n: int) -> RolloutBatch:
+        policy = loop.policy
+        j = self.pick()
+        if j < 0:
+            raise ValueError("SePPO: reference='first' needs θ_0 in the ring, which a full ring has overwritten; "
+                             "raise ring.size above the number of saves")
+        params = policy.trainable_parameters()
+        self.ring.load_into(j, list(policy.reference.parameters()))
+        self.last_ref.fill_(j)
+        current = torch.nn.utils.parameters_to_vector([p.detach() for p in params]).clone()
+        self.ring.load_into(j, params)  # sample x^ref with θ_ref: the policy's own sampler, weights swapped in
+        try:
+            batch = policy.rollout(prompts, n)
+        finally:
+            torch.nn.utils.vector_to_parameters(current, params)  # restored exactly
+        from diffusion.multiview.data import render_samples
+        from diffusion.multiview.model import stack_views
+
+        views = policy.sample_shape[0] // 3
+        winners = stack_views(render_samples(batch.samples, views, self.winner_style, seed=int(self.ring.updates),
+                                             size=policy.sample_shape[-1]))  # (B, C, H, W) in [-1, 1]
+        return batch.replace(inputs={**batch.inputs, "winner": winners.to(batch.inputs["images"])})
+
+    def errors(self, policy, micro: RolloutBatch) -> Tensor:
+        """(b, 4) e_θ(x^w), e_ref(x^w), e_θ(x^ref), e_ref(x^ref) at the rows' (t, ε) (module docstring)."""
+        x_w, x_l, cond = micro.inputs["winner"], micro.inputs["images"].detach(), micro.inputs["cond"]
+        b = x_w.shape[0]
+        t = _timesteps_from_seeds(micro.seeds, self.num_train_timesteps, stream=10_001)  # (b,)
+        eps = seeded_normal(micro.seeds, 10_002, tuple(x_w.shape[1:]), x_w.dtype).to(x_w.device)  # (b, C, H, W)
+        a = self.alphas_cumprod.to(x_w.device)[t.to(x_w.device)].to(x_w.dtype).view(-1, 1, 1, 1)
+        x = torch.cat([a.sqrt() * x_w + (1 - a).sqrt() * eps, a.sqrt() * x_l + (1 - a).sqrt() * eps])  # (2b, C, H, W)
+        tt, cc, ee = torch.cat([t, t]).to(x.device), torch.cat([cond, cond]), torch.cat([eps, eps])
+        kw = policy.condition_kwarg
+
+        def call(net):
+            out = net(x, tt, **{kw: cc})
+            return out.sample if hasattr(out, "sample") else out
+
+        e_cur = denoising_error(call(policy.denoiser), ee)  # (2b,) with gradient
+        with torch.no_grad():
+            e_ref = denoising_error(call(policy.reference), ee)  # (2b,)
+        return torch.stack([e_cur[:b], e_ref[:b], e_cur[b:], e_ref[b:]], 1)
+
+    def loss_inputs(self, loop: "Loop", micro: RolloutBatch, out, inputs: dict) -> dict:
+        return {"seppo_errors": self.errors(loop.policy, micro)}
+
+    def after_update(self, loop: "Loop", batch: RolloutBatch) -> dict[str, Tensor]:
+        self.ring.step(loop.policy.trainable_parameters())
+        return {"seppo_ref_slot": self.last_ref.float(), "seppo_ring_held": torch.tensor(float(self.ring.held))}
