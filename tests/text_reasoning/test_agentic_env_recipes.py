@@ -1,16 +1,14 @@
 """The environment recipes (configs/agentic/grpo_{sokoban,order_dialogue,calculator_json}.yaml): every recipe's
 environment, episode settings and task source build from its YAML and an expert episode is solved; the Sokoban recipe
-trains 2 steps from ``advlab fit`` in layout A (one row per turn) on a tiny real model, with its end reasons, drift
-and anchor-group size logged."""
+trains from ``advlab fit`` in layout A (one row per turn) on a tiny real model, with its end reasons, drift and
+anchor-group size logged, and a SIGKILLed run resumes exactly."""
 
 from __future__ import annotations
 
 import importlib
-import subprocess
-
 import pytest
 import yaml
-from resume import ROOT, TINY, cli, events
+from resume import ROOT, TINY, assert_sigkill_resume_exact, cli, events
 
 from common.rollout.env import END_REASONS, EpisodeLimits
 
@@ -52,18 +50,23 @@ def test_recipe_environment_and_tasks_build_and_an_expert_solves_them(recipe):
         assert step.done and step.valid and total > 0.99, (recipe, task)
 
 
-def test_sokoban_recipe_trains_two_steps_in_layout_a(tmp_path):
+@pytest.mark.slow  # three advlab processes (straight, killed, resumed): ~35 s of CPU
+def test_sokoban_recipe_in_layout_a_logs_typed_ends_and_resumes_exactly_after_sigkill(tmp_path):
+    """``advlab fit`` on the Sokoban recipe in layout A (one row per turn), a tiny real model: SIGKILLed after its
+    step-2 checkpoint and resumed, it ends with the weights, optimiser state and logged metrics of the straight run
+    (the episodes' seeds come from the checkpointed RNG; environments keep no state across steps); the straight run
+    logged typed end reasons counting each episode once, the drift per turn (0 at turn 0) and anchor-group sizes."""
     run = cli("configs/agentic/grpo_sokoban.yaml", *TINY, "--data.init_args.prompts_per_step", "2",
               "--model.init_args.group_size", "4", "--model.init_args.episode.layout", "turn",
-              "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false")
-    proc = subprocess.run(run, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    logs = tmp_path / "runs/lightning_logs/version_0"
-    for tag in ("train/loss", "train/episode_turns", "train/drift", "train/drift/turn_0", "train/anchor_group_size",
-                "train/invalid_turns", "train/end_count/parse_error"):
-        assert sorted(events(logs, tag)) == [0, 1], tag
-    for step in (0, 1):  # every episode ended for one typed reason; counted once although stored as turn rows
+              "--trainer.enable_progress_bar", "false")
+    assert_sigkill_resume_exact(tmp_path, run, max_steps=4, every=2,
+                                tags=("train/reward", "train/loss", "train/drift", "train/end_count/parse_error",
+                                      "train/anchor_group_size"))
+    logs = tmp_path / "straight/runs/lightning_logs/version_0"
+    for tag in ("train/episode_turns", "train/drift/turn_0", "train/invalid_turns"):
+        assert sorted(events(logs, tag)) == [0, 1, 2, 3], tag
+    for step in range(4):  # every episode ended for one typed reason; counted once although stored as turn rows
         assert sum(events(logs, f"train/end/{r}")[step] for r in END_REASONS) == pytest.approx(1.0)
         assert sum(events(logs, f"train/end_count/{r}")[step] for r in END_REASONS) == pytest.approx(8.0)
-    assert events(logs, "train/drift/turn_0") == {0: 0.0, 1: 0.0}  # the first prompt is the template's own rendering
+    assert set(events(logs, "train/drift/turn_0").values()) == {0.0}  # the first prompt is the template's rendering
     assert all(v == v for v in events(logs, "train/loss").values())
