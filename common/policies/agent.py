@@ -1,20 +1,36 @@
 """MultiTurnAgentPolicy: a causal LM acting in a text environment for several turns, as one Policy.
 
-Layout B of shared/methods/agentic.md §1 (ARPO, MAPO, Search-R1: Jin et al. 2025, arXiv 2503.09516, whose loss masks
-the retrieved tokens out of the policy-gradient objective, as ``env_mask`` does here): one sequence per episode. The
-prompt is the chat-templated first observation; the completion is the concatenation, turn after turn, of the token
-ids the model sampled and the token ids of the environment's answer (``[a_0, o_0, a_1, o_1, ..., a_k]``). The
-sequence is *defined* by these ids, never re-tokenised from text, so what is trained on is what was sampled.
-Environment tokens are context, not actions: ``env_mask`` marks them, ``batch.loss_mask`` (what the loop's
-normaliser and loss use) excludes them, and ``forward`` returns 0 there.
+Both storage layouts of shared/methods/agentic.md §1, chosen by ``EpisodeLimits.layout``:
 
-Rollout is vectorised over episodes: at every turn, one ``generate`` call continues every live episode (each
-context is the episode's prompt + completion so far, left-aligned); the environments then step on the decoded
-actions (host-side Python, one object per episode), and their observations are tokenised and appended. Turns end
-at EOS, at a stop string (``</tool>``) or at the turn's token budget; episodes end by a typed reason
-(``common.rollout.env.END_REASONS``, recorded in the declared fields ``end_reason`` and ``num_turns``); each row's
-return is written into its sample dict (``episode_return``), where the reward protocol reads it, so the outcome
-reward is an ordinary reward function (``common.rollout.env.EpisodeReturn``).
+- **Layout B** (``"episode"``; ARPO, MAPO, Search-R1: Jin et al. 2025, arXiv 2503.09516, whose loss masks the
+  retrieved tokens out of the policy-gradient objective, as ``env_mask`` does here): one sequence per episode. The
+  prompt is the chat-templated first observation; the completion is the concatenation, turn after turn, of the token
+  ids the model sampled and the token ids of the environment's answer (``[a_0, o_0, a_1, o_1, ..., a_k]``).
+- **Layout A** (``"turn"``; verl-agent, GiGPO, HGPO, UI-S1, iStar): one row per turn, whose prompt is the exact token
+  context the turn was sampled from and whose completion is the turn's action (:func:`turn_rows`; the same
+  generation, so the same tokens and log-probs as layout B).
+
+The training sequence is *defined* by the sampled and the environment's ids, never re-tokenised from text, so what
+is trained on is what was sampled. Environment tokens are context, not actions: ``env_mask`` marks them,
+``batch.loss_mask`` (what the loop's normaliser and loss use) excludes them, and ``forward`` returns 0 there. With
+``observation_role`` set, observations are rendered as chat messages by the template (the assistant turn's close,
+the message, the next generation prompt), and before every turn the message history is re-rendered through the
+template and compared with the sampled context: a difference (a template that drops ``<think>`` from the history,
+tokens that merge across a turn boundary) is recorded per turn in ``turn_drift`` and logged by EpisodeStats; it is
+never corrected and never fatal.
+
+Rollout is vectorised over episodes: at every turn, one ``generate`` call (HF or vLLM: token ids in, token ids out)
+continues every live episode (each context is the episode's prompt + completion so far, left-aligned); the
+environments then step on the decoded actions (host-side Python, one object per episode, reset by (task id,
+episode seed) so an evaluation panel is reproducible: :func:`panel_hash`), and their observations are tokenised and
+appended. Turns end at EOS, at a stop string (``</tool>``) or at the turn's token budget; episodes end by a typed
+reason (``common.rollout.env.END_REASONS``: done, stopped, max_turns, overflow, timeout, env_error, parse_error; an
+environment that raises or hangs ends its episode with one log line, never the run), each with its configured
+return (``EpisodeLimits.end_rewards``). Per turn the agent records the reward, the hash of the history-free state
+the turn acted on (``Environment.state_text``: GiGPO's anchor states) and whether the action parsed, in the declared
+(B, K) columns ``turn_rewards``, ``turn_keys``, ``turn_valid``, ``turn_mask`` (:func:`turn_table` flattens them);
+each row's return is written into its sample dict (``episode_return``), where the reward protocol reads it, so the
+outcome reward is an ordinary reward function (``common.rollout.env.EpisodeReturn``).
 
 The loop is unchanged: ``forward`` is the wrapped CausalLMPolicy's (its shared-prompt cache included) on the whole
 sequence, so the log-probs at the assistant tokens are those of one plain forward over prompt + completion.
