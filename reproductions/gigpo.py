@@ -38,7 +38,7 @@ COMMON = [
     "--model.init_args.episode.max_turns", "6", "--model.init_args.episode.max_total_tokens", "96",
     "--model.init_args.episode.max_observation_tokens", "16", "--model.init_args.lr", "1e-3",
     "--data.init_args.val_size", "64", "--trainer.check_val_every_n_epoch", "null",
-    "--trainer.enable_progress_bar", "false", "--trainer.enable_checkpointing", "false",
+    "--trainer.enable_progress_bar", "false",
 ]
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}
 
