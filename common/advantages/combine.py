@@ -163,6 +163,7 @@ class MultiScope(TurnAdvantage):
         extra = {fields[s.signal] for s in scopes if s.signal in fields}
         extra |= {"turn_keys" for s in scopes if "state" in s.keys}
         self.requires = ("episode_ids", "token_turn", "turn_mask", *sorted(extra))
+        self.batch_scoped = any(not s.keys and s.mode != "none" for s in scopes)
 
     def turn_advantages(self, tt: TurnTable) -> Tensor:  # (U,)
         return multi_scope(tt, self.scopes, gamma=self.gamma, mix=self.mix, eps=self.eps)

@@ -66,6 +66,7 @@ class MAPO(TurnAdvantage):
         self.gamma, self.w_batch, self.w_turn, self.turn_std, self.batch_std = gamma, w_batch, w_turn, turn_std, batch_std
         self.reward_field, self.eps = reward_field, eps
         self.requires = ("episode_ids", "token_turn", "turn_mask", reward_field)
+        self.batch_scoped = w_batch != 0
 
     def turn_advantages(self, tt: TurnTable) -> Tensor:  # (U,)
         return mapo(tt, gamma=self.gamma, w_batch=self.w_batch, w_turn=self.w_turn, turn_std=self.turn_std,

@@ -23,10 +23,17 @@ class TurnAdvantage(AdvantageEstimator):
     min_group_size = 2  # group-relative: a task rolled out once gives 0 everywhere
     requires: tuple[str, ...] = ("episode_ids", "token_turn", "turn_mask")
 
+    # statistics over the whole batch (MAPO's batch scope, a MultiScope scope without keys): under data parallelism
+    # these would be one rank's, so such an estimator refuses to run with the Loop's all_reduce set (not supported yet)
+    batch_scoped: bool = False
+
     def turn_advantages(self, tt: TurnTable) -> Tensor:  # (U,)
         raise NotImplementedError
 
     def __call__(self, batch: RolloutBatch) -> Tensor:  # (B, T)
+        if self.all_reduce is not None and self.batch_scoped:
+            raise ValueError(f"{type(self).__name__}: a batch-wide normalisation scope is not supported under data "
+                             "parallelism yet (its statistics would be one rank's); run on one process or drop that scope")
         batch.require(type(self).__name__, *self.requires)
         check_rewards(batch.rewards)
         tt = turn_table(batch)

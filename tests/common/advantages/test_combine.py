@@ -124,3 +124,16 @@ def test_yaml_configs_build_and_bad_input():
         MultiScope([Scope()], mix=2.0)
     deg = [{"group": 0, "outcome": 1.0, "turns": [{"reward": 0.5}]} for _ in range(3)]
     assert (tompo(0.5)(make_batch(deg, "B")) == 0).all()
+
+
+def test_batch_scopes_refuse_data_parallelism():
+    from common.advantages.mapo import MAPO
+
+    b = make_batch(episodes(5), "B")
+    for est in (MAPO(), MultiScope([Scope(signal="reward", keys=())])):
+        est.all_reduce = lambda t: t
+        with pytest.raises(ValueError, match="data parallelism"):
+            est(b)
+    ok = MultiScope([Scope(signal="outcome", keys=("group",)), Scope(signal="reward", keys=(), mode="none")])
+    ok.all_reduce = lambda t: t
+    assert torch.isfinite(ok(b)).all()  # group scopes and raw terms need no cross-rank statistics
