@@ -26,7 +26,9 @@ over steps): every row's log-probs are then bit-identical whatever the micro-bat
 ratio is exactly 1 before the first update (DanceGRPO's is 1 only at batch size 1). ``row_invariant=False`` makes one
 call on all B·K states (faster on a GPU; the ratio is then 1 up to kernel rounding). The sampler's own
 ``behaviour_logprobs`` come from per-step batches and match ``forward`` to rounding (not bit for bit); the loop's old
-log-probs are always recomputed by ``forward``.
+log-probs are always recomputed by ``forward``. The frozen reference copy may differ from the current weights' log-probs
+in the last bit at initialisation (measured 2e-16 in float64: some CPU kernels take another path for weights that do
+not require grad), so KL(π‖π_ref) starts at rounding level, not at an exact 0.
 
 Classifier-free guidance (Ho & Salimans 2022, arXiv 2207.12598) is an explicit option, the same in rollout and in
 ``forward`` (so it never opens a train/rollout mismatch): ``guidance=None`` uses the conditional prediction only;
@@ -284,7 +286,9 @@ class DiffusionSamplerPolicy(Policy):
         cond = batch.inputs["cond"]  # (B, ...)
         steps = torch.arange(K, device=a.device)  # (K,)
         if self.row_invariant:  # one denoiser call per row, on that row's K states: batch-invariant by construction
-            mean, std = zip(*(self.step_stats(s[b], steps, cond[b:b + 1].expand(K, *cond.shape[1:]), reference)
+            # fresh (allocator-aligned) copies: BLAS kernels may take other paths on differently aligned data
+            mean, std = zip(*(self.step_stats(s[b].clone(), steps, cond[b:b + 1].expand(K, *cond.shape[1:]).clone(),
+                                              reference)
                               for b in range(B)))  # ok: per-row calls, each vectorised over the K steps
             mean, std = torch.stack(mean), torch.stack(std)  # (B, K, C, H, W), (B, K, 1, 1, 1)
         else:
