@@ -150,8 +150,9 @@ class EpisodeLimits:
             end-of-turn and tool-turn markers); empty = the observation continues the assistant's text inline.
         observation_role: render every observation as a chat message of this role (``"user"``, ``"tool"``) with the
             policy's chat template: the assistant turn's end, the message and the next generation prompt, as the
-            template writes them (overrides prefix/suffix). The history is then also re-rendered through the
-            template before every turn and compared with the sampled tokens (``RolloutBatch.turn_drift``).
+            template writes them (overrides prefix/suffix); an action that ends with EOS then ends its turn, not the
+            episode (a chat turn's normal end). The history is also re-rendered through the template before every
+            turn and compared with the sampled tokens (``RolloutBatch.turn_drift``).
         clock: the clock of the environments and of the step timeout (``FakeClock`` in tests; default wall time).
         layout: how the agent stores episodes (agentic.md §1): ``"episode"`` (layout B, one row per episode: the
             actions and observations concatenated) or ``"turn"`` (layout A, one row per turn: the exact context the

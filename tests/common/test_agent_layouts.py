@@ -8,6 +8,7 @@ drift is reported per turn (never zeroed, never a crash), with the correct templ
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -241,3 +242,17 @@ def test_broken_chat_templates_never_change_the_sequence_and_drift_is_reported(t
     assert envm.any() and (raw.grad[0][envm] == 0).all() and (raw.grad[0][batch.loss_mask[0]] != 0).all()
     stats = EpisodeStats().after_update(None, batch)
     assert float(stats["drift"]) == pytest.approx(sum(got) / 3) and "drift/turn_2" in stats
+
+
+def test_bad_episode_settings_are_refused_naming_the_argument():
+    for kwargs, message in [
+        (dict(layout="rows"), "layout must be 'episode' (one row per episode) or 'turn'"),
+        (dict(max_parse_errors=0), "max_parse_errors must be a positive integer or None, got 0"),
+        (dict(observation_role=" "), "observation_role must be a chat role"),
+        (dict(clock="wall"), "clock must be a common.rollout.env.Clock, got str"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            EpisodeLimits(**kwargs)
+    # a template that does not render message contents verbatim cannot frame observations: refused at construction
+    with pytest.raises(ValueError, match="observation_role='user': the chat template does not render"):
+        forced_agent(Talk(), ["x"], template="{% for m in messages %}{{ m['role'] }}{% endfor %}", observation_role="user")
