@@ -98,3 +98,16 @@ def test_recipe_runs_one_step(recipe, tmp_path):
     assert sorted(loss) == [0] and loss[0] == loss[0]
     ckpt = torch.load(logs / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 1
+
+
+def test_bad_estimator_argument_fails_fast_naming_it(tmp_path):
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc = subprocess.run(cli("configs/agentic/gigpo.yaml", "--model.init_args.advantage.init_args.gamma", "1.5",
+                              "--trainer.max_steps", "1"), cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    assert proc.returncode != 0
+    assert "gamma must be in [0, 1], got 1.5" in proc.stderr and "advantage" in proc.stderr
+    assert (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime) < 10.0  # CPU seconds, not wall
