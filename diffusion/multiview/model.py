@@ -45,8 +45,9 @@ def unstack_views(x: Tensor, views: int) -> Tensor:
 class CaptionEncoder:
     """Caption -> ``(1 + max_tokens, 384)`` conditioning rows from the bundled all-MiniLM-L6-v2 (offline), cached in
     memory and on disk (``<cache_dir>/multiview/minilm-captions-L<max_tokens>.pt``, a dict caption -> tensor), so a
-    run whose captions were all seen before never loads the encoder. One shared instance per ``max_tokens``
-    (:meth:`shared`).
+    run whose captions were all seen before never loads the encoder. The empty caption maps to zeros, the null
+    condition (so a sampler's negative prompt "" is :meth:`MultiviewUNet.null_cond`). One shared instance per
+    ``max_tokens`` (:meth:`shared`); ``encode`` is the same call.
 
     Args:
         max_tokens: token rows kept after the sentence row (longer captions are truncated; [CLS]/[SEP] count).
@@ -112,6 +113,7 @@ class CaptionEncoder:
         """(B,) captions -> (B, 1 + max_tokens, 384) float32."""
         captions = [str(c) for c in captions]
         self._load_disk()
+        self._memory[""] = torch.zeros(1 + self.max_tokens, TEXT_DIM)  # the empty caption is the null condition
         missing = [c for c in dict.fromkeys(captions) if c not in self._memory]
         if missing:
             self._memory.update(zip(missing, self._encode(missing)))
@@ -119,6 +121,8 @@ class CaptionEncoder:
         if not captions:
             return torch.zeros(0, 1 + self.max_tokens, TEXT_DIM)
         return torch.stack([self._memory[c] for c in captions])
+
+    encode = __call__
 
 
 class MultiviewUNet(nn.Module):

@@ -73,11 +73,19 @@ class PretrainConfig:
     def model(self) -> MultiviewUNet:
         return MultiviewUNet(self.views, self.size, self.channels, self.layers_per_block, self.head_dim, self.max_tokens)
 
-    def scheduler(self):
-        """The training noise schedule (a diffusers DDPMScheduler); samplers build theirs from ``scheduler_config``."""
-        from diffusers import DDPMScheduler
+    def scheduler(self, kind: str = "ddpm"):
+        """The training noise schedule as a diffusers scheduler: "ddpm" (training), "ddim" (for
+        ``common.sampling.gaussian_step.DDIMStep``: clip_sample, set_alpha_to_one=False, steps_offset=1, so the
+        last step keeps a positive variance) or "lcm" (``LCMStep``)."""
+        from diffusers import DDIMScheduler, DDPMScheduler, LCMScheduler
 
-        return DDPMScheduler(**self.scheduler_config())
+        if kind == "ddpm":
+            return DDPMScheduler(**self.scheduler_config())
+        if kind == "ddim":
+            return DDIMScheduler(**self.scheduler_config(), clip_sample=True, set_alpha_to_one=False, steps_offset=1)
+        if kind == "lcm":
+            return LCMScheduler(**self.scheduler_config(), clip_sample=True, set_alpha_to_one=False)
+        raise ValueError(f"kind must be 'ddpm', 'ddim' or 'lcm', got {kind!r}")
 
     def scheduler_config(self) -> dict:
         return {"num_train_timesteps": self.num_train_timesteps, "beta_start": self.beta_start,
