@@ -58,7 +58,8 @@ from torch import Tensor, nn
 
 from common.batch import RolloutBatch
 from common.policies.base import Policy, PolicyOutput, mix_weights_
-from common.sampling.gaussian_step import (StepBuilder, gaussian_step_entropy, gaussian_step_logprob, seeded_normal)
+from common.sampling.gaussian_step import (StepBuilder, gaussian_step_entropy, gaussian_step_kl, gaussian_step_logprob,
+                                           seeded_normal)
 
 FirstStep = Callable[["DiffusionSamplerPolicy", Tensor, Tensor, Tensor], Tensor]
 
@@ -298,6 +299,20 @@ class DiffusionSamplerPolicy(Policy):
         lp = gaussian_step_logprob(a.flatten(0, 1), mean.flatten(0, 1), std.flatten(0, 1)).view(B, K)
         ent = gaussian_step_entropy(std.flatten(0, 1), a.flatten(0, 1)).view(B, K)
         return PolicyOutput(lp * m, ent * m)
+
+    @torch.no_grad()
+    def step_kl(self, batch: RolloutBatch) -> Tensor:
+        """Closed-form KL(π_θ(·|x_{t_k}) ‖ π_ref(·|x_{t_k})) of every stored step, mean over dimensions
+        (``gaussian_step_kl``; both share the schedule's σ, so it is mean (μ − μ_ref)² / (2σ²)): an exact,
+        sample-free KL-to-reference tripwire for logging. Shapes: -> (B, K), 0 off the mask."""
+        m = batch.completion_mask  # (B, K)
+        B, K = m.shape
+        s = self.states(batch).flatten(0, 1)  # (B·K, C, H, W)
+        k = torch.arange(K, device=s.device).repeat(B)
+        cond = batch.inputs["cond"].repeat_interleave(K, 0)
+        mean, std = self.step_stats(s, k, cond)
+        mean_ref, std_ref = self.step_stats(s, k, cond, reference=True)
+        return gaussian_step_kl(mean, std, mean_ref, std_ref).view(B, K) * m
 
     # ------------------------------------------------------------------ parameters and reference
     def trainable_parameters(self) -> list[nn.Parameter]:

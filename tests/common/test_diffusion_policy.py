@@ -192,10 +192,19 @@ def test_reference_is_a_frozen_copy_and_refreshes(one_thread):
     opt.step()
     assert (pol(batch).logprobs - before).abs().max() > 1e-6
     torch.testing.assert_close(pol(batch, reference=True).logprobs, before, rtol=0, atol=1e-12)
+    kl = pol.step_kl(batch)  # (B, K): closed form, by hand mean (μ − μ_ref)²/(2σ²) at the stored states
+    s = torch.cat([batch.inputs["x_init"][:, None], batch.completion_ids[:, :-1]], 1)
+    for b, k in ((0, 0), (3, K - 1)):
+        kk, c = torch.tensor([k]), batch.inputs["cond"][b:b + 1]
+        with torch.no_grad():
+            (mu, sd), (mu_ref, _) = pol.step_stats(s[b:b + 1, k], kk, c), pol.step_stats(s[b:b + 1, k], kk, c, reference=True)
+        torch.testing.assert_close(kl[b, k], ((mu - mu_ref) ** 2 / (2 * sd ** 2)).mean(), rtol=1e-10, atol=0)
+    assert kl.shape == (4, K) and bool((kl > 0).all())
     assert all(not p.requires_grad for p in pol.reference.parameters())
     assert {id(p) for p in pol.trainable_parameters()}.isdisjoint(id(p) for p in pol.reference.parameters())
     pol.refresh_reference(1.0)
     torch.testing.assert_close(pol(batch, reference=True).logprobs, pol(batch).logprobs, rtol=0, atol=1e-12)
+    assert float(pol.step_kl(batch).max()) < 1e-20
 
 
 def test_first_step_hook_replaces_only_the_first_state(one_thread):
