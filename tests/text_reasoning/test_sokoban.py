@@ -142,3 +142,23 @@ def test_generator_refuses_impossible_settings():
         generate_level(random.Random(0), size=4, boxes=2)
     with pytest.raises(ValueError, match="size must be 3-16"):
         SokobanTasks(size=2)
+
+
+def test_expert_sft_examples_replay_the_solution_and_optimal_move_verifies():
+    """SokobanExperts: each level's examples are its states along the solution, in order (the prompt is what the
+    environment shows at a reset of that state; replaying the responses solves the level); OptimalMove accepts
+    every expert move and any other shortest-path move, and rejects a move that lengthens the solution."""
+    from text_reasoning.envs.sokoban import INSTRUCTION, OptimalMove, SokobanExperts
+
+    tasks = SokobanTasks(size=5, inner_walls=1, min_moves=2, max_moves=6)
+    ex = SokobanExperts(tasks, levels=6).make(None, 0)
+    env = Sokoban()
+    assert ex[0]["prompt"] == env.reset({"level": ex[0]["level"]})
+    for e in ex:
+        assert e["prompt"] == INSTRUCTION + "\n".join(e["level"]) and e["response"] in ("up", "down", "left", "right")
+    assert OptimalMove()([e["response"] for e in ex], ex).tolist() == [1.0] * len(ex)
+    level = ["######", "#@__.#", "#_$__#", "#____#", "######"]  # box (2,2) -> target (1,4): push right twice, then up
+    sample = [{"level": level}]
+    plan = solve(*parse_level(level))
+    assert OptimalMove()([expert_actions(plan)[0]], sample).tolist() == [1.0]
+    assert OptimalMove()(["up", "no idea"], sample * 2).tolist() == [0.0, 0.0]  # a wall bump wastes a move

@@ -23,7 +23,11 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from torch import Tensor
+
+from common.rewards.base import RewardFunction
 from common.rollout.env import MAX_ACTION_CHARS, Environment, Step
+from common.sft import SFTSource
 from text_reasoning.data import TaskSource
 from text_reasoning.tasks import Problem
 
@@ -227,5 +231,61 @@ def expert_actions(solution: str) -> list[str]:
     return [names[c] for c in solution]
 
 
-__all__ = ["Sokoban", "SokobanTasks", "expert_actions", "generate_level", "last_move", "move", "parse_level", "render",
-           "solve"]
+class SokobanExperts(SFTSource):
+    """SFT examples from the solver's expert trajectories (a warm start for RL when the model cannot play zero-shot):
+    every state along the shortest solution of a generated level is one example, ``prompt`` the state as the
+    environment shows it at a reset (``instruction`` + rendering), ``response`` the expert's move word; ``level``
+    (the rows of that state) travels along for :class:`OptimalMove`.
+
+    Args:
+        tasks: the level generator (``SokobanTasks``; use the RL recipe's settings).
+        instruction: the environment's instruction (the RL recipe's ``Sokoban.instruction``).
+        levels: levels generated when the data module asks for all (``train_size`` None).
+    """
+
+    def __init__(self, tasks: SokobanTasks | None = None, instruction: str = INSTRUCTION, levels: int = 512):
+        self.tasks, self.instruction, self.levels = tasks if tasks is not None else SokobanTasks(), instruction, levels
+
+    def make(self, n: int | None, seed: int) -> list[dict]:
+        out: list[dict] = []
+        target = self.levels if n is None else n
+        for level in self.tasks.make(target, seed + 10_000):  # seeds apart from the RL recipe's task seeds
+            walls, targets, boxes, player = parse_level(level.meta["level"])
+            shape = (len(level.meta["level"]), len(level.meta["level"][0]))
+            for d, word in zip(level.meta["solution"], expert_actions(level.meta["solution"])):
+                rows = render(shape, walls, targets, boxes, player)
+                out.append({"prompt": self.instruction + rows, "response": word, "answer": word, "task": "sokoban",
+                            "level": rows.split("\n")})
+                boxes, player = move(walls, boxes, player, d)
+        return out if n is None else out[:n]
+
+
+class OptimalMove(RewardFunction):
+    """1 when the completion's move (its last direction word) starts a shortest solution from the sample's level
+    (``sample["level"]``, rows): the solver's distance drops by one; else 0. The validation verifier of the SFT warm
+    start (any optimal move counts, not only the expert's)."""
+
+    name = "optimal_move"
+
+    def __init__(self, max_states: int = 20000):
+        self.max_states = max_states
+
+    def __call__(self, completions: Sequence[str], samples: Sequence[Mapping[str, Any]]) -> Tensor:
+        import torch
+
+        scores = []
+        for text, sample in zip(completions, samples):  # ok: host-side verifier, a BFS per sample
+            d = last_move(text)
+            walls, targets, boxes, player = parse_level(sample["level"])
+            best = solve(walls, targets, boxes, player, self.max_states)
+            if d is None or best is None:
+                scores.append(0.0)
+                continue
+            b, p = move(walls, boxes, player, d)
+            after = solve(walls, targets, b, p, self.max_states)
+            scores.append(float(after is not None and len(after) == len(best) - 1))
+        return torch.tensor(scores, dtype=torch.float32)
+
+
+__all__ = ["OptimalMove", "Sokoban", "SokobanExperts", "SokobanTasks", "expert_actions", "generate_level", "last_move",
+           "move", "parse_level", "render", "solve"]
