@@ -262,3 +262,22 @@ def test_tiny_unet2dmodel_rollout_and_optimiser_step_through_the_loop(one_thread
     assert any(not torch.equal(b, p) for b, p in zip(before, pol.trainable_parameters()))
     assert (pol.sampler_logprobs(batch) - lp_before).abs().max() > 1e-6
     assert batch.inputs["images"].shape == (4, 3, 16, 16)
+
+
+def test_scale_override_token_dim_and_a_callable_encoder(one_thread):
+    """model_output(scale=w) (zigzag's ω_high / ω_low) combines the branches at w whatever the policy's guidance:
+    0 = unconditional, 1 = conditional; a plain callable (P, D) encoder with add_token_dim feeds cross-attention."""
+    table = HashPromptEmbedding((16,))
+    pol = DiffusionSamplerPolicy(cond_unet(), STEPS["lcm"](), lambda texts: table.encode(texts), SHAPE,
+                                 add_token_dim=True).double()
+    batch = pol.rollout(PROMPTS, 1)
+    assert batch.inputs["cond"].shape == (2, 1, 16)
+    x, k, c = batch.inputs["x_init"], torch.zeros(2, dtype=torch.long), batch.inputs["cond"]
+    t = pol.step.model_timesteps[k]
+    with torch.no_grad():
+        e_c = pol.denoiser(x, t, encoder_hidden_states=c).sample
+        e_u = pol.denoiser(x, t, encoder_hidden_states=torch.zeros_like(c)).sample
+        torch.testing.assert_close(pol.model_output(x, k, c, scale=0.0), e_u, rtol=0, atol=0)
+        torch.testing.assert_close(pol.model_output(x, k, c, scale=1.0), e_c, rtol=0, atol=0)
+        torch.testing.assert_close(pol.model_output(x, k, c, scale=7.0), e_u + 7.0 * (e_c - e_u), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(pol.model_output(x, k, c), e_c, rtol=0, atol=0)  # guidance None: conditional only
