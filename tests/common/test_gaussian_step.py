@@ -339,3 +339,25 @@ def test_flow_grpo_first_step_from_sigma_one_inflates_the_variance_by_a4_over_4(
     se = math.sqrt(2 * 1.05 ** 2 / n)  # sd of a sample variance ≈ σ² √(2/n)
     dt = 1 / 200
     assert ((excess - a ** 4 / 4).abs() <= Z_MAX * se + dt).all(), (excess, a ** 4 / 4, se)
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+def test_other_prediction_types_match_diffusers(prediction_type):
+    """x0- and v-prediction models: the DDIM builder's sample equals DDIMScheduler.step's with the same noise, the LCM
+    builder's denoised equals LCMScheduler.step's (float32 scalars in diffusers)."""
+    x, out, xi = rows(7)
+    ddim = DDIMScheduler(set_alpha_to_one=False, steps_offset=1, clip_sample=False, prediction_type=prediction_type)
+    lcm = LCMScheduler(prediction_type=prediction_type)
+    sd, sl = DDIMStep(ddim, K), LCMStep(lcm, K)
+    rd, rl = DDIMScheduler.from_config(ddim.config), LCMScheduler.from_config(lcm.config)
+    rd.set_timesteps(K)
+    rl.set_timesteps(K)
+    for k in range(K):
+        kk = torch.full((6,), k)
+        mean, std = sd.stats(out, x, kk)
+        a = float(sd.alpha_t[k])  # diffusers' float32 scalars err ~1e-7 relative on terms as large as |ε̂| (~300 at t = 1)
+        tol = F32 * max(1.0, float(((x - a ** 0.5 * out) / (1 - a) ** 0.5).abs().max())) if prediction_type == "sample" else F32
+        torch.testing.assert_close(rd.step(out, rd.timesteps[k], x, eta=1.0, variance_noise=xi).prev_sample,
+                                   mean + std * xi, rtol=F32, atol=tol)
+        theirs = rl.step(out, rl.timesteps[k], x, generator=torch.Generator().manual_seed(0), return_dict=False)[1]
+        torch.testing.assert_close(theirs, sl.denoised(out, x, kk), rtol=F32, atol=F32)
