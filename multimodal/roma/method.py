@@ -38,7 +38,9 @@ Recorded in the batch (``batch.inputs``, (B, Kc, ...) rows travel with select / 
 level and key (``roma_kind``, ``roma_level``, ``roma_key``; ``multimodal.roma.corruptions.describe`` names them) and
 the corrupted pixels (``roma_views``), plus ``roma_old_logprobs`` (B, Kc, T) when the aux ratio needs them. The
 image is ``inputs[image_key]`` (B, C, H, W) or (B, N, C, H, W), stored as ``(x − mean) / std`` of pixels in [0, 1].
-State across steps: ``step`` (a buffer, in the checkpoint), which enters every key.
+State across steps: ``step`` (a buffer, in the checkpoint), which enters every key. ``roma_old_logprobs`` has the
+step's completion width T, so a selector that refills a step from new prompts (``max_generation_rounds > 1``, whose
+rounds may differ in T) cannot concatenate it; such a run needs one optimiser step per rollout (mu = 1, one minibatch).
 """
 
 from __future__ import annotations

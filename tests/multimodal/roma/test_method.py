@@ -186,3 +186,19 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="image_key"):
         ROMA(image_key="image").after_score(None, batch)
     assert roma.requires == ("correct",) and ROMA(gate="reward").requires == ()
+
+
+def test_several_images_per_row_get_the_rows_view_and_normalisation_round_trips():
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.rand(3, 2, 3, 8, 8, generator=g)  # (B, N images, C, H, W) in [0, 1]
+    roma = ROMA(num_views=2, pixel_mean=0.5, pixel_std=0.5, corruptions=["contrast"], min_level=3, max_level=3)
+    out = roma.views((pixels - 0.5) / 0.5, torch.arange(3), 0)
+    assert out["roma_views"].shape == (3, 2, 2, 3, 8, 8)
+    for b in range(3):
+        for k in range(2):
+            for n in range(2):  # contrast 0.4 about each image's own mean, then back to the policy's normalisation
+                img = pixels[b, n]
+                expect = ((img - img.mean()) * 0.4 + img.mean() - 0.5) / 0.5
+                torch.testing.assert_close(out["roma_views"][b, k, n], expect, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"inputs\['pixel_values'\] must be"):
+        roma.views(torch.zeros(3, 8, 8), torch.arange(3), 0)
