@@ -159,14 +159,26 @@ def grads(pol, loss):
 def test_cfg_options_match_hand_composed_gradients(row_invariant, one_thread):
     """off: the conditional prediction only; detached: the gradient of ε_u.detach() + w (ε_c − ε_u.detach()) (the
     unconditional branch gets none); both: the gradient through both branches. Each equals the hand-composed
-    gradient (float64); detached and both differ; scale 1 samples exactly what off samples."""
+    gradient (float64); a hook on the denoiser sees the unconditional call without gradient (detached), with it
+    (both) or not at all (off); detached and both differ; scale 1 samples exactly what off samples."""
     options = {"off": (None, None, False), "detached": (ClassifierFreeGuidance(3.0), 3.0, True),
                "both": (ClassifierFreeGuidance(3.0, train_unconditional=True), 3.0, False)}
     got = {}
     batch = make_policy("flow").rollout(PROMPTS, 1)
     for name, (guidance, w, detach) in options.items():
         pol = make_policy("flow", guidance, row_invariant=row_invariant)
+        calls = []  # (rows of the unconditional branch, rows of the conditional one, output requires grad) per call
+
+        def record(module, args, kwargs, output):
+            null = (kwargs["encoder_hidden_states"] == 0).flatten(1).all(1)
+            calls.append((int(null.sum()), int((~null).sum()), output.sample.requires_grad))
+
+        handle = pol.denoiser.register_forward_hook(record, with_kwargs=True)
         g_policy = grads(pol, pol(batch).logprobs.sum())
+        handle.remove()
+        uncond_grad = {g for u, c, g in calls if u}
+        assert {"off": set(), "detached": {False}, "both": {True}}[name] == uncond_grad, (name, calls)
+        assert all(g for u, c, g in calls if c)  # the conditional branch always carries the gradient
         g_hand = grads(pol, hand_cfg_logprob(pol, batch, w, detach))
         torch.testing.assert_close(g_policy, g_hand, rtol=1e-9, atol=1e-12)
         got[name] = g_policy
