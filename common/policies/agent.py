@@ -381,10 +381,15 @@ def turn_rows(batch: RolloutBatch, tokenizer) -> RolloutBatch:
     """Layout B (one row per episode) -> layout A (one row per turn; agentic.md §1), the same tokens: row u holds
     turn t of episode e, its prompt is the exact context turn t was sampled from (e's prompt and completion before
     the turn's first token, left-padded), its completion the turn's action tokens (right-padded). Rows are sorted
-    by (episode, turn); ``turn_ids`` = t, the per-turn columns are (U, 1), the episode's fields are repeated.
-    Shapes: (E, P), (E, W) -> (U, P'), (U, A)."""
-    e_u, t_u = batch.turn_mask.nonzero(as_tuple=True)  # (U,), (U,) row-major: sorted by (episode, turn)
-    e_u, t_u = e_u, t_u + batch.turn_ids[e_u]
+    by (episode, turn); ``turn_ids`` = t, the per-turn columns are (U, 1), the episode's fields are repeated. An
+    episode without a turn (its reset failed) keeps one empty row (no tokens, ``turn_mask`` False), so its end
+    reason and outcome still count, as in layout B. Shapes: (E, P), (E, W) -> (U, P'), (U, A)."""
+    e_u, k_u = batch.turn_mask.nonzero(as_tuple=True)  # (U,), (U,) row-major: sorted by (episode, turn)
+    empty = (~batch.turn_mask.any(1)).nonzero().squeeze(1)  # (E0,) episodes without a turn
+    e_u, k_u = torch.cat([e_u, empty]), torch.cat([k_u, torch.zeros_like(empty)])
+    order = torch.argsort(e_u * batch.turn_mask.shape[1] + k_u, stable=True)
+    e_u, k_u = e_u[order], k_u[order]
+    t_u = k_u + batch.turn_ids[e_u]
     U, W = e_u.numel(), batch.completion_ids.shape[1]
     pos = torch.arange(W, device=e_u.device)
     mine = batch.token_turn[e_u] == t_u[:, None]  # (U, W) the turn's action tokens

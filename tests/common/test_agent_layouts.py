@@ -256,3 +256,22 @@ def test_bad_episode_settings_are_refused_naming_the_argument():
     # a template that does not render message contents verbatim cannot frame observations: refused at construction
     with pytest.raises(ValueError, match="observation_role='user': the chat template does not render"):
         forced_agent(Talk(), ["x"], template="{% for m in messages %}{{ m['role'] }}{% endfor %}", observation_role="user")
+
+
+class Unresettable(Talk):
+    def reset(self, task):
+        if task["prompt"] == "bad":
+            raise RuntimeError("no such level")
+        return super().reset(task)
+
+
+def test_an_episode_whose_reset_failed_keeps_one_empty_row_in_layout_a(one_thread, caplog):
+    policy = forced_agent(Unresettable(), ["hi", "yes", "bye"], max_turns=3, layout="turn", observation_role="user",
+                          end_rewards={"env_error": -1.0})
+    batch = policy.rollout([{"prompt": "bad"}, {"prompt": "ok"}], 1)
+    assert batch.episode_ids.tolist() == [0, 1, 1, 1] and batch.completion_mask[0].sum() == 0
+    assert batch.turn_mask[:, 0].tolist() == [False, True, True, True] and batch.samples[0]["episode_return"] == -1.0
+    stats = EpisodeStats().after_update(None, batch)
+    assert float(stats["end_count/env_error"]) == 1 and float(stats["end/env_error"]) == 0.5
+    assert "raised RuntimeError('no such level')" in caplog.text
+    assert torch.isfinite(policy(batch).logprobs).all()
