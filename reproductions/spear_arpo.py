@@ -1,0 +1,198 @@
+"""SPEAR (arXiv 2509.22601) and ARPO (arXiv 2505.16282): replaying the agent's own successes, at CPU scale.
+
+Three pre-registered checks (reports/spear_arpo.md, "## Pre-registration", committed before the first run), all on the
+library's code: the real ``common.loop.Loop`` over a tabular bandit policy (``common.policies.toy.TabularPolicy``),
+``common.methods.arpo.ARPO``, ``common.methods.spear.SPEAR`` and ``common.losses.entropy.ClipCovLoss``:
+
+    A  ARPO vs GRPO on 8 bandits of 20 candidate trajectories, P0 = 0.02, G = 8, 30 updates, 30 seeds (agentic.md §8 (e))
+    B  Clip-Cov vs vanilla PG: entropy drop after one SGD step on a 50-arm bandit, 50 seeds (agentic.md §7 (e) 4)
+    C  Dr.GRPO + SPEAR self-imitation vs Dr.GRPO on the bandit of A, 30 seeds (our toy analogue)
+
+    OMP_NUM_THREADS=1 python reproductions/spear_arpo.py      # writes reproductions/reports/spear_arpo.{md,png}
+"""
+
+from __future__ import annotations
+
+from support.report import REPORTS, plt, save_plot, table, verdict  # the repository root on sys.path, Agg
+
+import math
+import statistics
+
+import torch
+
+from common.advantages.group import grpo
+from common.batch import RolloutBatch
+from common.loop import Loop, Stepper
+from common.losses.entropy import ClipCovLoss
+from common.losses.ppo_clip import ClippedPolicyLoss
+from common.methods.arpo import ARPO
+from common.methods.spear import SPEAR
+from common.policies.toy import TabularPolicy
+from common.progress import progress
+
+PROMPTS, K, G, STEPS, LR, P0, SEEDS = 8, 20, 8, 30, 0.5, 0.02, 30
+CC_SEEDS, CC_ARMS, CC_TOKENS = 50, 50, 512
+
+T95 = {29: 2.045, 19: 2.093, 9: 2.262, 4: 2.776}  # two-sided 95% t quantiles by degrees of freedom
+
+
+def interval(diff: list[float]) -> tuple[float, float, float]:
+    m, s = statistics.fmean(diff), statistics.stdev(diff)
+    h = T95[len(diff) - 1] * s / math.sqrt(len(diff))
+    return m, m - h, m + h
+
+
+def bandit_run(arm: str, seed: int) -> tuple[float, float, list[float], int]:
+    """One seed of arm "grpo", "arpo", "drgrpo", "spear" or "spear_bs2" (exploratory: buffer_size 2). Returns (final
+    mean P(success), non-degenerate group fraction over the updates, the P curve, replay rows trained on)."""
+    gen = torch.Generator().manual_seed(seed)
+    correct_answer = torch.randint(0, K, (PROMPTS,), generator=gen)
+    policy = TabularPolicy(PROMPTS, K).double()
+    policy.generator = gen
+    with torch.no_grad():
+        policy.logits.zero_()
+        policy.logits[torch.arange(PROMPTS), correct_answer] = math.log(P0 / ((1 - P0) / (K - 1)))
+
+    def score(b: RolloutBatch) -> RolloutBatch:
+        ok = b.completion_ids[:, 0] == correct_answer[b.inputs["prompt"]]  # (B,)
+        return b.replace(rewards=ok.double(), correct=ok, num_turns=torch.ones(b.batch_size, dtype=torch.long))
+
+    seen = []
+
+    def estimator(b: RolloutBatch) -> torch.Tensor:  # records the groups' degeneracy after any injection
+        r, g = b.rewards, b.group_ids
+        lo = torch.full((int(g.max()) + 1,), 2.0, dtype=r.dtype).scatter_reduce(0, g, r, "amin")
+        hi = torch.full((int(g.max()) + 1,), -1.0, dtype=r.dtype).scatter_reduce(0, g, r, "amax")
+        seen.append(float((hi > lo).double().mean()))
+        return grpo(r, g, scale="group" if arm in ("grpo", "arpo") else "none")
+
+    methods = {"arpo": [ARPO(key="prompt", seed=seed)],
+               "spear": [SPEAR(tool_schedule="none", buffer_size=16, tolerate_steps=5, replay_coef=1.0, replay_steps=10,
+                               seed=seed)],
+               "spear_bs2": [SPEAR(tool_schedule="none", buffer_size=2, tolerate_steps=5, replay_coef=1.0, replay_steps=10,
+                                   seed=seed)]}.get(arm, [])
+    estimator.min_group_size = 2
+    # minibatches of one task's G rows: the tasks' logit rows are disjoint, so the 8 SGD steps of an update are one
+    # step of the per-task mean gradient −(1/G) Σ A ∇log π (the normalisation the spec's lr 0.5 is for); ratio 1
+    loop = Loop(policy, score, estimator, ClippedPolicyLoss(), methods=methods, group_size=G, minibatch_size=G,
+                provided=("correct", "num_turns"))
+    params = policy.trainable_parameters()
+    stepper = Stepper(torch.optim.SGD(params, lr=LR), params, max_grad_norm=0.0)
+    prompts = [{"prompt": f"q{i}", "index": i} for i in range(PROMPTS)]
+    curve, replayed = [], 0
+    for _ in range(STEPS):
+        curve.append(float(torch.softmax(policy.logits.detach(), 1)[torch.arange(PROMPTS), correct_answer].mean()))
+        metrics = loop.update(loop.collect(prompts).kept, stepper)
+        replayed += int(metrics.get("spear/replay_rows", torch.zeros(())))
+    final = float(torch.softmax(policy.logits.detach(), 1)[torch.arange(PROMPTS), correct_answer].mean())
+    return final, statistics.fmean(seen), curve + [final], replayed
+
+
+def entropy(logits: torch.Tensor) -> float:
+    p = torch.softmax(logits, -1)
+    return float(-(p * torch.log(p)).sum())
+
+
+def clip_cov_drop(seed: int, clip_cov: bool) -> float:
+    """Entropy drop of one SGD step (lr 1) on a 50-arm softmax from 512 sampled tokens with U(0, 1) rewards."""
+    g = torch.Generator().manual_seed(seed)
+    theta0 = torch.randn(CC_ARMS, generator=g, dtype=torch.float64)
+    a = torch.multinomial(torch.softmax(theta0, 0), CC_TOKENS, replacement=True, generator=g)  # (N,)
+    r = torch.rand(CC_TOKENS, generator=g, dtype=torch.float64)
+    adv = (r - r.mean())[None, :]  # (1, N)
+    theta = theta0.clone().requires_grad_(True)
+    lp = torch.log_softmax(theta, 0)[a][None, :]  # (1, N) one row of N tokens
+    mask = torch.ones_like(lp, dtype=torch.bool)
+    loss_fn = (ClipCovLoss(ratio=0.1, lb=0.5, ub=100.0, seed=seed, aggregation="token_mean") if clip_cov
+               else ClippedPolicyLoss(aggregation="token_mean"))
+    loss_fn(lp, lp.detach(), adv, mask).loss.backward()
+    with torch.no_grad():
+        theta1 = theta0 - 1.0 * theta.grad
+    return entropy(theta0) - entropy(theta1)
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    res = {arm: [bandit_run(arm, s) for s in progress(range(SEEDS), f"spear_arpo: {arm}, seeds")]
+           for arm in ("grpo", "arpo", "drgrpo", "spear", "spear_bs2")}
+    final = {k: [x[0] for x in v] for k, v in res.items()}
+    nondeg = {k: [x[1] for x in v] for k, v in res.items()}
+    replays = {k: statistics.fmean(x[3] for x in v) for k, v in res.items()}
+    mean = {k: statistics.fmean(v) for k, v in final.items()}
+    nd = {k: statistics.fmean(v) for k, v in nondeg.items()}
+    # A: ARPO
+    dA = [a - b for a, b in zip(final["arpo"], final["grpo"])]
+    mA, loA, hiA = interval(dA)
+    ratio_p, ratio_nd = mean["arpo"] / max(mean["grpo"], 1e-12), nd["arpo"] / max(nd["grpo"], 1e-12)
+    ratios = ratio_p >= 3 and ratio_nd >= 2
+    vA = "reproduced" if ratios and loA > 0 else ("not reproduced" if not ratios or hiA <= 0 else "inconclusive")
+    # B: Clip-Cov
+    drops = [(clip_cov_drop(s, True), clip_cov_drop(s, False)) for s in range(CC_SEEDS)]
+    smaller = sum(cc < pg for cc, pg in drops)
+    vB = "reproduced" if smaller >= 48 else ("not reproduced" if smaller <= 44 else "inconclusive")
+    # C: SPEAR self-imitation
+    dC = [a - b for a, b in zip(final["spear"], final["drgrpo"])]
+    mC, loC, hiC = interval(dC)
+    vC = "reproduced" if loC > 0 else ("not reproduced" if hiC < 0 or mC <= 0 else "inconclusive")
+    dX = [a - b for a, b in zip(final["spear_bs2"], final["drgrpo"])]  # exploratory, not pre-registered
+    mX, loX, hiX = interval(dX)
+
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    x = list(range(STEPS + 1))
+    for arm, c in (("grpo", "C1"), ("arpo", "C0"), ("drgrpo", "C3"), ("spear", "C2"), ("spear_bs2", "C4")):
+        curves = torch.tensor([r[2] for r in res[arm]])
+        ax[0].plot(x, curves.mean(0), color=c, label=arm)
+    ax[0].set(xlabel="update", ylabel="mean P(success)", title=f"8 bandits x {K} candidates, P0 = {P0}, G = {G}")
+    ax[0].legend()
+    ax[1].hist([cc - pg for cc, pg in drops], bins=20, color="C0")
+    ax[1].axvline(0, color="k", lw=0.8)
+    ax[1].set(xlabel="entropy drop: Clip-Cov − vanilla", ylabel="seeds", title="one SGD step, 50-arm bandit")
+    fig.tight_layout()
+    save_plot(fig, "spear_arpo", dpi=110)
+
+    rows = [("A. ARPO: final P(success), 30 seeds", f"GRPO {mean['grpo']:.3f}, ARPO {mean['arpo']:.3f} (x{ratio_p:.1f})",
+             f"ARPO − GRPO {mA:+.3f} [{loA:+.3f}, {hiA:+.3f}]", vA),
+            ("A. non-degenerate groups (after injection)", f"GRPO {nd['grpo']:.3f}, ARPO {nd['arpo']:.3f} (x{ratio_nd:.1f})", "", ""),
+            ("B. Clip-Cov: entropy drop smaller than vanilla", f"{smaller}/{CC_SEEDS} seeds",
+             f"mean drop {statistics.fmean(d[0] for d in drops):.4f} vs {statistics.fmean(d[1] for d in drops):.4f} nats", vB),
+            ("C. SPEAR self-imitation: final P(success), 30 seeds", f"Dr.GRPO {mean['drgrpo']:.3f}, SPEAR {mean['spear']:.3f}",
+             f"SPEAR − Dr.GRPO {mC:+.3f} [{loC:+.3f}, {hiC:+.3f}]", vC),
+            ("C. replayed rows trained on per seed (30 updates)", f"SPEAR {replays['spear']:.1f}", "", ""),
+            ("exploratory (not pre-registered): SPEAR with buffer_size 2", f"SPEAR {mean['spear_bs2']:.3f}, "
+             f"{replays['spear_bs2']:.1f} replayed rows per seed", f"− Dr.GRPO {mX:+.3f} [{loX:+.3f}, {hiX:+.3f}]", "–")]
+    details = (f"A {vA} (ARPO {mean['arpo']:.3f} vs GRPO {mean['grpo']:.3f}, x{ratio_p:.1f}; non-degenerate x{ratio_nd:.1f}); "
+               f"B {vB} ({smaller}/{CC_SEEDS}); C {vC} (SPEAR − Dr.GRPO {mC:+.3f} [{loC:+.3f}, {hiC:+.3f}])")
+    line = verdict("spear_arpo", vA == "reproduced" and vB == "reproduced" and vC == "reproduced", details, echo=False)
+    path = REPORTS / "spear_arpo.md"
+    pre = path.read_text().split("\n## Results")[0].rstrip() + "\n"
+    path.write_text(pre + f"""
+## Results
+
+Command: `OMP_NUM_THREADS=1 python reproductions/spear_arpo.py` (CPU). Intervals: 95% t-intervals of the per-seed
+difference (paired by seed: both arms see the same tasks and initial policy; their samples differ once they diverge).
+
+{table(("check", "measured", "difference", "verdict"), rows)}
+
+![curves and entropy drops](spear_arpo.png)
+
+Verdict line: `{line}`
+
+Deviation, stated: a one-seed timing check before this run used the loss's mean over all 64 rows of an update
+(8 tasks x G), under which lr 0.5 barely moves any arm (GRPO 0.020 -> 0.022); the run above uses one minibatch per
+task (the per-task mean gradient, which the spec's lr 0.5 and its GRPO 0.09 / ARPO 0.64 imply). Nothing else was
+changed; C's settings are the pre-registered ones.
+
+Reading: A and C are the claims' direction on a bandit where a replayed success is exactly as good as a fresh one
+(no staleness, no off-policy drift of a language model's tokens); B is the Clip-Cov mechanism on one step. None of this
+measures the papers' agent benchmarks. C's replay never fired with the pre-registered buffer_size 16: at P0 = 0.02
+an update has one or two rows of positive advantage, and rows older than 5 updates are evicted, so the buffer never
+held the 1.5 x 16 = 24 rows that trigger a replay; the arms are then identical (same seeds, same draws), and the
+pre-registered verdict is about that setting. The exploratory run (buffer_size 2, chosen after seeing C; not a
+verdict) replays about 22 rows per seed and gains {mX:+.3f} [{loX:+.3f}, {hiX:+.3f}] in final P(success): the
+mechanism helps when it runs, but SPEAR's trigger is sized for the paper's 2048-row buffer and large batches.
+""")
+    print(line)
+
+
+if __name__ == "__main__":
+    main()
