@@ -140,11 +140,13 @@ def report(runs: list[dict], args) -> str:
     if paired:
         d = {k: interval([100 * (by[("roma", s)][k] - by[("grpo", s)][k]) for s in paired]) for k in ("seen", "unseen", "clean")}
         fmt = lambda t: f"{t[0]:+.2f} [{t[1]:+.2f}, {t[2]:+.2f}]"  # noqa: E731
-        v = decide(d["seen"], d["unseen"], d["clean"]) if len(paired) >= 3 and not args.smoke else "inconclusive"
+        complete = len(paired) >= 3 and not args.smoke
+        v = decide(d["seen"], d["unseen"], d["clean"]) if complete else "inconclusive"
+        why = ("by the pre-registered rules" if complete else
+               "smoke run, no verdict" if args.smoke else f"only {len(paired)} of the 3 pre-registered seeds finished")
         lines += ["Paired ROMA − GRPO over seeds (points, mean [95 % t-interval]): "
                   f"seen {fmt(d['seen'])}, unseen {fmt(d['unseen'])}, clean {fmt(d['clean'])}.", "",
-                  f"**Verdict: {v}** (by the pre-registered rules; {len(paired)} paired seeds"
-                  f"{'; smoke run, no verdict' if args.smoke else ''}).", ""]
+                  f"**Verdict: {v}** ({why}; {len(paired)} paired seeds).", ""]
         verdict_line = (f"{NAME}: claim {v}: seen {fmt(d['seen'])} pp, unseen {fmt(d['unseen'])} pp, "
                         f"clean {fmt(d['clean'])} pp (ROMA - GRPO, {len(paired)} seeds)")
     detail_rows = []
@@ -184,6 +186,7 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--out", default=str(REPORTS / f"{NAME}_runs.jsonl"))
     p.add_argument("--no-report", action="store_true", help="only append the runs")
+    p.add_argument("--report-only", action="store_true", help="write the report from the runs already in --out")
     args = p.parse_args()
     for a in args.arms:
         if a not in ARMS:
@@ -201,8 +204,8 @@ def main() -> None:
     except FileNotFoundError:
         pass
     train = [toy.render(0, i) for i in range(4096)]
-    sets = eval_sets(args.eval_size)
-    for seed in args.seeds:
+    sets = eval_sets(args.eval_size) if not args.report_only else {}
+    for seed in ([] if args.report_only else args.seeds):
         todo = [a for a in args.arms if not any(r["arm"] == a and r["seed"] == seed for r in done)]
         if not todo:
             continue
