@@ -73,9 +73,8 @@ def worst_case_token_kl(lp_clean: Tensor, lp_views: Tensor, mask: Tensor,
     D^(k)_{b,t} = exp(δ) − δ − 1, δ = ℓ^(k) − sg ℓ^clean (clamped to ±10 as every KL of the library). ``worst``:
     ``"token"`` max_k per token; ``"sample"`` the view k*_b = argmax_k of the per-sample KL (mean over the row's
     tokens), all of its tokens; ``"mean"`` the mean over the views. Gradients reach ``lp_views`` only.
-    Shapes: lp_clean (B, T), lp_views (B, K, T), mask (B, T) bool -> D (B, T) 0 off the mask, chosen view (B,) long
-    (the argmax of the per-sample KL for every mode; for ``"token"`` the view that is the max most often is not
-    returned, the per-sample argmax is).
+    Shapes: lp_clean (B, T), lp_views (B, K, T), mask (B, T) bool -> D (B, T), 0 off the mask; and (B,) long, the
+    argmax over views of the per-sample KL (the view ``"sample"`` trains on; returned for every mode).
     """
     if lp_views.dim() != 3 or lp_views.shape[0] != lp_clean.shape[0] or lp_views.shape[2] != lp_clean.shape[1]:
         raise ValueError(f"lp_views must be (B, K, T) for lp_clean {tuple(lp_clean.shape)}, got {tuple(lp_views.shape)}")
