@@ -74,3 +74,16 @@ def test_json_function_calling_through_the_chat_templates_tool_turn(role, one_th
         assert "<tools>" in tok.decode(batch.prompt_ids[0][batch.prompt_mask[0]])
     else:
         assert env_text == "<result>19</result>" and batch.turn_drift is None
+
+
+def test_grid_state_text_is_the_rendering_alone():
+    """The start state (shown after the instruction) and a revisit of it (shown alone) have one state text, so they
+    pool in GiGPO's anchor groups."""
+    from text_reasoning.envs.grid import GridWorld
+
+    env = GridWorld(instruction="Move A to G.\n")
+    first = env.reset({"size": 3, "start": [0, 0], "goal": [2, 2]})
+    start = env.state_text(first)
+    env.step("r")
+    back = env.step("l")
+    assert env.state_text(back.observation) == start == "A..\n...\n..G" and first != back.observation
