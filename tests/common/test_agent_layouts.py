@@ -227,6 +227,7 @@ def test_broken_chat_templates_never_change_the_sequence_and_drift_is_reported(t
             assert ids[envm & (torch.arange(len(ids)) >= len(expected))][: len(obs)].tolist() == obs
             expected += obs
     assert ids[valid].tolist() == expected  # the whole sequence: sampled ids and environment ids, nothing else
+    assert torch.equal(batch.loss_mask[0], turn >= 0)  # every sampled token trains (never a silently zeroed mask)
     got = batch.turn_drift[0].tolist()
     if drift is not None:
         assert got == drift
