@@ -225,14 +225,20 @@ def config_key(config: dict) -> str:
 
 @dataclass
 class PretrainConfig:
-    """Everything that determines a pre-trained VLM (its cache key): the tower, the data and the SFT schedule."""
+    """Everything that determines a pre-trained VLM (its cache key): the tower, the data and the two stages'
+    schedules (stage 1: the tower as a classifier of the answers; stage 2: SFT through the LM)."""
 
     vision: VisionTower = field(default_factory=VisionTower)
+    language: str = "smollm2"  # "smollm2" (SmolVLM) or "tiny" (TinyVLM, tests)
     seed: int = 0
-    steps: int = 400
-    batch_size: int = 16
-    lr_vision: float = 1e-3
-    lr_language: float = 2e-5
+    tower_steps: int = 6000  # stage 1: the vision tower + a linear answer head (cheap: no LM)
+    tower_batch_size: int = 64
+    tower_lr: float = 1e-3
+    steps: int = 150  # stage 2: answer NLL through the LM
+    batch_size: int = 8
+    lr_vision: float = 1e-3  # of the projector in stage 2 (the tower gets lr_vision / 10)
+    lr_language: float = 2e-4  # of the LoRA adapters (lora_rank > 0) or of the LM weights (lora_rank = 0)
+    lora_rank: int = 32  # LoRA on the LM's attention during SFT, merged into the saved weights (0 = full fine-tuning)
     train_size: int = 20000
     tasks: tuple[str, ...] = ("colour", "shape", "count", "position", "bars")
 
