@@ -98,6 +98,9 @@ class ARPO(Method):
         successes. Rows keep their positions; the replayed row takes its group's id."""
         if batch.batch_size == 0:
             return batch
+        if batch.episode_ids is not None and torch.unique(batch.episode_ids).numel() != batch.batch_size:
+            raise ValueError("ARPO replaces whole episodes: each row must hold one episode (the agent's layout "
+                             "'episode', layout B), but episode_ids repeat across rows")
         keys = self.task_keys(batch)
         s = self.success_signal(batch)  # (B,)
         gids = batch.group_ids

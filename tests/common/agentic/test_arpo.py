@@ -103,6 +103,8 @@ def test_correct_signal_and_fifo_per_task():
         ARPO(key="task").after_score(None, episodes(["a"], [0.0], [2]))
     with pytest.raises(ValueError, match="signal"):
         ARPO(signal="eval")
+    with pytest.raises(ValueError, match="whole episodes"):
+        ARPO().after_score(None, episodes(["a", "a"], [0.0, 0.0], [2, 2]).replace(episode_ids=torch.zeros(2, dtype=torch.long)))
 
 
 def test_buffer_round_trips_through_a_weights_only_checkpoint(tmp_path):
