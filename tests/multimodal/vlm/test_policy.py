@@ -145,5 +145,5 @@ def test_a_vllm_backend_is_refused_in_one_line():
     class NotHF:  # any non-HF backend (vLLM's would be common.rollout.vllm.VLLMBackend)
         pass
 
-    with pytest.raises(ValueError, match=r"^rollout_backend: .*vLLM rollouts of this LLaVA model are not supported.*NotHF$"):
+    with pytest.raises(ValueError, match=r"^rollout_backend: vLLM rollouts of this LLaVA model are not supported: .*torchvision.*got NotHF$"):
         VLMPolicy(TinyVLM(), backend=NotHF())
