@@ -134,9 +134,11 @@ class MultiTurnAgentPolicy(Policy):
                 key_now[e] = self._state_key(env, str(out.value))
             first.append(str(out.value) if out.reason is None else str(task.get("prompt", "")))
         self.last_panel_hash = panel_hash(task_ids, seeds, first)
-        if greedy:
-            log.info("evaluation panel %s: %d episodes of %d tasks reset by (task id, seed)", self.last_panel_hash, E,
-                     len(prompts))
+        if greedy:  # printed by Lightning's rank-zero logger (shown at INFO in a run), our logger otherwise
+            from lightning.pytorch.utilities import rank_zero_info
+
+            rank_zero_info(f"evaluation panel {self.last_panel_hash}: {E} episodes of {len(prompts)} tasks reset by "
+                           "(task id, seed)")
         prompt_ids, prompt_mask = lm.encode([{"prompt": o} for o in first])  # (E, P)
         chat = self._chat_markers() if lim.observation_role is not None else None
         history = [self._first_messages(o) for o in first] if chat is not None else None
