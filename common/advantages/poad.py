@@ -27,7 +27,8 @@ to the left in order, so that along the packed axis k the arrays are
 
 and one backward loop runs over the packed token axis (≤ T steps, vectorised over rows), never over samples.
 
-Rewards r_t: ``turn_rewards (B, K)`` (column k = turn ``turn_ids + k``) when the batch carries them; otherwise the
+Rewards r_t: ``turn_rewards (B, K)`` (column k = turn ``turn_ids + k``) when the batch carries them, plus whatever of
+the row's reward they leave out (R − Σ_t r_t, e.g. an end-reason reward) on the last action token; otherwise the
 outcome reward ``rewards (B,)`` on the episode's last action token (r_t = 0 before). Each row must hold a whole
 episode (layout B of agentic.md §1, one sequence per episode, or single-turn rows): a row's last action token ends
 its episode (m = 0; a truncated episode is not bootstrapped).
@@ -105,8 +106,8 @@ def bad_gae(values: Tensor, mask: Tensor, token_rewards: Tensor, last: Tensor, *
 
 
 def whiten_nonzero(x: Tensor, eps: float = 1e-8) -> Tensor:
-    """(x − μ)/(σ + eps) over the non-zero entries of ``x`` (POAD's code); zeros stay 0, and fewer than two
-    non-zero entries (or all equal) give x unchanged on them minus μ (0). Shapes: any -> same."""
+    """(x − μ)/(σ + eps) over the non-zero entries of ``x`` (POAD's code, σ unbiased); zeros stay 0; fewer than two
+    non-zero entries give all zeros, never NaN. Shapes: any -> same."""
     nz = x != 0
     n = nz.sum()
     mean = torch.where(nz, x, torch.zeros_like(x)).sum() / n.clamp(min=1)
@@ -118,16 +119,20 @@ def whiten_nonzero(x: Tensor, eps: float = 1e-8) -> Tensor:
 def poad_token_rewards(rewards: Tensor, mask: Tensor, last: Tensor, token_turn: Tensor | None,
                        turn_rewards: Tensor | None = None, turn_ids: Tensor | None = None) -> Tensor:
     """r_t placed on each turn's last action token: ``turn_rewards[b, token_turn − turn_ids]`` when given, else the
-    outcome ``rewards[b]`` on the row's final action token. Shapes: (B,), (B, T), (B, T), (B, T), (B, K), (B,) ->
-    (B, T)."""
+    outcome ``rewards[b]`` on the row's final action token. With turn rewards, the part of ``rewards[b]`` they do not
+    account for (R_b − Σ_t r_t: a format or end-reason reward the reward functions add) goes on the final action
+    token, so the rewards BAD backs up always sum to the row's reward. Shapes: (B,), (B, T), (B, T), (B, T), (B, K),
+    (B,) -> (B, T)."""
+    pos = torch.arange(mask.shape[1], device=mask.device)[None, :]
+    final = mask & (pos == torch.where(mask, pos, torch.full_like(pos, -1)).max(1, keepdim=True).values)  # (B, T)
     if turn_rewards is None or token_turn is None:
-        pos = torch.arange(mask.shape[1], device=mask.device)[None, :]
-        final = mask & (pos == torch.where(mask, pos, torch.full_like(pos, -1)).max(1, keepdim=True).values)  # (B, T)
         return torch.where(final, rewards[:, None].to(torch.float32), torch.zeros(mask.shape, device=mask.device))
     first = turn_ids[:, None] if turn_ids is not None else 0
     col = (token_turn - first).clamp(min=0, max=turn_rewards.shape[1] - 1)  # (B, T)
-    r = turn_rewards.to(torch.float32).gather(1, col)  # (B, T)
-    return torch.where(last, r, torch.zeros_like(r))
+    tr = turn_rewards.to(torch.float32)
+    r = torch.where(last, tr.gather(1, col), torch.zeros(mask.shape, device=mask.device))  # (B, T)
+    residual = rewards.to(torch.float32) - r.sum(1)  # (B,) what the turn rewards of the row's tokens leave out
+    return r + torch.where(final, residual[:, None], torch.zeros_like(r))
 
 
 def check_whole_episodes(episode_ids: Tensor | None) -> None:

@@ -20,6 +20,9 @@ PPO epoch; ARPO's ordering: no off-policy correction). A stored ``behaviour_logp
 log-probs of its own rollout. ARPO's valuable-task selection (training only on tasks the base model solves at least
 once) is a data choice, not part of this method.
 
+List ARPO first in ``methods``: a stored episode carries the fields the rollout and scoring gave it, so a part whose
+``after_score`` adds a field (a critic's values) must run after the injection.
+
 State: the buffer (``common.replay.success_buffer.SuccessBuffer``, extra state) and a step counter (a buffer) that
 seeds each step's draws, so a resumed run draws what the straight run drew.
 """

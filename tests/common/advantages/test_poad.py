@@ -83,7 +83,7 @@ def test_matches_the_plain_loop_reference(mode, gamma, lam):
     values, cmask, env, tt, tr, where = layout_b(eps)
     mask = cmask & ~env
     last = turn_boundaries(mask, tt)
-    r = poad_token_rewards(torch.zeros(len(eps)), mask, last, tt, tr, torch.zeros(len(eps), dtype=torch.long))
+    r = poad_token_rewards(tr.sum(1), mask, last, tt, tr, torch.zeros(len(eps), dtype=torch.long))
     got = bad_gae(values, mask, r, last, gamma=gamma, lam=lam, mode=mode)
     want = reference(eps, gamma, lam, mode)
     for b, turns in enumerate(want):
@@ -114,7 +114,7 @@ def test_telescoping_and_padding_invariance():
     values, cmask, env, tt, tr, where = layout_b(eps)
     mask = cmask & ~env
     last = turn_boundaries(mask, tt)
-    r = poad_token_rewards(torch.zeros(1), mask, last, tt, tr, torch.zeros(1, dtype=torch.long))
+    r = poad_token_rewards(tr.sum(1), mask, last, tt, tr, torch.zeros(1, dtype=torch.long))
     gamma = 0.9
     adv = bad_gae(values, mask, r, last, gamma=gamma, lam=1.0)
     v0, v1 = eps[0][0][0][0], eps[0][1][0][0]
@@ -129,7 +129,7 @@ def test_telescoping_and_padding_invariance():
         values, cmask, env, tt, tr, where = layout_b(e)
         mask = cmask & ~env
         last = turn_boundaries(mask, tt)
-        r = poad_token_rewards(torch.zeros(1), mask, last, tt, tr, torch.zeros(1, dtype=torch.long))
+        r = poad_token_rewards(tr.sum(1), mask, last, tt, tr, torch.zeros(1, dtype=torch.long))
         for mode in ("bad", "ntpo"):
             firsts[name, mode] = float(bad_gae(values, mask, r, last, gamma=gamma, lam=1.0, mode=mode)[0, 0])
     assert firsts["short", "bad"] == pytest.approx(firsts["long", "bad"], abs=1e-6)
@@ -168,6 +168,12 @@ def test_estimator_on_a_batch_and_whole_episode_check():
     w = POAD(gamma=0.9, lam=0.8)(batch)
     nz = raw != 0
     assert float(w[nz].mean()) == pytest.approx(0.0, abs=1e-5) and float(w[nz].std()) == pytest.approx(1.0, abs=1e-3)
+    # an end-reason reward the turn rewards leave out (R − Σ r_t = −0.5) goes on the final action token
+    extra = POAD(gamma=0.9, lam=0.8, whiten=False)(batch.replace(rewards=tr.sum(1) - 0.5))
+    eps_extra = [turns[:-1] + [(turns[-1][0], turns[-1][1] - 0.5)] for turns in eps]
+    for b, turns in enumerate(reference(eps_extra, 0.9, 0.8)):
+        for t, advs in enumerate(turns):
+            assert extra[b, where[b][t]].tolist() == pytest.approx(advs, abs=1e-5)
     with pytest.raises(ValueError, match="whole episode"):
         POAD()(batch.replace(episode_ids=torch.zeros(B, dtype=torch.long)))
 
