@@ -27,6 +27,7 @@ The :class:`~common.rewards.base.RewardFunction` wrappers read each row's decode
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -37,8 +38,8 @@ from torch import Tensor
 
 from common.ops import group_count
 from common.rewards.base import RewardFunction
-from diffusion.multiview.render import (AZIMUTHS, BACKGROUND, COLOURS, PREFERRED, SHAPES, ObjectSpec, all_objects,
-                                        object_index, templates)
+from diffusion.multiview.render import (AZIMUTHS, BACKGROUND, CANONICAL, COLOURS, PREFERRED, SHAPES, ObjectSpec, Style,
+                                        all_objects, object_index, templates)
 
 OBJECT_THRESHOLD = 0.2  # a pixel is object when its colour is this far (L2) from the background grey
 _SQRT3 = math.sqrt(3.0)
@@ -58,8 +59,14 @@ def _templates(images: Tensor, azimuths: Sequence[float], style=None) -> tuple[T
     Nv, H, W = images.shape[1], images.shape[3], images.shape[4]
     if len(azimuths) != Nv or H != W:
         raise ValueError(f"images have {Nv} views of {H}x{W}; expected square views, one per azimuth {list(azimuths)}")
-    t, m = templates(H, tuple(float(a) for a in azimuths), *(() if style is None else (style,)))
-    return torch.from_numpy(np.array(t)).to(images.device), torch.from_numpy(np.array(m)).to(images.device)
+    t, m = _torch_templates(H, tuple(float(a) for a in azimuths), PREFERRED if style is PREFERRED else CANONICAL)
+    return t.to(images.device), m.to(images.device)
+
+
+@functools.lru_cache(maxsize=16)
+def _torch_templates(size: int, azimuths: tuple[float, ...], style: Style) -> tuple[Tensor, Tensor]:
+    t, m = templates(size, azimuths, style)
+    return torch.from_numpy(np.array(t)), torch.from_numpy(np.array(m))
 
 
 def object_mask(images: Tensor, threshold: float = OBJECT_THRESHOLD) -> Tensor:
