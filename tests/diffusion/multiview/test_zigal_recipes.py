@@ -27,7 +27,7 @@ def env() -> dict:
             "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
 
-@pytest.mark.parametrize("recipe", ["mvc_zigal", "ddpo", "seppo"])
+@pytest.mark.parametrize("recipe", ["mvc_zigal", "ddpo"])  # seppo: its 4 steps in the kill-and-resume test below
 def test_recipe_runs_two_steps_from_advlab(recipe, tmp_path):
     run = cli(f"configs/diffusion/{recipe}.yaml", *tiny(recipe), "--trainer.max_steps", "2")
     proc = subprocess.run(run, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env())
@@ -35,8 +35,7 @@ def test_recipe_runs_two_steps_from_advlab(recipe, tmp_path):
     logs = tmp_path / "runs/lightning_logs/version_0"
     tags = {"mvc_zigal": ("train/zigal_loss", "train/mvc_lambda", "train/mvc_tau", "train/reward/alignment",
                           "train/reward/consistency"),
-            "ddpo": ("train/pg_loss", "train/clip_frac", "train/reward/consistency"),
-            "seppo": ("train/seppo_loss", "train/flip_frac", "train/seppo_ring_held", "train/reward/preference_iou")}[recipe]
+            "ddpo": ("train/pg_loss", "train/clip_frac", "train/reward/consistency")}[recipe]
     for tag in ("train/loss", "train/grad_norm", "train/hf_energy", "train/group_diversity", *tags):
         values = events(logs, tag)
         assert sorted(values) == [0, 1] and all(v == v for v in values.values()), tag
@@ -45,9 +44,6 @@ def test_recipe_runs_two_steps_from_advlab(recipe, tmp_path):
     if recipe == "mvc_zigal":  # λ, τ and the initialised flag are checkpointed; τ took the first batch's mean
         assert bool(state["methods.1.constraint.initialised"]) and int(state["methods.1.constraint.updates"]) == 2
         assert 0.0 <= float(state["methods.1.constraint.lam"]) <= 5.0
-    if recipe == "seppo":  # θ_0 + nothing else yet (every 30): one slot filled, two updates counted
-        assert int(state["methods.0.ring.saved"]) == 1 and int(state["methods.0.ring.updates"]) == 2
-        assert state["methods.0.ring.slots"].shape[0] == 7
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(logs), size_guidance={"images": 0})
@@ -67,4 +63,11 @@ def test_seppo_kill_and_resume_is_exact(tmp_path, monkeypatch):
               "1", "--model.init_args.methods.init_args.ring.init_args.size", "3")
     final = assert_sigkill_resume_exact(tmp_path, run, max_steps=4, every=2,
                                         tags=("train/loss", "train/seppo_ref_slot", "train/reward"))
-    assert int(final["state_dict"]["methods.0.ring.saved"]) == 5  # θ_0 + one save per update
+    state = final["state_dict"]
+    assert int(state["methods.0.ring.saved"]) == 5 and int(state["methods.0.ring.updates"]) == 4  # θ_0 + one per update
+    assert state["methods.0.ring.slots"].shape[0] == 3
+    logs = tmp_path / "straight/runs/lightning_logs/version_0"
+    for tag in ("train/seppo_loss", "train/flip_frac", "train/seppo_ring_held", "train/reward/preference_iou",
+                "train/hf_energy"):
+        values = events(logs, tag)
+        assert sorted(values) == [0, 1, 2, 3] and all(v == v for v in values.values()), tag
