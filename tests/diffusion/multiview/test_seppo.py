@@ -124,3 +124,42 @@ def test_ring_before_any_save_and_bad_arguments():
         CheckpointRing(size=0)
     with pytest.raises(ValueError, match="bind"):
         ring.save([nn.Parameter(torch.zeros(3))])
+
+
+def test_seppo_rollout_samples_with_the_reference_and_restores_the_weights(one_thread):
+    from diffusers import DDIMScheduler
+
+    from common.advantages.group import GRPO
+    from common.loop import Loop
+    from common.policies.diffusion import DiffusionSamplerPolicy, HashPromptEmbedding
+    from common.sampling.gaussian_step import DDIMStep
+    from diffusion.multiview.model import TEXT_DIM, MultiviewUNet
+    from diffusion.multiview.seppo import SePPO
+
+    torch.manual_seed(0)
+    net = MultiviewUNet(views=1, size=8, channels=(16, 16), head_dim=8, max_tokens=2)
+    sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", set_alpha_to_one=False, steps_offset=1)
+    pol = DiffusionSamplerPolicy(net, DDIMStep(sched, 2, eta=1.0), HashPromptEmbedding((3, TEXT_DIM)), (3, 8, 8),
+                                 condition_kwarg="cond")
+    method = SePPO(ring=CheckpointRing(size=2, every=1), reference="latest")
+    loop = Loop(pol, lambda b: b, GRPO(), SePPOLoss(beta=5.0), methods=[method], group_size=1)
+    params = pol.trainable_parameters()
+    theta0 = torch.nn.utils.parameters_to_vector(params).detach().clone()
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.05)  # the current weights differ from θ_0, the ring's only checkpoint
+    current = torch.nn.utils.parameters_to_vector(params).detach().clone()
+    prompt = [{"prompt": "a red cube", "shape": "cube", "body": "red", "accent": "blue"}]
+    torch.manual_seed(1)
+    batch = method.rollout(loop, prompt, 1)
+    assert torch.equal(torch.nn.utils.parameters_to_vector(params), current)  # restored exactly
+    assert torch.equal(torch.nn.utils.parameters_to_vector(pol.reference.parameters()), theta0)  # θ_ref = θ_0
+    with torch.no_grad():  # the loser was sampled by θ_0: the same chain as θ_0's own sampler from the row's seed
+        torch.nn.utils.vector_to_parameters(theta0, params)
+        again = pol.sample_batch(batch.inputs["cond"], batch.seeds)
+        torch.nn.utils.vector_to_parameters(current, params)
+    assert torch.equal(again.inputs["images"], batch.inputs["images"])
+    assert batch.inputs["winner"].shape == (1, 3, 8, 8)
+    errs = method.errors(pol, batch)  # (1, 4): e_θ(x^w), e_ref(x^w), e_θ(x^ref), e_ref(x^ref)
+    assert errs.shape == (1, 4) and errs.requires_grad and bool(torch.isfinite(errs).all())
+    assert float(errs[0, 0]) != float(errs[0, 1])  # current and reference differ
