@@ -43,3 +43,22 @@ def test_recipe_runs_one_step(name, tmp_path, one_thread):
     assert all(v == v and abs(v) < 1e6 for v in events(logs, "train/loss").values())
     ckpt = torch.load(logs / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 1 and state_key in ckpt["state_dict"], sorted(k for k in ckpt["state_dict"] if "methods" in k)[:20]
+
+
+@pytest.mark.slow  # three advlab processes (straight, killed, resumed)
+def test_arpo_recipe_resumes_exactly_after_sigkill(tmp_path):
+    """ARPO with thresholds that make every group all-fail and every episode a success, keyed by the task family (so
+    the buffer fills at step 0 and a stored episode is drawn into every group from step 1 on): SIGKILLed after its step-2 checkpoint and resumed,
+    the run ends with the straight run's weights, optimiser state, buffer rows, draw counter and logged metrics."""
+    from resume import assert_sigkill_resume_exact, cli
+
+    methods = ("[{class_path: common.methods.arpo.ARPO, init_args: {success_threshold: -1.0, std_max: 100.0, "
+               "mean_max: 100.0, per_task: 4, key: task}}]")  # key "task": one buffer for every calculator task
+    i = TINY_AGENT.index("--trainer.max_steps")
+    run = cli("configs/agentic/arpo.yaml", *TINY_AGENT[:i], *TINY_AGENT[i + 2:], "--model.init_args.methods", methods)
+    ckpt = assert_sigkill_resume_exact(tmp_path, run, max_steps=4, every=2,
+                                       tags=("train/reward", "train/loss", "train/arpo/replayed", "train/arpo/buffer_rows"))
+    assert int(ckpt["state_dict"]["methods.0.steps"]) == 4
+    assert len(ckpt["state_dict"]["methods.0.buffer._extra_state"]["keys"]) > 0
+    replayed = events(tmp_path / "straight/runs/lightning_logs/version_0", "train/arpo/replayed")
+    assert replayed[0] == 0 and all(replayed[s] > 0 for s in (1, 2, 3))  # stored episodes drawn into every group
