@@ -181,8 +181,8 @@ def report(res, a) -> None:
             f"{a.updates} --batch {a.batch} --eval {a.eval} --lr {a.lr} --beta {a.beta} --every {a.every}` "
             f"({res.get('cpu_seconds', float('nan')):.0f} CPU s). **Scale far below the spec's** (300 updates x 64; "
             f"β not swept: {a.beta}).\n\n",
-            table(["arm", "h"], per), "\n", table(["claim (per-seed paired differences)", "mean", "95 % t-interval",
-                                                   "verdict"], rows), "\n", "![seppo](seppo.png)\n"]
+            table(["arm", "h"], per), "\n\n", table(["claim (per-seed paired differences)", "mean", "95 % t-interval",
+                                                   "verdict"], rows), "\n\n", "![seppo](seppo.png)\n"]
     (REPORTS / "seppo.md").write_text(text + "".join(body))
     print(f"seppo: claim {v1} (S1); S2 {v2}: SePPO − SFT {np.mean(d1):+.4f}, w/o AAF − SFT {np.mean(d2):+.4f}")
 
