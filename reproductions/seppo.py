@@ -130,7 +130,15 @@ def main(argv=None) -> None:
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--base-steps", type=int, default=BASE.steps, help="pre-training steps of the base (cached by config)")
     p.add_argument("--out", default=str(REPORTS / "seppo_results.json"))
+    p.add_argument("--report-only", metavar="JSON", help="write the report from a (possibly partial) results file")
     a = p.parse_args(argv)
+    if a.report_only:
+        res = json.load(open(a.report_only))
+        for k, v in res["args"].items():
+            if k not in ("report_only", "out"):
+                setattr(a, k, v)
+        report(res, a)
+        return
     BASE = PretrainConfig(views=1, size=16, style="broad", steps=a.base_steps)
     if a.smoke:
         a.seeds, a.updates, a.batch, a.eval, a.every = a.seeds[:1], 3, 4, 16, 1
@@ -158,13 +166,13 @@ def report(res, a) -> None:
     import matplotlib.pyplot as plt
 
     arms = res["arms"]
-    seeds = list(res["base"])
+    seeds = [s for s in res["base"] if all(s in arms[a_] for a_ in ARMS)]  # seeds every arm finished
     d1 = [arms["seppo"][s]["h"] - arms["sft"][s]["h"] for s in seeds]
     d2 = [arms["seppo_no_aaf"][s]["h"] - arms["sft"][s]["h"] for s in seeds]
     v1, v2 = judge(d1, +1), judge(d2, -1)
     rows = [["S1 SePPO − SFT (h)", *fmt_int(d1), v1], ["S2 SePPO w/o AAF − SFT (h, claimed < 0)", *fmt_int(d2), v2]]
-    per = [["base", f"{np.mean(list(res['base'].values())):.4f}"]] + [
-        [arm, f"{np.mean([v['h'] for v in arms[arm].values()]):.4f}"] for arm in ARMS]
+    per = [["base", f"{np.mean([res['base'][s] for s in seeds]):.4f}"]] + [
+        [arm, f"{np.mean([arms[arm][s]['h'] for s in seeds]):.4f}"] for arm in ARMS]
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
     ax[0].bar(range(len(per)), [float(r[1]) for r in per])
     ax[0].set_xticks(range(len(per)), [r[0] for r in per])
@@ -180,7 +188,8 @@ def report(res, a) -> None:
             f"Run: `OMP_NUM_THREADS=1 python reproductions/seppo.py --seeds {' '.join(map(str, seeds))} --updates "
             f"{a.updates} --batch {a.batch} --eval {a.eval} --lr {a.lr} --beta {a.beta} --every {a.every}` "
             f"({res.get('cpu_seconds', float('nan')):.0f} CPU s). **Scale far below the spec's** (300 updates x 64; "
-            f"β not swept: {a.beta}).\n\n",
+            f"β not swept: {a.beta}; the ref = θ_0 / ref = latest arms were not run). Seeds finished by every arm: "
+            f"{seeds}; fewer than 3 is at most inconclusive.\n\n",
             table(["arm", "h"], per), "\n\n", table(["claim (per-seed paired differences)", "mean", "95 % t-interval",
                                                    "verdict"], rows), "\n\n", "![seppo](seppo.png)\n"]
     (REPORTS / "seppo.md").write_text(text + "".join(body))
