@@ -58,17 +58,25 @@ class PretrainConfig:
     beta_end: float = 0.02
     seed: int = 0
     data_version: int = field(default=DATA_VERSION)
+    prediction_type: str = "epsilon"  # what the UNet predicts: "epsilon" (§2(e)), "sample" (x0) or "v_prediction"
 
     def __post_init__(self):
         azimuths_for(self.views)
         if self.style not in STYLES:
             raise ValueError(f"style must be one of {STYLES}, got {self.style!r}")
+        if self.prediction_type not in ("epsilon", "sample", "v_prediction"):
+            raise ValueError(f"prediction_type must be 'epsilon', 'sample' or 'v_prediction', got {self.prediction_type!r}")
         if self.steps < 0 or self.batch_size < 1 or not self.lr > 0 or not 0 <= self.cond_dropout < 1:
             raise ValueError(f"steps >= 0, batch_size >= 1, lr > 0 and cond_dropout in [0, 1) expected, got {self}")
         self.channels = tuple(int(c) for c in self.channels)
 
     def key(self) -> str:
-        return config_hash(dataclasses.asdict(self))
+        """The cache key: a hash of every field (``prediction_type`` only when not "epsilon": it was added later,
+        and caches made before it stay valid)."""
+        d = dataclasses.asdict(self)
+        if d["prediction_type"] == "epsilon":
+            del d["prediction_type"]
+        return config_hash(d)
 
     def model(self) -> MultiviewUNet:
         return MultiviewUNet(self.views, self.size, self.channels, self.layers_per_block, self.head_dim, self.max_tokens)
@@ -89,7 +97,7 @@ class PretrainConfig:
 
     def scheduler_config(self) -> dict:
         return {"num_train_timesteps": self.num_train_timesteps, "beta_start": self.beta_start,
-                "beta_end": self.beta_end, "beta_schedule": "linear", "prediction_type": "epsilon"}
+                "beta_end": self.beta_end, "beta_schedule": "linear", "prediction_type": self.prediction_type}
 
 
 def base_dir(config: PretrainConfig) -> Path:
@@ -102,11 +110,17 @@ def caption_table(config: PretrainConfig) -> dict[str, Tensor]:
     return dict(zip(caps, CaptionEncoder.shared(config.max_tokens)(caps)))
 
 
-def denoising_loss(model: MultiviewUNet, alphas_cumprod: Tensor, x0: Tensor, cond: Tensor, t: Tensor, eps: Tensor) -> Tensor:
-    """Mean ‖ε − ε_θ(x_t, t, c)‖² with x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε. x0, eps (B, C, H, W), t (B,) long, cond (B, 1+L, 384)."""
+def denoising_loss(model: MultiviewUNet, alphas_cumprod: Tensor, x0: Tensor, cond: Tensor, t: Tensor, eps: Tensor,
+                   prediction_type: str = "epsilon") -> Tensor:
+    """Mean ‖target − f_θ(x_t, t, c)‖² with x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε; target ε ("epsilon"), x0 ("sample") or
+    v = √ᾱ_t ε − √(1−ᾱ_t) x0 ("v_prediction", Salimans & Ho 2022, arXiv 2202.00512).
+    x0, eps (B, C, H, W), t (B,) long, cond (B, 1+L, 384)."""
     a = alphas_cumprod.to(x0.device)[t].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
     xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
-    return (model(xt, t, cond) - eps).square().mean()
+    target = {"epsilon": eps, "sample": x0}.get(prediction_type)
+    if target is None:
+        target = a.sqrt() * eps - (1 - a).sqrt() * x0
+    return (model(xt, t, cond) - target).square().mean()
 
 
 def _fixed_eval(config: PretrainConfig, table: dict[str, Tensor], n: int = 256) -> tuple[Tensor, ...]:
@@ -123,7 +137,8 @@ def eval_loss(model: MultiviewUNet, config: PretrainConfig, fixed: tuple[Tensor,
     x0, cond, t, eps = fixed
     was = model.training
     model.eval()
-    tot = sum(denoising_loss(model, alphas, x0[s:s + chunk], cond[s:s + chunk], t[s:s + chunk], eps[s:s + chunk]).item()
+    tot = sum(denoising_loss(model, alphas, x0[s:s + chunk], cond[s:s + chunk], t[s:s + chunk], eps[s:s + chunk],
+                         config.prediction_type).item()
               * len(x0[s:s + chunk]) for s in range(0, len(x0), chunk))  # ok: evaluation, not a loss
     model.train(was)
     return tot / len(x0)
@@ -151,7 +166,7 @@ def pretrain(config: PretrainConfig, log_every: int = 50, log=print) -> tuple[Mu
         cond = torch.where(drop[:, None, None], null, cond)
         t = torch.randint(config.num_train_timesteps, (len(caps),), generator=g)
         eps = torch.randn(x0.shape, generator=g)
-        loss = denoising_loss(model, alphas, x0, cond, t, eps)
+        loss = denoising_loss(model, alphas, x0, cond, t, eps, config.prediction_type)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -261,6 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--size", type=int, default=defaults.size)
     p.add_argument("--channels", type=int, nargs=2, default=list(defaults.channels))
     p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--prediction-type", default=defaults.prediction_type, choices=("epsilon", "sample", "v_prediction"))
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--retrain", action="store_true", help="train even if the cache has these weights")
     p.add_argument("--eval-steps", type=int, nargs="*", default=[], help="DDIM step counts to evaluate samples at")
@@ -269,7 +285,8 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     config = PretrainConfig(views=a.views, style=a.style, steps=a.steps, batch_size=a.batch_size, lr=a.lr, size=a.size,
-                            channels=tuple(a.channels), seed=a.seed)
+                            channels=tuple(a.channels), seed=a.seed,
+                            prediction_type=a.prediction_type)
     model = pretrained_base(config, retrain=a.retrain)
     r = model.record
     print(f"base model {r['key']} ({r['parameters']} parameters): eval loss {r['eval_loss_before']:.4f} -> "

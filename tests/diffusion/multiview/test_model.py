@@ -76,3 +76,27 @@ def test_pretraining_lowers_the_loss_and_caches(tmp_path):
         PretrainConfig(style="fancy")
     with pytest.raises(ValueError, match="views must be"):
         PretrainConfig(views=3)
+
+
+def test_prediction_targets_by_hand(encoder):
+    import dataclasses
+
+    from diffusion.multiview.model import config_hash
+    from diffusion.multiview.pretrain import denoising_loss
+
+    torch.manual_seed(0)
+    m = MultiviewUNet(views=1, size=8, channels=(16, 32))
+    alphas = PretrainConfig().scheduler().alphas_cumprod
+    x0, eps = torch.rand(2, 3, 8, 8) * 2 - 1, torch.randn(2, 3, 8, 8)
+    t = torch.tensor([10, 700])
+    cond = encoder(["a red cube with a blue stripe", ""])
+    assert (cond[1] == 0).all()  # the empty caption is the null condition
+    a = alphas[t].view(-1, 1, 1, 1)
+    out = m(a.sqrt() * x0 + (1 - a).sqrt() * eps, t, cond)
+    for kind, target in (("epsilon", eps), ("sample", x0), ("v_prediction", a.sqrt() * eps - (1 - a).sqrt() * x0)):
+        assert torch.allclose(denoising_loss(m, alphas, x0, cond, t, eps, kind), (out - target).square().mean(), atol=1e-6)
+    eps_cfg, x0_cfg = PretrainConfig(), PretrainConfig(prediction_type="sample")
+    d = dataclasses.asdict(eps_cfg)
+    del d["prediction_type"]
+    assert eps_cfg.key() == config_hash(d) != x0_cfg.key()  # caches made before the field existed stay valid
+    assert x0_cfg.scheduler("ddim").config.prediction_type == "sample"
