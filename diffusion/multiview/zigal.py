@@ -11,6 +11,8 @@ three parts plug into the shared loop:
    x̃_T = √ᾱ_T x̂_0 + √(1−ᾱ_T) ε̂), then take the ordinary first transition from ``x̃_T``. The stored first
    transition is (state x̃_T, action x_{t_1}) with the ordinary sampler's log-prob; every later step is ordinary,
    so a zigzag trajectory has the shapes of a standard one and differs from it only in its first transition.
+   :class:`ZigzagFirstStep` is the ``first_step`` hook of ``common.policies.diffusion.DiffusionSamplerPolicy``;
+   :class:`ZigzagPairs` (a method replacing the rollout) samples each noise twice, standard and zigzag.
    (The spec writes the inversion with ᾱ_t on both sides; we invert from the level x' is at, ᾱ_prev, which is
    what DDIM inversion is; with the spec's form a one-step sampler would not return to x_T even for ω_low = ω_high.)
 
