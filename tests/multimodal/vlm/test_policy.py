@@ -84,21 +84,30 @@ def test_logprobs_equal_plain_forward_under_the_rollouts_image(policy):
         inputs={"pixel_values": batch.inputs["pixel_values"].flip(0)})), atol=2e-5, rtol=0)
 
 
-def test_generation_sees_the_image_with_and_without_shared_prefill():
+def test_generation_sees_the_image_with_and_without_shared_prefill(policy):
     s = samples(2)
-    torch.manual_seed(0)
-    a = VLMPolicy(TinyVLM(seed=3), Sampling(max_new_tokens=4), HFBackend(share_prefill=True)).rollout(s, 3, greedy=True)
-    b = VLMPolicy(TinyVLM(seed=3), Sampling(max_new_tokens=4), HFBackend(share_prefill=False)).rollout(s, 3, greedy=True)
+    backend = policy.backend
+    try:
+        policy.backend = HFBackend(share_prefill=True)
+        a = policy.rollout(s, 3, greedy=True)
+        policy.backend = HFBackend(share_prefill=False)
+        b = policy.rollout(s, 3, greedy=True)
+    finally:
+        policy.backend = backend
     assert torch.equal(a.completion_ids, b.completion_ids)
     # greedy tokens are the argmax of the plain forward under the image
-    pol = VLMPolicy(TinyVLM(seed=3), Sampling(max_new_tokens=4))
     attn = a.attention_mask.long()
     with torch.no_grad():
-        logits = pol.model(input_ids=a.input_ids, pixel_values=a.inputs["pixel_values"], attention_mask=attn,
-                           position_ids=(attn.cumsum(1) - 1).clamp(min=0)).logits
+        logits = policy.model(input_ids=a.input_ids, pixel_values=a.inputs["pixel_values"], attention_mask=attn,
+                              position_ids=(attn.cumsum(1) - 1).clamp(min=0)).logits
     P = a.prompt_ids.shape[1]
     argmax = logits[:, P - 1 : -1].argmax(-1)
     assert torch.equal(argmax[a.completion_mask], a.completion_ids[a.completion_mask])
+    # and a greedy answer depends on the image: other pixels give other logits at the first answer token
+    with torch.no_grad():
+        other = policy.model(input_ids=a.input_ids, pixel_values=a.inputs["pixel_values"].flip(0), attention_mask=attn,
+                             position_ids=(attn.cumsum(1) - 1).clamp(min=0)).logits
+    assert (other[:, P - 1] - logits[:, P - 1]).abs().max() > 1e-3
 
 
 def test_one_optimiser_step_through_the_loop_trains_the_vision_tower():
