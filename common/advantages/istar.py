@@ -66,7 +66,7 @@ def prm_dpo_loss(scores: Tensor, success: Tensor, group: Tensor) -> tuple[Tensor
     diff = scores[:, None] - scores[None, :]  # (E, E)
     n = pair.sum()
     logsig = torch.nn.functional.logsigmoid(diff)
-    loss = -torch.where(pair, logsig, torch.zeros_like(logsig)).sum() / n.clamp(min=1).to(scores.dtype)
+    loss = torch.where(pair, -logsig, torch.zeros_like(logsig)).sum() / n.clamp(min=1).to(scores.dtype)  # +0 without pairs
     acc = ((diff > 0) & pair).sum().to(scores.dtype) / n.clamp(min=1).to(scores.dtype)
     return loss, n, acc
 
