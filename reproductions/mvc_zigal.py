@@ -129,6 +129,7 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--arms", nargs="+", default=list(ARMS))
     p.add_argument("--smoke", action="store_true")
+    p.add_argument("--no-report", action="store_true", help="write only the results file (a sensitivity run)")
     p.add_argument("--out", default=str(REPORTS / "mvc_zigal_results.json"))
     p.add_argument("--report-only", metavar="JSON", help="write the report from a (possibly partial) results file")
     a = p.parse_args(argv)
@@ -178,7 +179,8 @@ def main(argv=None) -> None:
             json.dump(res, open(a.out, "w"))
     res["cpu_seconds"] = time.process_time() - t0
     json.dump(res, open(a.out, "w"))
-    report(res, a)
+    if not a.no_report:
+        report(res, a)
 
 
 def report(res: dict, a) -> None:
