@@ -127,6 +127,10 @@ CKPT0 = "runs/lightning_logs/version_0/checkpoints/last.ckpt"
 TINY_SFT = ("--model.init_args.policy", "common.models.TinyLlama", "--model.init_args.policy.init_args.alphabet",
             " +.0123456789?TWaehinrstw", "--data.init_args.train_size", "64", "--data.init_args.val_size", "8", *STEP1)
 SFT = "advlab fit --config configs/text_reasoning/sft.yaml --evaluate true"
+# a multi-turn agent recipe on TinyLlama, one step (configs/agentic/)
+TINY_AGENT = ("--model.init_args.policy", "common.models.TinyLlama", "--model.init_args.sampling.max_new_tokens", "6",
+              "--data.init_args.train_size", "24", "--data.init_args.val_size", "4", "--data.init_args.prompts_per_step",
+              "2", "--model.init_args.group_size", "4", *STEP1)
 # the parity recipe (/work/readme_parts/h5-parity.md): tests/text_reasoning/test_parity_recipe.py's shrink
 TINY_PARITY = ("--model.init_args.policy", "common.models.TinyLlama", "--model.init_args.policy.init_args.hidden_size", "32",
                "--model.init_args.policy.init_args.num_layers", "1", "--model.init_args.policy.init_args.num_heads", "2",
@@ -287,6 +291,33 @@ COMMANDS: dict[str, Run | Exempt] = {
     "python reproductions/<name>.py": Exempt("a placeholder for any reproduction script"),
     "python benchmarks/grpo_step.py --only ours|ours-gc|trl-default --steps 2":
         Exempt("a benchmark's peak-memory processes (minutes each, TRL installed by `make bench`)"),
+    # ---- multi-turn agents: environment recipes (tests/text_reasoning/test_agentic_env_recipes.py) and estimators
+    "advlab fit --config configs/agentic/grpo_sokoban.yaml":
+        Exempt("tests/text_reasoning/test_agentic_env_recipes.py runs it on a tiny model in layout A and kills and resumes it"),
+    "advlab fit --config configs/agentic/grpo_order_dialogue.yaml": Run(TINY_AGENT),
+    "advlab fit --config configs/agentic/grpo_calculator_json.yaml": Run(TINY_AGENT),
+    "advlab fit --config configs/agentic/sft_sokoban.yaml --evaluate true":
+        Run(("--model.init_args.policy", "common.models.TinyLlama", "--data.init_args.train_size", "32",
+             "--data.init_args.val_size", "8", *STEP1), expect="held-out accuracy: before",
+            check=has("runs/smollm2-sft-sokoban/config.json")),
+    "advlab fit --config configs/agentic/gigpo.yaml":
+        Exempt("tests/text_reasoning/test_agentic_recipes.py::test_recipe_runs_one_step runs it on a tiny model"),
+    # ---- image and multiview diffusion (tests/diffusion/multiview/)
+    "python -m diffusion.multiview.pretrain --eval-steps 4 20 --guidance 3 --png runs/multiview/base":
+        Exempt("4 CPU minutes of pre-training; tests/diffusion/multiview/test_model.py pre-trains 30 steps and checks the cache"),
+    "advlab fit --config configs/diffusion/mvc_zigal.yaml":
+        Exempt("tests/diffusion/multiview/test_zigal_recipes.py runs it for 2 steps on a tiny untrained base"),
+    "advlab fit --config configs/diffusion/ddpo.yaml":
+        Exempt("tests/diffusion/multiview/test_zigal_recipes.py runs it for 2 steps on a tiny untrained base"),
+    "advlab fit --config configs/diffusion/seppo.yaml":
+        Exempt("tests/diffusion/multiview/test_zigal_recipes.py runs it on a tiny base, kills it and resumes it"),
+    # ---- vision-language models (tests/multimodal/)
+    "python -m multimodal.vlm.pretrain":
+        Exempt("about an hour of pre-training on one core; tests/multimodal/vlm/ pre-train a tiny VLM"),
+    "advlab fit --config configs/multimodal/grpo_vlm.yaml --evaluate true":
+        Exempt("needs the pre-trained VLM (an hour); tests/multimodal/vlm/test_recipe.py runs the recipe on the tiny VLM"),
+    "advlab fit --config configs/multimodal/roma.yaml --evaluate true":
+        Exempt("needs the pre-trained VLM (an hour); tests/multimodal/roma/test_recipe.py runs the recipe on the tiny VLM"),
 }
 
 

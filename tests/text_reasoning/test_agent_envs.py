@@ -87,3 +87,16 @@ def test_grid_state_text_is_the_rendering_alone():
     env.step("r")
     back = env.step("l")
     assert env.state_text(back.observation) == start == "A..\n...\n..G" and first != back.observation
+
+
+def test_order_tasks_fill_a_prompt_disjoint_split():
+    """Every order has its own prompt (the ticket), so ReasoningData's prompt-disjoint validation split keeps the
+    requested sizes (with one shared prompt text the training set was empty)."""
+    from text_reasoning.data import ReasoningData
+
+    problems = OrderTasks(slots=3).make(50, 0)
+    assert len({p.prompt for p in problems}) == 50
+    data = ReasoningData(tasks=[OrderTasks(slots=3)], train_size=24, val_size=4, prompts_per_step=2)
+    data.setup("fit")
+    assert len(data.train_set) == 24 and len(data.val_set) == 4
+    assert not {s["prompt"] for s in data.train_set} & {s["prompt"] for s in data.val_set}

@@ -79,7 +79,8 @@ class OrderDialogue(Environment):
 
 
 class OrderTasks(TaskSource):
-    """Generated orders: ``slots`` attributes, values drawn uniformly; the answer is the order line
+    """Generated orders: ``slots`` attributes, values drawn uniformly, each under its own ticket (``Ticket
+    <seed>-<k>``, so prompts are distinct); the answer is the order line
     (``"large pepperoni cola"``); meta ``order`` holds the dict, level = slots.
 
     Args:
@@ -96,7 +97,9 @@ class OrderTasks(TaskSource):
         for k in range(n):
             order = {a: rng.choice(v) for a, v in list(MENU.items())[: self.slots]}
             line = " ".join(order.values())
-            out.append(Problem(f"Take the customer's order ({', '.join(order)}).", line, "order", self.slots,
+            # the ticket makes every task's prompt distinct (the order itself is hidden in the environment), so a data
+            # module's prompt-disjoint train/validation split keeps them all
+            out.append(Problem(f"Ticket {seed}-{k}: take the customer's order ({', '.join(order)}).", line, "order", self.slots,
                                {"order": order, "task_id": f"order-{seed}-{k}"}))
         return out
 
