@@ -137,8 +137,15 @@ def uis1_env(expert: Tensor, eps: int):
     return score
 
 
-def uis1_run(arm: str, seed: int, steps: int) -> tuple[float, float, list[float]]:
-    """One seed of "uis1" (ε = 2), "grpo" (ε = 2) or "uis1_eps0". Returns (final step accuracy, final Π_t P_t, curve)."""
+def rms(b: RolloutBatch) -> float:
+    """Root mean square of the advantages over the trained tokens (the effective step size of each arm)."""
+    m = b.loss_mask
+    return float((b.advantages[m] ** 2).mean().sqrt())
+
+
+def uis1_run(arm: str, seed: int, steps: int, lr_scale: float = 1.0) -> tuple[float, float, list[float], float]:
+    """One seed of "uis1" (ε = 2), "grpo" (ε = 2) or "uis1_eps0". Returns (final step accuracy, final Π_t P_t, curve,
+    RMS of the advantages over the run)."""
     gen = torch.Generator().manual_seed(seed)
     expert = torch.randint(0, U_K, (TASKS, U_T), generator=gen)  # (tasks, T)
     policy = TurnTable(TASKS, U_T, U_K).double()
@@ -151,19 +158,21 @@ def uis1_run(arm: str, seed: int, steps: int) -> tuple[float, float, list[float]
     loop = Loop(policy, uis1_env(expert, eps), est, ClippedPolicyLoss(aggregation="token_mean"), group_size=G,
                 provided=("turn_rewards", "turn_matched", "num_turns"))
     params = policy.trainable_parameters()
-    stepper = Stepper(torch.optim.SGD(params, lr=U_LR), params, max_grad_norm=0.0)
+    stepper = Stepper(torch.optim.SGD(params, lr=U_LR * lr_scale), params, max_grad_norm=0.0)
     prompts = [{"prompt": f"task{i}", "index": i} for i in range(TASKS)]
 
     def acc() -> tuple[float, float]:
         p = torch.softmax(policy.logits.detach(), -1).gather(2, expert[..., None])[..., 0]  # (tasks, T)
         return float(p.mean()), float(p.prod(1).mean())
 
-    curve = []
+    curve, scale = [], []
     for _ in range(steps):
         curve.append(acc()[0])
-        loop.update(loop.collect(prompts).kept, stepper)
+        kept = loop.collect(prompts).kept
+        scale.append(rms(kept))
+        loop.update(kept, stepper)
     final = acc()
-    return final[0], final[1], curve + [final[0]]
+    return final[0], final[1], curve + [final[0]], statistics.fmean(scale)
 
 
 # ------------------------------------------------------------------ M: MAPO
@@ -193,8 +202,8 @@ MAPO_ARMS = {"mapo": dict(w_batch=0.6, w_turn=0.4), "turn_only": dict(w_batch=0.
              "batch_only": dict(w_batch=1.0, w_turn=0.0)}
 
 
-def mapo_run(arm: str, seed: int, steps: int) -> tuple[float, list[float]]:
-    """One seed of "mapo", "turn_only", "batch_only" or "grpo". Returns (final normalised value, curve)."""
+def mapo_run(arm: str, seed: int, steps: int, lr_scale: float = 1.0) -> tuple[float, list[float], float]:
+    """One seed of "mapo", "turn_only", "batch_only" or "grpo". Returns (final normalised value, curve, advantage RMS)."""
     gen = torch.Generator().manual_seed(1000 + seed)
     q = torch.rand(TASKS, M_T, M_K, generator=gen, dtype=torch.float64)
     d = torch.rand(TASKS, M_T, M_K, generator=gen, dtype=torch.float64)
@@ -206,14 +215,16 @@ def mapo_run(arm: str, seed: int, steps: int) -> tuple[float, list[float]]:
     loop = Loop(policy, mapo_env(q, d, scale), est, ClippedPolicyLoss(aggregation="token_mean"), group_size=G,
                 provided=("turn_rewards", "num_turns"))
     params = policy.trainable_parameters()
-    stepper = Stepper(torch.optim.SGD(params, lr=M_LR), params, max_grad_norm=0.0)
+    stepper = Stepper(torch.optim.SGD(params, lr=M_LR * lr_scale), params, max_grad_norm=0.0)
     prompts = [{"prompt": f"dialogue{i}", "index": i} for i in range(TASKS)]
-    curve = []
+    curve, size = [], []
     for _ in range(steps):
         curve.append(mapo_value(policy, q, d, scale))
-        loop.update(loop.collect(prompts).kept, stepper)
+        kept = loop.collect(prompts).kept
+        size.append(rms(kept))
+        loop.update(kept, stepper)
     final = mapo_value(policy, q, d, scale)
-    return final, curve + [final]
+    return final, curve + [final], statistics.fmean(size)
 
 
 # ------------------------------------------------------------------ sanity checks (pre-registered; the run is void if one fails)
@@ -293,6 +304,30 @@ def main() -> None:
     if args.smoke:
         return
 
+    # exploratory (after the pre-registered run; not verdicts): the arms' advantages differ in size, and with SGD on
+    # a logit table that is a step-size difference; rerun a control with its lr scaled to the other arm's mean RMS
+    u_rms = {k: mean([x[3] for x in v]) for k, v in U.items()}
+    m_rms = {k: mean([x[2] for x in v]) for k, v in M.items()}
+    u_gm = [uis1_run("grpo", s, us, lr_scale=u_rms["uis1"] / u_rms["grpo"])[0] for s in seeds]
+    m_gm = [mapo_run("grpo", s, ms, lr_scale=m_rms["mapo"] / m_rms["grpo"])[0] for s in seeds]
+    m_mm = [mapo_run("mapo", s, ms, lr_scale=m_rms["turn_only"] / m_rms["mapo"])[0] for s in seeds]
+    x_u = interval(diff(acc["uis1"], u_gm))
+    x_mg = interval(diff(val["mapo"], m_gm))
+    x_mt = interval(diff(m_mm, val["turn_only"]))
+    explore = [("UI-S1 vs GRPO with lr x RMS(UI-S1)/RMS(GRPO) = " f"{u_rms['uis1'] / u_rms['grpo']:.2f}",
+                f"GRPO {mean(u_gm):.3f}", f"UI-S1 − GRPO {fmt(x_u)}"),
+               ("MAPO vs GRPO with lr x RMS(MAPO)/RMS(GRPO) = " f"{m_rms['mapo'] / m_rms['grpo']:.2f}",
+                f"GRPO {mean(m_gm):.3f}", f"MAPO − GRPO {fmt(x_mg)}"),
+               ("MAPO with lr x RMS(turn-only)/RMS(MAPO) = " f"{m_rms['turn_only'] / m_rms['mapo']:.2f} vs turn-only",
+                f"MAPO {mean(m_mm):.3f}", f"MAPO − turn-only {fmt(x_mt)}")]
+    mid = min(10, us)
+    x_u2 = interval(diff([r[2][mid] for r in U["uis1"]], [r[2][mid] for r in U["uis1_eps0"]]))
+    explore.append((f"patching (U2) at update {mid} instead of the end: UI-S1 ε = 2 vs ε = 0",
+                    f"ε=2 {mean([r[2][mid] for r in U['uis1']]):.3f}, ε=0 {mean([r[2][mid] for r in U['uis1_eps0']]):.3f}",
+                    f"ε=2 − ε=0 {fmt(x_u2)}"))
+    rms_line = ("; ".join(f"{k} {v:.2f}" for k, v in u_rms.items()) + " (U); "
+                + "; ".join(f"{k} {v:.2f}" for k, v in m_rms.items()) + " (M)")
+
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
     for arm, c in (("uis1", "C0"), ("grpo", "C1"), ("uis1_eps0", "C2")):
         ax[0].plot(torch.tensor([r[2] for r in U[arm]]).mean(0), color=c, label=arm)
@@ -340,9 +375,34 @@ Per seed (final step accuracy for U, final normalised value for M):
 
 {per_seed}
 
+Exploratory, after the pre-registered run (not verdicts). RMS of the advantages over the trained tokens, mean over
+updates and seeds: {rms_line}. With SGD on a logit table an arm whose advantages are larger takes larger steps, so
+each control below is rerun with its learning rate scaled by the ratio of the mean RMS (same seeds):
+
+{table(("exploratory comparison", "rerun arm (mean)", "difference [95% CI]"), explore)}
+
 ![learning curves](uis1_mapo.png)
 
 Verdict line: `{line}`
+
+Deviation, stated: the pre-registered learning rates (SGD 2.0 for U, 1.0 for M, on the token-mean loss) barely moved
+the control in a single-arm check before any comparison (GRPO step accuracy 0.30 -> 0.35 and normalised value
+0 -> 0.045 in 40 updates: the token mean over the ~64 x 7 played turns divides each (task, turn) cell's gradient by
+~50). They were raised to 20 (U) and 10 (M), chosen on the GRPO arm alone (it then ends at 0.69 / 0.40, not
+saturated). Nothing else changed. A UI-S1 advantage is the sum of two normalised terms (w_E = w_S = 1) and the
+arms' advantages differ in size; the exploratory rows below rescale the controls' step size to match.
+
+Reading. U1: on a semi-online chain where every turn is graded against the expert, UI-S1's per-turn advantages (the
+turn's own score over the task's turns plus the discounted step return over the (task, t) group) learn every step
+far faster than one episode-level GRPO advantage spread over 10 turns, and the gap survives a step-size-matched
+control (below); this is the per-turn credit claim at toy scale, not the paper's AndroidWorld / AITW gains. U2: the
+patch module (ε = 2) trains more turns per episode than ε = 0 (2.8x at p = 0.6, spec §9 (e)) and is clearly ahead mid-run (exploratory row
+below), but both arms end near the ceiling of 1 after 40 updates, so the pre-registered final-accuracy margin of
++0.05 is not met. M1: MAPO's mixed normalisation beats episode-level GRPO by less than the pre-registered +0.05 at
+40 updates (all arms are still rising); step-size-matched, the gap is larger. M2: the turn-only scope, which removes
+the position bias this toy builds in (s_t = 1 + t/2), beats MAPO's 0.6 / 0.4 mix in every seed, also at matched step
+size; the batch scope's extra signal on tied turns does not pay here, because in this toy a (task, t) group of 8
+with continuous judge scores almost never ties. Whether the mix helps where ties are common (a judge with coarse scores) is untested.
 """)
 
 
