@@ -178,7 +178,8 @@ class Canaries(Method):
         probe, K = batch.select(rows), self.probe_tokens
         fields = {f: getattr(probe, f) for f in TIME_ALIGNED}
         cut = {f: t[:, :K] for f, t in fields.items() if torch.is_tensor(t) and t.dim() > 1}  # the first K actions
-        if probe.prompt_ids is not None:  # left-padded: the prompt's last K tokens
+        if probe.prompt_ids is not None and not probe.inputs:  # left-padded: the prompt's last K tokens (a prompt
+            # with a modality payload, e.g. image placeholders that must match the image's features, is kept whole)
             cut.update(prompt_ids=probe.prompt_ids[:, -K:], prompt_mask=probe.prompt_mask[:, -K:])
         probe = probe.replace(**cut)  # (R, <= K) prompt, (R, <= K) actions
         try:

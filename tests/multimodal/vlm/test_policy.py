@@ -156,3 +156,30 @@ def test_a_vllm_backend_is_refused_in_one_line():
 
     with pytest.raises(ValueError, match=r"^rollout_backend: vLLM rollouts of this LLaVA model are not supported: .*torchvision.*got NotHF$"):
         VLMPolicy(TinyVLM(), backend=NotHF())
+
+
+def test_the_stale_sampler_canary_probes_a_vlm_without_switching_itself_off():
+    """The canary's probe keeps a VLM prompt whole (cutting it would drop image placeholders, and the placeholder
+    check would refuse the probe): two steps of the real loop, the probe scored at both, no CanaryWarning."""
+    import warnings
+
+    from common.methods.canaries import Canaries, CanaryWarning
+
+    policy = VLMPolicy(TinyVLM(seed=0), Sampling(max_new_tokens=4, logprobs=True))
+    reward = VQAReward()
+
+    def score(b: RolloutBatch) -> RolloutBatch:
+        r = reward(b.completions, b.samples) + 0.01 * torch.arange(b.batch_size)  # distinct: nonzero advantages
+        return b.replace(rewards=r, reward_components=r[:, None], reward_names=("vqa",))
+
+    loop = Loop(policy, score, GRPO(), ClippedPolicyLoss(), methods=[Canaries(sync_check_every=1, probe_tokens=2)],
+                group_size=4)
+    params = policy.trainable_parameters()
+    stepper = Stepper(torch.optim.SGD(params, lr=0.1), params, max_grad_norm=0)
+    torch.manual_seed(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        metrics = [loop.update(loop.collect(samples(2, seed=s)).kept, stepper) for s in range(2)]
+    assert not [w for w in caught if issubclass(w.category, CanaryWarning)], [str(w.message) for w in caught]
+    assert all("canary/policy_logprob_change" in m for m in metrics)
+    assert float(metrics[0]["canary/policy_logprob_change"]) > 0  # the probe was scored before and after the step
