@@ -205,10 +205,13 @@ Verdict: claim **{word}** ({why}).
 
 `{line}`
 
-Reading: in this bandit clip-higher lets a sampled correct answer's probability rise further in one batch. The
-answer that rises is mostly the one already dominant, so a looser upper clip can *concentrate* the policy faster
-rather than spread it; the paper's mechanism (low-probability tokens escaping the clip) needs many tokens whose
-probability is small but whose advantage is positive, which a 20-answer bandit has little of. The AIME 2024 result
+Reading (written after the run): with the upper clip binding on 10–13% of the positive-advantage rows, clip-higher
+does not keep entropy higher in either binding setting. Starting on a correct answer both arms collapse onto it to the
+same entropy (difference −0.001 nats, inside ±0.02); starting on a wrong answer the point estimate is *lower* with
+clip-higher (−0.054) but the interval over 20 seeds is wide (±0.17), because which correct answer takes over and when
+varies from seed to seed. By the rule that is inconclusive, not "not reproduced". The paper's mechanism
+(low-probability tokens with positive advantage escaping the clip) needs many such tokens at once, which a
+20-answer bandit has few of; an LM run is the test that could settle it. The AIME 2024 result
 (50 vs 47 with Qwen2.5-32B) needs a large model and is not tested. Dynamic sampling here re-samples the step's own
 prompts (audit D1; fixed separately under issue 17, deliverable 2).
 """)
