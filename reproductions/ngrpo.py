@@ -7,35 +7,45 @@ Part 1 (shared/methods/text.md §5 (e)): exact values for G = 8 (one correct: GR
 binary group with G <= 16, exhaustively over the number of correct answers.
 Part 2, a softmax bandit where all-wrong groups are common: 10 answers, one correct, P(correct) = 0.02 at start,
 G = 4 (P(all wrong) = 0.92), 4 groups a step, plain policy gradient (on-policy, one step per batch, so clipping
-does not act), SGD lr 0.5 on the logits, 40 seeds. Reported: steps until P(correct) >= 0.5 and P(correct) after
-40 steps, GRPO vs NGRPO (the library's grpo / ngrpo). Claim reproduced when part 1 holds and NGRPO reaches 0.5
-in fewer steps on average, by more than two standard errors of the difference.
+does not act), SGD lr 0.5 on the logits, 40 seeds (paired: seed s in both arms). Reported: steps until
+P(correct) >= 0.5 and P(correct) after 40 steps, GRPO vs NGRPO (the library's grpo / ngrpo). The pre-registered rule
+is ``PREREG``.
 
-    python reproductions/ngrpo.py       # ~2 min on 2 cores; writes reproductions/reports/ngrpo.md
+    python reproductions/ngrpo.py          # ~2 min on 2 cores; writes reproductions/reports/ngrpo.md and .png
+    python reproductions/ngrpo.py --smoke  # 2 seeds x 20 steps: the verdict line only, no report
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import argparse
+import math
 
-import matplotlib
+from support.report import (diff_ci, eval_record, fmt_ci, mean_ci, plt, preregistration, save_plot, table,
+                            verdict, write_report)
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import math  # noqa: E402
+import torch
 
 from common.progress import progress  # step i/N and elapsed time on stderr
-from common.advantages.group import grpo, ngrpo  # noqa: E402
-from common.loop import Loop, Stepper  # noqa: E402
-from common.losses.ppo_clip import ClippedPolicyLoss  # noqa: E402
-from common.policies.toy import CategoricalPolicy  # noqa: E402
+from common.advantages.group import grpo, ngrpo
+from common.loop import Loop, Stepper
+from common.losses.ppo_clip import ClippedPolicyLoss
+from common.policies.toy import CategoricalPolicy
 
-REPORTS = Path(__file__).resolve().parent / "reports"
-K, G, GROUPS, STEPS, SEEDS, LR, P0 = 10, 4, 4, 200, 40, 0.5, 0.02
+K, G, GROUPS, STEPS, SEEDS, LR, P0, MIN_EFFECT = 10, 4, 4, 200, 40, 0.5, 0.02, 0.05
+
+PREREG = preregistration(
+    claim="calibrating each group with a virtual maximum-reward sample gives all-wrong groups a learning signal, "
+          "so a policy that rarely answers correctly learns sooner (paper: NGRPO beats PPO, GRPO, DAPO and PSR-NSR "
+          "on MATH500, AMC23 and AIME2025 with Qwen2.5-Math-7B; numbers unverified, not tested). As a number here: "
+          "steps until P(correct) >= 0.5, NGRPO minus GRPO, paired by seed, < 0, by at least 5% of GRPO's steps.",
+    control="GRPO (the library's grpo) on the same bandit, seeds, G, groups per step, loss and learning rate; only "
+            "the advantage estimator differs",
+    not_reproduced_if="the exact values or the NGRPO <= GRPO property fail, or the 95% interval of the paired "
+                      "difference (NGRPO − GRPO, steps to P >= 0.5) lies entirely above −5% of GRPO's mean steps "
+                      "(a speed-up of 5% or more is excluded). The committed run (68.3 vs 71.1 steps, 40 seeds) was "
+                      "seen before this rule was written; the 5% minimum effect is the rule's only free choice",
+    inconclusive_if="the interval contains −5% of GRPO's mean steps; reproduced needs it entirely below",
+    seeds=f"0..{SEEDS - 1} (paired)")
 
 
 def exact_values() -> tuple[bool, dict]:
@@ -57,7 +67,7 @@ def exact_values() -> tuple[bool, dict]:
     return ok, vals
 
 
-def train(estimator, seed: int) -> torch.Tensor:
+def train(estimator, seed: int, steps: int = STEPS) -> torch.Tensor:
     """The library's loop (``common.loop.Loop``) on a context-free ``CategoricalPolicy`` (free logits): G samples
     for each of GROUPS prompts, the estimator's advantages, the clipped surrogate (ratio 1 on-policy, so the
     gradient is −A ∇log π averaged over rows), one SGD step. Returns P(correct) before each step (STEPS,)."""
@@ -72,35 +82,51 @@ def train(estimator, seed: int) -> torch.Tensor:
     stepper = Stepper(opt, policy.trainable_parameters(), max_grad_norm=0.0)
     prompts = [{"context": []}] * GROUPS
     history = []
-    for _ in range(STEPS):
+    for _ in range(steps):
         history.append(float(torch.softmax(policy.net.logits.detach(), 0)[0]))
         loop.update(loop.collect(prompts).kept, stepper)
     return torch.tensor(history)
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="2 seeds x 20 steps, print the verdict line, write no report")
+    args = ap.parse_args()
     torch.set_num_threads(1)  # (16, 10) tensors: threads only add overhead
-    REPORTS.mkdir(exist_ok=True)
+    steps, seeds = (20, 2) if args.smoke else (STEPS, SEEDS)
     ok, vals = exact_values()
-    curves = {name: torch.stack([train(fn, s) for s in progress(range(SEEDS), f"ngrpo: {name}, seeds")]) for name, fn in (("GRPO", grpo), ("NGRPO", ngrpo))}
-    reached = {n: (c < 0.5).sum(1).double() for n, c in curves.items()}  # (SEEDS,) STEPS if never
-    steps_to_half = {n: v.mean().item() for n, v in reached.items()}
-    sem = {n: (v.std() / SEEDS**0.5).item() for n, v in reached.items()}
-    at40 = {n: c[:, 40].mean().item() for n, c in curves.items()}
-    margin = 2 * (sem["GRPO"] ** 2 + sem["NGRPO"] ** 2) ** 0.5  # two standard errors of the difference
-    faster = steps_to_half["GRPO"] - steps_to_half["NGRPO"] > margin
-    reproduced = ok and faster
+    curves = {name: torch.stack([train(fn, s, steps) for s in progress(range(seeds), f"ngrpo: {name}, seeds")])
+              for name, fn in (("GRPO", grpo), ("NGRPO", ngrpo))}
+    reached = {n: (c < 0.5).sum(1).double().tolist() for n, c in curves.items()}  # (seeds,) steps if never
+    at40 = {n: c[:, min(40, steps - 1)].tolist() for n, c in curves.items()}
+    d = diff_ci(reached["NGRPO"], reached["GRPO"])
+    margin = MIN_EFFECT * sum(reached["GRPO"]) / seeds
+    outcome = "not reproduced" if not ok or d[1] > -margin else "reproduced" if d[2] < -margin else "inconclusive"
+    details = (f"G=8 one-correct NGRPO {vals['ngrpo'][0]:+.3f}/{vals['ngrpo'][1]:+.3f}, all-wrong {vals['all_wrong']:+.3f}, "
+               f"<= GRPO in {vals['property_cases']} groups: {ok}; bandit steps to P(correct)>=0.5 ({seeds} seeds) GRPO "
+               f"{sum(reached['GRPO']) / seeds:.1f} vs NGRPO {sum(reached['NGRPO']) / seeds:.1f}, NGRPO − GRPO "
+               f"{fmt_ci(d, 1, signed=True)} (5% of GRPO: {margin:.1f} steps)")
+    line = verdict("ngrpo", outcome, details, echo=False)
+    if args.smoke:
+        print(line)
+        return
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for n, c in curves.items():
-        ax.plot(c.mean(0).numpy(), label=f"{n} (mean of {SEEDS} seeds)")
+        ax.plot(c.mean(0).numpy(), label=f"{n} (mean of {seeds} seeds)")
     ax.set_xlabel("step")
     ax.set_ylabel("P(correct answer)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(REPORTS / "ngrpo.png", dpi=100)
-    verdict = "reproduced" if reproduced else "not reproduced"
-    (REPORTS / "ngrpo.md").write_text(f"""# NGRPO (arXiv 2509.18851): negative signal from all-wrong groups
+    save_plot(fig, "ngrpo")
+    rows = [(n, fmt_ci(mean_ci(reached[n]), 1), fmt_ci(mean_ci(at40[n]))) for n in curves]
+    rows.append(("NGRPO − GRPO (paired)", fmt_ci(d, 1, signed=True), fmt_ci(diff_ci(at40["NGRPO"], at40["GRPO"]), signed=True)))
+    record = eval_record(task=f"one-context bandit, {K} answers, one correct", prompt_template="none (context-free)",
+                         answer_extraction="the sampled answer index equals the correct one",
+                         eos_rule="one token", sampling="none: P(correct) = softmax(logits)[correct], exact",
+                         split="the single training context", seeds=list(range(seeds)))
+    write_report("ngrpo", f"""# NGRPO (arXiv 2509.18851): negative signal from all-wrong groups
 
+{PREREG}
 ## Part 1: exact values and the <= property
 G = 8, one correct: GRPO ({vals['grpo'][0]:+.3f}, {vals['grpo'][1]:+.3f}); NGRPO ({vals['ngrpo'][0]:+.3f}, {vals['ngrpo'][1]:+.3f})
 (paper: 2.47 -> 1.76, −0.35 -> −0.50). All wrong: {vals['all_wrong']:+.4f} (−1/3). All right: {vals['all_right']}.
@@ -109,23 +135,23 @@ NGRPO <= GRPO in all {vals['property_cases']} binary groups with 2 <= G <= 16: {
 ## Part 2: softmax bandit with mostly all-wrong groups
 {K} answers, one correct, P(correct) = {P0} at start; G = {G} ({GROUPS} groups a step, P(all wrong) = {(1 - P0) ** G:.2f}
 at start); on-policy policy gradient through the library's loop (`common.loop.Loop`, a context-free
-`CategoricalPolicy`, `ClippedPolicyLoss`), SGD lr {LR} on the logits; {SEEDS} seeds, {STEPS} steps.
+`CategoricalPolicy`, `ClippedPolicyLoss`), SGD lr {LR} on the logits; {seeds} seeds, {steps} steps. Intervals: 95%
+Student-t over seeds.
 
-| estimator | mean steps to P(correct) >= 0.5 | P(correct) at step 40 |
-|---|---|---|
-| GRPO | {steps_to_half['GRPO']:.1f} ± {sem['GRPO']:.1f} (s.e.) | {at40['GRPO']:.3f} |
-| NGRPO | {steps_to_half['NGRPO']:.1f} ± {sem['NGRPO']:.1f} (s.e.) | {at40['NGRPO']:.3f} |
+{table(["estimator", "steps to P(correct) >= 0.5", "P(correct) at step 40"], rows)}
 
 ![P(correct)](ngrpo.png)
 
-NGRPO faster by more than 2 s.e. ({margin:.1f} steps): {faster}.
+Verdict: claim **{outcome}**.
 
-Verdict: claim **{verdict}**. Part 2 tests the mechanism (learning from all-wrong groups), not the paper's
-MATH500/AMC23/AIME2025 results.
+`{line}`
+
+{record}
+Part 2 tests the mechanism (learning from all-wrong groups), not the paper's MATH500/AMC23/AIME2025 results. The
+bandit is on-policy with one step per batch, so NGRPO's asymmetric clip (ε_low 0.16 / ε_high 0.24 in the recipe)
+never acts; size-1 groups (the authors' code sets μ = 0, σ = 1) do not occur.
 """)
-    print(f"ngrpo: claim {verdict}: G=8 one-correct NGRPO {vals['ngrpo'][0]:+.3f}/{vals['ngrpo'][1]:+.3f}, all-wrong "
-          f"{vals['all_wrong']:+.3f}, <= GRPO in {vals['property_cases']} groups: {ok}; bandit steps to P(correct)>=0.5 "
-          f"GRPO {steps_to_half['GRPO']:.1f}±{sem['GRPO']:.1f} vs NGRPO {steps_to_half['NGRPO']:.1f}±{sem['NGRPO']:.1f}")
+    print(line)
 
 
 if __name__ == "__main__":
