@@ -212,8 +212,8 @@ clip-higher (−0.054) but the interval over 20 seeds is wide (±0.17), because 
 varies from seed to seed. By the rule that is inconclusive, not "not reproduced". The paper's mechanism
 (low-probability tokens with positive advantage escaping the clip) needs many such tokens at once, which a
 20-answer bandit has few of; an LM run is the test that could settle it. The AIME 2024 result
-(50 vs 47 with Qwen2.5-32B) needs a large model and is not tested. Dynamic sampling here re-samples the step's own
-prompts (audit D1; fixed separately under issue 17, deliverable 2).
+(50 vs 47 with Qwen2.5-32B) needs a large model and is not tested. Check (2) applies the `DynamicSampling` filter to one batch; the loop's
+refill from new prompts (audit D1) is not exercised here.
 """)
     print(line)
 
