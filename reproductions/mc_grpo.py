@@ -138,10 +138,15 @@ continuous-noise cells (more in {above}).
 
 `{line}`
 
-Reading: most of the committed gap (mean over G = 2 vs median over G + 1 = 3) is the third rollout: the mean over
-the same three rollouts flips about as rarely as the median under light-tailed noise, and the median's own advantage
-shows under heavy tails and contamination. With the recipe's binary 0/1 rewards neither baseline flips a sign, and
-the median (MAD scale) zeroes more rows: it loses signal there. This checks the baseline, not the paper's GSM8K gain
+Reading (written after the run): the committed gap (mean over G = 2 vs median over G + 1 = 3) is the third rollout,
+not the median. With three distinct rewards the pivot dropped is the middle one, so the kept rows are the largest and
+the smallest; min < mean(3) < max and min <= median <= max, so the mean and the median over the same three rollouts
+give the kept rows the same signs — an identity, which is why the Gaussian and Student-t cells agree to every digit.
+They differ only when rewards tie: under 10% contamination most noise terms are exactly 0, the MAD is then 0 and
+the median gives a tied kept row A = 0 — it "flips less" by zeroing rows (rows with A ≠ 0: 0.48 vs 0.82 at p = 0.5),
+not by a more accurate sign. With the recipe's binary 0/1 rewards neither baseline flips a sign, and the median
+halves the rows that carry a signal (0.375 vs 0.749 at p = 0.5). Where the median can still matter is the advantage's
+magnitude (MAD vs std scale), which a sign count does not measure. This checks the baseline, not the paper's GSM8K gain
 (+4.62 points for Qwen3-1.7B at G = 2), which needs an LM run (a G = 2 vs MC(3) vs mean(3) run on GSM8K).
 """)
     print(line)
