@@ -1,0 +1,694 @@
+"""The estimator league table: every advantage estimator, loss and update-changing method of the library on the same
+task, the same rollout budget and the same seeds, against GRPO, Dr.GRPO and RLOO.
+
+    python reproductions/league.py            # fast tier: tiny Llama from scratch, every arm x 5 seeds (~30 min)
+    python reproductions/league.py --smoke    # 2 arms x 1 seed x 2 steps (a test runs it)
+    python reproductions/league.py --arms grpo,rloo --seeds 0,1,2   # a subset
+    python reproductions/league.py --tier smollm2 --arms grpo,dr_grpo,rloo --steps 10   # SmolLM2 tier cells
+
+Each arm is composed from the library's parts exactly as its recipe YAML does: the ``model.init_args`` entries
+``advantage``, ``loss``, ``selector``, ``methods``, ``kl_in_reward``, ``mu``, ``minibatch_size``,
+``max_generation_rounds`` (and ``group_size`` where a recipe samples one completion per prompt) are read from
+``configs/<domain>/<recipe>.yaml`` and instantiated by import path with their init args; nothing of an estimator is
+re-implemented here. What the league fixes for every arm (the matched budget): the policy (the same SFT'd
+checkpoint), the task and its reward, the sampling settings, rows sampled per step (prompts x G), the learning
+rate, the number of steps and the seeds. Where a recipe's argument is tied to its own run length or batch (a
+warm-up of 30 steps, a schedule over 60 steps, a buffer threshold of 32 rows) it is rescaled to the league's and the
+rescaling is listed in the table (``overrides``).
+
+Fast tier (``--tier fast``): a 2-layer Llama built from config with a character tokenizer (``common.models.
+TinyLlama``) is trained from scratch by teacher forcing on "chain sums" (``3+5+8+1=`` -> ``8,16,17``: the running
+sums, a multi-step task where the first steps can be right and the last wrong), stopped while it is still weak
+(cached under ``$ADVLAB_CACHE``), then every arm trains it with RL for ``--steps`` steps. The reward gives partial
+credit: the fraction of running sums right up to the first wrong one; accuracy is the last sum (the answer) right.
+Held-out greedy accuracy is recorded every ``--eval_every`` steps against the rollouts sampled and the tokens
+generated so far (counted in the rollout backend, so a method that samples extra continuations -- SPO's Monte
+Carlo values, DAPO's refill rounds, a tree -- pays for them).
+
+SmolLM2 tier (``--tier smollm2``): the bundled SmolLM2-135M-Instruct on arithmetic and countdown with each LM
+reasoning method's recipe parts, vLLM rollouts where vLLM is installed; its cells are written as measured, and every
+cell not measured carries the reason and the command that fills it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import json
+import math
+import os
+import platform
+import random
+import string
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from support.report import (REPORTS, ROOT, diff_ci, eval_record, fmt_ci, mean_ci, plt, save_plot, split_hash, table,
+                            write_report)
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from common.rewards.math import PerSampleReward  # noqa: E402
+from common.rollout.base import Sampling  # noqa: E402
+from common.rollout.hf import HFBackend  # noqa: E402
+from text_reasoning.data import ReasoningData, TaskSource  # noqa: E402
+from text_reasoning.tasks import Problem  # noqa: E402
+
+LEAGUE_MD = ROOT / "reproductions" / "league.md"
+CONFIGS = ROOT / "configs"
+MAX_CHARS = 64  # model output is hostile input: only its first MAX_CHARS characters are parsed
+ALPHABET = string.digits + string.ascii_letters + string.punctuation + " \n"
+
+
+# ------------------------------------------------------------------------------------------------ the task
+class ChainSum(TaskSource):
+    """``operands`` single digits; the answer is the running sums, comma separated: ``3+5+8+1`` -> ``8,16,17``.
+
+    ``meta``: ``steps`` (the running sums), ``distribution`` (the final sum's tens digit, 0-3: DUMP's curriculum
+    reads it through ``SampleFields``), ``solution`` (the answer text, for methods that show it).
+    """
+
+    def __init__(self, operands: int = 4):
+        if operands < 2:
+            raise ValueError(f"ChainSum: operands must be >= 2, got {operands}")
+        self.operands = operands
+
+    def make(self, n: int, seed: int) -> list[Problem]:
+        rng, out, seen = random.Random(seed), [], set()
+        limit = 10 ** self.operands
+        while len(out) < n:
+            digits = [rng.randrange(10) for _ in range(self.operands)]
+            key = tuple(digits)
+            if key in seen and len(seen) < limit:
+                continue
+            seen.add(key)
+            sums = [sum(digits[: i + 1]) for i in range(1, self.operands)]
+            answer = ",".join(str(s) for s in sums)
+            out.append(Problem("+".join(str(d) for d in digits), answer, "chain_sum", self.operands - 1,
+                               {"steps": sums, "distribution": min(sums[-1] // 10, 3), "solution": answer}))
+        return out
+
+
+def _parts(completion: str) -> list[str]:
+    return completion[:MAX_CHARS].strip().split(",")
+
+
+class StepCredit(PerSampleReward):
+    """Partial credit: (number of running sums right before the first wrong one) / (number of sums)."""
+
+    def score(self, completion: str, sample: dict) -> float:
+        right = 0
+        for got, want in zip(_parts(completion), sample["steps"]):
+            if got.strip() != str(want):
+                break
+            right += 1
+        return right / len(sample["steps"])
+
+
+class FinalCorrect(PerSampleReward):
+    """Accuracy: the last comma-separated field equals the final sum (and there are exactly as many fields)."""
+
+    def score(self, completion: str, sample: dict) -> float:
+        got = _parts(completion)
+        return float(len(got) == len(sample["steps"]) and got[-1].strip() == str(sample["steps"][-1]))
+
+
+class MeteredBackend(HFBackend):
+    """The HF backend, counting the rows sampled and the tokens generated for training (``counting`` on)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counting, self.rows, self.tokens = True, 0, 0
+
+    def generate(self, model, tokenizer, prompt_ids, prompt_mask, n, sampling, greedy=False):
+        batch = super().generate(model, tokenizer, prompt_ids, prompt_mask, n, sampling, greedy=greedy)
+        if self.counting:
+            self.rows += batch.batch_size
+            self.tokens += int(batch.completion_mask.sum())
+        return batch
+
+
+# ------------------------------------------------------------------------------------------------ the arms
+PART_KEYS = ("advantage", "loss", "selector", "methods", "kl_in_reward", "mu", "minibatch_size",
+             "max_generation_rounds")
+
+
+@dataclass
+class Arm:
+    """One league entry: a recipe whose parts are used, or parts given inline (the three baselines' variants)."""
+
+    name: str
+    recipe: str | None = None  # configs/<...>.yaml
+    parts: dict = field(default_factory=dict)  # inline YAML-shaped parts (class_path/init_args), override the recipe's
+    overrides: dict = field(default_factory=dict)  # dotted path in the parts -> value, or callable(cfg) -> value
+    paper: str = ""
+    lm_reasoning: bool = True  # its paper is about LM reasoning (the SmolLM2 tier runs it)
+
+
+_CLIP = {"class_path": "common.losses.ppo_clip.ClippedPolicyLoss",
+         "init_args": {"eps_low": 0.2, "eps_high": 0.2, "aggregation": "seq_mean_token_mean", "beta": 0.0}}
+
+
+def _steps(cfg):
+    return cfg.steps
+
+
+ARMS: list[Arm] = [
+    Arm("grpo", "text_reasoning/grpo_arithmetic.yaml", paper="arXiv 2402.03300"),
+    Arm("dr_grpo", parts={"advantage": {"class_path": "common.advantages.group.DrGRPO"},
+                          "loss": {"class_path": "common.losses.ppo_clip.ClippedPolicyLoss",
+                                   "init_args": {"eps_low": 0.2, "eps_high": 0.2, "aggregation": "seq_mean_token_sum_norm",
+                                                 "beta": 0.0}}}, paper="arXiv 2503.20783"),
+    Arm("rloo", parts={"advantage": {"class_path": "common.advantages.group.RLOO"}, "loss": _CLIP},
+        paper="arXiv 2402.14740"),
+    Arm("reinforce_pp", parts={"advantage": {"class_path": "common.advantages.group.ReinforcePP"},
+                               "loss": {**_CLIP, "init_args": {**_CLIP["init_args"], "aggregation": "token_mean"}}},
+        paper="arXiv 2501.03262"),
+    Arm("grpo_batch_std", parts={"advantage": {"class_path": "common.advantages.group.GRPO",
+                                               "init_args": {"scale": "batch"}}, "loss": _CLIP},
+        paper="arXiv 2402.03300 (batch σ)"),
+    Arm("mc_grpo", "text_reasoning/mc_grpo.yaml", paper="MC-GRPO"),
+    Arm("ngrpo", "text_reasoning/ngrpo.yaml", paper="NGRPO"),
+    Arm("dapo", "text_reasoning/dapo.yaml", paper="arXiv 2503.14476"),
+    Arm("clip_cov", "text_reasoning/clip_cov.yaml", paper="arXiv 2505.22617"),
+    Arm("kl_cov", "text_reasoning/kl_cov.yaml", paper="arXiv 2505.22617"),
+    Arm("entropy_top20", "text_reasoning/entropy_top20.yaml", paper="arXiv 2506.01939"),
+    Arm("holder_po", "text_reasoning/holder_po.yaml", overrides={"loss.init_args.total_steps": _steps},
+        paper="HölderPO"),
+    Arm("hapo", "text_reasoning/hapo.yaml", paper="HAPO"),
+    Arm("drpo", "text_reasoning/drpo.yaml", paper="DRPO"),
+    Arm("adora", "text_reasoning/adora.yaml", paper="ADORA"),
+    Arm("d3s", "text_reasoning/d3s.yaml", overrides={"selector.init_args.warmup_steps": _steps,
+                                                     "loss.init_args.warmup_steps": _steps}, paper="D³S"),
+    Arm("ssb", "text_reasoning/ssb.yaml", overrides={"selector.init_args.min_nonzero": lambda c: c.rows // 2},
+        paper="SSB"),
+    Arm("r3", "text_reasoning/r3.yaml", paper="R³"),
+    Arm("dump", "text_reasoning/dump.yaml", overrides={"selector.init_args.num_distributions": 4}, paper="DUMP"),
+    Arm("grpo_adaptive_kl", "text_reasoning/grpo_adaptive_kl.yaml", paper="adaptive KL (Ziegler et al. 2019)"),
+    Arm("tppo", "text_reasoning/tppo.yaml", paper="T-PPO"),
+    Arm("spo_stream", "text_reasoning/spo_stream.yaml",
+        overrides={"advantage.init_args.num_prompts": lambda c: c.train_size}, paper="SPO single-stream"),
+    Arm("spo_chain", "text_reasoning/spo_chain.yaml", paper="Segment PO (chain)"),
+    Arm("spo_tree", "text_reasoning/spo_tree.yaml", paper="Segment PO (tree)"),
+    Arm("dpo_online", "text_reasoning/dpo.yaml", paper="DPO (online pairs)"),
+    Arm("adpo", "text_reasoning/adpo.yaml", paper="ADPO"),
+    Arm("adhint", "text_reasoning/adhint.yaml", paper="ADHint"),
+    Arm("sdpo", "text_reasoning/sdpo.yaml", paper="SDPO"),
+    Arm("srpo", "text_reasoning/srpo.yaml", paper="SRPO"),
+    Arm("dcpo", "agentic/dcpo.yaml", paper="DCPO", lm_reasoning=False),
+    Arm("poad", "agentic/poad.yaml", paper="POAD", lm_reasoning=False),
+    Arm("istar", "agentic/istar.yaml", paper="iStar", lm_reasoning=False),
+    Arm("fgrpo", "retrieval/fgrpo.yaml", paper="F-GRPO", lm_reasoning=False),
+]
+BASELINES = ("grpo", "dr_grpo", "rloo")
+
+# Parts of the library not in the league, and why (the table lists them).
+EXCLUDED = {
+    "common.advantages.gigpo.GiGPO, hgpo.HGPO, mapo.MAPO, uis1.UISemiOnline, combine.MultiScope, turns.TurnAdvantage":
+        "turn-level estimators: they group the steps of multi-turn episodes by environment state or turn; on a "
+        "single-turn task every episode has one turn and they reduce to their episode-level base",
+    "common.losses.step_advantage.DirectAdvantageLoss (dapo_step.yaml), preference.DPOLoss offline (dpo_offline.yaml)":
+        "offline: they train on stored step records / preference pairs, not on the policy's rollouts, so there is "
+        "no rollout budget to match",
+    "common.losses.correction.RolloutCorrection": "a correction for a sampler that differs from the trained policy "
+        "(vLLM); the fast tier samples with the policy itself, so it is the identity (it is in the SmolLM2 tier's "
+        "vLLM arms and in grpo_adaptive_kl)",
+    "common.losses.kl.*, kl_control.*": "KL terms, not estimators: beta 0 in every recipe but grpo_adaptive_kl "
+        "(included)",
+    "common.methods.arpo.ARPO, spear.SPEAR, episode_stats, canaries, ref_refresh, sample_fields":
+        "tool-use agents (ARPO, SPEAR need tool calls), or logging / plumbing that does not change the update "
+        "(ref_refresh is in grpo_adaptive_kl)",
+}
+
+
+def _set(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {}) if isinstance(node, dict) else node[int(k)]
+    node[keys[-1]] = value
+
+
+def instantiate(spec: Any) -> Any:
+    """A YAML value as jsonargparse builds it for a class-typed argument: ``{class_path, init_args}`` -> the object
+    (init args instantiated recursively), lists element-wise, anything else as is."""
+    if isinstance(spec, list):
+        return [instantiate(s) for s in spec]
+    if isinstance(spec, dict) and "class_path" in spec:
+        module, _, name = spec["class_path"].rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+        return cls(**{k: instantiate(v) for k, v in (spec.get("init_args") or {}).items()})
+    if isinstance(spec, dict):
+        return {k: instantiate(v) for k, v in spec.items()}
+    return spec
+
+
+def arm_config(arm: Arm, cfg) -> tuple[dict, list[str]]:
+    """The arm's parts as YAML-shaped dicts (from its recipe, then inline parts, then the league's rescaling) and the
+    list of rescalings applied."""
+    parts: dict = {}
+    notes = []
+    if arm.recipe:
+        y = yaml.safe_load((CONFIGS / arm.recipe).read_text())
+        init = y["model"]["init_args"]
+        parts = {k: copy.deepcopy(init[k]) for k in PART_KEYS if k in init}
+        if init.get("group_size") == 1:
+            parts["group_size"] = 1
+        data = (y.get("data") or {}).get("init_args", {})
+        recipe_rows = data.get("prompts_per_step", 4) * init.get("group_size", 8)
+        if "minibatch_size" in parts and parts["minibatch_size"]:  # the same number of optimiser steps per batch
+            mb = max(1, round(parts["minibatch_size"] * cfg.rows / recipe_rows))
+            notes.append(f"minibatch_size {parts['minibatch_size']}->{mb} (same steps per batch)")
+            parts["minibatch_size"] = mb
+    parts.update(copy.deepcopy(arm.parts))
+    for path, value in arm.overrides.items():
+        v = value(cfg) if callable(value) else value
+        notes.append(f"{path.split('.')[-1]}={v}")
+        _set(parts, path, v)
+    return parts, notes
+
+
+# ------------------------------------------------------------------------------------------------ the fast tier
+@dataclass
+class FastConfig:
+    steps: int = 30
+    prompts: int = 8
+    group_size: int = 8
+    lr: float = 1e-3
+    eval_every: int = 5
+    train_size: int = 2000
+    val_size: int = 200
+    max_new_tokens: int = 12
+    hidden: int = 64
+    layers: int = 2
+    sft_steps: int = 150
+    sft_lr: float = 3e-3
+
+    @property
+    def rows(self) -> int:
+        return self.prompts * self.group_size
+
+
+def sft_policy(cfg: FastConfig) -> Path:
+    """The weak starting policy: TinyLlama(hidden, layers) from config, teacher-forced on the training chain sums for
+    ``sft_steps`` steps (batch 64, AdamW), saved as a Hugging Face directory (cached by its settings)."""
+    from common.models import TinyLlama, cache_dir
+
+    out = cache_dir() / f"league_sft_h{cfg.hidden}_l{cfg.layers}_s{cfg.sft_steps}_lr{cfg.sft_lr:g}_n{cfg.train_size}"
+    if (out / "config.json").exists():
+        return out
+    model, tok = TinyLlama(cfg.hidden, cfg.layers, 4, ALPHABET, seed=0).load()
+    data = ReasoningData([ChainSum()], train_size=cfg.train_size, val_size=cfg.val_size, seed=0)
+    data.setup()
+    texts = [tok.apply_chat_template([{"role": "user", "content": s["prompt"]}], tokenize=False,
+                                     add_generation_prompt=True) for s in data.train_set]
+    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr)
+    tok.padding_side = "right"
+    for step in range(cfg.sft_steps):
+        idx = torch.randint(len(texts), (64,), generator=g).tolist()
+        prompts = [texts[i] for i in idx]
+        full = [p + data.train_set[i]["answer"] + tok.eos_token for p, i in zip(prompts, idx)]
+        enc = tok(full, return_tensors="pt", padding=True, add_special_tokens=False)
+        plen = torch.tensor([len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts])  # (64,)
+        labels = enc["input_ids"].masked_fill(~enc["attention_mask"].bool(), -100)
+        pos = torch.arange(labels.shape[1])[None]  # (1, L)
+        labels = labels.masked_fill(pos < plen[:, None], -100)  # completion tokens only
+        loss = model(**enc, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    tok.padding_side = "left"
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def greedy_eval(module, val: list[dict], backend: MeteredBackend) -> tuple[float, float]:
+    """Held-out greedy accuracy and mean partial credit (not counted as training rollouts)."""
+    backend.counting = False
+    try:
+        with torch.no_grad():
+            batch = module.policy.rollout(val, 1, greedy=True)
+    finally:
+        backend.counting = True
+    acc = float(FinalCorrect()(batch.completions, batch.samples).mean())
+    credit = float(StepCredit()(batch.completions, batch.samples).mean())
+    return acc, credit
+
+
+def run_fast(arm: Arm, seed: int, cfg: FastConfig, sft_dir: Path) -> dict:
+    """One arm x one seed: the shared module (TextReasoningModule) with the arm's parts, trained by Lightning."""
+    import lightning as L
+
+    from common.models import Pretrained
+    from text_reasoning.module import TextReasoningModule
+
+    parts_cfg, notes = arm_config(arm, cfg)
+    parts = {k: instantiate(v) for k, v in parts_cfg.items()}
+    G = parts.pop("group_size", cfg.group_size)
+    prompts = cfg.rows // G  # the same rows per step for every arm
+    L.seed_everything(seed, verbose=False)
+    backend = MeteredBackend()
+    module = TextReasoningModule(
+        policy=Pretrained(str(sft_dir)), sampling=Sampling(max_new_tokens=cfg.max_new_tokens, temperature=1.0),
+        rollout_backend=backend, verifier=FinalCorrect(), rewards=[StepCredit()], group_size=G, lr=cfg.lr,
+        max_grad_norm=1.0, canaries=False, log_completions_every=0, **parts)
+    data = ReasoningData([ChainSum()], train_size=cfg.train_size, val_size=cfg.val_size, prompts_per_step=prompts,
+                         val_batch_size=cfg.val_size, seed=0)
+    data.setup()
+    curve = []
+
+    class Eval(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            curve.append((0, 0, 0, *greedy_eval(pl_module, data.val_set, backend)))
+
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            step = trainer.global_step
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                curve.append((step, backend.rows, backend.tokens, *greedy_eval(pl_module, data.val_set, backend)))
+
+    trainer = L.Trainer(max_steps=cfg.steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0, callbacks=[Eval()])
+    t0, c0 = time.perf_counter(), time.process_time()
+    trainer.fit(module, datamodule=data)
+    if curve[-1][0] != cfg.steps:  # e.g. a step skipped by the stepper still counts; always end with the final eval
+        curve.append((trainer.global_step, backend.rows, backend.tokens, *greedy_eval(module, data.val_set, backend)))
+    return {"arm": arm.name, "seed": seed, "curve": curve, "final_acc": curve[-1][3], "final_credit": curve[-1][4],
+            "start_acc": curve[0][3], "rows": backend.rows, "tokens": backend.tokens, "G": G,
+            "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0, "notes": notes,
+            "split_hash": split_hash(data.val_set)}
+
+
+# ------------------------------------------------------------------------------------------------ reporting
+def load_results(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {"runs": [], "failed": {}, "meta": {}}
+
+
+def save_results(path: Path, res: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(res, indent=1))
+    os.replace(tmp, path)
+
+
+def fast_table(res: dict, arms: list[Arm]) -> tuple[str, list]:
+    by = {}
+    for r in res["runs"]:
+        by.setdefault(r["arm"], {})[r["seed"]] = r
+    base = by.get("grpo", {})
+    rows, plotted = [], []
+    for arm in arms:
+        runs = by.get(arm.name)
+        if not runs:
+            why = res["failed"].get(arm.name, "not run")
+            rows.append((arm.name, arm.recipe or "inline parts", "—", "—", "—", "—", "—", f"not measured: {why}"))
+            continue
+        seeds = sorted(runs)
+        acc = [runs[s]["final_acc"] for s in seeds]
+        cred = [runs[s]["final_credit"] for s in seeds]
+        ci = fmt_ci(mean_ci(acc)) if len(acc) > 1 else f"{acc[0]:.3f} (1 seed)"
+        cci = fmt_ci(mean_ci(cred)) if len(cred) > 1 else f"{cred[0]:.3f}"
+        common_seeds = [s for s in seeds if s in base]
+        if arm.name != "grpo" and len(common_seeds) > 1:
+            d = fmt_ci(diff_ci([runs[s]["final_acc"] for s in common_seeds],
+                               [base[s]["final_acc"] for s in common_seeds]), signed=True)
+        else:
+            d = "—"
+        rows_used = sum(runs[s]["rows"] for s in seeds) / len(seeds)
+        toks = sum(runs[s]["tokens"] for s in seeds) / len(seeds)
+        notes = "; ".join(runs[seeds[0]]["notes"]) or ""
+        rows.append((arm.name, arm.recipe or "inline parts", ci, d, cci, f"{rows_used:.0f}", f"{toks:.0f}",
+                     f"{len(seeds)} seeds" + (f"; {notes}" if notes else "")))
+        plotted.append((arm.name, [runs[s]["curve"] for s in seeds]))
+    header = ["arm", "parts from", "held-out accuracy [95% CI]", "Δ vs GRPO (paired) [95% CI]",
+              "partial credit [95% CI]", "rollouts", "generated tokens", "notes"]
+    return table(header, rows), plotted
+
+
+def plot_curves(plotted: list, name: str, where: Path) -> Path:
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for arm, curves in plotted:
+        n = min(len(c) for c in curves)
+        mean = lambda i: [sum(c[k][i] for c in curves) / len(curves) for k in range(n)]  # noqa: E731
+        style = dict(lw=2.5) if arm in BASELINES else dict(lw=1, alpha=0.8)
+        axes[0].plot(mean(1), mean(3), label=arm, **style)
+        axes[1].plot(mean(2), mean(3), label=arm, **style)
+    axes[0].set_xlabel("rollouts sampled")
+    axes[1].set_xlabel("tokens generated")
+    for ax in axes:
+        ax.set_ylabel("held-out greedy accuracy (mean over seeds)")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=6, ncol=2, loc="best")
+    fig.suptitle("League, fast tier: chain sums, tiny Llama from scratch (SFT'd weak), same seeds and rows per step")
+    fig.tight_layout()
+    return save_plot(fig, name, where)
+
+
+# ------------------------------------------------------------------------------------------------ SmolLM2 tier
+SMOL_TASKS = {"arithmetic": "text_reasoning.data.Arithmetic", "countdown": "text_reasoning.data.Countdown",
+              "knights_knaves": "text_reasoning.data.KnightsKnaves"}
+CURRICULUM = ("dump",)  # curriculum methods: Knights-and-Knaves (several difficulty levels) in the SmolLM2 tier
+
+
+def smol_command(arm: Arm, task: str, seed: int, steps: int) -> str:
+    return (f"python reproductions/league.py --tier smollm2 --arms {arm.name} --smol_tasks {task} --seeds {seed} "
+            f"--steps {steps}")
+
+
+def smol_section(res: dict, arms: list[Arm], steps: int, seeds: list[int]) -> str:
+    by = {(r["arm"], r["task"], r["seed"]): r for r in res.get("smol_runs", [])}
+    rows = []
+    for arm in arms:
+        if not arm.lm_reasoning:
+            continue
+        tasks = ["arithmetic", "countdown"] + (["knights_knaves"] if arm.name in CURRICULUM else [])
+        for task in tasks:
+            got = [by[(arm.name, task, s)] for s in seeds if (arm.name, task, s) in by]
+            if got:
+                accs = [g["final_acc"] for g in got]
+                cell = fmt_ci(mean_ci(accs)) if len(accs) > 1 else f"{accs[0]:.3f} (seed {got[0]['seed']} only)"
+                start = got[0]["start_acc"]
+                rows.append((arm.name, task, f"{start:.3f}", cell, f"{len(got)}/{len(seeds)}",
+                             f"{sum(g['wall_s'] for g in got) / len(got):.0f} s", ""))
+            else:
+                why = res.get("smol_failed", {}).get(f"{arm.name}/{task}", "not run: each cell is about "
+                                                     f"{steps} x 2 min of CPU for SmolLM2-135M (HF generate; no GPU)")
+                rows.append((arm.name, task, "—", "—", f"0/{len(seeds)}", "—",
+                             f"{why}; fill: `{smol_command(arm, task, seeds[0], steps)}` (and seeds {seeds[1:]})"))
+    return table(["arm", "task", "greedy accuracy at step 0", "after RL [95% CI]", "seeds measured", "wall / run",
+                  "not measured: why, and the command"], rows)
+
+
+def run_smol(arm: Arm, task: str, seed: int, steps: int) -> dict:
+    """SmolLM2-135M-Instruct with the arm's parts on a generated task: 4 prompts x G 8 a step, 32 new tokens, lr
+    2e-5 (the recipes' CPU scale); held-out greedy accuracy on 50 problems before and after."""
+    import lightning as L
+
+    from common.models import BundledSmolLM2
+    from text_reasoning.module import TextReasoningModule
+
+    cfg = FastConfig(steps=steps, prompts=4, group_size=8, lr=2e-5, train_size=512, val_size=50, max_new_tokens=32)
+    parts_cfg, notes = arm_config(arm, cfg)
+    parts = {k: instantiate(v) for k, v in parts_cfg.items()}
+    G = parts.pop("group_size", cfg.group_size)
+    L.seed_everything(seed, verbose=False)
+    backend = MeteredBackend()
+    module = TextReasoningModule(policy=BundledSmolLM2(), sampling=Sampling(max_new_tokens=32, temperature=1.0),
+                                 rollout_backend=backend, group_size=G, lr=cfg.lr, canaries=False,
+                                 log_completions_every=0, **parts)
+    data = ReasoningData([instantiate({"class_path": SMOL_TASKS[task]})], train_size=cfg.train_size,
+                         val_size=cfg.val_size, prompts_per_step=cfg.rows // G, val_batch_size=cfg.val_size, seed=0)
+    data.setup()
+
+    def acc():
+        backend.counting = False
+        with torch.no_grad():
+            b = module.policy.rollout(data.val_set, 1, greedy=True)
+        backend.counting = True
+        return float(module.verify(b).float().mean())
+
+    start = acc()
+    t0 = time.perf_counter()
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0)
+    trainer.fit(module, datamodule=data)
+    return {"arm": arm.name, "task": task, "seed": seed, "start_acc": start, "final_acc": acc(), "rows": backend.rows,
+            "tokens": backend.tokens, "wall_s": time.perf_counter() - t0, "notes": notes,
+            "split_hash": split_hash(data.val_set)}
+
+
+# ------------------------------------------------------------------------------------------------ main
+def write_markdown(res: dict, arms: list[Arm], cfg: FastConfig, seeds: list[int], out_md: Path, plot_name: str,
+                   smoke: bool, smol_steps: int) -> None:
+    tab, plotted = fast_table(res, arms)
+    png = plot_curves(plotted, plot_name, REPORTS if out_md == LEAGUE_MD else out_md.parent) if plotted else None
+    meta = res.get("meta", {})
+    hashes = sorted({r["split_hash"] for r in res["runs"]})
+    excluded = table(["part(s)", "why not in the league"], list(EXCLUDED.items()))
+    failed = [(k, v) for k, v in res["failed"].items()]
+    rec = eval_record(
+        task=f"chain sums: 4 single digits 'a+b+c+d', answer the 3 running sums 's1,s2,s3' ({cfg.val_size} held-out "
+             "problems, disjoint from training; text_reasoning.data.ReasoningData seed 0)",
+        prompt_template="char tokenizer chat template: '<problem>=' (common.models.CHAT_TEMPLATE_PLAIN)",
+        answer_extraction=f"first {MAX_CHARS} chars, split on ','; accuracy: exactly 3 fields and the last equals the "
+                          "final sum; reward (training): fraction of running sums right up to the first wrong one",
+        eos_rule=f"stop at </s> or {cfg.max_new_tokens} new tokens",
+        sampling="evaluation greedy; training rollouts temperature 1.0, no top-k/top-p, HF generate",
+        split=", ".join(hashes) or "—", seeds=seeds,
+        model=f"TinyLlama(hidden {cfg.hidden}, {cfg.layers} layers, 4 heads, {len(ALPHABET) + 4}-token char vocab) "
+              f"from config, teacher-forced {cfg.sft_steps} steps (batch 64, lr {cfg.sft_lr:g}) -> the common start",
+        budget=f"{cfg.steps} RL steps x {cfg.rows} rows (prompts x G, G = 8; G = 1 arms get {cfg.rows} prompts), "
+               f"lr {cfg.lr:g} AdamW, grad-norm clip 1.0, canaries off",
+    )
+    cmd = meta.get("command", "python reproductions/league.py")
+    body = f"""# The estimator league table
+{"**SMOKE RUN (2 steps): not a result.**" if smoke else ""}
+
+Every advantage estimator, loss and update-changing method of the library on the same task, the same rollout budget
+and the same seeds, against GRPO, Dr.GRPO and RLOO. Each arm is composed from its recipe YAML's parts (advantage,
+loss, selector, methods, ...; `parts from`), instantiated by import path as `advlab fit` does; the league fixes the
+policy, task, reward, sampling, rows per step, learning rate, steps and seeds. Regenerate with:
+
+    {cmd}
+
+Run: {meta.get('date', '?')} on {meta.get('machine', '?')}; wall {meta.get('wall_s', 0) / 60:.1f} min; load average
+(1/5/15 min) at start {meta.get('load_start', '?')}, at end {meta.get('load_end', '?')} (the 2 cores were shared with
+other jobs: wall times are not comparable across rows, token and rollout counts are).
+
+## Fast tier: tiny Llama from scratch on chain sums
+
+Held-out greedy accuracy after {cfg.steps} steps, mean and 95% t interval over seeds; Δ vs GRPO is the paired
+difference on the same seeds (reproductions/support/report.py `mean_ci`, `diff_ci`). Rollouts and tokens are per
+run (mean over seeds), counted in the rollout backend (extra continuations a method samples are included).
+
+{tab}
+
+![league]({os.path.relpath(png, out_md.parent) if png else ''})
+
+Accuracy of the common start (step 0): {meta.get('start_acc', '?')}.
+
+{rec}
+## Not in the league
+
+{excluded}
+
+{table(["arm", "failed (the error, first line)"], failed) if failed else "No included arm failed to run."}
+
+## SmolLM2 tier: the bundled SmolLM2-135M-Instruct
+
+Every arm whose paper is about LM reasoning, GRPO included, on arithmetic (2-digit +) and countdown (3 numbers), the
+curriculum methods also on Knights-and-Knaves; {smol_steps} steps of 4 prompts x G 8, 32 new tokens, lr 2e-5, 3 seeds
+(0, 1, 2); held-out greedy accuracy on 50 problems (TaskReward's check). vLLM rollouts need the `vllm` extra
+(`configs/text_reasoning/grpo_arithmetic_vllm.yaml` shows the backend part); on this CPU machine the cells use HF
+generate.
+
+{smol_section(res, arms, smol_steps, [0, 1, 2])}
+"""
+    out_md.write_text(body)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--smoke", action="store_true", help="2 arms x 1 seed x 2 steps (a test)")
+    p.add_argument("--tier", choices=("fast", "smollm2"), default="fast")
+    p.add_argument("--arms", default="", help="comma-separated arm names (default: all)")
+    p.add_argument("--seeds", default="0,1,2,3,4")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--sft_steps", type=int, default=None, help="teacher-forcing steps of the common start")
+    p.add_argument("--lr", type=float, default=None, help="RL learning rate of the fast tier")
+    p.add_argument("--smol_tasks", default="arithmetic,countdown")
+    p.add_argument("--out", default=str(LEAGUE_MD), help="the markdown written")
+    p.add_argument("--results", default=str(REPORTS / "league_fast.json"), help="results JSON (resumed if present)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    names = [a.name for a in ARMS]
+    wanted = [s for s in args.arms.split(",") if s] or names
+    bad = [w for w in wanted if w not in names]
+    if bad:
+        p.error(f"--arms: unknown arm(s) {bad}; expected names from {names}")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s]
+    except ValueError:
+        p.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
+    cfg = FastConfig()
+    if args.smoke:
+        wanted, seeds = ["grpo", "rloo"] if not args.arms else wanted, seeds[:1]
+        cfg = FastConfig(steps=2, eval_every=1, train_size=200, val_size=40, sft_steps=5)
+    if args.steps is not None:
+        if args.steps < 1:
+            p.error(f"--steps: expected a positive integer, got {args.steps}")
+        cfg.steps = args.steps
+    if args.lr is not None:
+        cfg.lr = args.lr
+    if args.sft_steps is not None:
+        cfg.sft_steps = args.sft_steps
+    arms = [a for a in ARMS if a.name in wanted]
+    results = Path(args.results)
+    res = load_results(results) if not args.smoke else {"runs": [], "failed": {}, "meta": {}}
+    res.setdefault("smol_runs", []), res.setdefault("smol_failed", {})
+    t_start = time.perf_counter()
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+            "load_start": " / ".join(f"{x:.2f}" for x in os.getloadavg()),
+            "command": "python reproductions/league.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+    smol_steps = args.steps or 10
+    if args.tier == "smollm2":
+        for arm in arms:
+            for task in [t for t in args.smol_tasks.split(",") if t]:
+                for seed in seeds:
+                    if any(r["arm"] == arm.name and r["task"] == task and r["seed"] == seed for r in res["smol_runs"]):
+                        continue
+                    try:
+                        r = run_smol(arm, task, seed, smol_steps)
+                        res["smol_runs"].append(r)
+                        print(f"smollm2 {arm.name} {task} seed {seed}: {r['start_acc']:.3f} -> {r['final_acc']:.3f} "
+                              f"({r['wall_s']:.0f} s)", flush=True)
+                    except Exception as e:  # noqa: BLE001 - the cell is marked with its error
+                        res["smol_failed"][f"{arm.name}/{task}"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                    save_results(results, res)
+        res["meta"].setdefault("smol", meta)
+    else:
+        sft_dir = sft_policy(cfg)
+        res["meta"].update(meta)
+        for arm in arms:
+            for seed in seeds:
+                if any(r["arm"] == arm.name and r["seed"] == seed for r in res["runs"]):
+                    continue
+                try:
+                    r = run_fast(arm, seed, cfg, sft_dir)
+                except Exception as e:  # noqa: BLE001 - an arm that cannot run is listed with its error
+                    res["failed"][arm.name] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+                    print(f"{arm.name}: FAILED {res['failed'][arm.name]}", flush=True)
+                    if os.environ.get("LEAGUE_TRACEBACK"):
+                        traceback.print_exc()
+                    break
+                res["failed"].pop(arm.name, None)
+                res["runs"].append(r)
+                res["meta"]["start_acc"] = f"{r['start_acc']:.3f}"
+                print(f"{arm.name} seed {seed}: acc {r['start_acc']:.3f} -> {r['final_acc']:.3f}, credit "
+                      f"{r['final_credit']:.3f}, {r['rows']} rollouts, {r['tokens']} tokens, {r['wall_s']:.1f} s",
+                      flush=True)
+                save_results(results, res)
+        res["meta"]["wall_s"] = res["meta"].get("wall_s_prev", 0) + time.perf_counter() - t_start
+        res["meta"]["load_end"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+        save_results(results, res)
+    out = Path(args.out)
+    write_markdown(res, [a for a in ARMS if a.name in wanted] if args.smoke else ARMS, cfg, seeds, out,
+                   "league_smoke" if args.smoke else "league", args.smoke, smol_steps)
+    print(f"league: wrote {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
