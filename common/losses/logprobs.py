@@ -6,9 +6,17 @@ Naive reference (what this module equals, to float rounding)::
     logp   = logits.log_softmax(-1).gather(-1, targets[:, None])   # (N,)
     H      = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
 
-Here the rows are processed in chunks of ``chunk_size``; for large batches each chunk is also wrapped in
-activation checkpointing, so neither the forward nor the backward pass holds more than one ``(chunk_size, V)``
-block of logits: peak memory is O(chunk_size·V) instead of O(N·V), for one extra chunk matmul in the backward.
+Here the rows are processed in chunks of ``chunk_size``. Two kernels compute the gradients (``kernel``):
+
+- ``"fused"`` (:mod:`common.losses.fused_logprobs`): one float32 (N, V) log-softmax is kept from the forward
+  pass and the gradients of both outputs are formed from it chunk by chunk in the backward pass: three matmuls,
+  as many as the plain computation, and one (N, V) block instead of the plain computation's ~five.
+- ``"chunked"``: each chunk's graph is kept, or, with ``recompute``, each chunk is wrapped in activation
+  checkpointing so neither pass holds more than one ``(chunk_size, V)`` block of logits: O(chunk_size·V)
+  memory for one extra chunk matmul in the backward (~1.5x the plain time on CPU).
+- ``"auto"`` (default): the fused kernel for as many rows as fit ``_RECOMPUTE_ABOVE_BYTES`` of stored float32
+  log-softmax, the checkpointed chunks for the rest: no extra matmul while the batch fits the budget, bounded
+  memory beyond it (the extra matmul only for the rows past the budget).
 Only the rows that are needed (completion positions) are passed in.
 """
 
@@ -19,9 +27,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from common.losses.fused_logprobs import fused_token_logprobs
+
 # Above this size of float32 logits for the whole batch (N·V·4 bytes), chunks are recomputed in the backward
-# pass instead of kept: 1 GiB is ~5,400 rows of SmolLM2's 49,152-token vocabulary.
+# pass instead of kept: 1 GiB is ~5,400 rows of SmolLM2's 49,152-token vocabulary. The "auto" kernel keeps the
+# fused kernel's stored log-softmax within the same budget.
 _RECOMPUTE_ABOVE_BYTES = 1 << 30
+KERNELS = ("auto", "fused", "chunked")
 
 
 def _chunk_logprobs_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, inv_temp: float):
@@ -42,8 +54,13 @@ def token_logprobs(
     temperature: float = 1.0,
     chunk_size: int = 1024,
     recompute: bool | None = None,
+    kernel: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """Log-prob and entropy of ``targets`` under ``softmax(hidden @ weight.T / temperature)``.
+
+    ``kernel`` picks how gradients are computed (module docstring): "auto" (default: fused up to the memory
+    budget, checkpointed chunks beyond), "fused" (all rows fused: N·V·4 bytes kept) or "chunked". Passing
+    ``recompute`` explicitly with "auto" selects "chunked" (the behaviour before the fused kernel existed).
 
     ``recompute`` wraps each chunk in activation checkpointing (logits are recomputed in the backward pass:
     O(chunk·V) memory for one extra chunk matmul); None = only when the float32 logits of all N rows would
@@ -66,12 +83,25 @@ def token_logprobs(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     inv_temp = 1.0 / temperature
-    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
+                                              or (bias is not None and bias.requires_grad))
+    fused_rows = 0  # rows [0, fused_rows) go through the fused kernel, the rest through chunks
+    if needs_grad and kernel == "fused":
+        fused_rows = hidden.shape[0]
+    elif needs_grad and kernel == "auto" and recompute is None:
+        fused_rows = min(hidden.shape[0], _RECOMPUTE_ABOVE_BYTES // (4 * weight.shape[0]))
+        recompute = fused_rows < hidden.shape[0]  # rows past the budget: checkpointed chunks
+    logps, ents = [], []
+    if fused_rows > 0:
+        lp, ent = fused_token_logprobs(hidden[:fused_rows], weight, targets[:fused_rows], bias, inv_temp, chunk_size)
+        logps.append(lp)
+        ents.append(ent)
     if recompute is None:
         recompute = hidden.shape[0] * weight.shape[0] * 4 > _RECOMPUTE_ABOVE_BYTES
-    logps, ents = [], []
-    for s in range(0, hidden.shape[0], chunk_size):  # ok: loop over chunks of rows, not samples
+    for s in range(fused_rows, hidden.shape[0], chunk_size):  # ok: loop over chunks of rows, not samples
         args = (hidden[s : s + chunk_size], weight, bias, targets[s : s + chunk_size], inv_temp)
         lp, ent = checkpoint(_chunk_logprobs_entropy, *args, use_reentrant=False) if needs_grad and recompute else _chunk_logprobs_entropy(*args)
         logps.append(lp)

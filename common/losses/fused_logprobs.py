@@ -1,0 +1,125 @@
+"""Token log-probs and entropies through the LM head with one matmul per chunk in each direction and no
+recomputed logits: the "fused" kernel of :func:`common.losses.logprobs.token_logprobs`.
+
+What it equals (to float32 rounding), for hidden states ``h`` (N, H), head ``W`` (V, H), bias ``b`` and
+temperature ``T``::
+
+    z      = (h @ W.T + b) / T                      # (N, V) float32
+    logp   = z - logsumexp(z)                       # (N, V)
+    lp_i   = logp[i, y_i],   H_i = -Σ_v p_iv logp_iv,   p = exp(logp)
+
+Gradients. For upstream gradients ``g_i = ∂L/∂lp_i`` and ``e_i = ∂L/∂H_i`` (arbitrary per token)::
+
+    ∂lp_i/∂z_iv = 1[v = y_i] - p_iv
+    ∂H_i /∂z_iv = -p_iv (logp_iv + H_i)             # H = lse - Σ p z, so ∂H/∂z_v = -p_v (z_v - Σ p z)
+    δ_iv = ∂L/∂z_iv = g_i 1[v = y_i] - p_iv (g_i + e_i (logp_iv + H_i))
+    ∂L/∂h = δ W / T,   ∂L/∂W = δᵀ h / T,   ∂L/∂b = Σ_i δ_i / T
+
+Why the forward cannot hand back finished gradients here. Fused linear-cross-entropy kernels (Liger
+Kernel's ``LigerFusedLinearCrossEntropy``, Hsu et al. 2024, arXiv 2410.10989) form ``δ W`` and ``δᵀ h`` in
+the forward pass because their output is a scalar loss: the upstream gradient is one number that scales
+the stored result. Here the outputs are per-token and the loss that consumes them (clipped ratios,
+sequence means, KL terms) is applied afterwards, so ``g`` and ``e`` are unknown in the forward pass.
+``∂L/∂h`` could still be stored as two (N, H) pieces (``(1_y - p) W`` and ``p (logp + H) W``, two extra
+matmuls), but ``∂L/∂W = Σ_i (g_i a_i + e_i b_i) ⊗ h_i`` is a linear map of the 2N numbers ``(g, e)`` whose
+image has dimension ~2N: any exact representation of it holds Θ(N·V) numbers, i.e. ``p`` itself, or
+recomputes ``p`` from ``h`` (one more matmul: the checkpointed chunked kernel, Cut Cross-Entropy, Wijmans
+et al. 2024, arXiv 2411.09009). This kernel takes the first option: it keeps one float32 (N, V) log-softmax
+(the plain computation keeps about five such tensors at its peak: logits, log-softmax, its exp and their
+gradients) and forms δ chunk by chunk in the backward pass, where ``g`` and ``e`` are known — three matmuls
+in all, as many as the plain computation, exact for any upstream gradients of both outputs. Peak memory
+is one (N, V) float32 block plus two (chunk, V) blocks; when that block is too large,
+:func:`common.losses.logprobs.token_logprobs` stores it only for the rows that fit its budget and
+recomputes the rest.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class FusedTokenLogprobs(torch.autograd.Function):
+    """forward(hidden (N, H), weight (V, H), bias (V,) | None, targets (N,) int64, inv_temp, chunk_size)
+    -> logprobs (N,) float32, entropy (N,) float32. Saves the float32 log-softmax (N, V) for the backward."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, inv_temp: float,
+                chunk_size: int):
+        n_rows, vocab = hidden.shape[0], weight.shape[0]
+        logp = torch.empty(n_rows, vocab, dtype=torch.float32, device=hidden.device)  # (N, V): all that is kept
+        lp = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)  # (N,)
+        ent = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)  # (N,)
+        ids = targets.long()
+        for s in range(0, n_rows, chunk_size):  # ok: loop over chunks of rows, not samples
+            e = min(s + chunk_size, n_rows)
+            x = logp[s:e]  # (n, V) view, filled in place
+            if hidden.dtype == torch.float32 and weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32):
+                if bias is None:
+                    torch.mm(hidden[s:e], weight.t(), out=x)
+                else:
+                    torch.addmm(bias, hidden[s:e], weight.t(), out=x)
+            else:  # the plain computation rounds the matmul to the model's dtype, then goes to float32
+                x.copy_(F.linear(hidden[s:e], weight, bias))
+            if inv_temp != 1.0:
+                x.mul_(inv_temp)  # z = logits / T
+            x.sub_(torch.logsumexp(x, dim=-1, keepdim=True))  # logp = z - lse
+            lp[s:e] = x.gather(-1, ids[s:e, None]).squeeze(-1)
+            p_logp = x.exp().mul_(x)  # (n, V) temporary
+            ent[s:e] = p_logp.sum(-1).neg_()
+            del p_logp
+        # logp is an intermediate: saved here, autograd frees it after the backward (kept under retain_graph)
+        ctx.save_for_backward(hidden, weight, bias, ids, ent, logp)
+        ctx.inv_temp, ctx.chunk_size = inv_temp, chunk_size
+        ctx.set_materialize_grads(False)  # an output the loss does not use arrives as None: no work for it
+        return lp, ent
+
+    @staticmethod
+    def backward(ctx, g_lp: Tensor | None, g_ent: Tensor | None):
+        hidden, weight, bias, ids, ent, logp = ctx.saved_tensors
+        inv_temp, chunk = ctx.inv_temp, ctx.chunk_size
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        if (g_lp is None and g_ent is None) or not (need_h or need_w or need_b):
+            return None, None, None, None, None, None
+        grad_h = torch.empty_like(hidden) if need_h else None  # (N, H)
+        # Accumulated over chunks in float32 (the plain computation does one matmul over all rows).
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None  # (V, H)
+        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None  # (V,)
+        n_rows = hidden.shape[0]
+        for s in range(0, n_rows, chunk):  # ok: loop over chunks of rows
+            e = min(s + chunk, n_rows)
+            x = logp[s:e]  # (n, V) log-softmax
+            g = None if g_lp is None else g_lp[s:e, None].float()  # (n, 1)
+            # δ/T = (g 1_y − p (g + e (logp + H))) / T, built in one (n, V) buffer (plus exp's)
+            if g_ent is not None:
+                d = x + ent[s:e, None]
+                d.mul_(g_ent[s:e, None].float())
+                if g is not None:
+                    d.add_(g)
+            else:
+                d = g.expand_as(x).clone()
+            d.mul_(x.exp()).mul_(-inv_temp)
+            if g is not None:
+                d.scatter_add_(-1, ids[s:e, None], g * inv_temp)
+            # d = ∂L/∂(h Wᵀ + b), float32 (n, V); the matmuls run in the model's dtype, as in the plain backward
+            dz = d if weight.dtype == torch.float32 else d.to(weight.dtype)
+            if need_h:
+                grad_h[s:e] = dz @ weight
+            if need_w:
+                if dz.dtype == torch.float32 and hidden.dtype == torch.float32:
+                    grad_w.addmm_(dz.t(), hidden[s:e])
+                else:
+                    grad_w += (dz.t() @ hidden[s:e]).float()
+            if need_b:
+                grad_b += d.sum(0)
+            del d, dz
+        return (grad_h, grad_w.to(weight.dtype) if need_w else None, grad_b.to(bias.dtype) if need_b else None,
+                None, None, None)
+
+
+def fused_token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None,
+                         inv_temp: float = 1.0, chunk_size: int = 1024) -> tuple[Tensor, Tensor]:
+    """Shapes: hidden (N, H), weight (V, H), targets (N,), bias (V,) | None -> logprobs (N,), entropy (N,)
+    float32. Inputs are checked by :func:`common.losses.logprobs.token_logprobs`, the public entry point."""
+    return FusedTokenLogprobs.apply(hidden, weight, bias, targets, inv_temp, chunk_size)
