@@ -31,6 +31,31 @@ from torch import Tensor
 from common.advantages.turns import TurnAdvantage, need
 from common.segment_ops import TurnTable, dense_ids, disc_return, gnorm
 
+
+def check_args(owner: str, *checks: tuple[bool, str]) -> None:
+    """Argument validation of the turn-level estimators (GiGPO, UISemiOnline, MAPO, Scope, MultiScope): every failed
+    check's message, in order, in one ``ValueError("<owner>: <message>; <message>")``; nothing when all pass."""
+    problems = [message for ok, message in checks if not ok]
+    if problems:
+        raise ValueError(f"{owner}: " + "; ".join(problems))
+
+
+def in_unit(name: str, value: float) -> tuple[bool, str]:
+    """``value`` in [0, 1]."""
+    return 0.0 <= value <= 1.0, f"{name} must be in [0, 1], got {value}"
+
+
+def non_negative(name: str, value: float) -> tuple[bool, str]:
+    """``value`` >= 0."""
+    return value >= 0, f"{name} must be >= 0, got {value}"
+
+
+def one_of(name: str, value: object, options: tuple[str, ...]) -> tuple[bool, str]:
+    """``value`` among ``options`` (the message lists them: 'a', 'b' or 'c')."""
+    quoted = [repr(o) for o in options]
+    listed = quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]
+    return value in options, f"{name} must be {listed}, got {value!r}"
+
 KEYS = ("group", "t", "kind", "episode", "state")
 SIGNALS = ("outcome", "reward", "return", "process", "mixed")
 
@@ -60,22 +85,15 @@ class Scope:
 
     def __post_init__(self):
         self.keys = tuple(self.keys)
-        problems = []
-        if self.signal not in SIGNALS:
-            problems.append(f"signal must be one of {SIGNALS}, got {self.signal!r}")
         bad = [k for k in self.keys if k not in KEYS]
-        if bad:
-            problems.append(f"keys must be among {KEYS}, got {bad}")
-        if self.mode not in ("mean", "mean_std", "none"):
-            problems.append(f"mode must be 'mean', 'mean_std' or 'none', got {self.mode!r}")
-        if self.std not in ("unbiased", "population"):
-            problems.append(f"std must be 'unbiased' or 'population', got {self.std!r}")
-        if self.singleton not in ("zero", "raw", "drop"):
-            problems.append(f"singleton must be 'zero', 'raw' or 'drop', got {self.singleton!r}")
-        if self.per_episode and (set(self.keys) - {"group", "episode"} or self.signal != "outcome"):
-            problems.append("per_episode needs signal 'outcome' and episode-level keys (group, episode)")
-        if problems:
-            raise ValueError("Scope: " + "; ".join(problems))
+        check_args("Scope",
+                   (self.signal in SIGNALS, f"signal must be one of {SIGNALS}, got {self.signal!r}"),
+                   (not bad, f"keys must be among {KEYS}, got {bad}"),
+                   one_of("mode", self.mode, ("mean", "mean_std", "none")),
+                   one_of("std", self.std, ("unbiased", "population")),
+                   one_of("singleton", self.singleton, ("zero", "raw", "drop")),
+                   (not (self.per_episode and (set(self.keys) - {"group", "episode"} or self.signal != "outcome")),
+                    "per_episode needs signal 'outcome' and episode-level keys (group, episode)"))
 
 
 def mix_rewards(global_reward: Tensor, partial_reward: Tensor, lam: float) -> Tensor:
@@ -147,17 +165,8 @@ class MultiScope(TurnAdvantage):
 
     def __init__(self, scopes: list[Scope], gamma: float = 1.0, mix: float = 1.0, eps: float = 1e-6):
         scopes = [s if isinstance(s, Scope) else Scope(**s) for s in scopes]
-        problems = []
-        if not scopes:
-            problems.append("scopes must hold at least one Scope")
-        if not 0.0 <= gamma <= 1.0:
-            problems.append(f"gamma must be in [0, 1], got {gamma}")
-        if not 0.0 <= mix <= 1.0:
-            problems.append(f"mix must be in [0, 1], got {mix}")
-        if eps < 0:
-            problems.append(f"eps must be >= 0, got {eps}")
-        if problems:
-            raise ValueError("MultiScope: " + "; ".join(problems))
+        check_args("MultiScope", (bool(scopes), "scopes must hold at least one Scope"), in_unit("gamma", gamma),
+                   in_unit("mix", mix), non_negative("eps", eps))
         self.scopes, self.gamma, self.mix, self.eps = scopes, gamma, mix, eps
         fields = {"reward": "turn_rewards", "return": "turn_rewards", "mixed": "turn_rewards", "process": "process_rewards"}
         extra = {fields[s.signal] for s in scopes if s.signal in fields}

@@ -24,6 +24,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from common.advantages.combine import check_args, in_unit, non_negative, one_of
 from common.advantages.turns import TurnAdvantage, need
 from common.segment_ops import TurnTable, dense_ids, disc_return, gnorm
 
@@ -91,17 +92,9 @@ class GiGPO(TurnAdvantage):
     def __init__(self, gamma: float = 0.95, omega: float = 1.0, mode: Mode = "mean",
                  episode_weighting: Literal["per_turn", "per_episode"] = "per_turn", invalid_penalty: float = 0.0,
                  eps: float = 1e-6):
-        problems = []
-        if not 0.0 <= gamma <= 1.0:
-            problems.append(f"gamma must be in [0, 1], got {gamma}")
-        if mode not in ("mean", "mean_std"):
-            problems.append(f"mode must be 'mean' or 'mean_std', got {mode!r}")
-        if episode_weighting not in ("per_turn", "per_episode"):
-            problems.append(f"episode_weighting must be 'per_turn' or 'per_episode', got {episode_weighting!r}")
-        if eps < 0:
-            problems.append(f"eps must be >= 0, got {eps}")
-        if problems:
-            raise ValueError("GiGPO: " + "; ".join(problems))
+        check_args("GiGPO", in_unit("gamma", gamma), one_of("mode", mode, ("mean", "mean_std")),
+                   one_of("episode_weighting", episode_weighting, ("per_turn", "per_episode")),
+                   non_negative("eps", eps))
         self.gamma, self.omega, self.mode, self.eps = gamma, omega, mode, eps
         self.episode_weighting, self.invalid_penalty = episode_weighting, invalid_penalty
 

@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from common.advantages.combine import check_args, in_unit, non_negative, one_of
 from common.advantages.turns import TurnAdvantage, need
 from common.segment_ops import TurnTable, dense_ids, disc_return, gnorm
 
@@ -54,15 +55,8 @@ class MAPO(TurnAdvantage):
     def __init__(self, gamma: float = 0.85, w_batch: float = 0.6, w_turn: float = 0.4, turn_std: bool = True,
                  batch_std: bool = True, reward_field: Literal["turn_rewards", "process_rewards"] = "turn_rewards",
                  eps: float = 1e-6):
-        problems = []
-        if not 0.0 <= gamma <= 1.0:
-            problems.append(f"gamma must be in [0, 1], got {gamma}")
-        if reward_field not in ("turn_rewards", "process_rewards"):
-            problems.append(f"reward_field must be 'turn_rewards' or 'process_rewards', got {reward_field!r}")
-        if eps < 0:
-            problems.append(f"eps must be >= 0, got {eps}")
-        if problems:
-            raise ValueError("MAPO: " + "; ".join(problems))
+        check_args("MAPO", in_unit("gamma", gamma),
+                   one_of("reward_field", reward_field, ("turn_rewards", "process_rewards")), non_negative("eps", eps))
         self.gamma, self.w_batch, self.w_turn, self.turn_std, self.batch_std = gamma, w_batch, w_turn, turn_std, batch_std
         self.reward_field, self.eps = reward_field, eps
         self.requires = ("episode_ids", "token_turn", "turn_mask", reward_field)

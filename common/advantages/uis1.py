@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from common.advantages.combine import check_args, in_unit, non_negative, one_of
 from common.advantages.turns import TurnAdvantage, need
 from common.segment_ops import TurnTable, dense_ids, disc_return, gnorm
 
@@ -70,17 +71,8 @@ class UISemiOnline(TurnAdvantage):
     def __init__(self, gamma: float = 0.5, mode: Literal["mean", "mean_std"] = "mean_std", w_episode: float = 1.0,
                  w_step: float = 1.0, episode_signal: Literal["turn_score", "episode_return"] = "turn_score",
                  eps: float = 1e-6):
-        problems = []
-        if not 0.0 <= gamma <= 1.0:
-            problems.append(f"gamma must be in [0, 1], got {gamma}")
-        if mode not in ("mean", "mean_std"):
-            problems.append(f"mode must be 'mean' or 'mean_std', got {mode!r}")
-        if episode_signal not in ("turn_score", "episode_return"):
-            problems.append(f"episode_signal must be 'turn_score' or 'episode_return', got {episode_signal!r}")
-        if eps < 0:
-            problems.append(f"eps must be >= 0, got {eps}")
-        if problems:
-            raise ValueError("UISemiOnline: " + "; ".join(problems))
+        check_args("UISemiOnline", in_unit("gamma", gamma), one_of("mode", mode, ("mean", "mean_std")),
+                   one_of("episode_signal", episode_signal, ("turn_score", "episode_return")), non_negative("eps", eps))
         self.gamma, self.mode, self.w_episode, self.w_step, self.episode_signal, self.eps = (
             gamma, mode, w_episode, w_step, episode_signal, eps)
 
