@@ -135,6 +135,7 @@ class MeteredBackend(HFBackend):
 
 
 # ------------------------------------------------------------------------------------------------ the arms
+DATA_KEYS = ("tasks", "train_size", "val_size", "prompts_per_step", "val_batch_size", "seed", "val_tasks")
 PART_KEYS = ("advantage", "loss", "selector", "methods", "kl_in_reward", "mu", "minibatch_size",
              "max_generation_rounds")
 
@@ -201,10 +202,6 @@ ARMS: list[Arm] = [
     Arm("adhint", "text_reasoning/adhint.yaml", paper="ADHint"),
     Arm("sdpo", "text_reasoning/sdpo.yaml", paper="SDPO"),
     Arm("srpo", "text_reasoning/srpo.yaml", paper="SRPO"),
-    Arm("dcpo", "agentic/dcpo.yaml", paper="DCPO", lm_reasoning=False),
-    Arm("poad", "agentic/poad.yaml", paper="POAD", lm_reasoning=False),
-    Arm("istar", "agentic/istar.yaml", paper="iStar", lm_reasoning=False),
-    Arm("fgrpo", "retrieval/fgrpo.yaml", paper="F-GRPO", lm_reasoning=False),
 ]
 BASELINES = ("grpo", "dr_grpo", "rloo")
 
@@ -213,6 +210,12 @@ EXCLUDED = {
     "common.advantages.gigpo.GiGPO, hgpo.HGPO, mapo.MAPO, uis1.UISemiOnline, combine.MultiScope, turns.TurnAdvantage":
         "turn-level estimators: they group the steps of multi-turn episodes by environment state or turn; on a "
         "single-turn task every episode has one turn and they reduce to their episode-level base",
+    "common.advantages.dcpo.DCPO, poad.POAD, istar.IStar (configs/agentic/dcpo, poad, istar.yaml)":
+        "their recipes' parts need episode fields (RolloutBatch.episode_ids, end_reason, turn_mask) that only the "
+        "multi-turn agent policy provides; tried on the fast tier, the Loop refuses them at construction "
+        "(check_requirements)",
+    "common.advantages.factorised.FactorisedGRPO (configs/retrieval/fgrpo.yaml)":
+        "needs RolloutBatch.phase_starts (search / answer phases of a retrieval episode)",
     "common.losses.step_advantage.DirectAdvantageLoss (dapo_step.yaml), preference.DPOLoss offline (dpo_offline.yaml)":
         "offline: they train on stored step records / preference pairs, not on the policy's rollouts, so there is "
         "no rollout budget to match",
@@ -235,14 +238,18 @@ def _set(tree: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+def import_path(path: str) -> Any:
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
 def instantiate(spec: Any) -> Any:
     """A YAML value as jsonargparse builds it for a class-typed argument: ``{class_path, init_args}`` -> the object
     (init args instantiated recursively), lists element-wise, anything else as is."""
     if isinstance(spec, list):
         return [instantiate(s) for s in spec]
     if isinstance(spec, dict) and "class_path" in spec:
-        module, _, name = spec["class_path"].rpartition(".")
-        cls = getattr(importlib.import_module(module), name)
+        cls = import_path(spec["class_path"])
         return cls(**{k: instantiate(v) for k, v in (spec.get("init_args") or {}).items()})
     if isinstance(spec, dict):
         return {k: instantiate(v) for k, v in spec.items()}
@@ -258,8 +265,13 @@ def arm_config(arm: Arm, cfg) -> tuple[dict, list[str]]:
         y = yaml.safe_load((CONFIGS / arm.recipe).read_text())
         init = y["model"]["init_args"]
         parts = {k: copy.deepcopy(init[k]) for k in PART_KEYS if k in init}
-        if init.get("group_size") == 1:
-            parts["group_size"] = 1
+        if init.get("group_size", 8) != 8:  # G is part of the method (SPO: 1, MC-GRPO: G + 1 = 3); rows stay matched
+            parts["group_size"] = init["group_size"]
+        if (y.get("data") or {}).get("class_path", "text_reasoning.data.ReasoningData") != "text_reasoning.data.ReasoningData":
+            data_cls = y["data"]["class_path"]  # e.g. SPO's PrioritisedData: its own arguments, the league's task
+            extra = {k: v for k, v in y["data"].get("init_args", {}).items() if k not in DATA_KEYS}
+            parts["data"] = {"class_path": data_cls, "init_args": extra}
+            notes.append(f"data {data_cls.rsplit('.', 1)[-1]}")
         data = (y.get("data") or {}).get("init_args", {})
         recipe_rows = data.get("prompts_per_step", 4) * init.get("group_size", 8)
         if "minibatch_size" in parts and parts["minibatch_size"]:  # the same number of optimiser steps per batch
@@ -280,7 +292,7 @@ class FastConfig:
     steps: int = 30
     prompts: int = 8
     group_size: int = 8
-    lr: float = 1e-3
+    lr: float = 1e-4
     eval_every: int = 5
     train_size: int = 2000
     val_size: int = 200
@@ -332,62 +344,76 @@ def sft_policy(cfg: FastConfig) -> Path:
     return out
 
 
-def greedy_eval(module, val: list[dict], backend: MeteredBackend) -> tuple[float, float]:
-    """Held-out greedy accuracy and mean partial credit (not counted as training rollouts)."""
+def greedy_eval(module, val: list[dict], backend: MeteredBackend, credit: bool) -> tuple[float, float]:
+    """Held-out greedy accuracy (the module's verifier) and mean partial credit (fast tier; else the accuracy), not
+    counted as training rollouts."""
     backend.counting = False
     try:
         with torch.no_grad():
             batch = module.policy.rollout(val, 1, greedy=True)
     finally:
         backend.counting = True
-    acc = float(FinalCorrect()(batch.completions, batch.samples).mean())
-    credit = float(StepCredit()(batch.completions, batch.samples).mean())
-    return acc, credit
+    acc = float(module.verify(batch).float().mean())
+    return acc, float(StepCredit()(batch.completions, batch.samples).mean()) if credit else acc
 
 
-def run_fast(arm: Arm, seed: int, cfg: FastConfig, sft_dir: Path) -> dict:
-    """One arm x one seed: the shared module (TextReasoningModule) with the arm's parts, trained by Lightning."""
+def run_arm(arm: Arm, seed: int, cfg: FastConfig, policy, tasks: list, *, fast: bool = True) -> dict:
+    """One arm x one seed: the shared module (TextReasoningModule) with the arm's parts and the league's fixed
+    settings, trained by a Lightning Trainer for ``cfg.steps`` rollout batches; held-out greedy accuracy every
+    ``cfg.eval_every`` batches, with the rollouts and tokens sampled so far."""
     import lightning as L
 
-    from common.models import Pretrained
     from text_reasoning.module import TextReasoningModule
 
     parts_cfg, notes = arm_config(arm, cfg)
+    data_spec = parts_cfg.pop("data", None)
     parts = {k: instantiate(v) for k, v in parts_cfg.items()}
     G = parts.pop("group_size", cfg.group_size)
-    prompts = cfg.rows // G  # the same rows per step for every arm
+    prompts = max(1, cfg.rows // G)  # the same rows per step for every arm
     L.seed_everything(seed, verbose=False)
     backend = MeteredBackend()
+    task_parts = dict(verifier=FinalCorrect(), rewards=[StepCredit()]) if fast else {}
     module = TextReasoningModule(
-        policy=Pretrained(str(sft_dir)), sampling=Sampling(max_new_tokens=cfg.max_new_tokens, temperature=1.0),
-        rollout_backend=backend, verifier=FinalCorrect(), rewards=[StepCredit()], group_size=G, lr=cfg.lr,
-        max_grad_norm=1.0, canaries=False, log_completions_every=0, **parts)
-    data = ReasoningData([ChainSum()], train_size=cfg.train_size, val_size=cfg.val_size, prompts_per_step=prompts,
-                         val_batch_size=cfg.val_size, seed=0)
+        policy=policy, sampling=Sampling(max_new_tokens=cfg.max_new_tokens, temperature=1.0, logprobs=True),
+        rollout_backend=backend, group_size=G, lr=cfg.lr, max_grad_norm=1.0, canaries=False,
+        log_completions_every=0, **task_parts, **parts)
+    data_cls = ReasoningData if data_spec is None else import_path(data_spec["class_path"])
+    data = data_cls(tasks, train_size=cfg.train_size, val_size=cfg.val_size, prompts_per_step=prompts,
+                    val_batch_size=cfg.val_size, seed=0, **(data_spec or {}).get("init_args", {}))
     data.setup()
     curve = []
+    done = [0]  # RL steps (rollout batches); Lightning's global_step counts optimiser steps (several per batch
+    # for recipes with minibatches), so the league stops and evaluates on rollout batches
 
     class Eval(L.Callback):
         def on_train_start(self, trainer, pl_module):
-            curve.append((0, 0, 0, *greedy_eval(pl_module, data.val_set, backend)))
+            curve.append((0, 0, 0, *greedy_eval(pl_module, data.val_set, backend, fast)))
 
         def on_train_batch_end(self, trainer, pl_module, *args):
-            step = trainer.global_step
+            done[0] += 1
+            step = done[0]
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                curve.append((step, backend.rows, backend.tokens, *greedy_eval(pl_module, data.val_set, backend)))
+                curve.append((step, backend.rows, backend.tokens, *greedy_eval(pl_module, data.val_set, backend, fast)))
+            if step >= cfg.steps:
+                trainer.should_stop = True
 
-    trainer = L.Trainer(max_steps=cfg.steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        limit_val_batches=0, callbacks=[Eval()])
+    trainer = L.Trainer(max_steps=-1, max_epochs=-1, accelerator="cpu", devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[Eval()])
     t0, c0 = time.perf_counter(), time.process_time()
     trainer.fit(module, datamodule=data)
-    if curve[-1][0] != cfg.steps:  # e.g. a step skipped by the stepper still counts; always end with the final eval
-        curve.append((trainer.global_step, backend.rows, backend.tokens, *greedy_eval(module, data.val_set, backend)))
+    if curve[-1][0] != cfg.steps:
+        curve.append((done[0], backend.rows, backend.tokens, *greedy_eval(module, data.val_set, backend, fast)))
     return {"arm": arm.name, "seed": seed, "curve": curve, "final_acc": curve[-1][3], "final_credit": curve[-1][4],
             "start_acc": curve[0][3], "rows": backend.rows, "tokens": backend.tokens, "G": G,
             "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0, "notes": notes,
             "split_hash": split_hash(data.val_set)}
 
+
+def run_fast(arm: Arm, seed: int, cfg: FastConfig, sft_dir: Path) -> dict:
+    from common.models import Pretrained
+
+    return run_arm(arm, seed, cfg, Pretrained(str(sft_dir)), [ChainSum()])
 
 # ------------------------------------------------------------------------------------------------ reporting
 def load_results(path: Path) -> dict:
@@ -491,42 +517,13 @@ def smol_section(res: dict, arms: list[Arm], steps: int, seeds: list[int]) -> st
 
 def run_smol(arm: Arm, task: str, seed: int, steps: int) -> dict:
     """SmolLM2-135M-Instruct with the arm's parts on a generated task: 4 prompts x G 8 a step, 32 new tokens, lr
-    2e-5 (the recipes' CPU scale); held-out greedy accuracy on 50 problems before and after."""
-    import lightning as L
-
+    2e-5 (the recipes' CPU scale); held-out greedy accuracy on 50 problems (TaskReward's check) before and after."""
     from common.models import BundledSmolLM2
-    from text_reasoning.module import TextReasoningModule
 
-    cfg = FastConfig(steps=steps, prompts=4, group_size=8, lr=2e-5, train_size=512, val_size=50, max_new_tokens=32)
-    parts_cfg, notes = arm_config(arm, cfg)
-    parts = {k: instantiate(v) for k, v in parts_cfg.items()}
-    G = parts.pop("group_size", cfg.group_size)
-    L.seed_everything(seed, verbose=False)
-    backend = MeteredBackend()
-    module = TextReasoningModule(policy=BundledSmolLM2(), sampling=Sampling(max_new_tokens=32, temperature=1.0),
-                                 rollout_backend=backend, group_size=G, lr=cfg.lr, canaries=False,
-                                 log_completions_every=0, **parts)
-    data = ReasoningData([instantiate({"class_path": SMOL_TASKS[task]})], train_size=cfg.train_size,
-                         val_size=cfg.val_size, prompts_per_step=cfg.rows // G, val_batch_size=cfg.val_size, seed=0)
-    data.setup()
-
-    def acc():
-        backend.counting = False
-        with torch.no_grad():
-            b = module.policy.rollout(data.val_set, 1, greedy=True)
-        backend.counting = True
-        return float(module.verify(b).float().mean())
-
-    start = acc()
-    t0 = time.perf_counter()
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        limit_val_batches=0)
-    trainer.fit(module, datamodule=data)
-    return {"arm": arm.name, "task": task, "seed": seed, "start_acc": start, "final_acc": acc(), "rows": backend.rows,
-            "tokens": backend.tokens, "wall_s": time.perf_counter() - t0, "notes": notes,
-            "split_hash": split_hash(data.val_set)}
-
+    cfg = FastConfig(steps=steps, prompts=4, group_size=8, lr=2e-5, train_size=512, val_size=50, max_new_tokens=32,
+                     eval_every=steps)
+    r = run_arm(arm, seed, cfg, BundledSmolLM2(), [instantiate({"class_path": SMOL_TASKS[task]})], fast=False)
+    return {**r, "task": task}
 
 # ------------------------------------------------------------------------------------------------ main
 def write_markdown(res: dict, arms: list[Arm], cfg: FastConfig, seeds: list[int], out_md: Path, plot_name: str,
@@ -622,7 +619,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         p.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
     cfg = FastConfig()
-    if args.smoke:
+    if args.smoke:  # never over the committed table: into a temporary folder unless --out / --results are given
+        import tempfile
+
+        tmp = Path(tempfile.mkdtemp(prefix="league_smoke_"))
+        if args.out == str(LEAGUE_MD):
+            args.out = str(tmp / "league_smoke.md")
+        if args.results == str(REPORTS / "league_fast.json"):
+            args.results = str(tmp / "league_smoke.json")
         wanted, seeds = ["grpo", "rloo"] if not args.arms else wanted, seeds[:1]
         cfg = FastConfig(steps=2, eval_every=1, train_size=200, val_size=40, sft_steps=5)
     if args.steps is not None:
@@ -661,9 +665,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         sft_dir = sft_policy(cfg)
         res["meta"].update(meta)
-        for arm in arms:
-            for seed in seeds:
-                if any(r["arm"] == arm.name and r["seed"] == seed for r in res["runs"]):
+        for seed in seeds:  # seed-major: a run stopped early leaves every arm with the same seeds
+            for arm in arms:
+                if arm.name in res["failed"] or any(r["arm"] == arm.name and r["seed"] == seed for r in res["runs"]):
                     continue
                 try:
                     r = run_fast(arm, seed, cfg, sft_dir)
@@ -672,8 +676,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{arm.name}: FAILED {res['failed'][arm.name]}", flush=True)
                     if os.environ.get("LEAGUE_TRACEBACK"):
                         traceback.print_exc()
-                    break
-                res["failed"].pop(arm.name, None)
+                    save_results(results, res)
+                    continue
                 res["runs"].append(r)
                 res["meta"]["start_acc"] = f"{r['start_acc']:.3f}"
                 print(f"{arm.name} seed {seed}: acc {r['start_acc']:.3f} -> {r['final_acc']:.3f}, credit "
