@@ -82,12 +82,13 @@ def check_ccr() -> tuple[bool, list[float], list[float]]:
     return ok, without.tolist(), out.advantages.tolist()
 
 
-def run(memory: int | None, seed: int, steps: int = STEPS, stale: bool = False) -> torch.Tensor:
+def run(memory: int | None, seed: int, steps: int = STEPS, stale: bool = False, prefill: bool = True) -> torch.Tensor:
     """GRPO (``memory`` None) or GRPO + CCR keeping ``memory`` rows per prompt (the step-5 selector) through the
     library's loop (``common.loop.Loop``) on a ``TabularPolicy``: G samples for each prompt, on-policy clipped
     surrogate (ratio 1: gradient −mean A ∇log π over the rows, replayed rows included), one SGD step. ``stale``:
     the policy starts at P = 0.9 on an old answer that is now wrong, and CCR's buffer is filled with ``memory``
-    responses per prompt from that policy, labelled by the old verifier. Returns the mean P(correct) before each
+    responses per prompt from that policy, labelled by the old verifier (``prefill`` False: the buffer starts
+    empty, the control that isolates the stale rows). Returns the mean P(correct) before each
     step and after the last (steps + 1,)."""
     gen = torch.Generator().manual_seed(seed)
     correct_answer = torch.randint(0, K, (PROMPTS,), generator=gen)
@@ -110,7 +111,7 @@ def run(memory: int | None, seed: int, steps: int = STEPS, stale: bool = False) 
     opt = torch.optim.SGD(policy.trainable_parameters(), lr=LR)
     stepper = Stepper(opt, policy.trainable_parameters(), max_grad_norm=0.0)
     prompts = [{"prompt": f"q{i}", "index": i} for i in range(PROMPTS)]
-    if stale and ccr is not None:  # the previous phase's responses, judged by the old verifier
+    if stale and prefill and ccr is not None:  # the previous phase's responses, judged by the old verifier
         past = policy.rollout(prompts, memory)
         was_right = past.completion_ids[:, 0] == old_answer[past.inputs["prompt"]]  # (P·memory,)
         ccr.store(past.replace(rewards=was_right.double(), correct=was_right), [s["prompt"] for s in past.samples])
@@ -141,6 +142,9 @@ def main() -> None:
              for name, mem in (("GRPO", None), ("GRPO + CCR", 8))}
     stale = {name: torch.stack([run(mem, s, stale_steps, stale=True) for s in progress(range(seeds), f"r3: stale, {name}, seeds")])
              for name, mem in (("GRPO", None), *MEMORY.items())}
+    empty = {f"{name}, empty buffer": torch.stack([run(mem, s, stale_steps, stale=True, prefill=False)
+                                                   for s in progress(range(seeds), f"r3: stale, {name} empty, seeds")])
+             for name, mem in MEMORY.items()} if not args.smoke else {}  # post hoc: the stale rows' own effect
     reach = {k: [float(steps_to(a)) for a in v] for k, v in fresh.items()}
     d_fresh = diff_ci(reach["GRPO + CCR"], reach["GRPO"])
     auc = {k: v[:, :-1].mean(1).tolist() for k, v in stale.items()}  # mean P(new correct) over the steps
@@ -179,8 +183,11 @@ def main() -> None:
     frows = [(k, fmt_ci(mean_ci(reach[k]), 1), fmt_ci(mean_ci(fresh[k][:, -1].tolist()))) for k in fresh]
     frows.append(("CCR − GRPO (paired)", fmt_ci(d_fresh, 1, signed=True),
                   fmt_ci(diff_ci(fresh["GRPO + CCR"][:, -1].tolist(), fresh["GRPO"][:, -1].tolist()), signed=True)))
-    srows = [(k, fmt_ci(mean_ci(auc[k])), fmt_ci(mean_ci(final[k])), fmt_ci(d_stale[k], signed=True) if k in d_stale else "–")
-             for k in stale]
+    auc_e = {k: v[:, :-1].mean(1).tolist() for k, v in empty.items()}
+    srows = [(k, fmt_ci(mean_ci(auc[k])), fmt_ci(mean_ci(final[k])), fmt_ci(d_stale[k], signed=True) if k in d_stale else "–",
+              fmt_ci(diff_ci(auc[k], auc_e[f"{k}, empty buffer"]), signed=True) if k in d_stale else "–") for k in stale]
+    srows += [(f"{k} (post hoc)", fmt_ci(mean_ci(auc_e[k])), fmt_ci(mean_ci(v[:, -1].tolist())),
+               fmt_ci(diff_ci(auc_e[k], auc["GRPO"]), signed=True), "–") for k, v in empty.items()]
     record = eval_record(task=f"{PROMPTS} one-token bandits, {K} answers, one correct each", prompt_template="none (prompt index)",
                          answer_extraction="the sampled answer index equals the prompt's correct one",
                          eos_rule="one token", sampling="none: P(correct) = softmax(logits)[correct], exact, mean over prompts",
@@ -220,7 +227,12 @@ prompt sampled from the starting policy), labelled by the old verifier, so the "
 all-wrong groups are the old answer. As new responses arrive they push the stale rows out (memory 8: after two steps;
 memory 64: after sixteen). {stale_steps} steps, {seeds} seeds.
 
-{table(["arm", f"mean P(new correct) over {stale_steps} steps", f"P(new correct) after {stale_steps} steps", "− GRPO (paired, mean over steps)"], srows)}
+{table(["arm", f"mean P(new correct) over {stale_steps} steps", f"P(new correct) after {stale_steps} steps", "− GRPO (paired, mean over steps)",
+        "stale − empty buffer, same memory (post hoc)"], srows)}
+
+The "empty buffer" arms (added after the first run, not part of the rule) run the same CCR from the same starting
+policy with no stale rows, so "stale − empty buffer" is the effect of the stale rows themselves; "− GRPO" mixes it
+with what a longer memory does for fresh successes.
 
 ![bandits and SERR](r3.png)
 
@@ -230,11 +242,14 @@ Verdict: claim **{outcome}**.
 
 {record}
 What was tested: SERR's dominance ranking and CCR's replay with Eq. 3 exactly as the library runs them; that replay
-speeds up learning when most groups are all wrong; and what stale replay does. A stale "correct" row of the old
-answer, replayed into an all-wrong group whose fresh rows are mostly the same old answer, gets a positive advantage
-while its fresh copies get negative ones: on that answer they cancel, and a fresh *different* wrong answer in the
-group is pushed down relative to the old one — the replay props up the answer the verifier now rejects until the
-stale rows leave the buffer. Not tested: ISR (not implemented), the length bonus, the paper's math benchmarks; k, α,
+speeds up learning when most groups are all wrong; and what stale replay does. Reading (written after the run): a
+stale "correct" row of the old answer, replayed into an all-wrong group whose fresh rows are mostly that same answer,
+gets a positive advantage while its fresh copies get negative ones, so on that answer they largely cancel; once any
+fresh response finds the new answer it is the most recent correct row and replaces the stale ones in the replay.
+With the library's memory (8 rows per prompt) the stale rows leave after two steps and CCR stays slightly ahead of
+GRPO. With a long memory (64) CCR is far ahead, because a rare fresh success stays in the buffer for sixteen steps
+and is replayed at every one; the empty-buffer column separates that from the stale rows' own (small) effect.
+Not tested: ISR (not implemented), the length bonus, the paper's math benchmarks; k, α,
 λ, p, R_max are not in the sections of the paper we could read (proposals). In the bandit a replayed row's
 probability is recomputed exactly; with a language model replayed rows are off-policy (their old log-probs are
 recomputed under the current policy, our reading), which this bandit cannot show.
