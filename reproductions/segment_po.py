@@ -335,7 +335,9 @@ irrelevant early tokens more than GRPO does (drift column). SPO-tree's first seg
 deciding token and 3 irrelevant ones, which share its credit. Per step the SPO variants are at most slightly ahead;
 per generated token (continuations from every cut point, or the whole tree) GRPO is far ahead in this toy. The
 paper's claim is about accuracy after a fixed number of training steps on GSM8K / MATH500, where sampling is a
-smaller share of the cost than here; that is not tested.
+smaller share of the cost than here; that is not tested. The intervals have zero width because every seed reaches
+the target at the same step and, while P < 0.9, every token is a cut point, so the token counts are fixed by the
+step count; the seeds differ in the curves (P after 6,144 tokens), not in when the target is crossed.
 
 ![learning curves and update share](segment_po.png)
 """)
