@@ -147,6 +147,11 @@ Verdict: claim **{outcome}**.
 `{line}`
 
 {record}
+Reading (written after the run): NGRPO is faster in this bandit — the interval of the paired difference excludes 0 —
+but by about 4% of GRPO's steps, and the interval reaches both sides of the pre-registered 5% minimum effect, so the
+verdict is inconclusive, not reproduced. The committed "not reproduced" (within 2 standard errors, unpaired) came
+from a rule that could not tell a small effect from none.
+
 Part 2 tests the mechanism (learning from all-wrong groups), not the paper's MATH500/AMC23/AIME2025 results. The
 bandit is on-policy with one step per batch, so NGRPO's asymmetric clip (ε_low 0.16 / ε_high 0.24 in the recipe)
 never acts; size-1 groups (the authors' code sets μ = 0, σ = 1) do not occur.
