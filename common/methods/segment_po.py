@@ -120,7 +120,8 @@ class SegmentChain(Method):
         cont = continue_from(policy, batch.prompt_ids[rows], batch.prompt_mask[rows], batch.completion_ids[rows],
                              prefix_mask, num_samples, T - int(cols.min()))
         s = cols.repeat_interleave(num_samples)  # (M·N,)
-        budget = pos[: cont.completion_ids.shape[1]][None, :] < (T - s)[:, None]  # (M·N, Tc) within T_max − s
+        cpos = torch.arange(cont.completion_ids.shape[1], device=starts.device)  # (Tc,): may exceed T' (short batch)
+        budget = cpos[None, :] < (T - s)[:, None]  # (M·N, Tc) within T_max − s
         full_ids, full_mask = right_pack(
             torch.cat([batch.completion_ids[rows].repeat_interleave(num_samples, 0), cont.completion_ids], 1),
             torch.cat([prefix_mask.repeat_interleave(num_samples, 0), cont.completion_mask & budget], 1),

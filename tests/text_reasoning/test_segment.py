@@ -131,3 +131,20 @@ def test_tree_and_chain_reject_bad_settings() -> None:
         TextReasoningModule(policy=policy(), rewards=[reward], advantage=SPOChain())
     with pytest.raises(ValueError, match="SPOTree requires RolloutBatch.old_logprobs"):
         TextReasoningModule(policy=policy(), rewards=[reward], advantage=SPOTree())
+
+
+def test_prefix_values_when_every_completion_ended_early() -> None:
+    """A batch whose completions all stopped before max_new_tokens is narrower (T' < T) than a continuation from an
+    early cut (T - s): the budget mask spans the continuation's width, not the batch's (a shape error before)."""
+    torch.manual_seed(0)
+    reward = FirstDigitAndLength()
+    chain = SegmentChain()
+    module = TextReasoningModule(policy=policy(), rewards=[reward], verifier=reward, sampling=Sampling(max_new_tokens=T),
+                                 group_size=2, log_samples_every=0, advantage=SPOChain(interval=2, num_samples=2),
+                                 methods=[chain])
+    batch = module.loop.rollout(digit_prompts(1))
+    narrow = batch.replace(completion_ids=batch.completion_ids[:, :2], completion_mask=torch.ones_like(batch.completion_ids[:, :2], dtype=torch.bool))
+    starts = torch.zeros(narrow.completion_ids.shape, dtype=torch.bool)
+    starts[:, 1] = True  # cut after y_0: continuations of up to T - 1 = 5 tokens, wider than T' = 2
+    values = chain.prefix_values(module.loop, narrow, starts, 2)
+    assert (values[:, 1] < 100).all() and (values[:, 0] == 0).all()
