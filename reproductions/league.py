@@ -267,6 +267,7 @@ def arm_config(arm: Arm, cfg) -> tuple[dict, list[str]]:
         parts = {k: copy.deepcopy(init[k]) for k in PART_KEYS if k in init}
         if init.get("group_size", 8) != 8:  # G is part of the method (SPO: 1, MC-GRPO: G + 1 = 3); rows stay matched
             parts["group_size"] = init["group_size"]
+            notes.append(f"G={init['group_size']} (recipe), {max(1, cfg.rows // init['group_size'])} prompts/step")
         if (y.get("data") or {}).get("class_path", "text_reasoning.data.ReasoningData") != "text_reasoning.data.ReasoningData":
             data_cls = y["data"]["class_path"]  # e.g. SPO's PrioritisedData: its own arguments, the league's task
             extra = {k: v for k, v in y["data"].get("init_args", {}).items() if k not in DATA_KEYS}
@@ -437,7 +438,7 @@ def fast_table(res: dict, arms: list[Arm]) -> tuple[str, list]:
         runs = by.get(arm.name)
         if not runs:
             why = res["failed"].get(arm.name, "not run")
-            rows.append((arm.name, arm.recipe or "inline parts", "—", "—", "—", "—", "—", f"not measured: {why}"))
+            rows.append((arm.name, arm.recipe or "inline parts", "—", "—", "—", "—", "—", "—", f"not measured: {why}"))
             continue
         seeds = sorted(runs)
         acc = [runs[s]["final_acc"] for s in seeds]
@@ -446,17 +447,18 @@ def fast_table(res: dict, arms: list[Arm]) -> tuple[str, list]:
         cci = fmt_ci(mean_ci(cred)) if len(cred) > 1 else f"{cred[0]:.3f}"
         common_seeds = [s for s in seeds if s in base]
         if arm.name != "grpo" and len(common_seeds) > 1:
-            d = fmt_ci(diff_ci([runs[s]["final_acc"] for s in common_seeds],
-                               [base[s]["final_acc"] for s in common_seeds]), signed=True)
+            ci_d = diff_ci([runs[s]["final_acc"] for s in common_seeds], [base[s]["final_acc"] for s in common_seeds])
+            d = fmt_ci(ci_d, signed=True)
+            reading = "above GRPO" if ci_d[1] > 0 else "below GRPO" if ci_d[2] < 0 else "no detectable difference"
         else:
-            d = "—"
+            d, reading = "—", "—"
         rows_used = sum(runs[s]["rows"] for s in seeds) / len(seeds)
         toks = sum(runs[s]["tokens"] for s in seeds) / len(seeds)
         notes = "; ".join(runs[seeds[0]]["notes"]) or ""
-        rows.append((arm.name, arm.recipe or "inline parts", ci, d, cci, f"{rows_used:.0f}", f"{toks:.0f}",
-                     f"{len(seeds)} seeds" + (f"; {notes}" if notes else "")))
+        rows.append((arm.name, arm.recipe or "inline parts", ci, d, reading, cci, f"{rows_used:.0f}", f"{toks:.0f}",
+                     f"{len(seeds)} seed{'s' * (len(seeds) > 1)}" + (f"; {notes}" if notes else "")))
         plotted.append((arm.name, [runs[s]["curve"] for s in seeds]))
-    header = ["arm", "parts from", "held-out accuracy [95% CI]", "Δ vs GRPO (paired) [95% CI]",
+    header = ["arm", "parts from", "held-out accuracy [95% CI]", "Δ vs GRPO (paired) [95% CI]", "reading",
               "partial credit [95% CI]", "rollouts", "generated tokens", "notes"]
     return table(header, rows), plotted
 
@@ -569,6 +571,12 @@ Held-out greedy accuracy after {cfg.steps} steps, mean and 95% t interval over s
 difference on the same seeds (reproductions/support/report.py `mean_ci`, `diff_ci`). Rollouts and tokens are per
 run (mean over seeds), counted in the rollout backend (extra continuations a method samples are included).
 
+Reading rule (fixed in the script before the run): an arm is *above GRPO* / *below GRPO* only when the paired 95%
+interval of its accuracy difference on the same seeds excludes 0; otherwise *no detectable difference* at this
+number of seeds -- not "equal". The league measures each recipe's parts at one small, matched budget on one task: a
+method built for long chains of thought, large G or many steps can be indistinguishable here and still help at paper
+scale; the table says what this budget can and cannot tell apart.
+
 {tab}
 
 ![league]({os.path.relpath(png, out_md.parent) if png else ''})
@@ -604,9 +612,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--sft_steps", type=int, default=None, help="teacher-forcing steps of the common start")
     p.add_argument("--lr", type=float, default=None, help="RL learning rate of the fast tier")
+    p.add_argument("--report_only", action="store_true", help="rewrite the markdown from the results JSONs, run nothing")
     p.add_argument("--smol_tasks", default="arithmetic,countdown")
     p.add_argument("--out", default=str(LEAGUE_MD), help="the markdown written")
-    p.add_argument("--results", default=str(REPORTS / "league_fast.json"), help="results JSON (resumed if present)")
+    p.add_argument("--results", default=str(REPORTS / "league_fast.json"), help="fast-tier results JSON (resumed)")
+    p.add_argument("--smol_results", default=str(REPORTS / "league_smollm2.json"), help="SmolLM2-tier results JSON")
     args = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     names = [a.name for a in ARMS]
@@ -627,6 +637,8 @@ def main(argv: list[str] | None = None) -> int:
             args.out = str(tmp / "league_smoke.md")
         if args.results == str(REPORTS / "league_fast.json"):
             args.results = str(tmp / "league_smoke.json")
+        if args.smol_results == str(REPORTS / "league_smollm2.json"):
+            args.smol_results = str(tmp / "league_smoke_smollm2.json")
         wanted, seeds = ["grpo", "rloo"] if not args.arms else wanted, seeds[:1]
         cfg = FastConfig(steps=2, eval_every=1, train_size=200, val_size=40, sft_steps=5)
     if args.steps is not None:
@@ -639,29 +651,35 @@ def main(argv: list[str] | None = None) -> int:
         cfg.sft_steps = args.sft_steps
     arms = [a for a in ARMS if a.name in wanted]
     results = Path(args.results)
+    smol_results = Path(args.smol_results)
     res = load_results(results) if not args.smoke else {"runs": [], "failed": {}, "meta": {}}
-    res.setdefault("smol_runs", []), res.setdefault("smol_failed", {})
+    smol = load_results(smol_results)
+    smol.setdefault("smol_runs", []), smol.setdefault("smol_failed", {})
     t_start = time.perf_counter()
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
             "load_start": " / ".join(f"{x:.2f}" for x in os.getloadavg()),
             "command": "python reproductions/league.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     smol_steps = args.steps or 10
-    if args.tier == "smollm2":
+    if args.report_only:
+        pass
+    elif args.tier == "smollm2":
         for arm in arms:
             for task in [t for t in args.smol_tasks.split(",") if t]:
                 for seed in seeds:
-                    if any(r["arm"] == arm.name and r["task"] == task and r["seed"] == seed for r in res["smol_runs"]):
+                    if any(r["arm"] == arm.name and r["task"] == task and r["seed"] == seed for r in smol["smol_runs"]):
                         continue
                     try:
                         r = run_smol(arm, task, seed, smol_steps)
-                        res["smol_runs"].append(r)
+                        smol["smol_runs"].append(r)
                         print(f"smollm2 {arm.name} {task} seed {seed}: {r['start_acc']:.3f} -> {r['final_acc']:.3f} "
                               f"({r['wall_s']:.0f} s)", flush=True)
                     except Exception as e:  # noqa: BLE001 - the cell is marked with its error
-                        res["smol_failed"][f"{arm.name}/{task}"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-                    save_results(results, res)
-        res["meta"].setdefault("smol", meta)
+                        smol["smol_failed"][f"{arm.name}/{task}"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                    save_results(smol_results, smol)
+        smol["meta"]["smol"] = meta
+        save_results(smol_results, smol)
+        res = load_results(results)
     else:
         sft_dir = sft_policy(cfg)
         res["meta"].update(meta)
@@ -688,6 +706,7 @@ def main(argv: list[str] | None = None) -> int:
         res["meta"]["load_end"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
         save_results(results, res)
     out = Path(args.out)
+    res["smol_runs"], res["smol_failed"] = smol["smol_runs"], smol["smol_failed"]
     write_markdown(res, [a for a in ARMS if a.name in wanted] if args.smoke else ARMS, cfg, seeds, out,
                    "league_smoke" if args.smoke else "league", args.smoke, smol_steps)
     print(f"league: wrote {out}", flush=True)
