@@ -106,6 +106,7 @@ def main() -> None:
     ap.add_argument("--no-report", action="store_true", help="do not write reports/gigpo.md (smoke runs)")
     ap.add_argument("--smollm2", action="store_true", help="the SmolLM2 comparison (SFT warm start + RL, 4x4 grid)")
     ap.add_argument("--smoke", action="store_true", help="with --smollm2: check the stages' inputs only (<= 10 s)")
+    ap.add_argument("--set", nargs="+", default=None, help="with --smollm2: scale overrides key=value (pilots)")
     ap.add_argument("--only", nargs="+", default=None, help="with --smollm2: run only these stages (sft, start, <arm>_s<seed>)")
     args = ap.parse_args()
     if args.smollm2:
@@ -313,7 +314,12 @@ def smol_main(args) -> None:
     from support.report import diff_ci, eval_record, fmt_ci, mean_ci, preregistration, split_hash, verdict
 
     cfg = smol_settings(args.smoke)
-    out = args.out if args.out != ROOT / "runs/repro_gigpo" else ROOT / "runs/repro_gigpo_smollm2"
+    for item in args.set or []:  # a pilot at another scale (not the pre-registered run): --set sft_steps=8
+        key, _, value = item.partition("=")
+        if key not in cfg or key == "seeds":
+            raise SystemExit(f"--set: key must be one of {sorted(k for k in cfg if k != 'seeds')}, got {key!r}")
+        cfg[key] = type(cfg[key])(value)
+    out = (args.out if args.out != ROOT / "runs/repro_gigpo" else ROOT / "runs/repro_gigpo_smollm2").resolve()
     prereg = preregistration(**SMOL_PREREG).replace("## Pre-registered", "### Pre-registered")
     data, records = smol_data(cfg)
     cmds = smol_commands(cfg, out)
@@ -384,8 +390,9 @@ def smol_main(args) -> None:
     if args.no_report or args.smoke:
         return
     report = ROOT / "reproductions/reports/gigpo.md"
-    body = report.read_text().split("\n## SmolLM2")[0].rstrip() + "\n" + text
-    report.write_text(body)
+    head, found, rest = report.read_text().partition("\n## SmolLM2 (SFT warm start")
+    k = rest.find("\n## ") if found else -1  # sections after this one (a pilot's notes) are kept
+    report.write_text(head.rstrip() + "\n" + text.rstrip() + "\n" + (rest[k:] if k >= 0 else ""))
 
 
 if __name__ == "__main__":
