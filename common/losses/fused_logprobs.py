@@ -28,7 +28,7 @@ et al. 2024, arXiv 2411.09009). This kernel takes the first option: it keeps one
 (the plain computation keeps about five such tensors at its peak: logits, log-softmax, its exp and their
 gradients) and forms δ chunk by chunk in the backward pass, where ``g`` and ``e`` are known — three matmuls
 in all, as many as the plain computation, exact for any upstream gradients of both outputs. Peak memory
-is one (N, V) float32 block plus two (chunk, V) blocks; when that block is too large,
+is one (N, V) float32 block plus two small scratch blocks (``SCRATCH_BYTES`` each); when that block is too large,
 :func:`common.losses.logprobs.token_logprobs` stores it only for the rows that fit its budget and
 recomputes the rest.
 """
@@ -40,6 +40,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+# Rows per block of scratch work: two (rows, V) float32 scratch buffers stay under 2 x this many bytes, so the
+# peak is the stored (N, V) block plus a few tens of MiB however large ``chunk_size`` is (at V = 49,152:
+# 170 rows, still a matmul of full efficiency with H = 576).
+SCRATCH_BYTES = 32 << 20
+
+
+def block_rows(chunk_size: int, vocab: int) -> int:
+    return max(1, min(chunk_size, SCRATCH_BYTES // (4 * vocab)))
+
+
 class FusedTokenLogprobs(torch.autograd.Function):
     """forward(hidden (N, H), weight (V, H), bias (V,) | None, targets (N,) int64, inv_temp, chunk_size)
     -> logprobs (N,) float32, entropy (N,) float32. Saves the float32 log-softmax (N, V) for the backward."""
@@ -48,30 +58,35 @@ class FusedTokenLogprobs(torch.autograd.Function):
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, inv_temp: float,
                 chunk_size: int):
         n_rows, vocab = hidden.shape[0], weight.shape[0]
+        chunk_size = block_rows(chunk_size, vocab)
         logp = torch.empty(n_rows, vocab, dtype=torch.float32, device=hidden.device)  # (N, V): all that is kept
         lp = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)  # (N,)
         ent = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)  # (N,)
+        buf = torch.empty(min(chunk_size, n_rows), vocab, dtype=torch.float32, device=hidden.device)  # (n, V) scratch
         ids = targets.long()
+        as_is = hidden.dtype == weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)
         for s in range(0, n_rows, chunk_size):  # ok: loop over chunks of rows, not samples
             e = min(s + chunk_size, n_rows)
-            x = logp[s:e]  # (n, V) view, filled in place
-            if hidden.dtype == torch.float32 and weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32):
-                if bias is None:
-                    torch.mm(hidden[s:e], weight.t(), out=x)
-                else:
-                    torch.addmm(bias, hidden[s:e], weight.t(), out=x)
+            x, t = logp[s:e], buf[: e - s]  # (n, V) views, filled in place
+            if as_is and bias is None:
+                torch.mm(hidden[s:e], weight.t(), out=x)
+            elif as_is:
+                torch.addmm(bias, hidden[s:e], weight.t(), out=x)
             else:  # the plain computation rounds the matmul to the model's dtype, then goes to float32
                 x.copy_(F.linear(hidden[s:e], weight, bias))
             if inv_temp != 1.0:
                 x.mul_(inv_temp)  # z = logits / T
-            x.sub_(torch.logsumexp(x, dim=-1, keepdim=True))  # logp = z - lse
+            m = x.amax(-1, keepdim=True)  # (n, 1)
+            x.sub_(m)  # z − max
+            torch.exp(x, out=t)
+            x.sub_(t.sum(-1, keepdim=True).log_())  # logp = z − lse
             lp[s:e] = x.gather(-1, ids[s:e, None]).squeeze(-1)
-            p_logp = x.exp().mul_(x)  # (n, V) temporary
-            ent[s:e] = p_logp.sum(-1).neg_()
-            del p_logp
+            torch.exp(x, out=t).mul_(x)  # p log p
+            ent[s:e] = t.sum(-1).neg_()
+        del buf
         # logp is an intermediate: saved here, autograd frees it after the backward (kept under retain_graph)
         ctx.save_for_backward(hidden, weight, bias, ids, ent, logp)
-        ctx.inv_temp, ctx.chunk_size = inv_temp, chunk_size
+        ctx.inv_temp, ctx.chunk_size = inv_temp, chunk_size  # chunk_size: rows per block, after block_rows
         ctx.set_materialize_grads(False)  # an output the loss does not use arrives as None: no work for it
         return lp, ent
 
@@ -87,19 +102,20 @@ class FusedTokenLogprobs(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None  # (V, H)
         grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None  # (V,)
         n_rows = hidden.shape[0]
+        d_buf = torch.empty(min(chunk, n_rows), logp.shape[1], dtype=torch.float32, device=logp.device)  # (n, V)
+        p_buf = torch.empty_like(d_buf)  # (n, V)
         for s in range(0, n_rows, chunk):  # ok: loop over chunks of rows
             e = min(s + chunk, n_rows)
-            x = logp[s:e]  # (n, V) log-softmax
+            x, d, p = logp[s:e], d_buf[: e - s], p_buf[: e - s]  # (n, V) log-softmax and scratch
             g = None if g_lp is None else g_lp[s:e, None].float()  # (n, 1)
-            # δ/T = (g 1_y − p (g + e (logp + H))) / T, built in one (n, V) buffer (plus exp's)
+            # δ/T = (g 1_y − p (g + e (logp + H))) / T, built in place in d
             if g_ent is not None:
-                d = x + ent[s:e, None]
-                d.mul_(g_ent[s:e, None].float())
+                torch.add(x, ent[s:e, None], out=d).mul_(g_ent[s:e, None].float())
                 if g is not None:
                     d.add_(g)
             else:
-                d = g.expand_as(x).clone()
-            d.mul_(x.exp()).mul_(-inv_temp)
+                d.copy_(g.expand_as(x))
+            d.mul_(torch.exp(x, out=p)).mul_(-inv_temp)
             if g is not None:
                 d.scatter_add_(-1, ids[s:e, None], g * inv_temp)
             # d = ∂L/∂(h Wᵀ + b), float32 (n, V); the matmuls run in the model's dtype, as in the plain backward
@@ -113,7 +129,8 @@ class FusedTokenLogprobs(torch.autograd.Function):
                     grad_w += (dz.t() @ hidden[s:e]).float()
             if need_b:
                 grad_b += d.sum(0)
-            del d, dz
+            del dz
+        del d_buf, p_buf
         return (grad_h, grad_w.to(weight.dtype) if need_w else None, grad_b.to(bias.dtype) if need_b else None,
                 None, None, None)
 
