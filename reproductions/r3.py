@@ -17,7 +17,7 @@ GRPO + CCR (k = 2; Eq. 3 with α = 1, λ = 1e-6), paired by seed:
   library's per-prompt memory (8 rows) and with a long memory (64 rows, reported, not counted).
 The pre-registered rule is ``PREREG``.
 
-    python reproductions/r3.py          # ~2 min on 2 cores; writes reproductions/reports/r3.md and .png
+    python reproductions/r3.py          # ~3 min on 2 cores; writes reproductions/reports/r3.md and .png
     python reproductions/r3.py --smoke  # 2 seeds x 5 steps: the verdict line only, no report
 """
 
