@@ -164,7 +164,9 @@ def main() -> None:
                f"B {vB} ({smaller}/{CC_SEEDS}); C {vC} (SPEAR − Dr.GRPO {mC:+.3f} [{loC:+.3f}, {hiC:+.3f}])")
     line = verdict("spear_arpo", vA == "reproduced" and vB == "reproduced" and vC == "reproduced", details, echo=False)
     path = REPORTS / "spear_arpo.md"
-    pre = path.read_text().split("\n## Results")[0].rstrip() + "\n"
+    text = path.read_text()
+    pre = text.split("\n## Results")[0].rstrip() + "\n"
+    smol = text[text.index("\n## SmolLM2"):] if "\n## SmolLM2" in text else ""  # the SmolLM2 section is kept
     path.write_text(pre + f"""
 ## Results
 
@@ -190,7 +192,7 @@ held the 1.5 x 16 = 24 rows that trigger a replay; the arms are then identical (
 pre-registered verdict is about that setting. The exploratory run (buffer_size 2, chosen after seeing C; not a
 verdict) replays about 22 rows per seed and gains {mX:+.3f} [{loX:+.3f}, {hiX:+.3f}] in final P(success): the
 mechanism helps when it runs, but SPEAR's trigger is sized for the paper's 2048-row buffer and large batches.
-""")
+""" + smol)
     print(line)
 
 
