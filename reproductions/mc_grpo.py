@@ -24,6 +24,10 @@ from support.report import diff_ci, fmt_ci, mean_ci, plt, preregistration, save_
 import torch
 
 from common.advantages.group import grpo, mc_grpo
+from common.batch import RolloutBatch
+from common.loop import Loop, Stepper
+from common.losses.ppo_clip import ClippedPolicyLoss
+from common.policies.toy import TabularPolicy
 
 GROUPS, SEEDS, PS = 40_000, 5, (0.2, 0.5, 0.8)
 NOISES = {
@@ -34,6 +38,12 @@ NOISES = {
     "binary (recipe)": lambda n, gen: torch.zeros(n, dtype=torch.float64),
 }
 CONTINUOUS = [n for n in NOISES if not n.startswith("binary")]
+# exploratory training bandit (post hoc, reported, not counted by the rule): arm -> (rollouts per prompt, estimator)
+TRAIN_ARMS = {"MC-GRPO (median, 3 rollouts, trains on 2)": (3, lambda b: mc_grpo(b.rewards, b.group_ids)),
+              "GRPO mean over the same 3 (trains on 3)": (3, lambda b: grpo(b.rewards, b.group_ids)),
+              "GRPO G = 2": (2, lambda b: grpo(b.rewards, b.group_ids))}
+TRAIN_NOISES = ("10% contam. N(0,3)", "binary (recipe)")
+T_PROMPTS, T_K, T_P0, T_STEPS, T_SEEDS, T_LR = 8, 10, 0.1, 60, 10, 0.3
 
 PREREG = preregistration(
     claim="the median baseline over G + 1 = 3 rollouts (pivot dropped) flips advantage signs less than a mean "
@@ -74,6 +84,42 @@ def flip_rates(p: float, noise, seed: int, groups: int) -> dict:
             "signal_mean3": float((a_mean3[keep] != 0).double().mean()), "pivot": one_pivot}
 
 
+def train(arm: str, noise_name: str, seed: int, steps: int) -> list[float]:
+    """Exploratory (added after the first run): ``T_PROMPTS`` one-token bandits (``T_K`` answers, one correct, P0 0.1)
+    trained through the library's loop (``common.loop.Loop`` on a ``TabularPolicy``) with reward 1[correct] + noise;
+    normalised gradient steps θ ← θ − lr·g/‖g‖ (MC-GRPO's MAD scale gives A = ±1000 where GRPO's is ~±1, so only the
+    update's direction is compared). Returns the mean P(correct) after each step (steps,)."""
+    n, estimator = TRAIN_ARMS[arm]
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # any draw from the global stream is seeded too
+    correct = torch.randint(0, T_K, (T_PROMPTS,), generator=gen)
+    policy = TabularPolicy(T_PROMPTS, T_K).double()
+    policy.generator = gen
+    with torch.no_grad():
+        policy.logits.zero_()
+        policy.logits[torch.arange(T_PROMPTS), correct] = torch.log(torch.tensor(T_P0 / ((1 - T_P0) / (T_K - 1)))).double()
+    noise = NOISES[noise_name]
+
+    def score(b: RolloutBatch) -> RolloutBatch:
+        c = (b.completion_ids[:, 0] == correct[b.inputs["prompt"]]).double()  # (B,)
+        return b.replace(rewards=c + noise(c.shape[0], gen))
+
+    loop = Loop(policy, score, estimator, ClippedPolicyLoss(), group_size=n)
+    params = policy.trainable_parameters()
+
+    def normalise() -> None:
+        g = policy.logits.grad
+        g.div_(g.norm().clamp(min=1e-30))
+
+    stepper = Stepper(torch.optim.SGD(params, lr=T_LR), params, max_grad_norm=1.0, clip=normalise)
+    prompts = [{"prompt": f"q{i}", "index": i} for i in range(T_PROMPTS)]
+    curve = []
+    for _ in range(steps):
+        loop.update(loop.collect(prompts).kept, stepper)
+        curve.append(float(torch.softmax(policy.logits.detach(), 1)[torch.arange(T_PROMPTS), correct].mean()))
+    return curve
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="2 seeds x 2000 groups, print the verdict line, write no report")
@@ -99,6 +145,8 @@ def main() -> None:
                f"binary rewards: flips {avg(b5['median']):.3f} vs {avg(b5['mean3']):.3f}, rows with A != 0 "
                f"{avg(b5['signal_median']):.3f} vs {avg(b5['signal_mean3']):.3f}")
     line = verdict("mc_grpo", outcome, details, echo=False)
+    t_steps, t_seeds = (3, 2) if args.smoke else (T_STEPS, T_SEEDS)
+    trained = {nz: {arm: [train(arm, nz, s, t_steps) for s in range(t_seeds)] for arm in TRAIN_ARMS} for nz in TRAIN_NOISES}
     if args.smoke:
         print(line)
         return
@@ -117,6 +165,13 @@ def main() -> None:
     rows = [(n, p, fmt_ci(mean_ci(cells[(n, p)]["mean2"])), fmt_ci(mean_ci(cells[(n, p)]["mean3"])),
              fmt_ci(mean_ci(cells[(n, p)]["median"])), fmt_ci(stats[(n, p)]["d3"], 4, signed=True),
              f"{avg(cells[(n, p)]['signal_mean3']):.3f} / {avg(cells[(n, p)]['signal_median']):.3f}") for n, p in keys]
+    arms = list(TRAIN_ARMS)
+    trows = []
+    for nz, r in trained.items():
+        auc = {a: [sum(c) / len(c) for c in v] for a, v in r.items()}
+        for a in arms:
+            trows.append((nz, a, fmt_ci(mean_ci(auc[a])), fmt_ci(mean_ci([c[-1] for c in r[a]])),
+                          fmt_ci(diff_ci(auc[arms[0]], auc[a]), signed=True) if a != arms[0] else "–"))
     write_report("mc_grpo", f"""# MC-GRPO (arXiv 2601.22582): sign flips of mean vs median baselines
 
 {PREREG}
@@ -132,6 +187,16 @@ cell; intervals 95% Student-t over seeds. Exactly one pivot dropped per group, w
         "rows with A ≠ 0, mean(3) / median"], rows)}
 
 ![flip rates](mc_grpo.png)
+
+## Exploratory: training through the loop (added after the first run; not counted by the rule)
+
+{T_PROMPTS} one-token bandits ({T_K} answers, one correct, P(correct) = {T_P0} at start), reward 1[correct] + noise,
+trained through the library's loop (`common.loop.Loop` on a `TabularPolicy`, `ClippedPolicyLoss`, the estimator's
+`keep` mask dropping MC-GRPO's pivot rows) with normalised gradient steps (lr {T_LR}: MC-GRPO's MAD scale gives
+A = ±1000 where GRPO's is about ±1, so only the update's direction is compared), {t_steps} steps, {t_seeds} seeds.
+"mean P(correct)" is the mean over the steps; "MC-GRPO − arm" is paired by seed.
+
+{table(["reward noise", "arm", f"mean P(correct) over {t_steps} steps", f"P(correct) after {t_steps} steps", "MC-GRPO − arm (paired, mean over steps)"], trows)}
 
 Verdict: claim **{outcome}** — the median flips less than the mean over the same 3 rollouts in {below}/9
 continuous-noise cells (more in {above}).
