@@ -428,12 +428,12 @@ def save_results(path: Path, res: dict) -> None:
     os.replace(tmp, path)
 
 
-def fast_table(res: dict, arms: list[Arm]) -> tuple[str, list]:
+def fast_table(res: dict, arms: list[Arm]) -> tuple[str, list, list]:
     by = {}
     for r in res["runs"]:
         by.setdefault(r["arm"], {})[r["seed"]] = r
     base = by.get("grpo", {})
-    rows, plotted = [], []
+    rows, plotted, stats = [], [], []  # stats: (arm, mean accuracy, seeds, reading)
     for arm in arms:
         runs = by.get(arm.name)
         if not runs:
@@ -458,9 +458,26 @@ def fast_table(res: dict, arms: list[Arm]) -> tuple[str, list]:
         rows.append((arm.name, arm.recipe or "inline parts", ci, d, reading, cci, f"{rows_used:.0f}", f"{toks:.0f}",
                      f"{len(seeds)} seed{'s' * (len(seeds) > 1)}" + (f"; {notes}" if notes else "")))
         plotted.append((arm.name, [runs[s]["curve"] for s in seeds]))
+        stats.append((arm.name, sum(acc) / len(acc), len(seeds), reading))
     header = ["arm", "parts from", "held-out accuracy [95% CI]", "Δ vs GRPO (paired) [95% CI]", "reading",
               "partial credit [95% CI]", "rollouts", "generated tokens", "notes"]
-    return table(header, rows), plotted
+    return table(header, rows), plotted, stats
+
+
+def headline(stats: list) -> str:
+    """The table in three lines: the baselines, the arms the reading rule separates from GRPO, the top three."""
+    if not stats:
+        return "No arm measured yet."
+    by = {a: (m, n, r) for a, m, n, r in stats}
+    base = ", ".join(f"{a} {by[a][0]:.3f}" for a in BASELINES if a in by)
+    above = [a for a, _, _, r in stats if r == "above GRPO"]
+    below = [a for a, _, _, r in stats if r == "below GRPO"]
+    top = sorted(stats, key=lambda x: -x[1])[:3]
+    seeds = sorted({n for _, _, n, _ in stats})
+    return (f"- Baselines (mean held-out accuracy): {base}; seeds per arm: {', '.join(map(str, seeds))}.\n"
+            f"- Above GRPO (paired 95% CI > 0): {', '.join(above) or 'none'}; below GRPO (CI < 0): "
+            f"{', '.join(below) or 'none'}; every other measured arm: no detectable difference.\n"
+            f"- Highest means: {', '.join(f'{a} {m:.3f}' for a, m, _, _ in top)}.")
 
 
 def plot_curves(plotted: list, name: str, where: Path) -> Path:
@@ -485,6 +502,7 @@ def plot_curves(plotted: list, name: str, where: Path) -> Path:
 # ------------------------------------------------------------------------------------------------ SmolLM2 tier
 SMOL_TASKS = {"arithmetic": "text_reasoning.data.Arithmetic", "countdown": "text_reasoning.data.Countdown",
               "knights_knaves": "text_reasoning.data.KnightsKnaves"}
+SMOL_STEPS = 5  # a CPU-feasible step count (a GPU with vLLM affords the recipes' 60)
 CURRICULUM = ("dump",)  # curriculum methods: Knights-and-Knaves (several difficulty levels) in the SmolLM2 tier
 
 
@@ -495,6 +513,9 @@ def smol_command(arm: Arm, task: str, seed: int, steps: int) -> str:
 
 def smol_section(res: dict, arms: list[Arm], steps: int, seeds: list[int]) -> str:
     by = {(r["arm"], r["task"], r["seed"]): r for r in res.get("smol_runs", [])}
+    walls = [r["wall_s"] for r in res.get("smol_runs", [])]
+    cost = (f"a cell took {sum(walls) / len(walls) / 60:.0f} min of wall on the shared 2 cores here" if walls else
+            "SmolLM2-135M with HF generate on the shared 2 CPU cores")
     rows = []
     for arm in arms:
         if not arm.lm_reasoning:
@@ -509,8 +530,8 @@ def smol_section(res: dict, arms: list[Arm], steps: int, seeds: list[int]) -> st
                 rows.append((arm.name, task, f"{start:.3f}", cell, f"{len(got)}/{len(seeds)}",
                              f"{sum(g['wall_s'] for g in got) / len(got):.0f} s", ""))
             else:
-                why = res.get("smol_failed", {}).get(f"{arm.name}/{task}", "not run: each cell is about "
-                                                     f"{steps} x 2 min of CPU for SmolLM2-135M (HF generate; no GPU)")
+                why = res.get("smol_failed", {}).get(f"{arm.name}/{task}", f"not run before the deadline ({cost}; "
+                                                     "no GPU lent to this session)")
                 rows.append((arm.name, task, "—", "—", f"0/{len(seeds)}", "—",
                              f"{why}; fill: `{smol_command(arm, task, seeds[0], steps)}` (and seeds {seeds[1:]})"))
     return table(["arm", "task", "greedy accuracy at step 0", "after RL [95% CI]", "seeds measured", "wall / run",
@@ -530,7 +551,7 @@ def run_smol(arm: Arm, task: str, seed: int, steps: int) -> dict:
 # ------------------------------------------------------------------------------------------------ main
 def write_markdown(res: dict, arms: list[Arm], cfg: FastConfig, seeds: list[int], out_md: Path, plot_name: str,
                    smoke: bool, smol_steps: int) -> None:
-    tab, plotted = fast_table(res, arms)
+    tab, plotted, stats = fast_table(res, arms)
     png = plot_curves(plotted, plot_name, REPORTS if out_md == LEAGUE_MD else out_md.parent) if plotted else None
     meta = res.get("meta", {})
     hashes = sorted({r["split_hash"] for r in res["runs"]})
@@ -576,6 +597,8 @@ interval of its accuracy difference on the same seeds excludes 0; otherwise *no 
 number of seeds -- not "equal". The league measures each recipe's parts at one small, matched budget on one task: a
 method built for long chains of thought, large G or many steps can be indistinguishable here and still help at paper
 scale; the table says what this budget can and cannot tell apart.
+
+{headline(stats)}
 
 {tab}
 
@@ -660,7 +683,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
             "load_start": " / ".join(f"{x:.2f}" for x in os.getloadavg()),
             "command": "python reproductions/league.py " + " ".join(sys.argv[1:] if argv is None else argv)}
-    smol_steps = args.steps or 10
+    smol_steps = args.steps or SMOL_STEPS
     if args.report_only:
         pass
     elif args.tier == "smollm2":
