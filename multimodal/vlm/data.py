@@ -11,7 +11,7 @@ Five tasks, each a pure function of ``(seed, index)`` (a private ``random.Random
 
 Every sample records ``boxes`` (K, 4) pixel boxes ``[x0, y0, x1, y1]`` (inclusive-exclusive) of the drawn objects
 and ``points`` (K, 2) their centres ``[x, y]``, as float tensors, so a transform that moves pixels can move them too.
-The answer is one word; :class:`VQAReward` accepts a completion whose first word (bounded, case-folded) equals it.
+Every sample also has a ``caption`` (what the image shows, independent of the question). The answer is one word; :class:`VQAReward` accepts a completion whose first word (bounded, case-folded) equals it.
 """
 
 from __future__ import annotations
@@ -60,9 +60,17 @@ def _draw_shape(draw, shape: str, box: tuple[int, int, int, int], colour: tuple[
         draw.polygon([((x0 + x1 - 1) / 2, y0), (x0, y1 - 1), (x1 - 1, y1 - 1)], fill=colour)
 
 
+def _third(x: float, size: int) -> str:
+    """'left' / 'middle' / 'right': the third of the image holding the horizontal coordinate ``x``."""
+    return "left" if x < size / 3 else ("right" if x >= 2 * size / 3 else "middle")
+
+
 def render(task: str, seed: int, index: int, size: int = 32) -> dict[str, Any]:
     """Sample ``index`` of ``task`` under ``seed``: a dict with ``prompt`` ("<image>\\n" + question), ``answer``,
-    ``task``, ``image`` (uint8 (3, size, size)), ``boxes`` (K, 4) and ``points`` (K, 2) float, ``uid`` (seed, index)."""
+    ``task``, ``image`` (uint8 (3, size, size)), ``boxes`` (K, 4) and ``points`` (K, 2) float, ``uid`` (seed, index),
+    ``caption``: a short text that is a function of the image alone (not of the question), e.g. "1 red circle, left."
+    (one shape: colour, shape, the third holding its centre), "3 blue shapes." (several), "3 bars, tallest middle."
+    — the target of the pre-training's caption alignment (:mod:`multimodal.vlm.pretrain`)."""
     from PIL import ImageDraw
 
     if task not in TASKS:
@@ -89,6 +97,7 @@ def render(task: str, seed: int, index: int, size: int = 32) -> dict[str, Any]:
         _draw_shape(draw, shape, boxes[0], COLOURS[colour])
         if task != "position":
             answer = colour if task == "colour" else shape
+        caption = f"1 {colour} {shape}, {_third(x0 + side / 2, size)}."
     elif task == "count":
         k = rng.randint(1, 4)
         half = size // 2
@@ -99,8 +108,10 @@ def render(task: str, seed: int, index: int, size: int = 32) -> dict[str, Any]:
             cx, cy = (c % 2) * half, (c // 2) * half
             x0, y0 = cx + rng.randint(1, half - side - 1), cy + rng.randint(1, half - side - 1)
             boxes.append((x0, y0, x0 + side, y0 + side))
-            _draw_shape(draw, rng.choice(SHAPES), boxes[-1], COLOURS[colour])
+            shape = rng.choice(SHAPES)
+            _draw_shape(draw, shape, boxes[-1], COLOURS[colour])
         answer = str(k)
+        caption = f"1 {colour} {shape}, {_third(x0 + side / 2, size)}." if k == 1 else f"{k} {colour} shapes."
     else:  # bars
         width = size // 4
         gap = (size - 3 * width) // 4
@@ -112,10 +123,11 @@ def render(task: str, seed: int, index: int, size: int = 32) -> dict[str, Any]:
             boxes.append((x0, size - 1 - h, x0 + width, size - 1))
             draw.rectangle([x0, size - 1 - h, x0 + width - 1, size - 2], fill=COLOURS[rng.choice(list(COLOURS))])
         answer = ANSWERS["bars"][max(range(3), key=heights.__getitem__)]
+        caption = f"3 bars, tallest {answer}."
     image = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()  # (3, S, S)
     b = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)  # (K, 4)
     return {"prompt": f"{IMAGE_TOKEN}\n{QUESTIONS[task]}", "answer": answer, "task": task, "image": image,
-            "boxes": b, "points": (b[:, :2] + b[:, 2:]) / 2, "uid": (seed, index)}
+            "boxes": b, "points": (b[:, :2] + b[:, 2:]) / 2, "uid": (seed, index), "caption": caption}
 
 
 def generate(n: int, seed: int, tasks: Sequence[str] = TASKS, size: int = 32) -> list[dict[str, Any]]:

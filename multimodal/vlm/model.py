@@ -226,25 +226,31 @@ def config_key(config: dict) -> str:
 @dataclass
 class PretrainConfig:
     """Everything that determines a pre-trained VLM (its cache key): the tower, the data and the two stages'
-    schedules (stage 1: the tower as a classifier of the answers; stage 2: SFT through the LM)."""
+    schedules. Stage 1 (caption alignment, no LM in the loop): the tower and projector learn to emit the LM's input
+    embeddings of the image's caption. Stage 2 (SFT through the LM): LoRA on the LM's top layers learns to answer
+    the question from those features in one word; the tower is frozen (and the projector too when lr_vision = 0,
+    so the backward pass stops at the lowest adapted layer)."""
 
     vision: VisionTower = field(default_factory=VisionTower)
     language: str = "smollm2"  # "smollm2" (SmolVLM) or "tiny" (TinyVLM, tests)
     seed: int = 0
-    tower_steps: int = 6000  # stage 1: the vision tower + a linear answer head (cheap: no LM)
-    tower_batch_size: int = 64
-    tower_lr: float = 1e-3
-    steps: int = 150  # stage 2: answer NLL through the LM
+    tower_steps: int = 1500  # stage 1: caption alignment of the tower + projector (cheap: no LM)
+    tower_batch_size: int = 32
+    tower_lr: float = 2e-3
+    steps: int = 30  # stage 2: answer NLL through the LM
     batch_size: int = 8
-    lr_vision: float = 1e-3  # of the projector in stage 2 (the tower gets lr_vision / 10)
-    lr_language: float = 2e-4  # of the LoRA adapters (lora_rank > 0) or of the LM weights (lora_rank = 0)
-    lora_rank: int = 32  # LoRA on the LM's attention during SFT, merged into the saved weights (0 = full fine-tuning)
+    lr_vision: float = 0.0  # of the projector in stage 2 (0 = frozen)
+    lr_language: float = 1e-3  # of the LoRA adapters (lora_rank > 0) or of the LM weights (lora_rank = 0)
+    lora_rank: int = 16  # LoRA on the LM during SFT, merged into the saved weights (0 = full fine-tuning)
+    lora_top_layers: int = 8  # LoRA on the last this-many decoder layers only (0 = all)
+    lora_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     train_size: int = 20000
     tasks: tuple[str, ...] = ("colour", "shape", "count", "position", "bars")
 
     def as_dict(self) -> dict:
         d = asdict(self)
         d["tasks"] = list(self.tasks)
+        d["lora_modules"] = list(self.lora_modules)
         return d
 
     @property
@@ -276,16 +282,29 @@ class PretrainedVLM(PolicySource):
 @dataclass
 class LanguageLoRA(LoRA):
     """LoRA adapters on the language model's attention only (the vision tower's q/k/v projections are left alone):
-    peft's ``target_modules`` as a regex over module names under ``model.language_model``."""
+    peft's ``target_modules`` as a regex over module names under ``model.language_model``.
+
+    Args (beyond :class:`common.models.LoRA`'s):
+        top_layers: adapt only the last ``top_layers`` decoder layers (0 = all). With the image features and the
+            layers below frozen, the backward pass stops at the lowest adapted layer (the pre-training's cheap SFT).
+    """
+
+    top_layers: int = 0
 
     def apply(self, model):
         from peft import LoraConfig, get_peft_model
 
         if self.rank <= 0:
             raise ValueError(f"LoRA rank must be a positive integer, got {self.rank}")
+        if self.top_layers < 0:
+            raise ValueError(f"LoRA top_layers must be >= 0 (0 = every layer), got {self.top_layers}")
         names = "|".join(self.target_modules)
+        layers = r"\d+"
+        if self.top_layers:
+            n = int(model.config.text_config.num_hidden_layers)  # model: the LlavaForConditionalGeneration
+            layers = "|".join(str(i) for i in range(max(0, n - self.top_layers), n))
         cfg = LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                         target_modules=rf".*language_model\..*\.({names})")
+                         target_modules=rf".*language_model\.layers\.({layers})\..*\.({names})")
         return get_peft_model(model, cfg)
 
     @classmethod
