@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from resume import ROOT, assert_sigkill_resume_exact, cli
 
 RECIPE = "configs/multimodal/roma.yaml"
@@ -16,6 +17,7 @@ TINY = ["--model.init_args.policy.class_path", "multimodal.vlm.model.TinyVLM", "
         "--model.init_args.group_size", "2", "--model.init_args.lr", "1e-3"]
 
 
+@pytest.mark.slow  # three advlab processes (straight, killed, resumed): ~29 s of CPU in all
 def test_roma_on_the_tiny_vlm_resumes_exactly_after_sigkill(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
