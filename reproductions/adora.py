@@ -85,6 +85,9 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="2 seeds x 3 steps, print the verdict line, write no report")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    global GROUPS
+    if args.smoke:
+        GROUPS = 300  # the component checks' random groups
     res = outcome(2 if args.smoke else OUT_SEEDS, 3 if args.smoke else OUT_STEPS, save=not args.smoke)
     d = diff_ci(res["length helps"]["ADORA"], res["length helps"]["GRPO"])
     d_rev = diff_ci(res["reversed (adversarial)"]["ADORA"], res["reversed (adversarial)"]["GRPO"])
