@@ -211,7 +211,11 @@ They differ only when rewards tie: under 10% contamination most noise terms are 
 the median gives a tied kept row A = 0 — it "flips less" by zeroing rows (rows with A ≠ 0: 0.48 vs 0.82 at p = 0.5),
 not by a more accurate sign. With the recipe's binary 0/1 rewards neither baseline flips a sign, and the median
 halves the rows that carry a signal (0.375 vs 0.749 at p = 0.5). Where the median can still matter is the advantage's
-magnitude (MAD vs std scale), which a sign count does not measure. This checks the baseline, not the paper's GSM8K gain
+magnitude (MAD vs std scale), which a sign count does not measure. The exploratory training run says the same in
+outcomes: at the same 3 rollouts per prompt, GRPO's mean baseline (training on all 3) learns faster than MC-GRPO
+(binary rewards −0.011 [−0.018, −0.004], contaminated −0.099 [−0.110, −0.088] mean P(correct)); MC-GRPO is ahead of
+GRPO at G = 2 with binary rewards (+0.101 [+0.085, +0.116]) — the paper's comparison, which spends one rollout less —
+and level with it under contamination. This checks the baseline, not the paper's GSM8K gain
 (+4.62 points for Qwen3-1.7B at G = 2), which needs an LM run (a G = 2 vs MC(3) vs mean(3) run on GSM8K).
 """)
     print(line)
