@@ -208,7 +208,25 @@ def smollm2_section(out: Path) -> str:
             f"phase masks -> factorised advantages -> update), not a comparison: {r['rl_steps']} steps cannot separate "
             f"the arms.\n\n" + rows + "\n\nOne seed and 16 prompts: differences between the rows are not "
             "evidence for either arm (greedy decoding of a barely warm-started 135M model flips between well-formed and "
-            "malformed answers after a few small updates). Seconds are wall time on a 2-core machine shared with other jobs.")
+            "malformed answers after a few small updates). Seconds are wall time on a 2-core machine shared with other jobs."
+            "\n\n" + smollm2_record(r))
+
+
+def smollm2_record(r: dict) -> str:
+    """The evaluation record of the SmolLM2 rows (the held-out prompts rebuilt as smollm2_run builds them)."""
+    from retrieval.data import Recommendation, RetrievalData
+
+    data = RetrievalData([Recommendation(pool_size=10, num_hard=3, max_slate=5, rank_k=3)], first_stage="latent",
+                         train_size=256, val_size=r["val_prompts"], prompts_per_step=2, val_batch_size=8)
+    data.setup("fit")
+    return eval_record(task="retrieval.data.Recommendation(pool_size 10, num_hard 3, max_slate 5, rank_k 3), latent first stage",
+                       prompt_template="the task's prompt in SmolLM2's chat template (common.policies.causal_lm, user turn "
+                       "+ assistant header)", answer_extraction="retrieval.rewards.parse: the <slate> ... </slate> <rank> ... "
+                       "</rank> blocks (bounded); malformed = format_ok 0 and no ranking",
+                       eos_rule="the completion ends at the chat template's <\\|im_end\\|> or after 32 new tokens",
+                       sampling="greedy (RetrievalModule validation), 32 new tokens", seeds="0 (one run)",
+                       split=f"{r['val_prompts']} held-out prompts (RetrievalData val split), hash {split_hash(data.val_set)}",
+                       metrics="torchmetrics NDCG@3 / Recall@3 / MRR@3 (retrieval.metrics.RankingMetrics), mean over prompts")
 
 
 def main() -> None:
