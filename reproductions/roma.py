@@ -9,6 +9,8 @@ corruption at every severity level (fixed keys).
     python reproductions/roma.py                      # 3 seeds, arms grpo naive roma roma_nogate roma_mean
     python reproductions/roma.py --smoke              # 1 seed, grpo and roma, 30 steps (CI-sized; no verdict rules)
     python reproductions/roma.py --arms grpo naive roma --seeds 0 1 2
+    python reproductions/roma.py --smollm2 --preregister   # write the SmolLM2 VLM report's pre-registration
+    python reproductions/roma.py --smollm2 --seeds 0       # GRPO / naive / ROMA on the pre-trained SmolLM2 VLM
 
 Per-run results are appended to ``reproductions/reports/roma_runs.jsonl`` as they finish (a rerun skips the runs
 already there with the same settings), then the report's results section is rewritten below the pre-registration,
@@ -24,7 +26,7 @@ import math
 import statistics
 import time
 
-from support.report import REPORTS, plt, save_plot, table
+from support.report import REPORTS, diff_ci, fmt_ci, mean_ci, plt, preregistration, save_plot, table, verdict
 
 import torch  # noqa: E402  (after support.report: the repository root on sys.path)
 
@@ -172,6 +174,216 @@ def report(runs: list[dict], args) -> str:
     return "\n".join(lines), verdict_line
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The same comparison on the pre-trained SmolLM2 VLM (multimodal.vlm; `python -m multimodal.vlm.pretrain` first).
+SMOL = "roma_smollm2"
+SMOL_SETTINGS = dict(steps=8, prompts=4, group_size=4, lr=1e-4, lora_rank=16, lora_top_layers=8, max_new_tokens=4,
+                     eval_per_task=12, eval_level=3, min_clean=0.6)
+SMOL_PREREG = preregistration(
+    claim="ROMA improves accuracy under seen corruptions by +2.4 points and under unseen corruptions by +2.3 points "
+          "over GRPO with clean accuracy matched (paper: Qwen3-VL 4B/8B, seven benchmarks). Here: the pre-trained "
+          "SmolLM2-135M LLaVA-style VLM (`multimodal.vlm.pretrain`, default config) on its five generated VQA tasks.",
+    control="GRPO on clean images from the same pre-trained checkpoint, same LoRA (rank 16 on attention + MLP of the "
+            "top 8 decoder layers), same prompts in the same order, same samples (8 RL steps x 4 prompts x G = 4 = "
+            "128 sampled completions per run), AdamW lr 1e-4, clipped GRPO loss (eps 0.2, token mean). Arms: `grpo`, "
+            "`naive` (rollouts on a seen-corrupted image for half the prompts), `roma` (Kc = 3 seen views, "
+            "lambda_KL 0.1, lambda_aux 0.5, correctness-gated). Evaluation: greedy, 60 held-out images (12 per task, "
+            "the pre-training's validation seed), clean / the 4 seen corruptions at level 3 / the 4 unseen at level 3, "
+            "corruption keys fixed (seed 12345), the same for every arm. Precondition: the checkpoint's clean accuracy "
+            ">= 0.60 on its 200 held-out images, else nothing is run (a blind VLM).",
+    seeds=[0, 1, 2],
+    not_reproduced_if="the 95 % t-interval's upper end of the paired ROMA - GRPO difference is < +2.0 points on seen "
+                      "accuracy, or < +1.0 point on unseen accuracy, or < -1.0 point on clean accuracy.",
+    inconclusive_if="neither 'reproduced' (mean seen diff >= +2.0 and unseen >= +1.0 with both intervals above 0 and "
+                    "mean clean diff within [-1.0, +1.0]) nor 'not reproduced'. Expected beforehand: inconclusive — "
+                    "128 samples per run is a tiny RL budget and one clean evaluation image is 1.7 points, so the "
+                    "intervals will be wide; the run tests the pipeline at SmolLM2 scale more than the claim.")
+
+
+def smol_policy(args):
+    from common.rollout.base import Sampling
+    from multimodal.vlm.model import LanguageLoRA, PretrainedVLM
+    from multimodal.vlm.policy import VLMPolicy
+    from multimodal.vlm.pretrain import SYSTEM_PROMPT
+
+    st = SMOL_SETTINGS
+    lora = LanguageLoRA(rank=st["lora_rank"], alpha=2.0 * st["lora_rank"], top_layers=st["lora_top_layers"],
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    return VLMPolicy(PretrainedVLM(args.vlm), Sampling(max_new_tokens=st["max_new_tokens"], temperature=1.0),
+                     lora=lora, system_prompt=SYSTEM_PROMPT)
+
+
+def smol_score(batch):
+    from multimodal.vlm.data import VQAReward
+
+    r = VQAReward()(batch.completions, batch.samples).to(batch.completion_ids.device)
+    return batch.replace(rewards=r, correct=r > 0.5, reward_components=r[:, None], reward_names=("vqa",))
+
+
+def smol_eval_sets(cfg) -> dict[str, list[dict]]:
+    """Clean held-out samples and their copies under each corruption at ``eval_level`` (fixed keys)."""
+    from multimodal.vlm.data import generate
+
+    st = SMOL_SETTINGS
+    n = st["eval_per_task"] * len(cfg.tasks)
+    clean = generate(n, cfg.seed + 1_000_003, cfg.tasks, cfg.vision.image_size)  # the pre-training's validation seed
+    images = torch.stack([s["image"] for s in clean]).float() / 255  # (n, 3, S, S) in [0, 1]
+    keys = C.view_keys(EVAL_SEED, torch.arange(n), 0, 1)[:, 0]
+    sets = {"clean": clean}
+    for kind, name in enumerate(C.NAMES):
+        out = C.corrupt(images, torch.full((n,), kind), torch.full((n,), st["eval_level"]), keys)
+        u8 = (out * 255).round().clamp(0, 255).to(torch.uint8)
+        sets[name] = [dict(s, image=u8[i]) for i, s in enumerate(clean)]
+    return sets
+
+
+def smol_evaluate(policy, sets: dict) -> dict:
+    from multimodal.vlm.pretrain import accuracy
+
+    acc, per = {}, {}
+    for k, v in sets.items():
+        acc[k], per[k] = accuracy(policy, v, batch_size=30)
+    return {"clean": acc["clean"], "seen": statistics.fmean(acc[n] for n in C.SEEN),
+            "unseen": statistics.fmean(acc[n] for n in C.UNSEEN), "detail": acc, "clean_per_task": per["clean"]}
+
+
+def smol_run(arm: str, seed: int, args, sets: dict, train: list) -> dict:
+    from multimodal.vlm.model import PIXEL_MEAN, PIXEL_STD
+
+    st = SMOL_SETTINGS
+    torch.manual_seed(seed)
+    policy = smol_policy(args)
+    kw = dict(pixel_mean=PIXEL_MEAN, pixel_std=PIXEL_STD, seed=seed)
+    methods = {"grpo": [], "naive": [NaiveAugmentation(prob=0.5, **kw)],
+               "roma": [ROMA(num_views=3, kl_coef=0.1, aux_coef=0.5, **kw)]}[arm]
+    loop = Loop(policy, smol_score, GRPO(), ClippedPolicyLoss(aggregation="token_mean"), methods=methods,
+                group_size=st["group_size"], provided=("correct",))
+    params = list(policy.trainable_parameters())
+    stepper = Stepper(torch.optim.AdamW(params, lr=st["lr"]), params, max_grad_norm=1.0)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(1000 + seed))  # same for every arm
+    t0, rewards = time.process_time(), []
+    for step in range(st["steps"]):
+        idx = order[(step * st["prompts"] + torch.arange(st["prompts"])) % len(train)]
+        collected = loop.collect([train[i] for i in idx.tolist()])
+        loop.update(collected.kept, stepper)
+        rewards.append(float(collected.seen.correct.float().mean()))
+        print(f"  seed {seed} {arm} step {step}: train accuracy {rewards[-1]:.2f} ({time.process_time() - t0:.0f} CPU s)",
+              flush=True)
+    train_s = time.process_time() - t0
+    return {"arm": arm, "seed": seed, **smol_evaluate(policy, sets), "train_cpu_s": train_s,
+            "eval_cpu_s": time.process_time() - t0 - train_s, "train_accuracy": statistics.fmean(rewards),
+            "samples": st["steps"] * st["prompts"] * st["group_size"]}
+
+
+def smol_report(runs: list[dict], start: dict | None, args) -> tuple[str, str]:
+    arms = [a for a in ("grpo", "naive", "roma") if any(r["arm"] == a for r in runs)]
+    by = {(r["arm"], r["seed"]): r for r in runs}
+    seeds = sorted({r["seed"] for r in runs})
+    st = SMOL_SETTINGS
+    rows = []
+    for a in arms:
+        rs = [by[(a, s)] for s in seeds if (a, s) in by]
+        cell = lambda k: fmt_ci(tuple(100 * x for x in mean_ci([r[k] for r in rs])), 1) if len(rs) > 1 else f"{100 * rs[0][k]:.1f}"  # noqa: E731
+        rows.append([a, len(rs), cell("clean"), cell("seen"), cell("unseen"),
+                     f"{statistics.fmean(r['train_cpu_s'] for r in rs):.0f}"])
+    lines = [MARKER, "", "## Results", "",
+             f"Command: `python reproductions/roma.py --smollm2 --seeds S` for S in {seeds} (one process per seed, "
+             f"OMP_NUM_THREADS=1, on a loaded 2-core machine), then `python reproductions/roma.py --smollm2 --report-only`. "
+             f"Scale: {st['steps']} RL steps x {st['prompts']} prompts x G = {st['group_size']} "
+             f"({st['steps'] * st['prompts'] * st['group_size']} samples per run), LoRA rank {st['lora_rank']} on the top "
+             f"{st['lora_top_layers']} layers, {st['eval_per_task']} x 5 evaluation images per condition, corruption level "
+             f"{st['eval_level']}.", ""]
+    if start is not None:
+        lines += [f"Start (the pre-trained VLM, {args.vlm or 'default cache'}): clean accuracy "
+                  f"{100 * start['clean']:.1f}, seen {100 * start['seen']:.1f}, unseen {100 * start['unseen']:.1f} "
+                  "on the same evaluation sets.", ""]
+    lines += ["Accuracy in points (mean [95 % t-interval] over seeds):", "",
+              table(["arm", "seeds", "clean", "seen (4 kinds, level 3)", "unseen (4 kinds, level 3)", "train CPU s"], rows), ""]
+    verdict_line = f"{SMOL}: claim not run"
+    paired = [s for s in seeds if ("grpo", s) in by and ("roma", s) in by]
+    if len(paired) >= 2:
+        d = {k: tuple(100 * x for x in diff_ci([by[("roma", s)][k] for s in paired], [by[("grpo", s)][k] for s in paired]))
+             for k in ("seen", "unseen", "clean")}
+        v = decide(d["seen"], d["unseen"], d["clean"]) if len(paired) >= 3 else "inconclusive"
+        why = "by the pre-registered rules" if len(paired) >= 3 else f"only {len(paired)} of the 3 pre-registered seeds"
+        details = (f"seen {fmt_ci(d['seen'], 2, True)} pp, unseen {fmt_ci(d['unseen'], 2, True)} pp, clean "
+                   f"{fmt_ci(d['clean'], 2, True)} pp (ROMA - GRPO, {len(paired)} seeds; {why})")
+        verdict_line = verdict(SMOL, v, details, echo=False)
+        lines += [f"Paired ROMA - GRPO: {details}.", "", f"**Verdict: {v}**", ""]
+    detail_rows = []
+    for a in arms:
+        rs = [by[(a, s)] for s in seeds if (a, s) in by]
+        detail_rows.append([a] + [f"{100 * statistics.fmean(r['detail'][n] for r in rs):.1f}" for n in ("clean", *C.NAMES)])
+    lines += ["Per corruption (level 3, mean over seeds, points):", "", table(["arm", "clean", *C.NAMES], detail_rows), ""]
+    return "\n".join(lines), verdict_line
+
+
+def smol_main(args) -> None:
+    from multimodal.vlm.data import generate
+    from multimodal.vlm.model import PretrainConfig
+
+    path = REPORTS / f"{SMOL}.md"
+    if args.preregister:
+        head = (f"# ROMA on the pre-trained SmolLM2 VLM (CPU scale)\n\nPaper: ROMA, arXiv 2605.09262 (see roma.md). Script: "
+                f"`reproductions/roma.py --smollm2`; settings `{json.dumps(SMOL_SETTINGS)}`.\n\n{SMOL_PREREG}")
+        path.write_text(head)
+        print(f"pre-registration written to {path}")
+        return
+    if not path.is_file() or SMOL_PREREG not in path.read_text():
+        raise SystemExit(f"--smollm2: {path} holds no (or another) pre-registration; run with --preregister and "
+                         "commit it before any run")
+    cfg = PretrainConfig()
+    out = args.out if args.out != str(REPORTS / f"{NAME}_runs.jsonl") else str(REPORTS / f"{SMOL}_runs.jsonl")
+    done = []
+    try:
+        with open(out) as f:
+            done = [r for r in map(json.loads, f) if r.get("settings") == SMOL_SETTINGS]
+    except FileNotFoundError:
+        pass
+    start = next((r for r in done if r["arm"] == "start"), None)
+    if not args.report_only:
+        sets = smol_eval_sets(cfg)
+        if start is None:
+            from multimodal.vlm.pretrain import SYSTEM_PROMPT
+            from multimodal.vlm.policy import VLMPolicy
+            from multimodal.vlm.model import PretrainedVLM
+            from common.rollout.base import Sampling
+
+            pre = json.loads((PretrainedVLM(args.vlm).path / "pretrain.json").read_text())
+            if pre["clean_accuracy"] < SMOL_SETTINGS["min_clean"]:
+                raise SystemExit(f"--smollm2: the pre-trained VLM's clean accuracy {pre['clean_accuracy']:.3f} is below "
+                                 f"the pre-registered {SMOL_SETTINGS['min_clean']}: not run on a blind model")
+            base = VLMPolicy(PretrainedVLM(args.vlm), Sampling(max_new_tokens=SMOL_SETTINGS["max_new_tokens"]),
+                             system_prompt=SYSTEM_PROMPT)
+            start = {"arm": "start", "seed": -1, **smol_evaluate(base, sets), "settings": SMOL_SETTINGS}
+            del base
+            print(f"start: clean {start['clean']:.3f} seen {start['seen']:.3f} unseen {start['unseen']:.3f}", flush=True)
+            with open(out, "a") as f:
+                f.write(json.dumps(start) + "\n")
+        train = generate(2048, cfg.seed, cfg.tasks, cfg.vision.image_size)
+        for seed in args.seeds:
+            for arm in ("grpo", "naive", "roma"):
+                if any(r["arm"] == arm and r["seed"] == seed for r in done):
+                    continue
+                r = smol_run(arm, seed, args, sets, train) | {"settings": SMOL_SETTINGS}
+                print(f"seed {seed} {arm}: clean {r['clean']:.3f} seen {r['seen']:.3f} unseen {r['unseen']:.3f} "
+                      f"({r['train_cpu_s']:.0f} + {r['eval_cpu_s']:.0f} CPU s)", flush=True)
+                done.append(r)
+                with open(out, "a") as f:
+                    f.write(json.dumps(r) + "\n")
+    if args.no_report:
+        return
+    with open(out) as f:
+        done = [r for r in map(json.loads, f) if r.get("settings") == SMOL_SETTINGS]
+    runs = [r for r in done if r["arm"] != "start"]
+    start = next((r for r in done if r["arm"] == "start"), None)
+    results, line = smol_report(runs, start, args)
+    text = path.read_text()
+    head = text.split("\n" + MARKER + "\n")[0] if ("\n" + MARKER + "\n") in text else text.rstrip("\n")
+    path.write_text(head + "\n" + results)
+    print(line, flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arms", nargs="+", default=list(ARMS))
@@ -187,7 +399,14 @@ def main() -> None:
     p.add_argument("--out", default=str(REPORTS / f"{NAME}_runs.jsonl"))
     p.add_argument("--no-report", action="store_true", help="only append the runs")
     p.add_argument("--report-only", action="store_true", help="write the report from the runs already in --out")
+    p.add_argument("--smollm2", action="store_true", help="GRPO / naive / ROMA on the pre-trained SmolLM2 VLM")
+    p.add_argument("--preregister", action="store_true", help="with --smollm2: write the pre-registration only")
+    p.add_argument("--vlm", default=None, help="with --smollm2: the pre-trained VLM directory (default: the cache)")
     args = p.parse_args()
+    if args.smollm2:
+        torch.set_num_threads(1)
+        smol_main(args)
+        return
     for a in args.arms:
         if a not in ARMS:
             p.error(f"--arms: unknown arm {a!r}, expected some of {list(ARMS)}")
