@@ -218,7 +218,9 @@ Reading (written after the run): with the upper clip binding on 10–13% of the 
 does not keep entropy higher in either binding setting. Starting on a correct answer both arms collapse onto it to the
 same entropy (difference −0.001 nats, inside ±0.02); starting on a wrong answer the point estimate is *lower* with
 clip-higher (−0.054) but the interval over 20 seeds is wide (±0.17), because which correct answer takes over and when
-varies from seed to seed. By the rule that is inconclusive, not "not reproduced". The paper's mechanism
+varies from seed to seed. By the rule that is inconclusive, not "not reproduced". The 100 further seeds (post hoc)
+centre the difference near 0 (+0.013 [−0.055, +0.082]): no sign of an effect either way, though still not inside the
+±0.02 band the rule asks for a null. The paper's mechanism
 (low-probability tokens with positive advantage escaping the clip) needs many such tokens at once, which a
 20-answer bandit has few of; an LM run is the test that could settle it. The AIME 2024 result
 (50 vs 47 with Qwen2.5-32B) needs a large model and is not tested. Check (2) applies the `DynamicSampling` filter to one batch; the loop's
