@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import argparse
 
-from support.report import diff_ci, fmt_ci, mean_ci, plt, preregistration, save_plot, table, verdict, write_report
+from support.report import (diff_ci, eval_record, fmt_ci, mean_ci, plt, preregistration, save_plot, table, verdict,
+                            write_report)
 
 import torch
 
@@ -172,6 +173,10 @@ def main() -> None:
         for a in arms:
             trows.append((nz, a, fmt_ci(mean_ci(auc[a])), fmt_ci(mean_ci([c[-1] for c in r[a]])),
                           fmt_ci(diff_ci(auc[arms[0]], auc[a]), signed=True) if a != arms[0] else "–"))
+    record = eval_record(task=f"exploratory training: {T_PROMPTS} one-token bandits, {T_K} answers, one correct each",
+                         prompt_template="none (prompt index)", answer_extraction="the sampled answer index equals the correct one",
+                         eos_rule="one token", sampling="none: P(correct) = softmax(logits)[correct], exact, mean over prompts",
+                         split=f"the {T_PROMPTS} training prompts; answers drawn per seed", seeds=list(range(t_seeds)))
     write_report("mc_grpo", f"""# MC-GRPO (arXiv 2601.22582): sign flips of mean vs median baselines
 
 {PREREG}
@@ -198,6 +203,7 @@ A = ±1000 where GRPO's is about ±1, so only the update's direction is compared
 
 {table(["reward noise", "arm", f"mean P(correct) over {t_steps} steps", f"P(correct) after {t_steps} steps", "MC-GRPO − arm (paired, mean over steps)"], trows)}
 
+{record}
 Verdict: claim **{outcome}** — the median flips less than the mean over the same 3 rollouts in {below}/9
 continuous-noise cells (more in {above}).
 
