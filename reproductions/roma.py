@@ -25,6 +25,7 @@ import json
 import math
 import statistics
 import time
+from pathlib import Path
 
 from support.report import REPORTS, diff_ci, fmt_ci, mean_ci, plt, preregistration, save_plot, table, verdict
 
@@ -206,7 +207,7 @@ def smol_policy(args):
     from multimodal.vlm.policy import VLMPolicy
     from multimodal.vlm.pretrain import SYSTEM_PROMPT
 
-    st = SMOL_SETTINGS
+    st = args.st
     lora = LanguageLoRA(rank=st["lora_rank"], alpha=2.0 * st["lora_rank"], top_layers=st["lora_top_layers"],
                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     return VLMPolicy(PretrainedVLM(args.vlm), Sampling(max_new_tokens=st["max_new_tokens"], temperature=1.0),
@@ -220,11 +221,10 @@ def smol_score(batch):
     return batch.replace(rewards=r, correct=r > 0.5, reward_components=r[:, None], reward_names=("vqa",))
 
 
-def smol_eval_sets(cfg) -> dict[str, list[dict]]:
+def smol_eval_sets(cfg, st: dict) -> dict[str, list[dict]]:
     """Clean held-out samples and their copies under each corruption at ``eval_level`` (fixed keys)."""
     from multimodal.vlm.data import generate
 
-    st = SMOL_SETTINGS
     n = st["eval_per_task"] * len(cfg.tasks)
     clean = generate(n, cfg.seed + 1_000_003, cfg.tasks, cfg.vision.image_size)  # the pre-training's validation seed
     images = torch.stack([s["image"] for s in clean]).float() / 255  # (n, 3, S, S) in [0, 1]
@@ -250,7 +250,7 @@ def smol_evaluate(policy, sets: dict) -> dict:
 def smol_run(arm: str, seed: int, args, sets: dict, train: list) -> dict:
     from multimodal.vlm.model import PIXEL_MEAN, PIXEL_STD
 
-    st = SMOL_SETTINGS
+    st = args.st
     torch.manual_seed(seed)
     policy = smol_policy(args)
     kw = dict(pixel_mean=PIXEL_MEAN, pixel_std=PIXEL_STD, seed=seed)
@@ -279,7 +279,7 @@ def smol_report(runs: list[dict], start: dict | None, args) -> tuple[str, str]:
     arms = [a for a in ("grpo", "naive", "roma") if any(r["arm"] == a for r in runs)]
     by = {(r["arm"], r["seed"]): r for r in runs}
     seeds = sorted({r["seed"] for r in runs})
-    st = SMOL_SETTINGS
+    st = args.st
     rows = []
     for a in arms:
         rs = [by[(a, s)] for s in seeds if (a, s) in by]
@@ -329,20 +329,34 @@ def smol_main(args) -> None:
         path.write_text(head)
         print(f"pre-registration written to {path}")
         return
-    if not path.is_file() or SMOL_PREREG not in path.read_text():
+    if not args.smoke and (not path.is_file() or SMOL_PREREG not in path.read_text()):
         raise SystemExit(f"--smollm2: {path} holds no (or another) pre-registration; run with --preregister and "
                          "commit it before any run")
     cfg = PretrainConfig()
+    args.st = dict(SMOL_SETTINGS)
     out = args.out if args.out != str(REPORTS / f"{NAME}_runs.jsonl") else str(REPORTS / f"{SMOL}_runs.jsonl")
+    if args.smoke:  # a tiny VLM pre-trained for a few steps in a temporary directory; nothing written to reports/
+        import tempfile
+        from dataclasses import replace
+
+        from multimodal.vlm.model import TinyVLM
+        from multimodal.vlm.pretrain import build
+
+        tmp = Path(tempfile.mkdtemp(prefix="roma-smoke-"))
+        tiny = TinyVLM(seed=0)
+        cfg = replace(cfg, vision=tiny.vision, language="tiny", steps=2, tower_steps=2, train_size=40)
+        args.vlm = str(build(cfg, tiny, tmp / "vlm", val_size=5, log=lambda m: None)[0])
+        args.st.update(steps=1, prompts=2, group_size=2, eval_per_task=1, min_clean=0.0, max_new_tokens=3)
+        args.seeds, out = args.seeds[:1], str(tmp / "runs.jsonl")
     done = []
     try:
         with open(out) as f:
-            done = [r for r in map(json.loads, f) if r.get("settings") == SMOL_SETTINGS]
+            done = [r for r in map(json.loads, f) if r.get("settings") == args.st]
     except FileNotFoundError:
         pass
     start = next((r for r in done if r["arm"] == "start"), None)
     if not args.report_only:
-        sets = smol_eval_sets(cfg)
+        sets = smol_eval_sets(cfg, args.st)
         if start is None:
             from multimodal.vlm.pretrain import SYSTEM_PROMPT
             from multimodal.vlm.policy import VLMPolicy
@@ -350,22 +364,22 @@ def smol_main(args) -> None:
             from common.rollout.base import Sampling
 
             pre = json.loads((PretrainedVLM(args.vlm).path / "pretrain.json").read_text())
-            if pre["clean_accuracy"] < SMOL_SETTINGS["min_clean"]:
+            if pre["clean_accuracy"] < args.st["min_clean"]:
                 raise SystemExit(f"--smollm2: the pre-trained VLM's clean accuracy {pre['clean_accuracy']:.3f} is below "
-                                 f"the pre-registered {SMOL_SETTINGS['min_clean']}: not run on a blind model")
-            base = VLMPolicy(PretrainedVLM(args.vlm), Sampling(max_new_tokens=SMOL_SETTINGS["max_new_tokens"]),
+                                 f"the pre-registered {args.st['min_clean']}: not run on a blind model")
+            base = VLMPolicy(PretrainedVLM(args.vlm), Sampling(max_new_tokens=args.st["max_new_tokens"]),
                              system_prompt=SYSTEM_PROMPT)
-            start = {"arm": "start", "seed": -1, **smol_evaluate(base, sets), "settings": SMOL_SETTINGS}
+            start = {"arm": "start", "seed": -1, **smol_evaluate(base, sets), "settings": args.st}
             del base
             print(f"start: clean {start['clean']:.3f} seen {start['seen']:.3f} unseen {start['unseen']:.3f}", flush=True)
             with open(out, "a") as f:
                 f.write(json.dumps(start) + "\n")
-        train = generate(2048, cfg.seed, cfg.tasks, cfg.vision.image_size)
+        train = generate(64 if args.smoke else 2048, cfg.seed, cfg.tasks, cfg.vision.image_size)
         for seed in args.seeds:
             for arm in ("grpo", "naive", "roma"):
                 if any(r["arm"] == arm and r["seed"] == seed for r in done):
                     continue
-                r = smol_run(arm, seed, args, sets, train) | {"settings": SMOL_SETTINGS}
+                r = smol_run(arm, seed, args, sets, train) | {"settings": args.st}
                 print(f"seed {seed} {arm}: clean {r['clean']:.3f} seen {r['seen']:.3f} unseen {r['unseen']:.3f} "
                       f"({r['train_cpu_s']:.0f} + {r['eval_cpu_s']:.0f} CPU s)", flush=True)
                 done.append(r)
@@ -374,10 +388,13 @@ def smol_main(args) -> None:
     if args.no_report:
         return
     with open(out) as f:
-        done = [r for r in map(json.loads, f) if r.get("settings") == SMOL_SETTINGS]
+        done = [r for r in map(json.loads, f) if r.get("settings") == args.st]
     runs = [r for r in done if r["arm"] != "start"]
     start = next((r for r in done if r["arm"] == "start"), None)
     results, line = smol_report(runs, start, args)
+    if args.smoke:
+        print(line.replace(SMOL, SMOL + " (smoke, tiny VLM)"), flush=True)
+        return
     text = path.read_text()
     head = text.split("\n" + MARKER + "\n")[0] if ("\n" + MARKER + "\n") in text else text.rstrip("\n")
     path.write_text(head + "\n" + results)
