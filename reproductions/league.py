@@ -150,6 +150,7 @@ class Arm:
     overrides: dict = field(default_factory=dict)  # dotted path in the parts -> value, or callable(cfg) -> value
     paper: str = ""
     lm_reasoning: bool = True  # its paper is about LM reasoning (the SmolLM2 tier runs it)
+    not_fast: str = ""  # why the fast tier cannot measure it ("" = it can)
 
 
 _CLIP = {"class_path": "common.losses.ppo_clip.ClippedPolicyLoss",
@@ -190,7 +191,9 @@ ARMS: list[Arm] = [
     Arm("ssb", "text_reasoning/ssb.yaml", overrides={"selector.init_args.min_nonzero": lambda c: c.rows // 2},
         paper="SSB"),
     Arm("r3", "text_reasoning/r3.yaml", paper="R³"),
-    Arm("dump", "text_reasoning/dump.yaml", overrides={"selector.init_args.num_distributions": 4}, paper="DUMP"),
+    Arm("dump", "text_reasoning/dump.yaml", paper="DUMP",
+        not_fast="a curriculum over task sources (one distribution per source); the fast tier has one task, where DUMP "
+                 "is GRPO -- measured in the SmolLM2 tier on Knights-and-Knaves"),
     Arm("grpo_adaptive_kl", "text_reasoning/grpo_adaptive_kl.yaml", paper="adaptive KL (Ziegler et al. 2019)"),
     Arm("tppo", "text_reasoning/tppo.yaml", paper="T-PPO"),
     Arm("spo_stream", "text_reasoning/spo_stream.yaml",
@@ -282,7 +285,7 @@ def arm_config(arm: Arm, cfg) -> tuple[dict, list[str]]:
     parts.update(copy.deepcopy(arm.parts))
     for path, value in arm.overrides.items():
         v = value(cfg) if callable(value) else value
-        notes.append(f"{path.split('.')[-1]}={v}")
+        notes.append(f"{path.split('.')[0]}.{path.split('.')[-1]}={v}")
         _set(parts, path, v)
     return parts, notes
 
@@ -436,6 +439,10 @@ def fast_table(res: dict, arms: list[Arm]) -> tuple[str, list, list]:
     rows, plotted, stats = [], [], []  # stats: (arm, mean accuracy, seeds, reading)
     for arm in arms:
         runs = by.get(arm.name)
+        if arm.not_fast:
+            rows.append((arm.name, arm.recipe or "inline parts", "—", "—", "—", "—", "—", "—",
+                         f"not in the fast tier: {arm.not_fast}"))
+            continue
         if not runs:
             why = res["failed"].get(arm.name, "not run")
             rows.append((arm.name, arm.recipe or "inline parts", "—", "—", "—", "—", "—", "—", f"not measured: {why}"))
@@ -455,6 +462,11 @@ def fast_table(res: dict, arms: list[Arm]) -> tuple[str, list, list]:
         rows_used = sum(runs[s]["rows"] for s in seeds) / len(seeds)
         toks = sum(runs[s]["tokens"] for s in seeds) / len(seeds)
         notes = "; ".join(runs[seeds[0]]["notes"]) or ""
+        if arm.name != "grpo" and common_seeds and all(runs[s]["curve"] == base[s]["curve"] for s in common_seeds):
+            notes = "; ".join(x for x in (notes, "the same curve as GRPO on every seed (its parts never changed the "
+                                                 "update here)") if x)
+        if arm.name in res["failed"]:
+            notes = "; ".join(x for x in (notes, f"a later seed failed: {res['failed'][arm.name]}") if x)
         rows.append((arm.name, arm.recipe or "inline parts", ci, d, reading, cci, f"{rows_used:.0f}", f"{toks:.0f}",
                      f"{len(seeds)} seed{'s' * (len(seeds) > 1)}" + (f"; {notes}" if notes else "")))
         plotted.append((arm.name, [runs[s]["curve"] for s in seeds]))
@@ -708,7 +720,7 @@ def main(argv: list[str] | None = None) -> int:
         res["meta"].update(meta)
         for seed in seeds:  # seed-major: a run stopped early leaves every arm with the same seeds
             for arm in arms:
-                if arm.name in res["failed"] or any(r["arm"] == arm.name and r["seed"] == seed for r in res["runs"]):
+                if arm.not_fast or arm.name in res["failed"] or any(r["arm"] == arm.name and r["seed"] == seed for r in res["runs"]):
                     continue
                 try:
                     r = run_fast(arm, seed, cfg, sft_dir)
