@@ -38,6 +38,9 @@ from common.losses.ppo_clip import ClippedPolicyLoss
 
 GROUPS, MAX_LEN = 10_000, 4096
 LENGTHS, Q = [8 * (a + 1) for a in range(10)], [0.2, 0.4, 0.6, 0.8, 0.9, 0.95, 1.0, 1.0, 1.0, 1.0]
+Q_GENTLE = [0.5 + 0.05 * a for a in range(10)]  # 0.5 ... 0.95: length helps, but short answers are often right too
+CASES = {"gentle (primary, second registration)": Q_GENTLE, "steep (first registration; the rule never fired)": Q,
+         "reversed gentle (adversarial)": Q_GENTLE[::-1]}
 PROMPTS, G, OUT_STEPS, OUT_SEEDS, LR, MARGIN = 4, 8, 100, 8, 0.05, 0.01
 
 PREREG = preregistration(
@@ -50,26 +53,59 @@ PREREG = preregistration(
     inconclusive_if="the upper end is at least +0.01 and the lower end at most 0. The reversed-q case is adversarial, "
                     "reported with its interval and not judged")
 
+# Written after the first run (q steep: 0.2 ... 1 by 56 tokens) showed that ADORA's rule never fired there (0 of 1344
+# informative rows attenuated in seed 0; the arms were identical), and before the run below:
+PREREG2 = preregistration(
+    claim="as above, on a task where ADORA's rule can fire: q = 0.5, 0.55, ..., 0.95 (longer reasoning helps, but "
+          "short answers are often right, so groups whose correct answers are shorter than the wrong ones occur).",
+    control="as above (GRPO, same seeds, samples, loss, optimiser, 100 steps); the share of informative rows ADORA "
+            "attenuates is reported, so that a comparison in which the rule never fires is seen as vacuous.",
+    seeds=f"{OUT_SEEDS} seeds (0..{OUT_SEEDS - 1}), paired 95% t interval of the difference",
+    not_reproduced_if=f"the interval's upper end is below +{MARGIN}, with the rule attenuating >= 5% of informative rows",
+    inconclusive_if="the upper end is at least +0.01 and the lower end at most 0, or the rule attenuates < 5% of the "
+                    "informative rows (vacuous). The steep-q case is reported (vacuous) and the reversed case is "
+                    "adversarial; neither is judged")
 
-def outcome_run(arm: str, seed: int, steps: int, q: list[float]) -> float:
-    """One arm, one seed: mean exact accuracy over the steps of ``LengthTable`` trained through the library's loop."""
+
+class Counting:
+    """Wraps an estimator and counts the informative rows (GRPO A != 0) and those ADORA changed."""
+
+    def __init__(self, inner):
+        self.inner, self.min_group_size, self.rows, self.changed = inner, inner.min_group_size, 0, 0
+
+    def __call__(self, batch: RolloutBatch) -> torch.Tensor:
+        a, g = self.inner(batch), GRPO()(batch)  # (B,) each
+        self.rows += int((g != 0).sum())
+        self.changed += int(((a != g) & (g != 0)).sum())
+        return a
+
+
+def outcome_run(arm: str, seed: int, steps: int, q: list[float]) -> tuple[float, float]:
+    """One arm, one seed: (mean exact accuracy over the steps, share of informative rows ADORA attenuated) of
+    ``LengthTable`` trained through the library's loop."""
     policy = LengthTable(PROMPTS, LENGTHS, q, generator=torch.Generator().manual_seed(seed))
-    adv = ADORA(lam=0.1) if arm == "ADORA" else GRPO()
+    adv = Counting(ADORA(lam=0.1) if arm == "ADORA" else GRPO())
     loop = Loop(policy, policy.score, adv, ClippedPolicyLoss(), group_size=G, provided=("correct",))
     params = policy.trainable_parameters()
-    return auc(train(loop, Stepper(torch.optim.Adam(params, lr=LR), params, max_grad_norm=0.0),
-                     lambda s: length_prompts(PROMPTS), steps, {"acc": policy.accuracy})["acc"])
+    acc = auc(train(loop, Stepper(torch.optim.Adam(params, lr=LR), params, max_grad_norm=0.0),
+                    lambda s: length_prompts(PROMPTS), steps, {"acc": policy.accuracy})["acc"])
+    return acc, adv.changed / max(adv.rows, 1)
 
 
-def outcome(seeds: int, steps: int, save: bool) -> dict[str, dict[str, list[float]]]:
-    res = {case: {"GRPO": [], "ADORA": []} for case in ("length helps", "reversed (adversarial)")}
+def outcome(seeds: int, steps: int, save: bool) -> tuple[dict[str, dict[str, list[float]]], dict[str, list[float]]]:
+    res = {case: {"GRPO": [], "ADORA": []} for case in CASES}
+    fired: dict[str, list[float]] = {case: [] for case in CASES}
     for s in range(seeds):
         for case, arms in res.items():
             for arm in arms:
-                arms[arm].append(outcome_run(arm, s, steps, Q if case == "length helps" else Q[::-1]))
+                acc, share = outcome_run(arm, s, steps, CASES[case])
+                arms[arm].append(acc)
+                if arm == "ADORA":
+                    fired[case].append(share)
         if save:
-            save_json("adora", {"metric": "mean exact accuracy over the steps", "steps": steps, **res})
-    return res
+            save_json("adora", {"metric": "mean exact accuracy over the steps", "steps": steps, **res,
+                                "attenuated_share_of_informative_rows": fired})
+    return res, fired
 
 
 def batch_of(rewards: torch.Tensor, lengths: torch.Tensor, group_ids: torch.Tensor, truncated: torch.Tensor) -> RolloutBatch:
@@ -88,14 +124,17 @@ def main() -> None:
     global GROUPS
     if args.smoke:
         GROUPS = 300  # the component checks' random groups
-    res = outcome(2 if args.smoke else OUT_SEEDS, 3 if args.smoke else OUT_STEPS, save=not args.smoke)
-    d = diff_ci(res["length helps"]["ADORA"], res["length helps"]["GRPO"])
-    d_rev = diff_ci(res["reversed (adversarial)"]["ADORA"], res["reversed (adversarial)"]["GRPO"])
-    word = decide(d, MARGIN)
-    m = lambda v: sum(v) / len(v)  # noqa: E731
+    res, fired = outcome(2 if args.smoke else OUT_SEEDS, 3 if args.smoke else OUT_STEPS, save=not args.smoke)
+    PRIMARY, STEEP, REV = CASES
+    d = diff_ci(res[PRIMARY]["ADORA"], res[PRIMARY]["GRPO"])
+    d_steep = diff_ci(res[STEEP]["ADORA"], res[STEEP]["GRPO"])
+    d_rev = diff_ci(res[REV]["ADORA"], res[REV]["GRPO"])
+    avg = lambda v: sum(v) / len(v)  # noqa: E731
+    word = decide(d, MARGIN) if avg(fired[PRIMARY]) >= 0.05 else "inconclusive"
     head = (f"mean accuracy over {OUT_STEPS if not args.smoke else 3} steps ADORA − GRPO {fmt_ci(d, signed=True)} over "
-            f"{len(res['length helps']['GRPO'])} seeds (GRPO {m(res['length helps']['GRPO']):.3f}, ADORA "
-            f"{m(res['length helps']['ADORA']):.3f}); reversed q (adversarial) {fmt_ci(d_rev, signed=True)}")
+            f"{len(res[PRIMARY]['GRPO'])} seeds, gentle q (GRPO {avg(res[PRIMARY]['GRPO']):.3f}, ADORA "
+            f"{avg(res[PRIMARY]['ADORA']):.3f}; rule fired on {avg(fired[PRIMARY]):.0%} of informative rows); steep q "
+            f"{fmt_ci(d_steep, signed=True)} (fired {avg(fired[STEEP]):.0%}); reversed q (adversarial) {fmt_ci(d_rev, signed=True)}")
     c = torch.tensor([1, 1, 0, 0, 1, 0, 0, 1, 0, 0], dtype=torch.bool)
     L = torch.tensor([50, 80, 100, 120, 150, 100, 120, 10, 5, 999])
     trunc = torch.tensor([0] * 9 + [1], dtype=torch.bool)
@@ -135,27 +174,33 @@ def main() -> None:
     write_report("adora", f"""# ADORA (arXiv 2602.10019): attenuating temporarily disadvantageous groups vs GRPO
 
 {PREREG}
+{PREREG2}
 ## Outcome (the verdict)
 
 Task `support.outcome.LengthTable`: {PROMPTS} prompts; a plan token picks L = 8, 16, …, 80 tokens, then L − 1 filler
-tokens; the answer is right with probability q = {", ".join(f"{x:g}" for x in Q)} (reversed in the adversarial
-case). {PROMPTS} prompts x G = {G} a step, {OUT_STEPS} steps, Adam lr {LR}, `ClippedPolicyLoss`, through
+tokens; the answer is right with probability q = {", ".join(f"{x:g}" for x in Q_GENTLE)} (primary, second registration),
+{", ".join(f"{x:g}" for x in Q)} (the first registration) or the gentle q reversed (adversarial). {PROMPTS} prompts x G = {G} a step, {OUT_STEPS} steps, Adam lr {LR}, `ClippedPolicyLoss`, through
 `common.loop.Loop`; ADORA = the library's `ADORA` around GRPO (λ = 0.1, the authors' length rule). Metric: exact
 accuracy Σ_a π(a) q_a averaged over the {OUT_STEPS} steps (learning speed at a fixed budget).
 
-Length helps (the paper's premise):
+Gentle q (the verdict; ADORA attenuated {avg(fired[PRIMARY]):.1%} of the informative rows):
 
-{arms_table(res["length helps"], "GRPO")}
+{arms_table(res[PRIMARY], "GRPO")}
 
-Reversed q (short reasoning better; adversarial, not judged):
+Steep q (the first registration; attenuated {avg(fired[STEEP]):.1%}: a vacuous comparison, reported, not judged):
 
-{arms_table(res["reversed (adversarial)"], "GRPO")}
+{arms_table(res[STEEP], "GRPO")}
+
+Gentle q reversed (short reasoning better; adversarial, not judged; attenuated {avg(fired[REV]):.1%}):
+
+{arms_table(res[REV], "GRPO")}
 
 Verdict: `{line}`
 
-Reading: ADORA only re-weights groups whose correct answers are not longer than the wrong ones, so where length
-helps those groups are rare and the rule changes little; where short answers are better it slows learning by
-down-weighting exactly the informative groups. The paper's Difficulty-Advantage criterion and amplification are
+Reading: ADORA only re-weights groups whose correct answers are not longer than the wrong ones. Where accuracy rises
+steeply with length such groups never occurred, and the first registration compared two identical runs; the
+gentle case is where the rule acts while its premise (longer is better) still holds. Where short answers are
+better it down-weights exactly the informative groups. The paper's Difficulty-Advantage criterion and amplification are
 not implemented; its K&K / MathVista numbers need an LLM.
 
 ## Component checks (not the verdict: they hold by construction of the rule)
