@@ -50,6 +50,44 @@ def block_rows(chunk_size: int, vocab: int) -> int:
     return max(1, min(chunk_size, SCRATCH_BYTES // (4 * vocab)))
 
 
+def block_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor, inv_temp: float, x: Tensor,
+                  t: Tensor) -> tuple[Tensor, Tensor]:
+    """One block of rows: fills ``x`` (n, V) float32 with log-softmax(z), z = (h Wᵀ + b)·inv_temp, using ``t``
+    (n, V) as scratch; returns logprobs (n,), entropy (n,). The chunked kernel's arithmetic op for op
+    (common/losses/logprobs.py), so a row gets the same bits on every path: π/π_old is exactly 1 at the first
+    step when the old log-probs come from a no-grad forward."""
+    if hidden.dtype == weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32):
+        if bias is None:
+            torch.mm(hidden, weight.t(), out=t)
+        else:
+            torch.addmm(bias, hidden, weight.t(), out=t)
+    else:  # the plain computation rounds the matmul to the model's dtype, then goes to float32
+        t.copy_(F.linear(hidden, weight, bias))
+    t.mul_(inv_temp)  # z = logits / T (as the chunked kernel: ×1.0 is exact)
+    torch._log_softmax(t, -1, False, out=x)  # torch.log_softmax's kernel, written into the stored block
+    lp = x.gather(-1, ids[:, None]).squeeze(-1)
+    ent = torch.exp(x, out=t).mul_(x).sum(-1).neg_()  # −Σ p log p
+    return lp, ent
+
+
+def token_logprobs_no_grad(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, inv_temp: float,
+                           chunk_size: int) -> tuple[Tensor, Tensor]:
+    """The fused kernel's forward without storing anything (no graph): one (block, V) pair of buffers.
+    Shapes: hidden (N, H) -> logprobs (N,), entropy (N,) float32."""
+    n_rows, vocab = hidden.shape[0], weight.shape[0]
+    chunk_size = block_rows(chunk_size, vocab)
+    lp = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
+    ent = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
+    x = torch.empty(min(chunk_size, n_rows), vocab, dtype=torch.float32, device=hidden.device)
+    t = torch.empty_like(x)
+    ids = targets.long()
+    with torch.no_grad():
+        for s in range(0, n_rows, chunk_size):  # ok: loop over chunks of rows
+            e = min(s + chunk_size, n_rows)
+            lp[s:e], ent[s:e] = block_forward(hidden[s:e], weight, bias, ids[s:e], inv_temp, x[: e - s], t[: e - s])
+    return lp, ent
+
+
 class FusedTokenLogprobs(torch.autograd.Function):
     """forward(hidden (N, H), weight (V, H), bias (V,) | None, targets (N,) int64, inv_temp, chunk_size)
     -> logprobs (N,) float32, entropy (N,) float32. Saves the float32 log-softmax (N, V) for the backward."""
@@ -64,25 +102,9 @@ class FusedTokenLogprobs(torch.autograd.Function):
         ent = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)  # (N,)
         buf = torch.empty(min(chunk_size, n_rows), vocab, dtype=torch.float32, device=hidden.device)  # (n, V) scratch
         ids = targets.long()
-        as_is = hidden.dtype == weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)
         for s in range(0, n_rows, chunk_size):  # ok: loop over chunks of rows, not samples
             e = min(s + chunk_size, n_rows)
-            x, t = logp[s:e], buf[: e - s]  # (n, V) views, filled in place
-            if as_is and bias is None:
-                torch.mm(hidden[s:e], weight.t(), out=x)
-            elif as_is:
-                torch.addmm(bias, hidden[s:e], weight.t(), out=x)
-            else:  # the plain computation rounds the matmul to the model's dtype, then goes to float32
-                x.copy_(F.linear(hidden[s:e], weight, bias))
-            if inv_temp != 1.0:
-                x.mul_(inv_temp)  # z = logits / T
-            m = x.amax(-1, keepdim=True)  # (n, 1)
-            x.sub_(m)  # z − max
-            torch.exp(x, out=t)
-            x.sub_(t.sum(-1, keepdim=True).log_())  # logp = z − lse
-            lp[s:e] = x.gather(-1, ids[s:e, None]).squeeze(-1)
-            torch.exp(x, out=t).mul_(x)  # p log p
-            ent[s:e] = t.sum(-1).neg_()
+            lp[s:e], ent[s:e] = block_forward(hidden[s:e], weight, bias, ids[s:e], inv_temp, logp[s:e], buf[: e - s])
         del buf
         # logp is an intermediate: saved here, autograd frees it after the backward (kept under retain_graph)
         ctx.save_for_backward(hidden, weight, bias, ids, ent, logp)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from common.losses.fused_logprobs import fused_token_logprobs
+from common.losses.fused_logprobs import block_rows, fused_token_logprobs, token_logprobs_no_grad
 
 # Above this size of float32 logits for the whole batch (N·V·4 bytes), chunks are recomputed in the backward
 # pass instead of kept: 1 GiB is ~5,400 rows of SmolLM2's 49,152-token vocabulary. The "auto" kernel keeps the
@@ -88,12 +88,19 @@ def token_logprobs(
     inv_temp = 1.0 / temperature
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
                                               or (bias is not None and bias.requires_grad))
+    if not needs_grad and kernel != "chunked":  # the fused kernel's arithmetic, nothing kept
+        if hidden.shape[0] == 0:
+            empty = hidden.new_zeros(0, dtype=torch.float32)
+            return empty, empty
+        return token_logprobs_no_grad(hidden, weight, bias, targets, inv_temp, chunk_size)
     fused_rows = 0  # rows [0, fused_rows) go through the fused kernel, the rest through chunks
     if needs_grad and kernel == "fused":
         fused_rows = hidden.shape[0]
     elif needs_grad and kernel == "auto" and recompute is None:
-        fused_rows = min(hidden.shape[0], _RECOMPUTE_ABOVE_BYTES // (4 * weight.shape[0]))
-        recompute = fused_rows < hidden.shape[0]  # rows past the budget: checkpointed chunks
+        block = block_rows(chunk_size, weight.shape[0])
+        fused_rows = min(hidden.shape[0], _RECOMPUTE_ABOVE_BYTES // (4 * weight.shape[0]) // block * block)
+        recompute = fused_rows < hidden.shape[0]  # rows past the budget: checkpointed chunks on the same blocks
+        chunk_size = block
     logps, ents = [], []
     if fused_rows > 0:
         lp, ent = fused_token_logprobs(hidden[:fused_rows], weight, targets[:fused_rows], bias, inv_temp, chunk_size)
