@@ -36,6 +36,10 @@ TIME_ALIGNED = frozenset({"completion_ids", "completion_mask", "behaviour_logpro
                           "prefix_values", "hint_mask", "hint_keep", "process_rewards",
                           "turn_rewards", "turn_keys", "turn_mask", "turn_valid", "turn_drift",
                           "turn_matched", "turn_kinds"})  # (B, K) turn columns too
+# Time-aligned fields whose dim 1 is the completion's T columns (not the (B, K) per-turn tables): what
+# RolloutBatch.trim_completion cuts.
+TOKEN_COLUMNS = TIME_ALIGNED - {"turn_rewards", "turn_keys", "turn_mask", "turn_valid", "turn_drift", "turn_matched",
+                                "turn_kinds", "process_rewards"}
 # Fields every rollout has once the loop has run steps 1-4; components need not declare them.
 ALWAYS = frozenset({"completion_ids", "completion_mask", "group_ids", "rewards", "reward_components", "advantages",
                     "samples", "completions", "reward_names", "inputs"})
@@ -180,6 +184,43 @@ class RolloutBatch:
         if size <= 0:
             raise ValueError(f"split size must be a positive integer, got {size}")
         return [self.select(torch.arange(s, min(s + size, self.batch_size))) for s in range(0, self.batch_size, size)]
+
+    def trim_completion(self, width: int) -> "RolloutBatch":
+        """The first ``width`` completion columns of every token-aligned field (``TOKEN_COLUMNS``): drops right
+        padding that no row of this batch uses. Exact for a causal policy: a later column never changes an
+        earlier one. Shapes: (B, T, ...) -> (B, width, ...)."""
+        if width >= self.completion_ids.shape[1]:
+            return self
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name in TOKEN_COLUMNS:
+            v = out[name]
+            if torch.is_tensor(v) and v.dim() >= 2 and v.shape[1] == self.completion_ids.shape[1]:
+                out[name] = v[:, :width]
+        return RolloutBatch(**out)
+
+    def split_tokens(self, budget: int) -> list["RolloutBatch"]:
+        """Consecutive micro-batches of whole rows whose padded size, rows x (prompt width + longest completion
+        among them), stays within ``budget`` tokens (a row longer than the budget goes alone), each trimmed to
+        its longest completion (:meth:`trim_completion`): with mixed lengths, short rows share a forward and
+        no forward runs over columns that only padding fills (verl's dynamic batch size, token-budget form).
+        Rows keep their order, so outputs concatenate back in rollout order."""
+        if budget <= 0:
+            raise ValueError(f"micro-batch token budget must be a positive integer, got {budget}")
+        B, T = self.completion_mask.shape
+        if B == 0:
+            return []
+        cols = torch.arange(1, T + 1, device=self.completion_mask.device)  # (T,)
+        used = (self.completion_mask.long() * cols).amax(1).tolist()  # (B,) last valid column + 1 of each row
+        prompt = 0 if self.prompt_ids is None else self.prompt_ids.shape[1]
+        pieces, start, widest = [], 0, 0
+        for i, w in enumerate(used):  # ok: one pass over B ints to place the cuts, no tensor work per row
+            wider = max(widest, w)
+            if i > start and (i - start + 1) * (prompt + wider) > budget:
+                pieces.append((start, i, widest))
+                start, wider = i, w
+            widest = wider
+        pieces.append((start, B, widest))
+        return [self.select(torch.arange(s, e)).trim_completion(max(w, 1)) for s, e, w in pieces]
 
     def to(self, device: torch.device | str) -> "RolloutBatch":
         return self._map(lambda t: t.to(device), lambda seq: seq)

@@ -117,6 +117,13 @@ class Collected:
     rollout_s: float  # seconds spent sampling
 
 
+def pad_time(x: Tensor, width: int) -> Tensor:
+    """Right-pad dim 1 of a per-token output (B, t, ...) with zeros to ``width`` (a trimmed micro-batch's)."""
+    if x.dim() < 2 or x.shape[1] >= width:
+        return x
+    return torch.nn.functional.pad(x.movedim(1, -1), (0, width - x.shape[1])).movedim(-1, 1)
+
+
 class Loop:
     """Steps 1-6 over a policy and its parts (module docstring).
 
@@ -131,6 +138,11 @@ class Loop:
         mu: epochs over each rollout batch.
         minibatch_size: rows per optimiser step (None = the whole batch).
         micro_batch_size: rows per forward/backward (None = the whole minibatch).
+        micro_batch_tokens: a token budget per forward/backward instead of a row count: consecutive rows whose
+            padded size, rows x (prompt width + longest completion among them), fits it, each micro-batch cut
+            to its longest completion (``RolloutBatch.split_tokens``; verl's dynamic batch size). With mixed
+            lengths, fewer padded columns go through the model; the result is the padded path's (gradient
+            accumulation under the minibatch's normaliser). Overrides ``micro_batch_size``.
         kl_in_reward: coefficient of the per-sequence KL (k1) subtracted from the reward, or a controller of it
             (``common.losses.kl_control``: fixed, or adaptive to a target KL); logged as ``kl_coef``.
         max_generation_rounds: rounds of sampling, each from new prompts, while the selector wants more rows
@@ -150,13 +162,15 @@ class Loop:
                  mu: int = 1, minibatch_size: int | None = None, micro_batch_size: int | None = None,
                  kl_in_reward: float | KLController = 0.0, max_generation_rounds: int = 1, provided: Sequence[str] = (),
                  all_reduce: Callable[[Tensor], Tensor] | None = None,
-                 all_gather: Callable[[Tensor], tuple[Tensor, int]] | None = None):
+                 all_gather: Callable[[Tensor], tuple[Tensor, int]] | None = None,
+                 micro_batch_tokens: int | None = None):
         problems = []
         if group_size < 1:
             problems.append(f"group_size must be >= 1, got {group_size}")
         if mu < 1:
             problems.append(f"mu must be >= 1, got {mu}")
-        for name, v in (("minibatch_size", minibatch_size), ("micro_batch_size", micro_batch_size)):
+        for name, v in (("minibatch_size", minibatch_size), ("micro_batch_size", micro_batch_size),
+                        ("micro_batch_tokens", micro_batch_tokens)):
             if v is not None and v < 1:
                 problems.append(f"{name} must be a positive integer or None, got {v}")
         if max_generation_rounds < 1:
@@ -175,6 +189,7 @@ class Loop:
         self.methods = list(methods)
         self.group_size, self.mu = group_size, mu
         self.minibatch_size, self.micro_batch_size = minibatch_size, micro_batch_size
+        self.micro_batch_tokens = micro_batch_tokens
         self.kl_control, self.max_generation_rounds = as_controller(kl_in_reward), max_generation_rounds
         self.all_reduce = all_reduce
         if all_reduce is not None:
@@ -252,8 +267,15 @@ class Loop:
     @torch.no_grad()
     def logprobs(self, batch: RolloutBatch, *, reference: bool = False, epoch: int = 0) -> Tensor:
         """log π (or π_ref) of the batch's actions, micro-batch by micro-batch, without gradient. -> (B, T)."""
-        size = self.micro_batch_size or batch.batch_size
-        return torch.cat([self.policy(micro, epoch=epoch, reference=reference).logprobs for micro in batch.split(size)])
+        T = batch.completion_mask.shape[1]
+        return torch.cat([pad_time(self.policy(micro, epoch=epoch, reference=reference).logprobs, T)
+                          for micro in self.micro_batches(batch)])
+
+    def micro_batches(self, batch: RolloutBatch) -> list[RolloutBatch]:
+        """Rows per forward/backward: ``micro_batch_tokens`` (token budget, trimmed) or ``micro_batch_size`` rows."""
+        if self.micro_batch_tokens is not None:
+            return batch.split_tokens(self.micro_batch_tokens)
+        return batch.split(self.micro_batch_size or batch.batch_size)
 
     def reference_logprobs(self, batch: RolloutBatch) -> RolloutBatch:
         """Step 3: reference log-probs (if a KL term needs them) and KL-in-reward shaping."""
@@ -292,14 +314,14 @@ class Loop:
             for mb in batch.split(mb_size):
                 norm = Normaliser.of(mb.loss_mask, self.policy.horizon, self.all_reduce)  # global counts / W
                 mb_loss = 0.0
-                for micro in mb.split(self.micro_batch_size or mb.batch_size):
+                for micro in self.micro_batches(mb):
                     out, entropy = self.micro_loss(micro, norm, epoch)
                     stepper.backward(out.loss)
                     mb_loss = mb_loss + out.loss.detach()
                     for k, v in {"loss": out.loss.detach(), **out.metrics}.items():
                         totals[k] = totals.get(k, 0.0) + v  # each is pre-divided by the minibatch normaliser
                     if epoch == 0:
-                        entropies.append(entropy)
+                        entropies.append(pad_time(entropy, mb.completion_mask.shape[1]))
                 totals["grad_norm"] = totals.get("grad_norm", 0.0) + stepper.step(mb_loss)
                 steps += 1
         self.policy.sync()
