@@ -188,23 +188,27 @@ class MedScopeEnv(Environment):
 
     Args:
         max_tool_calls: calls answered per episode; later ones are refused with an observation.
-        render: "text" (frames as text rows) or "image" (one rendered sheet per observation, an ``<image>``
-            placeholder in the text, the uint8 images in ``self.images`` in order; the first is the coarse view).
+        render: "text" (frames as text rows) or "image" (one rendered sheet per observation: a marker naming the
+            frames and ``image_tokens`` ``<image>`` placeholders, which ``multimodal.medscope.vlm_agent`` re-renders and
+            splices; the uint8 images are kept in ``self.images`` in order, the first is the coarse view).
         image_size: side of a rendered sheet (the VLM's vision tower's image_size).
+        image_tokens: placeholders per tool image (the VLM's features per image: (image_size / patch_size)²).
         instruction: text before the coarse view (default: the tool protocol).
     """
 
     stop_strings = (JSON_CLOSE,)
 
     def __init__(self, max_tool_calls: int = 3, render: Literal["text", "image"] = "text", image_size: int = 32,
-                 instruction: str | None = None):
+                 image_tokens: int = 16, instruction: str | None = None):
         if not isinstance(max_tool_calls, int) or max_tool_calls < 0:
             raise ValueError(f"max_tool_calls must be a non-negative integer, got {max_tool_calls!r}")
         if render not in ("text", "image"):
             raise ValueError(f"render must be 'text' or 'image', got {render!r}")
         if not isinstance(image_size, int) or image_size < 4 or image_size % 4:
             raise ValueError(f"image_size must be a positive multiple of 4, got {image_size!r}")
-        self.max_tool_calls, self.render, self.image_size = max_tool_calls, render, image_size
+        if not isinstance(image_tokens, int) or image_tokens < 1:
+            raise ValueError(f"image_tokens must be a positive integer (the VLM's features per image), got {image_tokens!r}")
+        self.max_tool_calls, self.render, self.image_size, self.image_tokens = max_tool_calls, render, image_size, image_tokens
         self.instruction = INSTRUCTION if instruction is None else instruction
         self.features: Tensor | None = None
         self.calls, self.frames_read = 0, 0
@@ -212,18 +216,22 @@ class MedScopeEnv(Environment):
         self.images: list[Tensor] = []
 
     def _frames(self, frames: Sequence[int], colour: bool) -> str:
-        if self.render == "image":
+        if self.render == "image":  # a marker the VLM agent re-renders the sheet from, then the placeholders
             feats = self.features if colour else V.coarse_view(self.features[None])[0]
             index = list(frames) if colour else list(range(len(frames)))
             self.images.append(V.render_sheet(feats, index, self.image_size))
-            return "<image>"
+            if not colour:  # the prompt's one <image>, widened by the policy's encode
+                return "<image>"
+            return f"frames {','.join(str(f) for f in frames)}: " + "<image>" * self.image_tokens
         return describe(self.features, frames, colour)
 
     def reset(self, task: Mapping[str, Any]) -> str:
-        video = V.make_video(int(task["video_seed"]))
+        seed = int(task["video_seed"])
+        video = V.make_video(seed)
         self.features, self.calls, self.frames_read, self.windows, self.images = video["features"], 0, 0, [], []
         coarse = self._frames(V.coarse_frames().tolist(), colour=False)
-        return f"{self.instruction}Coarse view: {coarse}\nQuestion: {task.get('question', 'Which instrument colour?')}"
+        return (f"{self.instruction}Video {seed}. Coarse view: {coarse}\n"
+                f"Question: {task.get('question', 'Which instrument colour?')}")
 
     def step(self, action: str) -> Step:
         text = str(action)[-MAX_ACTION_CHARS:]
@@ -248,7 +256,8 @@ class MedScopeEnv(Environment):
 
 
 class MedScopeTasks(TaskSource):
-    """Generated questions, one per video: prompt "Which colour is the instrument in the <phase> phase?", answer the
+    """Generated questions, one per video: prompt "Which colour is the instrument in video N during the marked phase?",
+    answer the
     colour, meta ``video_seed``, ``evidence_start`` / ``evidence_end`` (seconds, the event window), ``question``."""
 
     def make(self, n: int, seed: int) -> list[Problem]:
@@ -256,7 +265,7 @@ class MedScopeTasks(TaskSource):
         for _ in range(n):
             vs = rng.randrange(2**31)
             v = V.make_video(vs)
-            q = "Which colour is the instrument during the marked phase?"
+            q = f"Which colour is the instrument in video {vs} during the marked phase?"  # unique: prompt-disjoint splits
             out.append(Problem(q, v["answer"], "medscope", v["end"] - v["start"] + 1,
                                {"video_seed": vs, "evidence_start": v["start"], "evidence_end": v["end"], "question": q}))
         return out
