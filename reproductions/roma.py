@@ -293,6 +293,22 @@ def smol_report(runs: list[dict], start: dict | None, args) -> tuple[str, str]:
              f"({st['steps'] * st['prompts'] * st['group_size']} samples per run), LoRA rank {st['lora_rank']} on the top "
              f"{st['lora_top_layers']} layers, {st['eval_per_task']} x 5 evaluation images per condition, corruption level "
              f"{st['eval_level']}.", ""]
+    try:
+        from multimodal.vlm.model import PretrainedVLM
+        from multimodal.vlm.pretrain import chance_per_task
+
+        pre = json.loads((PretrainedVLM(args.vlm).path / "pretrain.json").read_text())
+        ch = chance_per_task(pre["per_task"])
+        per = ", ".join(f"{t} {100 * v:.1f} (chance {100 * ch[t]:.1f})" for t, v in pre["per_task"].items())
+        lines += [f"The VLM (`python -m multimodal.vlm.pretrain`, cache `{PretrainedVLM(args.vlm).path.name}`): clean "
+                  f"accuracy {100 * pre['clean_accuracy']:.1f} on its {pre['val_size']} held-out images (chance "
+                  f"{100 * sum(ch.values()) / len(ch):.1f}); per task {per}. Caption alignment (stage 1): nearest-token "
+                  f"slot accuracy {pre['caption_alignment']['slot_accuracy']:.3f}, whole caption "
+                  f"{pre['caption_alignment']['caption_exact']:.3f} (training batches); projected feature norm "
+                  f"{pre['image_feature_norm']:.2f} vs text embedding norm {pre['text_embedding_norm']:.2f}; "
+                  f"{pre['steps_done']} SFT steps.", ""]
+    except (FileNotFoundError, KeyError):
+        pass
     if start is not None:
         lines += [f"Start (the pre-trained VLM, {args.vlm or 'default cache'}): clean accuracy "
                   f"{100 * start['clean']:.1f}, seen {100 * start['seen']:.1f}, unseen {100 * start['unseen']:.1f} "

@@ -270,7 +270,7 @@ class PretrainedVLM(PolicySource):
         self.path = Path(path).expanduser() if path is not None else PretrainConfig().directory
         if not (self.path / "config.json").is_file():
             raise FileNotFoundError(f"PretrainedVLM: path {str(self.path)!r} holds no pre-trained VLM; build it with "
-                                    "`python -m multimodal.vlm.pretrain` (about an hour on one CPU core)")
+                                    "`python -m multimodal.vlm.pretrain` (about 20 minutes on a loaded 2-core CPU)")
 
     def load(self):
         from transformers import LlavaForConditionalGeneration
