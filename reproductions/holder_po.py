@@ -21,7 +21,6 @@ The headline accuracy (54.9% on math benchmarks) needs a 7B model and is not tes
 from __future__ import annotations
 
 import argparse
-import math
 from support.report import diff_ci, fmt_ci, plt, preregistration, save_plot, verdict, write_report  # repo root, Agg
 from support.outcome import SeqTable, arms_table, decide, save_json, seq_task, train
 

@@ -36,7 +36,7 @@ import torch
 
 from common.progress import progress  # step i/N and elapsed time on stderr
 from common.advantages.group import grpo
-from common.advantages.tracker import SPOTracker, spo_advantage
+from common.advantages.tracker import SPOTracker
 from common.batch import RolloutBatch
 from common.loop import Loop, Stepper
 from common.losses.ppo_clip import ClippedPolicyLoss
