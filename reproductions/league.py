@@ -51,6 +51,8 @@ from typing import Any
 from support.report import (REPORTS, ROOT, diff_ci, eval_record, fmt_ci, mean_ci, plt, save_plot, split_hash, table,
                             write_report)
 
+import matplotlib  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
@@ -493,19 +495,40 @@ def headline(stats: list) -> str:
 
 
 def plot_curves(plotted: list, name: str, where: Path) -> Path:
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    """Three panels: final held-out accuracy per arm (mean and 95% interval over seeds, baselines in colour), and
+    the mean accuracy curve against rollouts sampled and against tokens generated (log scale: SPO's Monte Carlo
+    continuations cost several times the others)."""
+    fig, axes = plt.subplots(1, 3, figsize=(19, 6), gridspec_kw={"width_ratios": [1.1, 1, 1]})
+    finals = []
     for arm, curves in plotted:
+        acc = [c[-1][3] for c in curves]
+        m, lo, hi = mean_ci(acc) if len(acc) > 1 else (acc[0], acc[0], acc[0])
+        finals.append((m, arm, m - lo))
+    finals.sort()
+    colours = {"grpo": "tab:blue", "dr_grpo": "tab:orange", "rloo": "tab:green"}
+    axes[0].barh([a for _, a, _ in finals], [m for m, _, _ in finals], xerr=[e for _, _, e in finals],
+                 color=[colours.get(a, "0.6") for _, a, _ in finals], capsize=2)
+    start = plotted[0][1][0][0][3]
+    axes[0].axvline(start, color="k", ls="--", lw=1, label=f"the SFT'd start ({start:.3f})")
+    axes[0].legend(fontsize=7, loc="lower right")
+    axes[0].set_xlabel("held-out greedy accuracy after the last step (95% CI over seeds)")
+    axes[0].tick_params(axis="y", labelsize=7)
+    cmap = plt.get_cmap("tab20")
+    for k, (arm, curves) in enumerate(plotted):
         n = min(len(c) for c in curves)
-        mean = lambda i: [sum(c[k][i] for c in curves) / len(curves) for k in range(n)]  # noqa: E731
-        style = dict(lw=2.5) if arm in BASELINES else dict(lw=1, alpha=0.8)
-        axes[0].plot(mean(1), mean(3), label=arm, **style)
-        axes[1].plot(mean(2), mean(3), label=arm, **style)
-    axes[0].set_xlabel("rollouts sampled")
-    axes[1].set_xlabel("tokens generated")
-    for ax in axes:
+        mean = lambda i: [sum(c[j][i] for c in curves) / len(curves) for j in range(1, n)]  # noqa: E731
+        style = dict(lw=2.5, color=colours[arm]) if arm in BASELINES else dict(
+            lw=1, alpha=0.85, color=cmap(k % 20), ls=("-", "--", ":")[k // 20 % 3])
+        axes[1].plot(mean(1), mean(3), label=arm, **style)
+        axes[2].plot(mean(2), mean(3), label=arm, **style)
+    axes[1].set_xlabel("rollouts sampled (log)")
+    axes[2].set_xlabel("tokens generated (log)")
+    for ax in axes[1:]:
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_ylabel("held-out greedy accuracy (mean over seeds)")
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=6, ncol=2, loc="best")
+    axes[2].legend(fontsize=6, ncol=2, loc="lower right")
     fig.suptitle("League, fast tier: chain sums, tiny Llama from scratch (SFT'd weak), same seeds and rows per step")
     fig.tight_layout()
     return save_plot(fig, name, where)
