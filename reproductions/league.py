@@ -624,8 +624,8 @@ policy, task, reward, sampling, rows per step, learning rate, steps and seeds. R
     {cmd}
 
 Run: {meta.get('date', '?')} on {meta.get('machine', '?')}; wall {meta.get('wall_s', 0) / 60:.1f} min; load average
-(1/5/15 min) at start {meta.get('load_start', '?')}, at end {meta.get('load_end', '?')} (the 2 cores were shared with
-other jobs: wall times are not comparable across rows, token and rollout counts are).
+(1/5/15 min) at start {meta.get('load_start', '?')}, at end {meta.get('load_end', '?')}{meta.get('load_during', '')} (the 2
+cores were shared with other jobs: wall times are not comparable across rows, token and rollout counts are).
 
 ## Fast tier: tiny Llama from scratch on chain sums
 
