@@ -198,6 +198,11 @@ class RolloutBatch:
                 out[name] = v[:, :width]
         return RolloutBatch(**out)
 
+    def completion_widths(self) -> Tensor:
+        """(B,) long: last valid completion column + 1 of each row (its length when right-padded)."""
+        cols = torch.arange(1, self.completion_mask.shape[1] + 1, device=self.completion_mask.device)  # (T,)
+        return (self.completion_mask.long() * cols).amax(1) if self.completion_mask.shape[1] else cols.new_zeros(self.batch_size)
+
     def split_tokens(self, budget: int) -> list["RolloutBatch"]:
         """Consecutive micro-batches of whole rows whose padded size, rows x (prompt width + longest completion
         among them), stays within ``budget`` tokens (a row longer than the budget goes alone), each trimmed to
@@ -206,11 +211,10 @@ class RolloutBatch:
         Rows keep their order, so outputs concatenate back in rollout order."""
         if budget <= 0:
             raise ValueError(f"micro-batch token budget must be a positive integer, got {budget}")
-        B, T = self.completion_mask.shape
-        if B == 0:
+        if self.batch_size == 0:
             return []
-        cols = torch.arange(1, T + 1, device=self.completion_mask.device)  # (T,)
-        used = (self.completion_mask.long() * cols).amax(1).tolist()  # (B,) last valid column + 1 of each row
+        used = self.completion_widths().tolist()  # (B,)
+        B = self.batch_size
         prompt = 0 if self.prompt_ids is None else self.prompt_ids.shape[1]
         pieces, start, widest = [], 0, 0
         for i, w in enumerate(used):  # ok: one pass over B ints to place the cuts, no tensor work per row

@@ -138,11 +138,13 @@ class Loop:
         mu: epochs over each rollout batch.
         minibatch_size: rows per optimiser step (None = the whole batch).
         micro_batch_size: rows per forward/backward (None = the whole minibatch).
-        micro_batch_tokens: a token budget per forward/backward instead of a row count: consecutive rows whose
-            padded size, rows x (prompt width + longest completion among them), fits it, each micro-batch cut
-            to its longest completion (``RolloutBatch.split_tokens``; verl's dynamic batch size). With mixed
-            lengths, fewer padded columns go through the model; the result is the padded path's (gradient
-            accumulation under the minibatch's normaliser). Overrides ``micro_batch_size``.
+        micro_batch_tokens: a token budget per forward/backward instead of a row count: the minibatch's rows
+            sorted by completion length, packed into micro-batches whose padded size, rows x (prompt width +
+            longest completion among them), fits the budget, each cut to its longest completion
+            (``RolloutBatch.split_tokens``; verl's dynamic batch size). With mixed lengths, far fewer padded
+            columns go through the model; the result is the padded path's (gradient accumulation under the
+            minibatch's normaliser; per-token outputs are put back in rollout order). Overrides
+            ``micro_batch_size``.
         kl_in_reward: coefficient of the per-sequence KL (k1) subtracted from the reward, or a controller of it
             (``common.losses.kl_control``: fixed, or adaptive to a target KL); logged as ``kl_coef``.
         max_generation_rounds: rounds of sampling, each from new prompts, while the selector wants more rows
@@ -268,14 +270,18 @@ class Loop:
     def logprobs(self, batch: RolloutBatch, *, reference: bool = False, epoch: int = 0) -> Tensor:
         """log π (or π_ref) of the batch's actions, micro-batch by micro-batch, without gradient. -> (B, T)."""
         T = batch.completion_mask.shape[1]
-        return torch.cat([pad_time(self.policy(micro, epoch=epoch, reference=reference).logprobs, T)
-                          for micro in self.micro_batches(batch)])
+        micros, inverse = self.micro_batches(batch)
+        out = torch.cat([pad_time(self.policy(micro, epoch=epoch, reference=reference).logprobs, T) for micro in micros])
+        return out if inverse is None else out[inverse]
 
-    def micro_batches(self, batch: RolloutBatch) -> list[RolloutBatch]:
-        """Rows per forward/backward: ``micro_batch_tokens`` (token budget, trimmed) or ``micro_batch_size`` rows."""
-        if self.micro_batch_tokens is not None:
-            return batch.split_tokens(self.micro_batch_tokens)
-        return batch.split(self.micro_batch_size or batch.batch_size)
+    def micro_batches(self, batch: RolloutBatch) -> tuple[list[RolloutBatch], Tensor | None]:
+        """Rows per forward/backward: ``micro_batch_size`` rows in order (inverse None), or with
+        ``micro_batch_tokens`` the rows sorted by length and packed to the budget; ``inverse`` (B,) puts the
+        micro-batches' concatenated rows back in the batch's order."""
+        if self.micro_batch_tokens is None:
+            return batch.split(self.micro_batch_size or batch.batch_size), None
+        order = batch.completion_widths().argsort(stable=True)  # (B,) shortest first
+        return batch.select(order).split_tokens(self.micro_batch_tokens), order.argsort()
 
     def reference_logprobs(self, batch: RolloutBatch) -> RolloutBatch:
         """Step 3: reference log-probs (if a KL term needs them) and KL-in-reward shaping."""
@@ -313,15 +319,19 @@ class Loop:
         for epoch in range(self.mu):
             for mb in batch.split(mb_size):
                 norm = Normaliser.of(mb.loss_mask, self.policy.horizon, self.all_reduce)  # global counts / W
-                mb_loss = 0.0
-                for micro in self.micro_batches(mb):
+                mb_loss, mb_entropies = 0.0, []
+                micros, inverse = self.micro_batches(mb)
+                for micro in micros:
                     out, entropy = self.micro_loss(micro, norm, epoch)
                     stepper.backward(out.loss)
                     mb_loss = mb_loss + out.loss.detach()
                     for k, v in {"loss": out.loss.detach(), **out.metrics}.items():
                         totals[k] = totals.get(k, 0.0) + v  # each is pre-divided by the minibatch normaliser
                     if epoch == 0:
-                        entropies.append(pad_time(entropy, mb.completion_mask.shape[1]))
+                        mb_entropies.append(pad_time(entropy, mb.completion_mask.shape[1]))
+                if epoch == 0:
+                    mb_entropy = torch.cat(mb_entropies)
+                    entropies.append(mb_entropy if inverse is None else mb_entropy[inverse])
                 totals["grad_norm"] = totals.get("grad_norm", 0.0) + stepper.step(mb_loss)
                 steps += 1
         self.policy.sync()

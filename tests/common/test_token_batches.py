@@ -69,9 +69,9 @@ def test_update_equals_the_padded_path_with_mixed_lengths(one_thread):
     keep = torch.arange(T)[None, :] <= (torch.arange(batch.batch_size) % 6)[:, None]
     batch = batch.replace(completion_mask=batch.completion_mask & keep)
     P = batch.prompt_ids.shape[1]
-    micro = loop_b.micro_batches(batch)
+    micro, inverse = loop_b.micro_batches(batch)
     padded_tokens = sum(m.batch_size * (P + m.completion_ids.shape[1]) for m in micro)
-    assert len(micro) > 1 and padded_tokens < batch.batch_size * (P + T)
+    assert len(micro) > 1 and padded_tokens < batch.batch_size * (P + T) and inverse is not None
     before = [p.detach().clone() for p in pol_a.trainable_parameters()]
     metrics = {}
     for name, pol, loop in (("a", pol_a, loop_a), ("b", pol_b, loop_b)):
