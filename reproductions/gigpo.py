@@ -356,12 +356,14 @@ def smol_main(args) -> None:
     text += "#" + eval_record(task=f"text grid world {cfg['size']}x{cfg['size']} (text_reasoning/envs/grid.py), reach G within "
                         f"{cfg['max_turns']} turns", prompt_template="SmolLM2 chat template; user: instruction + rendering; "
                         "observations as user turns", answer_extraction="last of u/d/l/r in the action (grid.last_move)",
-                        eos_rule="a turn ends at <|im_end|> or 3 new tokens", sampling="greedy (evaluation)",
+                        eos_rule="a turn ends at the end-of-turn token (im_end) or after 3 new tokens",
+                        sampling="greedy (evaluation)",
                         split=f"{len(data.val_set)} held-out tasks of ReasoningData seed 0 (hash {split_hash(data.val_set)})",
                         seeds=list(cfg["seeds"]))
     if len(seeds) < 2:
-        line = verdict("gigpo-smollm2", "inconclusive", f"not run (finished seeds: {seeds}); pre-registered criteria above",
-                       echo=True)
+        line = f"gigpo-smollm2: not run (seeds with both arms finished: {seeds}); the pre-registered criteria stand"
+        print(line)
+        text += f"\n### Status: **not run**\n\n`{line}`\n"
     else:
         g = [100 * res[f"gigpo_s{s}"]["val"] for s in seeds]
         b = [100 * res[f"grpo_s{s}"]["val"] for s in seeds]
