@@ -207,7 +207,8 @@ class MedScopeTrajectories(SFTSource):
 
 def observation_tokens(tokenizer, ids: Tensor) -> Tensor:
     """Tokens inside ``<result>...</result>`` spans (the environment's text) of each row, found on the tokens' own
-    strings (byte-level BPE keeps ASCII as is). ids (R, L) -> (R, L) bool. Host-side, bounded by L."""
+    strings (byte-level BPE keeps ASCII as is); a token that straddles a span's boundary (BPE merges ``><``) holds
+    the agent's own character and stays out of the mask. ids (R, L) -> (R, L) bool. Host-side, bounded by L."""
     out = torch.zeros(ids.shape, dtype=torch.bool)
     for r, row in enumerate(ids.tolist()):  # ok: host-side, once per SFT micro-batch
         pieces = tokenizer.convert_ids_to_tokens(row)
@@ -224,7 +225,7 @@ def observation_tokens(tokenizer, ids: Tensor) -> Tensor:
             b = text.find(RESULT_CLOSE, a)
             b = len(text) if b < 0 else b + len(RESULT_CLOSE)
             starts = torch.tensor([0] + ends[:-1])
-            out[r] |= (torch.tensor(ends) > a) & (starts < b)
+            out[r] |= (starts >= a) & (torch.tensor(ends) <= b)  # a token straddling a boundary stays the agent's
             at = b
     return out.to(ids.device)
 
