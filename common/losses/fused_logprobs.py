@@ -51,11 +51,11 @@ def block_rows(chunk_size: int, vocab: int) -> int:
 
 
 def block_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor, inv_temp: float, x: Tensor,
-                  t: Tensor) -> tuple[Tensor, Tensor]:
+                  t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """One block of rows: fills ``x`` (n, V) float32 with log-softmax(z), z = (h Wᵀ + b)·inv_temp, using ``t``
-    (n, V) as scratch; returns logprobs (n,), entropy (n,). The chunked kernel's arithmetic op for op
-    (common/losses/logprobs.py), so a row gets the same bits on every path: π/π_old is exactly 1 at the first
-    step when the old log-probs come from a no-grad forward."""
+    (n, V) as scratch; returns logprobs (n,), entropy (n,) and Σ_v exp(x) (n,) (for the backward). The
+    chunked kernel's arithmetic op for op (common/losses/logprobs.py), so a row gets the same bits on every
+    path: π/π_old is exactly 1 at the first step when the old log-probs come from a no-grad forward."""
     if hidden.dtype == weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32):
         if bias is None:
             torch.mm(hidden, weight.t(), out=t)
@@ -66,8 +66,10 @@ def block_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tens
     t.mul_(inv_temp)  # z = logits / T (as the chunked kernel: ×1.0 is exact)
     torch._log_softmax(t, -1, False, out=x)  # torch.log_softmax's kernel, written into the stored block
     lp = x.gather(-1, ids[:, None]).squeeze(-1)
-    ent = torch.exp(x, out=t).mul_(x).sum(-1).neg_()  # −Σ p log p
-    return lp, ent
+    torch.exp(x, out=t)  # p
+    mass = t.sum(-1)  # Σ p: 1 up to the rounding of log p (about 1e-5 at V = 49k)
+    ent = t.mul_(x).sum(-1).neg_()  # −Σ p log p
+    return lp, ent, mass
 
 
 def token_logprobs_no_grad(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, inv_temp: float,
@@ -84,7 +86,7 @@ def token_logprobs_no_grad(hidden: Tensor, weight: Tensor, bias: Tensor | None, 
     with torch.no_grad():
         for s in range(0, n_rows, chunk_size):  # ok: loop over chunks of rows
             e = min(s + chunk_size, n_rows)
-            lp[s:e], ent[s:e] = block_forward(hidden[s:e], weight, bias, ids[s:e], inv_temp, x[: e - s], t[: e - s])
+            lp[s:e], ent[s:e], _ = block_forward(hidden[s:e], weight, bias, ids[s:e], inv_temp, x[: e - s], t[: e - s])
     return lp, ent
 
 
@@ -100,21 +102,24 @@ class FusedTokenLogprobs(torch.autograd.Function):
         logp = torch.empty(n_rows, vocab, dtype=torch.float32, device=hidden.device)  # (N, V): all that is kept
         lp = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)  # (N,)
         ent = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)  # (N,)
+        mass = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)  # (N,) Σ_v p as rounded
         buf = torch.empty(min(chunk_size, n_rows), vocab, dtype=torch.float32, device=hidden.device)  # (n, V) scratch
         ids = targets.long()
         for s in range(0, n_rows, chunk_size):  # ok: loop over chunks of rows, not samples
             e = min(s + chunk_size, n_rows)
-            lp[s:e], ent[s:e] = block_forward(hidden[s:e], weight, bias, ids[s:e], inv_temp, logp[s:e], buf[: e - s])
+            lp[s:e], ent[s:e], mass[s:e] = block_forward(hidden[s:e], weight, bias, ids[s:e], inv_temp, logp[s:e], buf[: e - s])
         del buf
         # logp is an intermediate: saved here, autograd frees it after the backward (kept under retain_graph)
-        ctx.save_for_backward(hidden, weight, bias, ids, ent, logp)
+        # the entropy's gradient uses H + 1 − Σp, which is log_softmax's backward on the rounded p (Σp = 1 exactly
+        # gives −p (log p + H)): the gradient is that of the values returned, as in the plain computation
+        ctx.save_for_backward(hidden, weight, bias, ids, ent - mass + 1, logp)
         ctx.inv_temp, ctx.chunk_size = inv_temp, chunk_size  # chunk_size: rows per block, after block_rows
         ctx.set_materialize_grads(False)  # an output the loss does not use arrives as None: no work for it
         return lp, ent
 
     @staticmethod
     def backward(ctx, g_lp: Tensor | None, g_ent: Tensor | None):
-        hidden, weight, bias, ids, ent, logp = ctx.saved_tensors
+        hidden, weight, bias, ids, ent, logp = ctx.saved_tensors  # ent: H + 1 − Σp (forward)
         inv_temp, chunk = ctx.inv_temp, ctx.chunk_size
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         if (g_lp is None and g_ent is None) or not (need_h or need_w or need_b):
