@@ -153,6 +153,7 @@ class Arm:
     paper: str = ""
     lm_reasoning: bool = True  # its paper is about LM reasoning (the SmolLM2 tier runs it)
     not_fast: str = ""  # why the fast tier cannot measure it ("" = it can)
+    note: str = ""  # what to keep in mind when reading its cell
 
 
 _CLIP = {"class_path": "common.losses.ppo_clip.ClippedPolicyLoss",
@@ -200,13 +201,20 @@ ARMS: list[Arm] = [
     Arm("tppo", "text_reasoning/tppo.yaml", paper="T-PPO"),
     Arm("spo_stream", "text_reasoning/spo_stream.yaml",
         overrides={"advantage.init_args.num_prompts": lambda c: c.train_size}, paper="SPO single-stream"),
-    Arm("spo_chain", "text_reasoning/spo_chain.yaml", paper="Segment PO (chain)"),
+    Arm("spo_chain", "text_reasoning/spo_chain.yaml", paper="Segment PO (chain)",
+        note="its Monte Carlo prefix values sample about 5x GRPO's tokens (the rows column counts them); a 2-step probe "
+             "hit a shape error in common/methods/segment_po.py prefix_values when every completion of a batch ends "
+             "early (reported), not met in these 5 seeds"),
     Arm("spo_tree", "text_reasoning/spo_tree.yaml", paper="Segment PO (tree)"),
     Arm("dpo_online", "text_reasoning/dpo.yaml", paper="DPO (online pairs)"),
     Arm("adpo", "text_reasoning/adpo.yaml", paper="ADPO"),
-    Arm("adhint", "text_reasoning/adhint.yaml", paper="ADHint"),
-    Arm("sdpo", "text_reasoning/sdpo.yaml", paper="SDPO"),
-    Arm("srpo", "text_reasoning/srpo.yaml", paper="SRPO"),
+    Arm("adhint", "text_reasoning/adhint.yaml", paper="ADHint",
+        note="privileged information: hinted rows start from a prefix of the reference answer (forced, not generated: "
+             "fewer tokens generated)"),
+    Arm("sdpo", "text_reasoning/sdpo.yaml", paper="SDPO",
+        note="the teacher is the policy re-prompted with a sibling's solution ('Correct solution: ...'), a context "
+             "the char-level toy never saw in SFT: its collapse here may be the toy's, not the method's"),
+    Arm("srpo", "text_reasoning/srpo.yaml", paper="SRPO", note="the same re-prompted teacher as SDPO (see there)"),
 ]
 BASELINES = ("grpo", "dr_grpo", "rloo")
 
@@ -459,11 +467,15 @@ def fast_table(res: dict, arms: list[Arm]) -> tuple[str, list, list]:
             ci_d = diff_ci([runs[s]["final_acc"] for s in common_seeds], [base[s]["final_acc"] for s in common_seeds])
             d = fmt_ci(ci_d, signed=True)
             reading = "above GRPO" if ci_d[1] > 0 else "below GRPO" if ci_d[2] < 0 else "no detectable difference"
+            tok_ratio = (sum(runs[s]["tokens"] for s in common_seeds) /
+                         max(1, sum(base[s]["tokens"] for s in common_seeds)))
+            if not 0.8 <= tok_ratio <= 1.25:  # rows matched, tokens not: say so in the reading itself
+                reading += f" (at {tok_ratio:.1f}x GRPO's generated tokens)"
         else:
             d, reading = "—", "—"
         rows_used = sum(runs[s]["rows"] for s in seeds) / len(seeds)
         toks = sum(runs[s]["tokens"] for s in seeds) / len(seeds)
-        notes = "; ".join(runs[seeds[0]]["notes"]) or ""
+        notes = "; ".join(dict.fromkeys(runs[seeds[0]]["notes"] + ([arm.note] if arm.note else [])))
         if arm.name != "grpo" and common_seeds and all(runs[s]["curve"] == base[s]["curve"] for s in common_seeds):
             notes = "; ".join(x for x in (notes, "the same curve as GRPO on every seed (its parts never changed the "
                                                  "update here)") if x)
@@ -478,17 +490,19 @@ def fast_table(res: dict, arms: list[Arm]) -> tuple[str, list, list]:
     return table(header, rows), plotted, stats
 
 
-def headline(stats: list) -> str:
+def headline(stats: list, start: str = "?") -> str:
     """The table in three lines: the baselines, the arms the reading rule separates from GRPO, the top three."""
     if not stats:
         return "No arm measured yet."
     by = {a: (m, n, r) for a, m, n, r in stats}
     base = ", ".join(f"{a} {by[a][0]:.3f}" for a in BASELINES if a in by)
-    above = [a for a, _, _, r in stats if r == "above GRPO"]
-    below = [a for a, _, _, r in stats if r == "below GRPO"]
+    above = [a + r[len("above GRPO"):] for a, _, _, r in stats if r.startswith("above GRPO")]
+    below = [a + r[len("below GRPO"):] for a, _, _, r in stats if r.startswith("below GRPO")]
     top = sorted(stats, key=lambda x: -x[1])[:3]
     seeds = sorted({n for _, _, n, _ in stats})
-    return (f"- Baselines (mean held-out accuracy): {base}; seeds per arm: {', '.join(map(str, seeds))}.\n"
+    return (f"- The common SFT'd start: {start}. Baselines after RL (mean held-out accuracy): {base}; seeds per arm: "
+            f"{', '.join(map(str, seeds))}. At this budget RL moves the weak policy little, so *no detectable "
+            "difference* mostly says the budget is small, not that the methods are equal.\n"
             f"- Above GRPO (paired 95% CI > 0): {', '.join(above) or 'none'}; below GRPO (CI < 0): "
             f"{', '.join(below) or 'none'}; every other measured arm: no detectable difference.\n"
             f"- Highest means: {', '.join(f'{a} {m:.3f}' for a, m, _, _ in top)}.")
@@ -639,7 +653,7 @@ number of seeds -- not "equal". The league measures each recipe's parts at one s
 method built for long chains of thought, large G or many steps can be indistinguishable here and still help at paper
 scale; the table says what this budget can and cannot tell apart.
 
-{headline(stats)}
+{headline(stats, meta.get('start_acc', '?'))}
 
 {tab}
 
