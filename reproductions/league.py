@@ -233,8 +233,8 @@ EXCLUDED = {
         "offline: they train on stored step records / preference pairs, not on the policy's rollouts, so there is "
         "no rollout budget to match",
     "common.losses.correction.RolloutCorrection": "a correction for a sampler that differs from the trained policy "
-        "(vLLM); the fast tier samples with the policy itself, so it is the identity (it is in the SmolLM2 tier's "
-        "vLLM arms and in grpo_adaptive_kl)",
+        "(vLLM); both tiers sample with the policy itself (HF generate), where it is the identity; it is part of "
+        "grpo_adaptive_kl's recipe (included)",
     "common.losses.kl.*, kl_control.*": "KL terms, not estimators: beta 0 in every recipe but grpo_adaptive_kl "
         "(included)",
     "common.methods.arpo.ARPO, spear.SPEAR, episode_stats, canaries, ref_refresh, sample_fields":
@@ -693,9 +693,9 @@ Accuracy of the common start (step 0): {meta.get('start_acc', '?')}.
 Every arm whose paper is about LM reasoning, GRPO included, on arithmetic (2-digit +) and countdown (3 numbers), the
 curriculum method (DUMP) on its recipe's mixture of 8 sources (Knights-and-Knaves with 2-6 people, sums of 1-3
 digits; `curriculum`, GRPO on the same mixture as its control); {smol_steps} steps of 4 prompts x G 8, 32 new tokens, lr 2e-5, 3 seeds
-(0, 1, 2); held-out greedy accuracy on 50 problems (TaskReward's check). vLLM rollouts need the `vllm` extra
-(`configs/text_reasoning/grpo_arithmetic_vllm.yaml` shows the backend part); on this CPU machine the cells use HF
-generate.
+(0, 1, 2); held-out greedy accuracy on 50 problems (TaskReward's check). The cells here use HF generate: vLLM is
+installed, but this script has no vLLM switch yet (not done: the backend part and the RolloutCorrection wrapper of
+`configs/text_reasoning/grpo_arithmetic_vllm.yaml` are what a GPU run would add), and no GPU was lent to this session.
 
 {smol_section(res, arms, smol_steps, [0, 1, 2])}
 
