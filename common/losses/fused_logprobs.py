@@ -15,6 +15,9 @@ Gradients. For upstream gradients ``g_i = ∂L/∂lp_i`` and ``e_i = ∂L/∂H_i
     δ_iv = ∂L/∂z_iv = g_i 1[v = y_i] - p_iv (g_i + e_i (logp_iv + H_i))
     ∂L/∂h = δ W / T,   ∂L/∂W = δᵀ h / T,   ∂L/∂b = Σ_i δ_i / T
 
+(computed with ``H_i + 1 − Σ_v p_iv`` in place of ``H_i``: equal in exact arithmetic, and what log_softmax's own
+backward gives on the rounded p, so the gradient is that of the values returned, as in the plain computation.)
+
 Why the forward cannot hand back finished gradients here. Fused linear-cross-entropy kernels (Liger
 Kernel's ``LigerFusedLinearCrossEntropy``, Hsu et al. 2024, arXiv 2410.10989) form ``δ W`` and ``δᵀ h`` in
 the forward pass because their output is a scalar loss: the upstream gradient is one number that scales
