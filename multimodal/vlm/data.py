@@ -11,7 +11,8 @@ Five tasks, each a pure function of ``(seed, index)`` (a private ``random.Random
 
 Every sample records ``boxes`` (K, 4) pixel boxes ``[x0, y0, x1, y1]`` (inclusive-exclusive) of the drawn objects
 and ``points`` (K, 2) their centres ``[x, y]``, as float tensors, so a transform that moves pixels can move them too.
-Every sample also has a ``caption`` (what the image shows, independent of the question). The answer is one word; :class:`VQAReward` accepts a completion whose first word (bounded, case-folded) equals it.
+Every sample also has a ``caption`` (what the image shows, independent of the question). The answer is one word;
+:class:`VQAReward` accepts a completion whose first word (bounded, case-folded) equals it.
 """
 
 from __future__ import annotations

@@ -260,7 +260,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m multimodal.vlm.pretrain", description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=PretrainConfig.steps, help="SFT steps")
     p.add_argument("--batch-size", type=int, default=PretrainConfig.batch_size)
-    p.add_argument("--tower-steps", type=int, default=PretrainConfig.tower_steps, help="stage-1 steps (tower only)")
+    p.add_argument("--tower-steps", type=int, default=PretrainConfig.tower_steps,
+                   help="stage-1 caption-alignment steps (tower + projector, no LM)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-size", type=int, default=200, help="held-out images for the accuracy")
     p.add_argument("--out", default=None, help="directory (default: the cache directory keyed by the config)")

@@ -102,3 +102,24 @@ def test_datamodule_holds_out_validation_and_rejects_bad_tasks():
         VisualQAData(tasks=["colour", "sudoku"])
     with pytest.raises(ValueError, match="n must be a non-negative int"):
         generate(-1, 0)
+
+
+def test_caption_is_what_the_image_shows_and_pads_to_the_feature_count():
+    from multimodal.vlm.model import vlm_tokenizer
+    from multimodal.vlm.pretrain import caption_targets
+
+    for s in generate(40, 3):
+        c, a, t = s["caption"], s["answer"], s["task"]
+        if t in ("colour", "shape"):
+            assert c.startswith("1 ") and f" {a}" in c
+        elif t == "position":  # the whole shape is in the left or right third, so its centre is too
+            assert c.startswith("1 ") and c.endswith(f", {a}.")
+        elif t == "count":
+            assert c.startswith(f"{a} ") and (c.endswith("shapes.") or a == "1")
+        else:
+            assert c == f"3 bars, tallest {a}."
+    tok = vlm_tokenizer()
+    ids = caption_targets(tok, ["1 red circle, left.", "3 bars, tallest middle."], 8)  # (2, 8)
+    space = tok.convert_tokens_to_ids("\u0120")
+    assert tok.decode(ids[0, :6]) == "1 red circle, left." and ids[0, 6:].eq(space).all()
+    assert caption_targets(tok, ["1 red circle, left."], 4).tolist()[0] == ids[0, :4].tolist()  # cut to 4 features
