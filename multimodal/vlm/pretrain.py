@@ -6,9 +6,11 @@ LLaVA's recipe (Liu et al. 2023, arXiv 2304.08485 §4.1) has two stages, and so 
 1. Caption alignment (:func:`align_captions`), the LM out of the loop: the vision tower (from scratch: no vision
    weights are available offline) and the projector learn to emit, at image feature ``i``, the LM's input
    embedding of token ``i`` of the image's caption ("1 red circle, left.", "3 blue shapes.", "3 bars, tallest
-   middle."). The first version trained the tower as an answer classifier and then everything through the LM for
-   150 steps; its projected features had ~5x the embeddings' norm, the LM ignored them and it stayed at chance
-   (0.350 on 200 images, chance 0.333). Aligned to embeddings, the features have their norm and carry the words.
+   middle."). The first version meant to train the tower as an answer classifier (but the LoRA wrapper, applied
+   first, had frozen it: only the linear head learned, a probe of random features at 0.88) and then everything
+   through the LM for 150 steps; its projected features had ~5x the embeddings' norm, the LM ignored them and it
+   stayed at chance (0.350 on 200 images, chance 0.333). Stage 1 now unfreezes what it trains; aligned to
+   embeddings, the features have their norm (4.2 vs 3.2) and carry the words.
 2. SFT (:func:`sft`): the answer tokens' negative log-likelihood (answer word + ``<|im_end|>``) through the policy's
    own ``forward`` (the path RL uses: same chat template, same image splicing and placeholder check), LoRA on the
    LM's top ``lora_top_layers`` layers, tower and projector frozen — so the backward pass stops at the lowest
