@@ -235,6 +235,8 @@ COMMANDS: dict[str, Run | Exempt] = {
     "make setup": Exempt("installs the environment this test runs in"),
     # ---- gradient checkpointing (/work/readme_parts/h8-gc-readme.md)
     f"{FIRST_FIT} --model.init_args.gradient_checkpointing true": Run(TINY),
+    ".venv/bin/python benchmarks/logprobs.py --threads 1 --reps 3 --allow-shared":
+        Exempt("a benchmark (~15 min); tests/common/test_fused_logprobs.py checks the kernel's values and gradients"),
     "python benchmarks/grpo_step.py": Exempt("a benchmark against TRL (about 40 min on 2 cores; `make bench` runs it)"),
     # ---- predict and export (/work/readme_parts/h1-predict-export.md): the checkpoint of the first fit
     f"advlab predict --config {GRPO} --ckpt_path $CKPT --output predictions/val.jsonl":
@@ -313,11 +315,38 @@ COMMANDS: dict[str, Run | Exempt] = {
         Exempt("tests/diffusion/multiview/test_zigal_recipes.py runs it on a tiny base, kills it and resumes it"),
     # ---- vision-language models (tests/multimodal/)
     "python -m multimodal.vlm.pretrain":
-        Exempt("about an hour of pre-training on one core; tests/multimodal/vlm/ pre-train a tiny VLM"),
+        Exempt("~20 minutes of pre-training on 2 cores; tests/multimodal/vlm/ pre-train a tiny VLM"),
+    "python -m multimodal.vlm.pretrain --eval-only":
+        Exempt("needs the pre-trained VLM (~20 minutes); tests/multimodal/vlm/ evaluate a tiny one"),
     "advlab fit --config configs/multimodal/grpo_vlm.yaml --evaluate true":
-        Exempt("needs the pre-trained VLM (an hour); tests/multimodal/vlm/test_recipe.py runs the recipe on the tiny VLM"),
+        Exempt("needs the pre-trained VLM (~20 min); tests/multimodal/vlm/test_recipe.py runs the recipe on the tiny VLM"),
     "advlab fit --config configs/multimodal/roma.yaml --evaluate true":
-        Exempt("needs the pre-trained VLM (an hour); tests/multimodal/roma/test_recipe.py runs the recipe on the tiny VLM"),
+        Exempt("needs the pre-trained VLM (~20 min); tests/multimodal/roma/test_recipe.py runs the recipe on the tiny VLM"),
+    "python reproductions/roma.py --smollm2 --seeds 0":
+        Exempt("a reproduction arm on the pre-trained SmolLM2 VLM (~35 minutes); its --smoke runs in tests/multimodal/roma/test_repro_smoke.py"),
+    "python reproductions/roma.py --smollm2 --report-only":
+        Exempt("rewrites the committed report from the committed runs; the --smoke path is tests/multimodal/roma/test_repro_smoke.py"),
+    "python reproductions/roma.py --smollm2 --smoke": Exempt("tests/multimodal/roma/test_repro_smoke.py runs it"),
+    # ---- MedScope (tests/multimodal/medscope/)
+    "advlab fit --config configs/multimodal/medscope_sft.yaml":
+        Exempt("needs the pre-trained VLM; tests/multimodal/medscope/test_recipes.py runs it 2 steps on the tiny VLM"),
+    "advlab fit --config configs/multimodal/medscope_grpo.yaml":
+        Exempt("needs the SFT'd VLM agent; tests/multimodal/medscope/test_recipes.py runs it 2 steps on the tiny VLM"),
+    "advlab fit --config configs/multimodal/ga_grpo.yaml":
+        Exempt("needs the SFT'd VLM agent; tests/multimodal/medscope/test_recipes.py runs it 2 steps after the SFT recipe"),
+    "python reproductions/medscope.py":
+        Exempt("3 seeds x 3 arms (~30 CPU-minutes); its --smoke runs in tests/multimodal/medscope/"),
+    "python -m multimodal.medscope.train --out runs/medscope_toy --steps 50":
+        Exempt("tests/multimodal/medscope/ SIGKILL this trainer and resume it (exact)"),
+    # ---- reproductions standard and the league (tests/reproductions/)
+    "python reproductions/dump.py": Exempt("a full reproduction (~30 s); its --smoke runs in tests/reproductions/test_repro_a_smoke.py"),
+    "python reproductions/dump.py --smoke": Exempt("tests/reproductions/test_repro_a_smoke.py runs it"),
+    "python reproductions/league.py": Exempt("the fast tier, ~40 minutes on 2 cores"),
+    "python reproductions/league.py --smoke": Exempt("tests/reproductions/test_league.py runs it"),
+    "python reproductions/league.py --tier smollm2 --arms grpo,dr_grpo,rloo --smol_tasks arithmetic --seeds 0 --steps 5":
+        Exempt("SmolLM2 RL, minutes per arm on 2 cores"),
+    "advlab fit --config configs/text_reasoning/paper/dapo.yaml --print_config":
+        Exempt("tests/test_paper_recipes.py resolves every paper twin with --print_config in one process"),
 }
 
 
