@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from helpers import private_cache
+
 ROOT = Path(__file__).resolve().parents[2]
 SHRINK = [
     "--model.init_args.policy.init_args.train_steps", "3",  # a target trained for 3 steps is enough to run
@@ -25,7 +27,7 @@ SHRINK = [
 
 
 def advlab(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "ADVLAB_CACHE": str(cwd / "cache"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ADVLAB_CACHE": private_cache(cwd / "cache"), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "common.cli", *args]
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"

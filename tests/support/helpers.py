@@ -36,3 +36,18 @@ def digit_data(n: int, prompts_per_step: int, seed: int = 0):
             self.train_set, self.val_set = digit_prompts(n, seed), digit_prompts(n, seed)[:2]
 
     return DigitData(prompts_per_step=prompts_per_step, val_batch_size=2, seed=seed)
+
+
+def private_cache(path):
+    """A private ``$ADVLAB_CACHE`` for one test (its own pre-trained artefacts) that shares the de-quantised bundled
+    SmolLM2 of the default cache by a symlink: built once per machine (tens of seconds), not once per test."""
+    from pathlib import Path
+
+    from common.models import bundled_smollm2_path
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    link = path / "SmolLM2-135M-Instruct"
+    if not link.exists():
+        link.symlink_to(bundled_smollm2_path(), target_is_directory=True)
+    return str(path)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import private_cache
 from resume import ROOT
 
 
@@ -16,7 +17,7 @@ from resume import ROOT
 def test_smollm2_path_smoke_runs_every_arm(tmp_path):
     reports = ROOT / "reproductions/reports"
     before = {p.name: p.stat().st_mtime for p in reports.glob("roma_smollm2*")}
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ADVLAB_CACHE": str(tmp_path), "TMPDIR": str(tmp_path)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ADVLAB_CACHE": private_cache(tmp_path), "TMPDIR": str(tmp_path)}
     proc = subprocess.run([sys.executable, str(ROOT / "reproductions/roma.py"), "--smollm2", "--smoke"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from helpers import private_cache
 from startup import advlab_failure
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -22,7 +23,7 @@ TINY = ["--model.init_args.policy.class_path", "multimodal.vlm.model.TinyVLM", "
 
 def env(tmp_path: Path) -> dict:
     # PYTHONPATH: the repo root, so `multimodal` imports whether or not the editable install predates it
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "ADVLAB_CACHE": str(tmp_path / "cache"),
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "ADVLAB_CACHE": private_cache(tmp_path / "cache"),
             "VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
@@ -47,7 +48,7 @@ def test_pretraining_is_cached_by_config_and_reloads(tmp_path, monkeypatch):
     from multimodal.vlm.model import PretrainConfig, PretrainedVLM, TinyVLM
     from multimodal.vlm.pretrain import build
 
-    monkeypatch.setenv("ADVLAB_CACHE", str(tmp_path))
+    monkeypatch.setenv("ADVLAB_CACHE", private_cache(tmp_path))
     tiny = TinyVLM(seed=0)
     cfg = PretrainConfig(vision=tiny.vision, language="tiny", steps=2, batch_size=4, train_size=40,
                          tower_steps=3, tower_batch_size=8)
