@@ -16,7 +16,8 @@ Here the rows are processed in chunks of ``chunk_size``. Two kernels compute the
   memory for one extra chunk matmul in the backward (~1.5x the plain time on CPU).
 - ``"auto"`` (default): the fused kernel for as many rows as fit ``_RECOMPUTE_ABOVE_BYTES`` of stored float32
   log-softmax, the checkpointed chunks for the rest: no extra matmul while the batch fits the budget, bounded
-  memory beyond it (the extra matmul only for the rows past the budget).
+  memory beyond it (the extra matmul only for the rows past the budget). A float64 head (a reference
+  computation) takes the chunks, whose gradients autograd accumulates in float64.
 Only the rows that are needed (completion positions) are passed in.
 """
 
@@ -96,7 +97,9 @@ def token_logprobs(
     fused_rows = 0  # rows [0, fused_rows) go through the fused kernel, the rest through chunks
     if needs_grad and kernel == "fused":
         fused_rows = hidden.shape[0]
-    elif needs_grad and kernel == "auto" and recompute is None:
+    elif needs_grad and kernel == "auto" and recompute is None and weight.dtype != torch.float64:
+        # float64 is a reference computation: the chunked path keeps autograd's float64 gradient accumulation, so a
+        # float64 DDP/FSDP step equals one process to 1e-10 (the fused kernel accumulates ∂W in float32 over blocks)
         block = block_rows(chunk_size, weight.shape[0])
         fused_rows = min(hidden.shape[0], _RECOMPUTE_ABOVE_BYTES // (4 * weight.shape[0]) // block * block)
         recompute = fused_rows < hidden.shape[0]  # rows past the budget: checkpointed chunks on the same blocks
