@@ -1,35 +1,44 @@
 """A neural reward model on a verifiable task, end to end: train it, check how it ranks held-out pairs, then GRPO on
-its scores and measure held-out accuracy with the task's verifier (InstructGPT's recipe, arXiv 2203.02155 §3.5,
-with GRPO, arXiv 2402.03300, as the RL step).
+its scores against a matched control, and measure held-out accuracy with the task's verifier (InstructGPT's recipe,
+arXiv 2203.02155 §3.5, with GRPO, arXiv 2402.03300 eq. 3, as the RL step).
 
-Claims checked (thresholds fixed before the run, issue 16):
-  1. the reward model ranks held-out pairs (prompts never seen in training) correctly >= 90% of the time;
-  2. GRPO on its scores raises the held-out greedy accuracy (verifier-measured) above the policy's before training.
+Claims checked (the pre-registration below, PREREG, is written into the report before any result):
+  1. the reward model ranks held-out pairs (prompts never seen in training) correctly >= 90% of the time (issue 16);
+  2. GRPO on its scores raises the held-out greedy accuracy (verifier-measured) more than the matched control: the
+     same GRPO steps, prompts, G, lr and seed with the same RM's scores permuted among each prompt's G completions
+     (``support.controls.ShuffledRewardModelReward``: the same rewards in every group, no ranking information).
 
-Stages, each a real ``advlab`` process (the README's commands, with the overrides printed):
-  rm      advlab fit --config configs/text_reasoning/reward_model.yaml         (pairs sampled + RM trained)
-  rank    score the held-out pairs with common.rewards.model.RewardModelReward, plus two diagnostics
-  before  advlab validate --config configs/text_reasoning/grpo_arithmetic.yaml  (the untrained policy)
-  grpo    advlab fit --config configs/text_reasoning/grpo_reward_model.yaml     (GRPO on the RM's scores)
-  after   advlab validate ... --ckpt_path <GRPO's last.ckpt>
+Stages per seed, each a real ``advlab`` process (the README's commands, with the overrides printed):
+  rm             advlab fit --config configs/text_reasoning/reward_model.yaml         (pairs sampled + RM trained)
+  rank           score the held-out pairs with common.rewards.model.RewardModelReward, plus two diagnostics
+  before         advlab validate --config configs/text_reasoning/grpo_arithmetic.yaml  (the untrained policy; greedy,
+                 so seed-independent: run once, for the first seed, and shared)
+  grpo           advlab fit --config configs/text_reasoning/grpo_reward_model.yaml     (GRPO on the RM's scores)
+  after          advlab validate ... --ckpt_path <GRPO's last.ckpt>
+  control        the grpo stage with the rewards of support.controls.ShuffledRewardModelReward
+  control_after  advlab validate ... --ckpt_path <the control's last.ckpt>
 
-Results are kept in ``<out>/results.json``; a stage whose result is there is not run again (``--fresh`` reruns).
-``--smoke`` runs every stage with a tiny random model in seconds (a test runs it); it writes no report.
+Results are kept in ``<out>/seed<S>/results.json``; a stage whose result is there is not run again (``--fresh``
+reruns). Seeds may run in parallel processes (``--seeds 1``, ``--seeds 2``); the report is written by the process
+that finds every seed complete (or by ``--stages report``). ``--smoke`` runs every stage of one seed with a tiny
+random model (a slow test runs it); it writes no report.
 
-    .venv/bin/python reproductions/reward_model.py [--grpo-steps 6] [--val-size 32] [--seed 0]
+    .venv/bin/python reproductions/reward_model.py [--seeds 0 1 2] [--grpo-steps 4] [--val-size 32]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from support.report import ROOT, table, verdict, write_report
+from support.report import (ROOT, diff_ci, eval_record, fmt_ci, mean_ci, preregistration, split_hash, table, verdict,
+                            write_report)
 
 RM_CONFIG = ROOT / "configs/text_reasoning/reward_model.yaml"
 GRPO_CONFIG = ROOT / "configs/text_reasoning/grpo_reward_model.yaml"
@@ -46,7 +55,8 @@ def advlab(*args: str, cwd: Path) -> str:
     cmd = [sys.executable, "-m", "common.cli", *args]
     print("$ advlab " + " ".join(str(a).replace(str(ROOT) + "/", "") for a in args), flush=True)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    path = os.pathsep.join(p for p in (str(ROOT / "reproductions"), os.environ.get("PYTHONPATH", "")) if p)
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path})
     if proc.returncode != 0:
         raise SystemExit(f"advlab {args[0]} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     print(f"  done in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -58,14 +68,6 @@ def val_accuracy(output: str) -> float:
     if not found:
         raise SystemExit(f"no val/accuracy in the output:\n{output[-2000:]}")
     return float(found[-1])
-
-
-def wilson(p: float, n: int, z: float = 1.96) -> str:
-    """The 95% Wilson score interval of a proportion p over n trials, as "[lo, hi]"."""
-    if n <= 0:
-        return "[n/a]"
-    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
-    return f"[{max(0.0, centre - half):.2f}, {min(1.0, centre + half):.2f}]"
 
 
 def rank(out: Path, smoke: bool) -> dict:
@@ -102,127 +104,231 @@ def rank(out: Path, smoke: bool) -> dict:
             "held_out_prompts": len({p["prompt"] for p in held})}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--smoke", action="store_true", help="a tiny random model, seconds per stage; no report")
-    ap.add_argument("--out", type=Path, default=ROOT, help="where runs/ and results.json go (default: the repository)")
-    ap.add_argument("--grpo-steps", type=int, default=6, help="GRPO optimiser steps")
-    ap.add_argument("--group-size", type=int, default=4, help="GRPO's G")
-    ap.add_argument("--val-size", type=int, default=32, help="held-out prompts for the accuracy (the first of the recipe's)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--fresh", action="store_true", help="rerun every stage")
-    ap.add_argument("--stages", default="rm,rank,before,grpo,after",
-                    help="comma-separated stages to run now (others are read from results.json, or skipped)")
-    args = ap.parse_args()
-    out = args.out.resolve()
+STAGES = ("rm", "rank", "before", "grpo", "after", "control", "control_after")
+MARGIN = 2 / 32  # the smallest gain the claim must show to count: 2 of the 32 held-out prompts
+PREREG = dict(
+    claim="(1) the Bradley-Terry RM ranks >= 90% of held-out pairs (prompts never seen in training) correctly, in every "
+          "seed (issue 16's threshold); (2) GRPO on its scores raises the held-out greedy accuracy (the task's verifier, "
+          "32 validation prompts) more than the matched control after the same K GRPO steps: accuracy(RM arm) − "
+          f"accuracy(control) > 0 over seeds, a gain of at least {MARGIN:.4f} (2 of 32 prompts) being the claim's size",
+    control="GRPO from the same untrained policy with the same seed, prompts, K steps, G, lr and sampling, rewarded by the "
+            "same RM's scores permuted uniformly among each prompt's G completions "
+            "(`support.controls.ShuffledRewardModelReward`): every group gets the same rewards, hence the same advantage "
+            "magnitudes, but not the RM's ranking. Also reported: both arms' change from the untrained policy",
+    seeds="0, 1, 2 (each seed: its own sampled pairs, its own RM, and both GRPO arms)",
+    not_reproduced_if="(1) the mean held-out pair accuracy over seeds is < 0.9; or (2) the upper end of the paired 95% "
+                      "t-interval of accuracy(RM arm) − accuracy(control) is below "
+                      f"{MARGIN:.4f} (a gain of the claim's size is excluded)",
+    inconclusive_if="(1) >= 0.9 on average but < 0.9 in some seed; or (2) the interval reaches above "
+                    f"{MARGIN:.4f} and its lower end is <= 0. Overall: not reproduced if either part is, reproduced if "
+                    "both are, else inconclusive")
+
+
+def decide_rank(accs: list[float]) -> str:
+    if sum(accs) / len(accs) < 0.9:
+        return "not reproduced"
+    return "reproduced" if min(accs) >= 0.9 else "inconclusive"
+
+
+def decide_gain(ci: tuple[float, float, float]) -> str:
+    if ci[2] < MARGIN:
+        return "not reproduced"
+    return "reproduced" if ci[1] > 0 else "inconclusive"
+
+
+def combine(parts: list[str]) -> str:
+    if "not reproduced" in parts:
+        return "not reproduced"
+    return "reproduced" if all(p == "reproduced" for p in parts) else "inconclusive"
+
+
+def run_seed(seed: int, out: Path, args: argparse.Namespace, stages: set[str], before_path: Path) -> dict:
+    """Run the missing ``stages`` of one seed in ``out`` (its runs/ and results.json); return its results."""
     out.mkdir(parents=True, exist_ok=True)
-    results_path = out / ("results_smoke.json" if args.smoke else "runs/reward_model_repro/results.json")
+    results_path = out / ("results_smoke.json" if args.smoke else "results.json")
     results = {} if args.fresh or not results_path.exists() else json.loads(results_path.read_text())
 
     def save() -> None:  # merged with the file: stages may run in parallel processes (--stages)
-        results_path.parent.mkdir(parents=True, exist_ok=True)
         on_disk = json.loads(results_path.read_text()) if results_path.exists() else {}
         results.update({k: v for k, v in on_disk.items() if k not in results})
         results_path.write_text(json.dumps(results, indent=1))
 
-    seed = ["--seed_everything", str(args.seed)]
-    steps = 1 if args.smoke else args.grpo_steps
+    seed_args = ["--seed_everything", str(seed)]
+    steps, group = (1, 2) if args.smoke else (args.grpo_steps, args.group_size)
     val = ["--data.init_args.val_size", str(4 if args.smoke else args.val_size),
            "--data.init_args.val_batch_size", str(4 if args.smoke else args.val_size)]
     policy = SMOKE_POLICY if args.smoke else []
-    stages = set(args.stages.split(","))
-    if stages - {"rm", "rank", "before", "grpo", "after"}:
-        raise SystemExit(f"--stages: expected names from rm,rank,before,grpo,after, got {args.stages!r}")
     if "rm" not in results and "rm" in stages:
-        advlab("fit", "--config", str(RM_CONFIG), *seed, *(SMOKE_RM if args.smoke else []), cwd=out)
+        advlab("fit", "--config", str(RM_CONFIG), *seed_args, *(SMOKE_RM if args.smoke else []), cwd=out)
         results["rm"] = True
         save()
     if "rank" not in results and "rank" in stages:
         results["rank"] = rank(out, args.smoke)
-        print(f"  held-out pair accuracy {results['rank']['held_out']:.3f} ({results['rank']['n_held_out']} pairs)", flush=True)
+        print(f"  seed {seed}: held-out pair accuracy {results['rank']['held_out']:.3f} ({results['rank']['n_held_out']} pairs)",
+              flush=True)
         save()
     if "before" not in results and "before" in stages:
-        results["before"] = val_accuracy(advlab("validate", "--config", str(BASE_CONFIG), *seed, *policy, *val, cwd=out))
+        if before_path.exists():  # greedy decoding of the same untrained policy on the same prompts: seed-independent
+            results["before"] = json.loads(before_path.read_text())["before"]
+        else:
+            results["before"] = val_accuracy(advlab("validate", "--config", str(BASE_CONFIG), *seed_args, *policy, *val, cwd=out))
+            before_path.write_text(json.dumps({"before": results["before"], "seed": seed}))
         print(f"  held-out accuracy before: {results['before']:.3f}", flush=True)
         save()
-    if "grpo" not in results and "grpo" in stages:
-        root = out / "runs/lightning_logs"  # the CLI's TensorBoard logger writes runs/lightning_logs/version_N
-        before = set(root.glob("version_*"))
-        advlab("fit", "--config", str(GRPO_CONFIG), *seed, *policy, *val, "--trainer.max_steps", str(steps),
-               "--model.init_args.group_size", str(2 if args.smoke else args.group_size), cwd=out)
-        (run,) = set(root.glob("version_*")) - before
-        results["grpo"] = str(run / "checkpoints/last.ckpt")
-        results["grpo_steps"], results["group_size"] = steps, (2 if args.smoke else args.group_size)
-        save()
-    if "after" not in results and "after" in stages:
-        results["after"] = val_accuracy(advlab("validate", "--config", str(BASE_CONFIG), *seed, *policy, *val,
-                                               "--ckpt_path", results["grpo"], cwd=out))
-        print(f"  held-out accuracy after: {results['after']:.3f}", flush=True)
-        save()
-    if any(k not in results for k in ("rank", "before", "after")):
-        print(f"stages done: {sorted(results)}; the verdict needs rank, before and after", flush=True)
-        return
-    r = results["rank"]
-    steps, args.group_size = results.get("grpo_steps", steps), results.get("group_size", args.group_size)
-    ranks, raises = r["held_out"] >= 0.9, results["after"] > results["before"]
-    details = (f"held-out pair accuracy {r['held_out']:.3f} ({r['n_held_out']} pairs, {r['held_out_prompts']} unseen prompts; "
-               f">= 0.9: {ranks}); held-out greedy accuracy {results['before']:.3f} -> {results['after']:.3f} after "
-               f"{steps} GRPO steps on the RM's scores (raised: {raises})")
+    for arm, reward in (("grpo", []), ("control", ["--model.init_args.rewards", json.dumps([{
+            "class_path": "support.controls.ShuffledRewardModelReward",
+            "init_args": {"path": "runs/reward_model/export", "batch_size": 32, "seed": seed}}])])):
+        if arm not in results and arm in stages:
+            root = out / "runs/lightning_logs"  # the CLI's TensorBoard logger writes runs/lightning_logs/version_N
+            existing = set(root.glob("version_*"))
+            advlab("fit", "--config", str(GRPO_CONFIG), *seed_args, *policy, *val, *reward, "--trainer.max_steps", str(steps),
+                   "--model.init_args.group_size", str(group), cwd=out)
+            (run,) = set(root.glob("version_*")) - existing
+            results[arm] = str(run / "checkpoints/last.ckpt")
+            results["grpo_steps"], results["group_size"] = steps, group
+            save()
+        key = "after" if arm == "grpo" else "control_after"
+        if key not in results and key in stages and arm in results:
+            results[key] = val_accuracy(advlab("validate", "--config", str(BASE_CONFIG), *seed_args, *policy, *val,
+                                               "--ckpt_path", results[arm], cwd=out))
+            print(f"  seed {seed}: held-out accuracy after {arm}: {results[key]:.3f}", flush=True)
+            save()
+    return results
+
+
+def record(val_size: int, seeds: list[int]) -> str:
+    from text_reasoning.data import Arithmetic, ReasoningData
+
+    data = ReasoningData(tasks=[Arithmetic(digits=2, ops="+")], train_size=2048, val_size=200)
+    data.setup("validate")
+    held = data.val_set[:val_size]
+    return eval_record(task="two-digit addition (text_reasoning.data.Arithmetic(digits=2, ops='+')), "
+                            "ReasoningData(train_size=2048, val_size=200) validation split",
+                       prompt_template="SmolLM2's chat template, one user turn = the problem (no system prompt, no "
+                                       "instruction), assistant header appended",
+                       answer_extraction="common.rewards.math.NumericAnswerReward via text_reasoning.rewards.TaskReward: "
+                                         "the completion's last number equals the answer",
+                       eos_rule="generation stops at the chat template's <\\|im_end\\|> or after 32 new tokens",
+                       sampling="evaluation greedy (val/accuracy of advlab validate); GRPO rollouts T = 1, 32 new tokens",
+                       split=f"the first {val_size} validation prompts, hash {split_hash(held)}", seeds=seeds,
+                       metric="val/accuracy = fraction of the prompts whose greedy completion is right")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="one seed, a tiny random model, seconds per stage; no report")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="where seed<S>/runs/ and results go (default runs/reward_model_repro; --smoke: a folder to give)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds to run now (the report needs 0 1 2)")
+    ap.add_argument("--grpo-steps", type=int, default=4, help="GRPO optimiser steps (both arms)")
+    ap.add_argument("--group-size", type=int, default=4, help="GRPO's G")
+    ap.add_argument("--val-size", type=int, default=32, help="held-out prompts for the accuracy (the first of the recipe's)")
+    ap.add_argument("--fresh", action="store_true", help="rerun every stage")
+    ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated stages to run now ('report': none, "
+                    "only the report from the results on disk)")
+    args = ap.parse_args()
+    stages = set(args.stages.split(","))
+    if stages - {*STAGES, "report"}:
+        raise SystemExit(f"--stages: expected names from {','.join(STAGES)},report, got {args.stages!r}")
     if args.smoke:
-        print(f"reward_model (smoke): {details}")
+        if args.out is None:
+            raise SystemExit("--smoke needs --out (a scratch folder)")
+        out = args.out.resolve()
+        res = run_seed(args.seeds[0], out, args, stages, out / "before.json")
+        r = res["rank"]
+        print(f"reward_model (smoke): held-out pair accuracy {r['held_out']:.3f} ({r['n_held_out']} pairs); held-out "
+              f"greedy accuracy {res['before']:.3f} -> {res['after']:.3f} (RM) / {res['control_after']:.3f} (control) after "
+              f"{res['grpo_steps']} GRPO step(s)")
         return
-    line = verdict("reward_model", ranks and raises, details)
-    rows = [["held-out pairs (sampled incorrect vs correct: sampled or the reference)", r["n_held_out"], f"{r['held_out']:.3f}"],
-            ["  of which sampled correct vs sampled incorrect", r["n_sampled_only"], f"{r['sampled_only']:.3f}"],
-            ["diagnostic: 'The answer is N.' vs same form, N off by ±1/±10", r["n_same_form"], f"{r['same_form']:.3f}"]]
-    report = f"""# Neural reward model: Bradley-Terry RM on verifiable pairs, then GRPO on its scores
+    root = (args.out or ROOT / "runs/reward_model_repro").resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    report_seeds = [0, 1, 2]
+    (root / "preregistration.md").write_text(preregistration(**PREREG))  # fixed before any result of this script
+    for seed in args.seeds:
+        run_seed(seed, root / f"seed{seed}", args, stages, root / "before.json")
+    found = {s: json.loads(p.read_text()) for s in report_seeds if (p := root / f"seed{s}/results.json").exists()}
+    missing = {s: [k for k in STAGES if k not in found.get(s, {})] for s in report_seeds}
+    if any(missing.values()):
+        print(f"stages missing for the report: { {s: m for s, m in missing.items() if m} }", flush=True)
+        return
+    write(root, found, report_seeds, args)
 
-Claims (issue 16), thresholds fixed before the run: (1) the RM ranks held-out pairs (prompts never seen in
-training) >= 90%; (2) GRPO on its scores raises held-out greedy accuracy (measured by the task's verifier).
 
-Setup (seed {args.seed}, one seed: each stage is minutes of a shared 2-core CPU):
+def write(root: Path, found: dict[int, dict], seeds: list[int], args: argparse.Namespace) -> None:
+    res = [found[s] for s in seeds]
+    steps, group = res[0]["grpo_steps"], res[0]["group_size"]
+    held = [r["rank"]["held_out"] for r in res]
+    form = [r["rank"]["same_form"] for r in res]
+    before = [r["before"] for r in res]
+    after = [r["after"] for r in res]
+    ctrl = [r["control_after"] for r in res]
+    v_rank, gain = decide_rank(held), diff_ci(after, ctrl)
+    v_gain = decide_gain(gain)
+    word = combine([v_rank, v_gain])
+    rm_change, ctrl_change = diff_ci(after, before), diff_ci(ctrl, before)
+    details = (f"(1) held-out pair accuracy {fmt_ci(mean_ci(held))} (min {min(held):.3f}; >= 0.9: {v_rank}); (2) held-out "
+               f"greedy accuracy after {steps} GRPO steps RM {sum(after) / len(after):.3f} vs shuffled-RM control "
+               f"{sum(ctrl) / len(ctrl):.3f}, RM − control {fmt_ci(gain, signed=True)} ({v_gain}); before "
+               f"{before[0]:.3f}; seeds {', '.join(map(str, seeds))}")
+    line = verdict("reward_model", word, details)
+    r0 = res[0]["rank"]
+    per_seed = [[s, f"{r['rank']['n_held_out']}", f"{r['rank']['held_out']:.3f}", f"{r['rank']['same_form']:.3f}",
+                 f"{r['before']:.3f}", f"{r['after']:.3f}", f"{r['control_after']:.3f}", f"{r['after'] - r['control_after']:+.3f}"]
+                for s, r in zip(seeds, res)]
+    summary = [["held-out pair accuracy (claim 1)", fmt_ci(mean_ci(held)), decide_rank(held)],
+               ["same-form diagnostic ('The answer is N.' vs N ±1/±10)", fmt_ci(mean_ci(form)), "diagnostic"],
+               [f"accuracy after {steps} steps, RM arm", fmt_ci(mean_ci(after)), ""],
+               [f"accuracy after {steps} steps, shuffled-RM control", fmt_ci(mean_ci(ctrl)), ""],
+               ["RM arm − control (claim 2, paired by seed)", fmt_ci(gain, signed=True), v_gain],
+               ["RM arm − before", fmt_ci(rm_change, signed=True), "diagnostic"],
+               ["control − before", fmt_ci(ctrl_change, signed=True), "diagnostic"]]
+    report = f"""# Neural reward model: Bradley-Terry RM on verifiable pairs, then GRPO on its scores vs a shuffled-score control
+
+InstructGPT (arXiv 2203.02155 §3.5) trains a reward model on comparisons and optimises the policy against it; here the
+comparisons are labelled by a verifier, so the policy's accuracy can be measured by the same verifier, and GRPO
+(arXiv 2402.03300) is the RL step.
+
+{preregistration(**PREREG)}
+Setup (CPU, reduced scale: every stage shares two CPU cores with other jobs, a GRPO step of {4 * group} SmolLM2
+rollouts plus its RM scoring takes minutes):
 - task: two-digit addition (`text_reasoning.data.Arithmetic`), policy the bundled SmolLM2-135M-Instruct;
-- pairs (`configs/text_reasoning/reward_model.yaml`): 2 completions per prompt sampled from the policy at its GRPO
-  sampling settings (T = 1, 32 tokens), labelled by the verifier; the reference answer written "The answer is N."
-  is one more correct completion (the base policy is right on only a few % of samples, so sampled-only pairs
-  would be too few). {r['n_train']} training pairs from 32 training prompts; held-out pairs from {r['held_out_prompts']}
-  of ReasoningData's validation prompts (GRPO's validation set), none seen in training;
-- RM: SmolLM2-135M backbone + scalar head (`AutoModelForSequenceClassification`, num_labels = 1), LoRA r = 8 on the
-  last 4 layers, Bradley-Terry loss, 2 epochs;
-- GRPO (`configs/text_reasoning/grpo_reward_model.yaml`): reward = the RM's score only, {steps} steps of 4 prompts x
-  G = {args.group_size}; accuracy = greedy on the first {args.val_size} validation prompts, before and after.
+- pairs (`configs/text_reasoning/reward_model.yaml`, per seed): 2 completions per prompt sampled from the policy at
+  its GRPO sampling settings (T = 1, 32 tokens), labelled by the verifier; the reference answer written "The answer
+  is N." is one more correct completion (the base policy is right on only a few % of samples). {r0['n_train']}
+  training pairs from 32 training prompts; held-out pairs from {r0['held_out_prompts']} of ReasoningData's
+  validation prompts, none seen in training;
+- RM: SmolLM2-135M backbone + scalar head, LoRA r = 8 on the last 4 layers, Bradley-Terry loss, 2 epochs;
+- GRPO (`configs/text_reasoning/grpo_reward_model.yaml`), both arms: {steps} steps of 4 prompts x G = {group}, lr 2e-5,
+  32 new tokens at T = 1; RM arm: reward = the RM's score; control: the same scores permuted within each group.
+  Accuracy = greedy on the first {args.val_size} validation prompts.
 
-{table(["pairs", "n", "RM ranks chosen higher"], rows)}
+{table(["seed", "held-out pairs", "RM ranks chosen higher", "same-form diagnostic", "accuracy before",
+        f"after {steps} steps (RM)", f"after {steps} steps (control)", "RM − control"], per_seed)}
 
-| held-out greedy accuracy | before | after GRPO on the RM |
-|---|---|---|
-| {args.val_size} prompts | {results['before']:.3f} | {results['after']:.3f} |
-
-Reading: the held-out pairs mostly oppose the reference written as "The answer is N." to a sampled wrong
-completion, so they can be ranked by form alone. The same-form diagnostic (the reference against the same
-sentence with N off by ±1 or ±10) shows how much of that is arithmetic: near 0.5 means the RM rewards the form,
-not the sum. GRPO on such an RM teaches the policy the rewarded form; accuracy rises only as far as that form
-helps the policy add. (In the seed-0 run the greedy completions after 2 steps were single equations such as
-"32 + 69 = 101." or "82 + 65 equals 159.", 10 of 32 right: `advlab predict --config
-configs/text_reasoning/grpo_arithmetic.yaml --data.init_args.val_size 32 --ckpt_path <GRPO's last.ckpt> --output
-after.jsonl`; before, they were mostly prose that never stated the sum.)
-
-Limits (what this run does not show): one seed; small samples (95% Wilson interval of the held-out pair accuracy
-{wilson(r['held_out'], r['n_held_out'])}; greedy accuracy before {wilson(results['before'], args.val_size)}, after
-{wilson(results['after'], args.val_size)}, on the same {args.val_size} prompts); {steps} GRPO steps only, because
-every stage shares two CPU cores with other jobs (a GRPO step of 16 SmolLM2 rollouts took about 5 minutes of wall
-time). It would have counted as not reproduced had the held-out pair accuracy been below 0.9 or the greedy
-accuracy after GRPO not above the accuracy before.
+{table(["measure (mean [95% t-interval over seeds])", "value", "verdict"], summary)}
 
 Verdict: `{line}`
 
-Commands: `.venv/bin/python reproductions/reward_model.py --grpo-steps {steps} --group-size {args.group_size} --val-size {args.val_size} --seed {args.seed}`
-(stages: `advlab fit --config configs/text_reasoning/reward_model.yaml`; `advlab validate --config
+### Verdict: **{word}** (pre-registered rules above: claim 1 {v_rank}, claim 2 {v_gain})
+
+Reading: the held-out pairs mostly oppose the reference written as "The answer is N." to a sampled wrong
+completion, so they can be ranked by form alone; the same-form diagnostic (the reference against the same sentence
+with N off by ±1 or ±10, near 0.5 = the RM does not check the sum) measures how much of the ranking is arithmetic.
+The shuffled control separates what the RM's ranking contributes from what any GRPO update of the same size does to
+this policy (GRPO at T = 1 on 32-token completions also moves the policy's style, which can change greedy accuracy
+by itself). The accuracy is on {args.val_size} prompts: one prompt is {1 / args.val_size:.3f}, and three seeds give a
+t-interval with 2 degrees of freedom (t = 4.303), so only a large, consistent gap can be resolved at this scale.
+"Before" is one greedy evaluation of the untrained policy (seed-independent), shared by the seeds.
+
+{record(args.val_size, seeds)}
+Commands: `.venv/bin/python reproductions/reward_model.py --seeds 0 1 2 --grpo-steps {steps} --group-size {group}
+--val-size {args.val_size}` (the seeds were run as parallel processes, `--seeds S`, with `OMP_NUM_THREADS=1 nice -n 10`;
+results in `runs/reward_model_repro/seed<S>/results.json`). Stages: `advlab fit --config
+configs/text_reasoning/reward_model.yaml --seed_everything S`; `advlab validate --config
 configs/text_reasoning/grpo_arithmetic.yaml --data.init_args.val_size {args.val_size}`; `advlab fit --config
-configs/text_reasoning/grpo_reward_model.yaml --trainer.max_steps {steps} --model.init_args.group_size {args.group_size}`;
-`advlab validate ... --ckpt_path <its last.ckpt>`). This run: the stages were started separately (`--stages`, the
-RM fit and the first validate by hand with the same commands), each with `OMP_NUM_THREADS=1` (two threads on a CPU
-shared by many jobs ran several times slower); results in `runs/reward_model_repro/results.json`.
+configs/text_reasoning/grpo_reward_model.yaml --trainer.max_steps {steps} --model.init_args.group_size {group}` (control:
+`--model.init_args.rewards '[{{"class_path": "support.controls.ShuffledRewardModelReward", ...}}]'`, with
+`reproductions/` on `PYTHONPATH`); `advlab validate ... --ckpt_path <its last.ckpt>`.
 """
     write_report("reward_model", report)
 
