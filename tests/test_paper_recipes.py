@@ -16,8 +16,7 @@ PAPER = sorted(ROOT.glob("configs/*/paper/*.yaml"))
 
 def test_every_recipe_of_the_six_domains_has_a_paper_twin():
     domains = ("text_reasoning", "agentic", "diffusion", "retrieval", "speculative", "multimodal")
-    recipes = [p for d in domains for p in sorted((ROOT / "configs" / d).glob("*.yaml"))
-               if not p.name.startswith(("medscope", "ga_grpo"))]  # MedScope (GA-GRPO): another helper writes them and their twins
+    recipes = [p for d in domains for p in sorted((ROOT / "configs" / d).glob("*.yaml"))]
     missing = [p.relative_to(ROOT).as_posix() for p in recipes if not (p.parent / "paper" / p.name).exists()]
     assert not missing, f"recipes without a paper twin: {missing}"
     assert len(PAPER) >= len(recipes) > 50
@@ -77,6 +76,20 @@ def test_a_paper_twin_names_its_paper_and_comments_what_it_changes():
         for path in CHECKED:
             if _get(twin, path) is not None and _get(twin, path) != _get(cpu, path):
                 assert "#" in lines[path], f"{config.relative_to(ROOT)}: {'.'.join(path)} changed with no source comment"
+
+
+def test_the_medscope_twins_chain_sft_to_rl_and_differ_in_the_advantage_only():
+    """MedScope (issue 22): the RL twins start from what the SFT twin writes, and the plain-GRPO twin is the GA-GRPO
+    twin with GRPO advantages (as their CPU recipes; tests/multimodal/medscope/test_recipes.py)."""
+    sft, grpo, ga = (yaml.safe_load((ROOT / f"configs/multimodal/paper/{n}.yaml").read_text())
+                     for n in ("medscope_sft", "medscope_grpo", "ga_grpo"))
+    out = sft["model"]["init_args"]["output_dir"]
+    assert out != "runs/medscope-vlm-sft"  # not the CPU warm start
+    for rl in (grpo, ga):
+        assert rl["model"]["init_args"]["policy"]["init_args"]["path"] == out
+    assert grpo["model"]["init_args"].pop("advantage")["class_path"] == "common.advantages.group.GRPO"
+    assert ga["model"]["init_args"].pop("advantage")["class_path"] == "multimodal.medscope.advantage.GAGRPO"
+    assert grpo == ga
 
 
 def test_a_model_path_that_is_not_here_fails_only_when_the_model_is_built(tmp_path):
