@@ -49,6 +49,22 @@ class BehaviourLogProbs:
         return torch.cat(self.steps + last, 1)
 
 
+class SeededDraw:
+    """A transformers logits processor that draws each token itself, from ``softmax(scores)`` with its own
+    ``torch.Generator``, and returns scores that are 0 at the drawn token and −inf elsewhere; ``generate`` then
+    runs greedily (``do_sample=False``) and takes it. The draw is the one ``generate``'s sampling makes,
+    ``torch.multinomial(softmax(scores), 1)``, but never touches torch's global RNG: a generation in a background
+    thread (``common.methods.overlap``) is a function of its seed alone, whatever the main thread draws meanwhile.
+    On the CPU, a generator seeded ``s`` gives the tokens ``do_sample`` gives after ``torch.manual_seed(s)``."""
+
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        token = torch.multinomial(scores.softmax(-1), 1, generator=self.generator)  # (B, 1)
+        return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)  # (B, V)
+
+
 class HFBackend(nn.Module):
     """``model.generate`` with sampling (or greedy), left-padded prompts, per-token behaviour log-probs.
 
@@ -131,8 +147,9 @@ class HFBackend(nn.Module):
     @torch.no_grad()
     def generate(
         self, policy: nn.Module, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, num_samples: int,
-        sampling: Sampling, *, greedy: bool = False,
+        sampling: Sampling, *, greedy: bool = False, generator: torch.Generator | None = None,
     ) -> RolloutBatch:
+        """``generator``: draw the samples with it instead of torch's global RNG (:class:`SeededDraw`)."""
         if num_samples <= 0:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
         eos = policy.generation_config.eos_token_id if policy.generation_config.eos_token_id is not None else tokenizer.eos_token_id
@@ -145,7 +162,9 @@ class HFBackend(nn.Module):
         )
         recorder = BehaviourLogProbs() if sampling.logprobs else None  # greedy: log-probs of the logits (T = 1)
         processors = ([] if greedy else self.sampling_processors(sampling)) + ([recorder] if recorder is not None else [])
-        if greedy:
+        if generator is not None and not greedy:  # the recorder sees the distribution; SeededDraw picks the token
+            processors.append(SeededDraw(generator))
+        if greedy or generator is not None:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:  # the warpers are in `processors`, in their order
             kwargs.update(do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
