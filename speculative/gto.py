@@ -24,14 +24,17 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from common.advantages.base import AdvantageEstimator
 from common.advantages.group import grpo
+from common.losses.aggregate import Normaliser, aggregate
+from common.losses.base import LossOutput, PolicyLoss
 from common.losses.ppo_clip import clipped_surrogate
 from speculative.decode import draft_tree
 from speculative.draft import Draft
 from speculative.tree import DraftTree, longest_accepted
 
 __all__ = ["branch_lengths", "tree_reward", "gto_advantages", "gto_surrogate", "group_roots", "prefix_trees",
-           "verify_prefix_trees", "path_logprob"]
+           "verify_prefix_trees", "path_logprob", "accepted_branch", "GTOAdvantage", "GTOLoss"]
 
 
 def branch_lengths(node_probs: Tensor, tree: DraftTree) -> Tensor:
@@ -85,6 +88,67 @@ def gto_surrogate(logp: Tensor, ref_logp: Tensor, length: Tensor, advantages: Te
     count = torch.zeros(len(groups), dtype=per_row.dtype, device=per_row.device).index_add_(
         0, inverse, torch.ones_like(per_row))
     return (per_group / count).mean(), clipped.float().mean()
+
+
+class GTOAdvantage(AdvantageEstimator):
+    """A_i of GTO eq. 10 from the rollout's debiased rewards R_i = r_i − r̄_i (``speculative.policy.DraftPolicy``):
+    GRPO's group standardisation (``grpo``, unbiased std, + δ) over the m adjacent roots of a group;
+    ``standardise=False`` returns R itself (the m = 1 arm, :func:`gto_advantages`).
+
+    Args:
+        std_eps: δ of the standardisation (1e-6).
+        standardise: standardise within groups (m > 1) or use R (m = 1).
+    """
+
+    def __init__(self, std_eps: float = 1e-6, standardise: bool = True):
+        if std_eps < 0:
+            raise ValueError(f"std_eps must be >= 0, got {std_eps}")
+        self.std_eps, self.standardise = std_eps, standardise
+
+    def __call__(self, batch) -> Tensor:  # (Bt,)
+        return gto_advantages(batch.rewards, None, batch.group_ids, eps=self.std_eps, standardise=self.standardise)
+
+
+class GTOLoss(PolicyLoss):
+    """ω·L_GTO as the loop's policy loss (GTO eq. 11, Algorithm 1): one action per row, the log of the per-token
+    geometric mean of the branch's probability (``DraftPolicy.forward``, (Bt, 1)); the ratio's denominator is the
+    frozen reference M0 (``ref_logprobs``), not π_old, so s_i = exp(logprobs − ref_logprobs); PPO's clip
+    (``clipped_surrogate``), mean over the rows: with groups of equal size m, the mean over groups of the group
+    means of :func:`gto_surrogate`. ``omega = 0`` is Phase I (the token loss alone): no term, no reference.
+
+    Args:
+        omega: ω, the weight of L_GTO (0.5).
+        clip_eps: ε of the clipped ratio (not stated in the paper; 0.2).
+    """
+
+    def __init__(self, omega: float = 0.5, clip_eps: float = 0.2):
+        if omega < 0:
+            raise ValueError(f"omega must be >= 0, got {omega}")
+        if not 0 <= clip_eps < 1:
+            raise ValueError(f"clip_eps must be in [0, 1), got {clip_eps}")
+        self.omega, self.clip_eps = omega, clip_eps
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.omega > 0
+
+    def __call__(self, logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
+                 ref_logprobs: Tensor | None = None, entropy: Tensor | None = None,
+                 normaliser: Normaliser | None = None, batch=None) -> LossOutput:
+        """Shapes: logprobs, ref_logprobs, mask (Bt, 1); advantages (Bt,)."""
+        if self.omega == 0:
+            return LossOutput(torch.zeros((), device=logprobs.device))
+        if ref_logprobs is None:
+            raise ValueError("GTOLoss needs ref_logprobs (the frozen reference M0's log-probs of the branches)")
+        per_row, _, clipped = clipped_surrogate(logprobs, ref_logprobs, advantages, mask, eps_low=self.clip_eps,
+                                                eps_high=self.clip_eps)  # (Bt, 1) each
+        loss_gto = aggregate(per_row, mask, "seq_mean_token_mean", normaliser)
+        clip_frac = aggregate(clipped.to(per_row.dtype), mask, "seq_mean_token_mean", normaliser)
+        metrics = {"loss_gto": loss_gto.detach(), "clip_frac": clip_frac}
+        if batch is not None and "length" in batch.inputs:  # accepted tokens + the bonus token, per root
+            metrics["accepted_len"] = aggregate((batch.inputs["length"][:, None] + 1).to(per_row.dtype), mask,
+                                                "seq_mean_token_mean", normaliser)
+        return LossOutput(self.omega * loss_gto, metrics)
 
 
 def group_roots(valid: Tensor, groups: int, group_size: int, generator: torch.Generator | None = None

@@ -1,5 +1,6 @@
 """GTO: the Draft Tree Reward against brute force, its smooth-max bounds, debiased group-standardised advantages,
-the clipped ratio to the frozen reference, and a few real training steps in which M0 never changes."""
+the clipped ratio to the frozen reference (and the loop's loss part that computes it), and a few real training steps
+in which M0 never changes."""
 
 from __future__ import annotations
 
@@ -106,6 +107,28 @@ def test_surrogate_uses_the_per_token_ratio_clipped_around_the_reference():
     assert logp.grad.tolist() == pytest.approx([-0.1375, 0.0, 0.0, 0.0], abs=1e-12)
 
 
+def test_the_loops_gto_loss_is_the_surrogate_on_the_hand_rows():
+    """GTOLoss (the loop's policy loss: one action per row, log of the per-token geometric mean, M0 as the ratio's
+    denominator) on the rows of the test above: ω x (−0.25), clip fraction 1/2, and the same gradient."""
+    from common.losses.aggregate import Normaliser
+    from speculative.gto import GTOLoss
+
+    ref = torch.tensor([-3.0, -2.0, 0.0, -4.0], dtype=torch.float64)
+    length = torch.tensor([2, 1, 0, 3])
+    logp = (ref + torch.tensor([2 * math.log(1.1), math.log(1.5), 0.0, 3 * math.log(0.5)], dtype=torch.float64))
+    n = length.clamp(min=1).double()
+    lp = (logp / n)[:, None].requires_grad_()  # (Bt, 1) what DraftPolicy.forward returns
+    mask = torch.ones(4, 1, dtype=torch.bool)
+    out = GTOLoss(omega=0.5, clip_eps=0.2)(lp, lp.detach(), torch.tensor([1.0, 1.0, -0.5, -1.0], dtype=torch.float64),
+                                         mask, ref_logprobs=(ref / n)[:, None], normaliser=Normaliser.of(mask))
+    assert out.loss.item() == pytest.approx(0.5 * -0.25, abs=1e-12) and out.metrics["clip_frac"].item() == 0.5
+    out.loss.backward()
+    # d/dlp_0 of -(ω/4) s_0 A_0 with s_0 = exp(lp_0 − ref_0): -(0.5/4)(1.1); per summed log-prob: / l_0 = 2.
+    # Clipped rows: 0. (Row 2, l = 0: the policy's lp is the constant 0 there, so no parameter gets its gradient.)
+    assert (lp.grad[[0, 1, 3], 0] / n[[0, 1, 3]]).tolist() == pytest.approx([-0.5 * 0.1375, 0.0, 0.0], abs=1e-12)
+    assert GTOLoss(omega=0.0)(lp, lp, torch.zeros(4), mask).loss.item() == 0.0 and not GTOLoss(omega=0.0).needs_reference
+
+
 def test_tree_reward_rejects_bad_eta_and_reduce():
     p = torch.ones(1, 6)
     with pytest.raises(ValueError, match="eta must be > 0"):
@@ -139,29 +162,30 @@ def test_gto_training_moves_the_draft_and_never_the_frozen_reference(tmp_path, m
     with torch.no_grad():
         from speculative.draft import target_features
 
-        feats, logits, out = target_features(module.target, ids, module.layers, use_cache=True)
+        feats, logits, out = target_features(module.policy.target, ids, module.policy.layers, use_cache=True)
         seq, roots, gid = group_roots(batch["valid"], 2, 3)
         pos = torch.arange(31).expand(4, 31)
-        g0, ctx = module.draft.context(feats[:, :-1], ids[:, 1:], pos)
-        tree = prefix_trees(module.draft, ctx, g0, ids, seq, roots, top_k=3, depth=2, total_tokens=8)
-        _, choice = verify_prefix_trees(module.target, out.past_key_values, logits, seq, roots, tree)
+        g0, ctx = module.policy.draft.context(feats[:, :-1], ids[:, 1:], pos)
+        tree = prefix_trees(module.policy.draft, ctx, g0, ids, seq, roots, top_k=3, depth=2, total_tokens=8)
+        _, choice = verify_prefix_trees(module.policy.target, out.past_key_values, logits, seq, roots, tree)
         tokens, length = accepted_branch(tree, choice)
-        g0r, ctxr = module.gto.reference.context(feats[:, :-1], ids[:, 1:], pos)
-        assert torch.equal(path_logprob(module.draft, ctx, g0, seq, roots, tokens, length),
-                           path_logprob(module.gto.reference, ctxr, g0r, seq, roots, tokens, length))
+        g0r, ctxr = module.policy.reference.context(feats[:, :-1], ids[:, 1:], pos)
+        assert torch.equal(path_logprob(module.policy.draft, ctx, g0, seq, roots, tokens, length),
+                           path_logprob(module.policy.reference, ctxr, g0r, seq, roots, tokens, length))
 
     trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, limit_val_batches=0,
                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
     trainer.fit(module, datamodule=data)
     saved = load_file(str(ref_path))
-    ref_state, state = module.gto.reference.state_dict(), module.draft.state_dict()
+    ref_state, state = module.policy.reference.state_dict(), module.policy.draft.state_dict()
     for name, value in saved.items():
         assert torch.equal(ref_state[name], value), f"the reference draft's {name} changed"
     moved = [n for n in saved if not torch.equal(state[n], saved[n])]
     assert "fc.weight" in moved and "q_proj.weight" in moved
-    assert all(not p.requires_grad for p in module.gto.reference.parameters())
-    # a plain LightningModule for a draft trainer: nothing of the RL loop it does not use
+    assert all(not p.requires_grad for p in module.policy.reference.parameters())
+    # the shared loop's module (no training_step of its own), the draft its policy, the target and M0 frozen in it
     from common.module import PolicyOptimizationModule
 
-    assert isinstance(module, L.LightningModule) and not isinstance(module, PolicyOptimizationModule)
-    assert not any(n.startswith(("policy.", "backend.")) for n in module.state_dict())
+    assert isinstance(module, PolicyOptimizationModule) and "training_step" not in vars(type(module))
+    assert {n for n, p in module.named_parameters() if p.requires_grad} == {
+        f"policy.draft.{n}" for n, p in module.policy.draft.named_parameters() if p.requires_grad}
