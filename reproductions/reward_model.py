@@ -8,20 +8,21 @@ Claims checked (the pre-registration below, PREREG, is written into the report b
      same GRPO steps, prompts, G, lr and seed with the same RM's scores permuted among each prompt's G completions
      (``support.controls.ShuffledRewardModelReward``: the same rewards in every group, no ranking information).
 
-Stages per seed, each a real ``advlab`` process (the README's commands, with the overrides printed):
-  rm             advlab fit --config configs/text_reasoning/reward_model.yaml         (pairs sampled + RM trained)
+Stages, each a real ``advlab`` process (the README's commands, with the overrides printed):
+  rm             advlab fit --config configs/text_reasoning/reward_model.yaml         (pairs sampled + RM trained; one
+                 RM, seed 0, shared by the GRPO seeds)
   rank           score the held-out pairs with common.rewards.model.RewardModelReward, plus two diagnostics
   before         advlab validate --config configs/text_reasoning/grpo_arithmetic.yaml  (the untrained policy; greedy,
-                 so seed-independent: run once, for the first seed, and shared)
+                 so seed-independent: run once and shared)
   grpo           advlab fit --config configs/text_reasoning/grpo_reward_model.yaml     (GRPO on the RM's scores)
   after          advlab validate ... --ckpt_path <GRPO's last.ckpt>
   control        the grpo stage with the rewards of support.controls.ShuffledRewardModelReward
   control_after  advlab validate ... --ckpt_path <the control's last.ckpt>
 
-Results are kept in ``<out>/seed<S>/results.json``; a stage whose result is there is not run again (``--fresh``
-reruns). Seeds may run in parallel processes (``--seeds 1``, ``--seeds 2``); the report is written by the process
-that finds every seed complete (or by ``--stages report``). ``--smoke`` runs every stage of one seed with a tiny
-random model (a slow test runs it); it writes no report.
+Results are kept in ``<out>/rm/results.json`` and ``<out>/seed<S>/results.json``; a stage whose result is there is
+not run again (``--fresh`` reruns). Seeds may run in parallel processes (``--seeds 1``, ``--seeds 2``); the report is
+written by the process that finds every seed complete. ``--smoke`` runs every stage of one seed with a tiny random
+model in one folder (a slow test runs it); it writes no report.
 
     .venv/bin/python reproductions/reward_model.py [--seeds 0 1 2] [--grpo-steps 4] [--val-size 32]
 """
@@ -37,8 +38,8 @@ import sys
 import time
 from pathlib import Path
 
-from support.report import (ROOT, diff_ci, eval_record, fmt_ci, mean_ci, preregistration, split_hash, table, verdict,
-                            write_report)
+from support.report import (ROOT, diff_ci, eval_record, fmt_ci, mean_ci, overall, preregistration, split_hash, table,
+                            verdict, wilson, write_report)
 
 RM_CONFIG = ROOT / "configs/text_reasoning/reward_model.yaml"
 GRPO_CONFIG = ROOT / "configs/text_reasoning/grpo_reward_model.yaml"
@@ -104,30 +105,31 @@ def rank(out: Path, smoke: bool) -> dict:
             "held_out_prompts": len({p["prompt"] for p in held})}
 
 
-STAGES = ("rm", "rank", "before", "grpo", "after", "control", "control_after")
+SEED_STAGES = ("before", "grpo", "after", "control", "control_after")
+STAGES = ("rm", "rank", *SEED_STAGES)
+RM_SEED = 0  # one reward model, shared by the GRPO seeds (see PREREG["seeds"])
 MARGIN = 2 / 32  # the smallest gain the claim must show to count: 2 of the 32 held-out prompts
 PREREG = dict(
-    claim="(1) the Bradley-Terry RM ranks >= 90% of held-out pairs (prompts never seen in training) correctly, in every "
-          "seed (issue 16's threshold); (2) GRPO on its scores raises the held-out greedy accuracy (the task's verifier, "
-          "32 validation prompts) more than the matched control after the same K GRPO steps: accuracy(RM arm) − "
+    claim="(1) the Bradley-Terry RM ranks >= 90% of held-out pairs (prompts never seen in training) correctly (issue "
+          "16's threshold); (2) GRPO on its scores raises the held-out greedy accuracy (the task's verifier, 32 "
+          "validation prompts) more than the matched control after the same K = 4 GRPO steps: accuracy(RM arm) − "
           f"accuracy(control) > 0 over seeds, a gain of at least {MARGIN:.4f} (2 of 32 prompts) being the claim's size",
     control="GRPO from the same untrained policy with the same seed, prompts, K steps, G, lr and sampling, rewarded by the "
             "same RM's scores permuted uniformly among each prompt's G completions "
             "(`support.controls.ShuffledRewardModelReward`): every group gets the same rewards, hence the same advantage "
             "magnitudes, but not the RM's ranking. Also reported: both arms' change from the untrained policy",
-    seeds="0, 1, 2 (each seed: its own sampled pairs, its own RM, and both GRPO arms)",
-    not_reproduced_if="(1) the mean held-out pair accuracy over seeds is < 0.9; or (2) the upper end of the paired 95% "
+    seeds="GRPO seeds 0, 1, 2 (both arms per seed), all with one RM (pairs sampled and RM trained with seed 0). Amended "
+          "2026-12-08 02:00 UTC, before any result: the first version trained one RM per seed; on the shared 2-core "
+          "machine (load ~16) one RM fit took > 10 min, so the RM is shared and claim (1) is one RM's measurement",
+    not_reproduced_if="(1) the held-out pair accuracy is < 0.9; or (2) the upper end of the paired 95% "
                       "t-interval of accuracy(RM arm) − accuracy(control) is below "
                       f"{MARGIN:.4f} (a gain of the claim's size is excluded)",
-    inconclusive_if="(1) >= 0.9 on average but < 0.9 in some seed; or (2) the interval reaches above "
-                    f"{MARGIN:.4f} and its lower end is <= 0. Overall: not reproduced if either part is, reproduced if "
-                    "both are, else inconclusive")
+    inconclusive_if=f"(2) the interval reaches above {MARGIN:.4f} and its lower end is <= 0. Overall: not reproduced if "
+                    "either part is, reproduced if both are, else inconclusive")
 
 
-def decide_rank(accs: list[float]) -> str:
-    if sum(accs) / len(accs) < 0.9:
-        return "not reproduced"
-    return "reproduced" if min(accs) >= 0.9 else "inconclusive"
+def decide_rank(acc: float) -> str:
+    return "reproduced" if acc >= 0.9 else "not reproduced"
 
 
 def decide_gain(ci: tuple[float, float, float]) -> str:
@@ -136,37 +138,45 @@ def decide_gain(ci: tuple[float, float, float]) -> str:
     return "reproduced" if ci[1] > 0 else "inconclusive"
 
 
-def combine(parts: list[str]) -> str:
-    if "not reproduced" in parts:
-        return "not reproduced"
-    return "reproduced" if all(p == "reproduced" for p in parts) else "inconclusive"
+class Results:
+    """A stage's results in a JSON file, merged with what is on disk at every save (stages may run in parallel
+    processes)."""
+
+    def __init__(self, path: Path, fresh: bool):
+        self.path = path
+        self.data = {} if fresh or not path.exists() else json.loads(path.read_text())
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        on_disk = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.data.update({k: v for k, v in on_disk.items() if k not in self.data})
+        self.path.write_text(json.dumps(self.data, indent=1))
 
 
-def run_seed(seed: int, out: Path, args: argparse.Namespace, stages: set[str], before_path: Path) -> dict:
-    """Run the missing ``stages`` of one seed in ``out`` (its runs/ and results.json); return its results."""
+def run_rm(rm_dir: Path, args: argparse.Namespace, stages: set[str], res: Results) -> None:
+    """Stages rm and rank in ``rm_dir`` (its runs/reward_model/{pairs.jsonl,export})."""
+    rm_dir.mkdir(parents=True, exist_ok=True)
+    if "rm" not in res.data and "rm" in stages:
+        advlab("fit", "--config", str(RM_CONFIG), "--seed_everything", str(RM_SEED), *(SMOKE_RM if args.smoke else []),
+               cwd=rm_dir)
+        res.data["rm"] = True
+        res.save()
+    if "rank" not in res.data and "rank" in stages:
+        res.data["rank"] = rank(rm_dir, args.smoke)
+        print(f"  held-out pair accuracy {res.data['rank']['held_out']:.3f} ({res.data['rank']['n_held_out']} pairs)", flush=True)
+        res.save()
+
+
+def run_seed(seed: int, out: Path, export: Path, args: argparse.Namespace, stages: set[str], res: Results,
+             before_path: Path) -> None:
+    """Stages before, grpo, after, control and control_after of one GRPO seed in ``out`` (its runs/lightning_logs)."""
     out.mkdir(parents=True, exist_ok=True)
-    results_path = out / ("results_smoke.json" if args.smoke else "results.json")
-    results = {} if args.fresh or not results_path.exists() else json.loads(results_path.read_text())
-
-    def save() -> None:  # merged with the file: stages may run in parallel processes (--stages)
-        on_disk = json.loads(results_path.read_text()) if results_path.exists() else {}
-        results.update({k: v for k, v in on_disk.items() if k not in results})
-        results_path.write_text(json.dumps(results, indent=1))
-
+    results = res.data
     seed_args = ["--seed_everything", str(seed)]
     steps, group = (1, 2) if args.smoke else (args.grpo_steps, args.group_size)
     val = ["--data.init_args.val_size", str(4 if args.smoke else args.val_size),
            "--data.init_args.val_batch_size", str(4 if args.smoke else args.val_size)]
     policy = SMOKE_POLICY if args.smoke else []
-    if "rm" not in results and "rm" in stages:
-        advlab("fit", "--config", str(RM_CONFIG), *seed_args, *(SMOKE_RM if args.smoke else []), cwd=out)
-        results["rm"] = True
-        save()
-    if "rank" not in results and "rank" in stages:
-        results["rank"] = rank(out, args.smoke)
-        print(f"  seed {seed}: held-out pair accuracy {results['rank']['held_out']:.3f} ({results['rank']['n_held_out']} pairs)",
-              flush=True)
-        save()
     if "before" not in results and "before" in stages:
         if before_path.exists():  # greedy decoding of the same untrained policy on the same prompts: seed-independent
             results["before"] = json.loads(before_path.read_text())["before"]
@@ -174,26 +184,26 @@ def run_seed(seed: int, out: Path, args: argparse.Namespace, stages: set[str], b
             results["before"] = val_accuracy(advlab("validate", "--config", str(BASE_CONFIG), *seed_args, *policy, *val, cwd=out))
             before_path.write_text(json.dumps({"before": results["before"], "seed": seed}))
         print(f"  held-out accuracy before: {results['before']:.3f}", flush=True)
-        save()
-    for arm, reward in (("grpo", []), ("control", ["--model.init_args.rewards", json.dumps([{
-            "class_path": "support.controls.ShuffledRewardModelReward",
-            "init_args": {"path": "runs/reward_model/export", "batch_size": 32, "seed": seed}}])])):
+        res.save()
+    arms = {"grpo": "common.rewards.model.RewardModelReward", "control": "support.controls.ShuffledRewardModelReward"}
+    for arm, cls in arms.items():
+        extra = {"seed": seed} if arm == "control" else {}
+        reward = json.dumps([{"class_path": cls, "init_args": {"path": str(export), "batch_size": 32, **extra}}])
         if arm not in results and arm in stages:
             root = out / "runs/lightning_logs"  # the CLI's TensorBoard logger writes runs/lightning_logs/version_N
             existing = set(root.glob("version_*"))
-            advlab("fit", "--config", str(GRPO_CONFIG), *seed_args, *policy, *val, *reward, "--trainer.max_steps", str(steps),
-                   "--model.init_args.group_size", str(group), cwd=out)
+            advlab("fit", "--config", str(GRPO_CONFIG), *seed_args, *policy, *val, "--model.init_args.rewards", reward,
+                   "--trainer.max_steps", str(steps), "--model.init_args.group_size", str(group), cwd=out)
             (run,) = set(root.glob("version_*")) - existing
             results[arm] = str(run / "checkpoints/last.ckpt")
             results["grpo_steps"], results["group_size"] = steps, group
-            save()
+            res.save()
         key = "after" if arm == "grpo" else "control_after"
         if key not in results and key in stages and arm in results:
             results[key] = val_accuracy(advlab("validate", "--config", str(BASE_CONFIG), *seed_args, *policy, *val,
                                                "--ckpt_path", results[arm], cwd=out))
             print(f"  seed {seed}: held-out accuracy after {arm}: {results[key]:.3f}", flush=True)
-            save()
-    return results
+            res.save()
 
 
 def record(val_size: int, seeds: list[int]) -> str:
@@ -234,50 +244,56 @@ def main() -> None:
         if args.out is None:
             raise SystemExit("--smoke needs --out (a scratch folder)")
         out = args.out.resolve()
-        res = run_seed(args.seeds[0], out, args, stages, out / "before.json")
-        r = res["rank"]
+        res = Results(out / "results_smoke.json", args.fresh)  # one folder and one file for every stage
+        run_rm(out, args, stages, res)
+        run_seed(args.seeds[0], out, out / "runs/reward_model/export", args, stages, res, out / "before.json")
+        r, d = res.data["rank"], res.data
         print(f"reward_model (smoke): held-out pair accuracy {r['held_out']:.3f} ({r['n_held_out']} pairs); held-out "
-              f"greedy accuracy {res['before']:.3f} -> {res['after']:.3f} (RM) / {res['control_after']:.3f} (control) after "
-              f"{res['grpo_steps']} GRPO step(s)")
+              f"greedy accuracy {d['before']:.3f} -> {d['after']:.3f} (RM) / {d['control_after']:.3f} (control) after "
+              f"{d['grpo_steps']} GRPO step(s)")
         return
     root = (args.out or ROOT / "runs/reward_model_repro").resolve()
     root.mkdir(parents=True, exist_ok=True)
     report_seeds = [0, 1, 2]
     (root / "preregistration.md").write_text(preregistration(**PREREG))  # fixed before any result of this script
+    rm = Results(root / "rm/results.json", args.fresh)
+    run_rm(root / "rm", args, stages, rm)
     for seed in args.seeds:
-        run_seed(seed, root / f"seed{seed}", args, stages, root / "before.json")
+        run_seed(seed, root / f"seed{seed}", root / "rm/runs/reward_model/export", args, stages,
+                 Results(root / f"seed{seed}/results.json", args.fresh), root / "before.json")
     found = {s: json.loads(p.read_text()) for s in report_seeds if (p := root / f"seed{s}/results.json").exists()}
-    missing = {s: [k for k in STAGES if k not in found.get(s, {})] for s in report_seeds}
-    if any(missing.values()):
-        print(f"stages missing for the report: { {s: m for s, m in missing.items() if m} }", flush=True)
+    missing = {s: [k for k in SEED_STAGES if k not in found.get(s, {})] for s in report_seeds}
+    if "rank" not in rm.data or any(missing.values()):
+        print(f"stages missing for the report: rm {'rank' not in rm.data}, seeds { {s: m for s, m in missing.items() if m} }",
+              flush=True)
         return
-    write(root, found, report_seeds, args)
+    write(rm.data["rank"], found, report_seeds, args)
 
 
-def write(root: Path, found: dict[int, dict], seeds: list[int], args: argparse.Namespace) -> None:
+def write(r: dict, found: dict[int, dict], seeds: list[int], args: argparse.Namespace) -> None:
+    """The report from the RM's ranking ``r`` and the seeds' results ``found``."""
     res = [found[s] for s in seeds]
     steps, group = res[0]["grpo_steps"], res[0]["group_size"]
-    held = [r["rank"]["held_out"] for r in res]
-    form = [r["rank"]["same_form"] for r in res]
-    before = [r["before"] for r in res]
-    after = [r["after"] for r in res]
-    ctrl = [r["control_after"] for r in res]
-    v_rank, gain = decide_rank(held), diff_ci(after, ctrl)
+    before = [x["before"] for x in res]
+    after = [x["after"] for x in res]
+    ctrl = [x["control_after"] for x in res]
+    v_rank, gain = decide_rank(r["held_out"]), diff_ci(after, ctrl)
     v_gain = decide_gain(gain)
-    word = combine([v_rank, v_gain])
+    word = overall([v_rank, v_gain])
     rm_change, ctrl_change = diff_ci(after, before), diff_ci(ctrl, before)
-    details = (f"(1) held-out pair accuracy {fmt_ci(mean_ci(held))} (min {min(held):.3f}; >= 0.9: {v_rank}); (2) held-out "
-               f"greedy accuracy after {steps} GRPO steps RM {sum(after) / len(after):.3f} vs shuffled-RM control "
-               f"{sum(ctrl) / len(ctrl):.3f}, RM − control {fmt_ci(gain, signed=True)} ({v_gain}); before "
-               f"{before[0]:.3f}; seeds {', '.join(map(str, seeds))}")
+    lo, hi = wilson(r["held_out"], r["n_held_out"])
+    details = (f"(1) held-out pair accuracy {r['held_out']:.3f} ({r['n_held_out']} pairs, Wilson [{lo:.3f}, {hi:.3f}]; "
+               f"{v_rank}); (2) held-out greedy accuracy after {steps} GRPO steps RM {sum(after) / len(after):.3f} vs "
+               f"shuffled-RM control {sum(ctrl) / len(ctrl):.3f}, RM − control {fmt_ci(gain, signed=True)} ({v_gain}); "
+               f"before {before[0]:.3f}; GRPO seeds {', '.join(map(str, seeds))}")
     line = verdict("reward_model", word, details)
-    r0 = res[0]["rank"]
-    per_seed = [[s, f"{r['rank']['n_held_out']}", f"{r['rank']['held_out']:.3f}", f"{r['rank']['same_form']:.3f}",
-                 f"{r['before']:.3f}", f"{r['after']:.3f}", f"{r['control_after']:.3f}", f"{r['after'] - r['control_after']:+.3f}"]
-                for s, r in zip(seeds, res)]
-    summary = [["held-out pair accuracy (claim 1)", fmt_ci(mean_ci(held)), decide_rank(held)],
-               ["same-form diagnostic ('The answer is N.' vs N ±1/±10)", fmt_ci(mean_ci(form)), "diagnostic"],
-               [f"accuracy after {steps} steps, RM arm", fmt_ci(mean_ci(after)), ""],
+    per_seed = [[s, f"{x['before']:.3f}", f"{x['after']:.3f}", f"{x['control_after']:.3f}",
+                 f"{x['after'] - x['control_after']:+.3f}"] for s, x in zip(seeds, res)]
+    rank_rows = [["held-out pairs (sampled incorrect vs correct: sampled or the reference) — claim 1", r["n_held_out"],
+                  f"{r['held_out']:.3f} (Wilson [{lo:.3f}, {hi:.3f}])"],
+                 ["  of which sampled correct vs sampled incorrect", r["n_sampled_only"], f"{r['sampled_only']:.3f}"],
+                 ["diagnostic: 'The answer is N.' vs same form, N off by ±1/±10", r["n_same_form"], f"{r['same_form']:.3f}"]]
+    summary = [[f"accuracy after {steps} steps, RM arm", fmt_ci(mean_ci(after)), ""],
                [f"accuracy after {steps} steps, shuffled-RM control", fmt_ci(mean_ci(ctrl)), ""],
                ["RM arm − control (claim 2, paired by seed)", fmt_ci(gain, signed=True), v_gain],
                ["RM arm − before", fmt_ci(rm_change, signed=True), "diagnostic"],
@@ -286,26 +302,30 @@ def write(root: Path, found: dict[int, dict], seeds: list[int], args: argparse.N
 
 InstructGPT (arXiv 2203.02155 §3.5) trains a reward model on comparisons and optimises the policy against it; here the
 comparisons are labelled by a verifier, so the policy's accuracy can be measured by the same verifier, and GRPO
-(arXiv 2402.03300) is the RL step.
+(arXiv 2402.03300, eq. 3) is the RL step.
 
 {preregistration(**PREREG)}
-Setup (CPU, reduced scale: every stage shares two CPU cores with other jobs, a GRPO step of {4 * group} SmolLM2
-rollouts plus its RM scoring takes minutes):
+Setup (CPU, reduced scale: every stage shares two CPU cores with other jobs; one RM, {steps} GRPO steps per arm):
 - task: two-digit addition (`text_reasoning.data.Arithmetic`), policy the bundled SmolLM2-135M-Instruct;
-- pairs (`configs/text_reasoning/reward_model.yaml`, per seed): 2 completions per prompt sampled from the policy at
+- pairs (`configs/text_reasoning/reward_model.yaml`, seed {RM_SEED}): 2 completions per prompt sampled from the policy at
   its GRPO sampling settings (T = 1, 32 tokens), labelled by the verifier; the reference answer written "The answer
-  is N." is one more correct completion (the base policy is right on only a few % of samples). {r0['n_train']}
-  training pairs from 32 training prompts; held-out pairs from {r0['held_out_prompts']} of ReasoningData's
+  is N." is one more correct completion (the base policy is right on only a few % of samples). {r['n_train']}
+  training pairs from 32 training prompts; held-out pairs from {r['held_out_prompts']} of ReasoningData's
   validation prompts, none seen in training;
 - RM: SmolLM2-135M backbone + scalar head, LoRA r = 8 on the last 4 layers, Bradley-Terry loss, 2 epochs;
-- GRPO (`configs/text_reasoning/grpo_reward_model.yaml`), both arms: {steps} steps of 4 prompts x G = {group}, lr 2e-5,
-  32 new tokens at T = 1; RM arm: reward = the RM's score; control: the same scores permuted within each group.
-  Accuracy = greedy on the first {args.val_size} validation prompts.
+- GRPO (`configs/text_reasoning/grpo_reward_model.yaml`), both arms, per seed: {steps} steps of 4 prompts x G = {group},
+  lr 2e-5, 32 new tokens at T = 1, no KL; RM arm: reward = the RM's score; control: the same scores permuted within
+  each group. Accuracy = greedy on the first {args.val_size} validation prompts.
 
-{table(["seed", "held-out pairs", "RM ranks chosen higher", "same-form diagnostic", "accuracy before",
-        f"after {steps} steps (RM)", f"after {steps} steps (control)", "RM − control"], per_seed)}
+The reward model (claim 1):
 
-{table(["measure (mean [95% t-interval over seeds])", "value", "verdict"], summary)}
+{table(["pairs", "n", "RM ranks chosen higher"], rank_rows)}
+
+GRPO on its scores (claim 2), per seed:
+
+{table(["GRPO seed", "accuracy before", f"after {steps} steps (RM)", f"after {steps} steps (control)", "RM − control"], per_seed)}
+
+{table(["measure (mean [95% t-interval over the seeds])", "value", "verdict"], summary)}
 
 Verdict: `{line}`
 
@@ -313,22 +333,30 @@ Verdict: `{line}`
 
 Reading: the held-out pairs mostly oppose the reference written as "The answer is N." to a sampled wrong
 completion, so they can be ranked by form alone; the same-form diagnostic (the reference against the same sentence
-with N off by ±1 or ±10, near 0.5 = the RM does not check the sum) measures how much of the ranking is arithmetic.
+with N off by ±1 or ±10; near 0.5 = the RM does not check the sum) measures how much of the ranking is arithmetic.
 The shuffled control separates what the RM's ranking contributes from what any GRPO update of the same size does to
 this policy (GRPO at T = 1 on 32-token completions also moves the policy's style, which can change greedy accuracy
 by itself). The accuracy is on {args.val_size} prompts: one prompt is {1 / args.val_size:.3f}, and three seeds give a
 t-interval with 2 degrees of freedom (t = 4.303), so only a large, consistent gap can be resolved at this scale.
-"Before" is one greedy evaluation of the untrained policy (seed-independent), shared by the seeds.
+"Before" is one greedy evaluation of the untrained policy (seed-independent), shared by the seeds. Earlier runs
+(2026-12-07, one RM per seed, no control): the RM ranked 32/32 held-out pairs in each of 3 seeds, with same-form
+diagnostics 0.61 / 0.58 / 0.59, and GRPO on its scores moved greedy accuracy 0.125 -> 0.375 / 0.125 / 0.156 after 6
+steps (+0.094, 95% [-0.24, +0.43]).
+
+Limits: one RM (claim 1 is one model's measurement, n = {r['n_held_out']} pairs); {steps} GRPO steps of
+{4 * group} rollouts per arm; 32 held-out prompts; 3 GRPO seeds. The paper's scale (a 6B RM on ~33k prompts'
+comparisons, PPO for 256k episodes) is far beyond it.
 
 {record(args.val_size, seeds)}
-Commands: `.venv/bin/python reproductions/reward_model.py --seeds 0 1 2 --grpo-steps {steps} --group-size {group}
---val-size {args.val_size}` (the seeds were run as parallel processes, `--seeds S`, with `OMP_NUM_THREADS=1 nice -n 10`;
-results in `runs/reward_model_repro/seed<S>/results.json`). Stages: `advlab fit --config
-configs/text_reasoning/reward_model.yaml --seed_everything S`; `advlab validate --config
+Commands: `OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python reproductions/reward_model.py --seeds 0 1 2 --grpo-steps {steps}
+--group-size {group} --val-size {args.val_size}` (seeds may run as parallel processes, `--seeds S`; results in
+`runs/reward_model_repro/{{rm,seed<S>}}/results.json`). Stages: `advlab fit --config
+configs/text_reasoning/reward_model.yaml --seed_everything {RM_SEED}`; `advlab validate --config
 configs/text_reasoning/grpo_arithmetic.yaml --data.init_args.val_size {args.val_size}`; `advlab fit --config
-configs/text_reasoning/grpo_reward_model.yaml --trainer.max_steps {steps} --model.init_args.group_size {group}` (control:
-`--model.init_args.rewards '[{{"class_path": "support.controls.ShuffledRewardModelReward", ...}}]'`, with
-`reproductions/` on `PYTHONPATH`); `advlab validate ... --ckpt_path <its last.ckpt>`.
+configs/text_reasoning/grpo_reward_model.yaml --seed_everything S --trainer.max_steps {steps} --model.init_args.group_size
+{group} --model.init_args.rewards '[{{"class_path": "common.rewards.model.RewardModelReward", "init_args": {{"path":
+"<rm>/runs/reward_model/export", "batch_size": 32}}}}]'` (control: class `support.controls.ShuffledRewardModelReward`,
+`"seed": S`, with `reproductions/` on `PYTHONPATH`); `advlab validate ... --ckpt_path <its last.ckpt>`.
 """
     write_report("reward_model", report)
 
