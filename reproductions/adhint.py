@@ -25,11 +25,10 @@ CGM and AE-RDP are the spec's proposals.
 
 from __future__ import annotations
 
-import argparse
 import math
 
-from support.report import (diff_ci, eval_record, fmt_ci, mean_ci, plt, preregistration, save_plot, table, verdict,
-                            write_report)
+from support.report import (diff_ci, eval_record, fmt_ci, mean_ci, plt, preregistration, save_plot, smoke_args, table,
+                            verdict, write_report)
 
 import torch
 
@@ -179,10 +178,7 @@ def train(method: str, seed: int, steps: int = STEPS) -> tuple[list[float], floa
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--smoke", action="store_true", help="2 seeds x 5 steps, print the verdict line, write no report")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
+    args = smoke_args(__doc__, "2 seeds x 5 steps, print the verdict line, write no report")
     steps, seeds = (5, 2) if args.smoke else (STEPS, SEEDS)
     c = checks()
     names = {"grpo": "GRPO (no hints)", "fixed": f"fixed hints (ω = {FIXED_OMEGA})",

@@ -23,9 +23,9 @@ results (AMC 40 vs 35 on Logic-RL) need an LLM.
 
 from __future__ import annotations
 
-import argparse
 
-from support.report import diff_ci, fmt_ci, plt, preregistration, save_plot, verdict, write_report  # root, Agg
+from support.report import (diff_ci, fmt_ci, plt, preregistration,  # root, Agg
+                            save_plot, smoke_args, verdict, write_report)
 from support.outcome import LengthTable, arms_table, auc, decide, length_prompts, save_json, train
 
 import torch
@@ -117,10 +117,7 @@ def batch_of(rewards: torch.Tensor, lengths: torch.Tensor, group_ids: torch.Tens
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--smoke", action="store_true", help="2 seeds x 3 steps, print the verdict line, write no report")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
+    args = smoke_args(__doc__, "2 seeds x 3 steps, print the verdict line, write no report")
     global GROUPS
     if args.smoke:
         GROUPS = 300  # the component checks' random groups

@@ -23,9 +23,9 @@ The paper's own numbers (12-93% relative WinMass gains over 12 scenarios, MuJoCo
 
 from __future__ import annotations
 
-import argparse
 
-from support.report import diff_ci, eval_record, fmt_ci, mean_ci, plt, preregistration, save_plot, split_hash, verdict, write_report  # the repository root on sys.path, Agg
+from support.report import (diff_ci, eval_record, fmt_ci, mean_ci, plt, preregistration, save_plot, smoke_args,
+                            split_hash, verdict, write_report)  # the repository root on sys.path, Agg
 
 import torch
 
@@ -142,9 +142,7 @@ def train(method: str, seed: int, *, beta: float, tau: float, beta_r: float) -> 
 
 def main() -> None:
     global STEPS, SEEDS
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--smoke", action="store_true", help="2 seeds x 20 steps, no report (< 10 s)")
-    args = ap.parse_args()
+    args = smoke_args(__doc__, "2 seeds x 20 steps, no report (< 10 s)", threads=None)
     if args.smoke:
         STEPS, SEEDS = 20, 2
     torch.set_num_threads(1)

@@ -30,11 +30,11 @@ Not tested: the accuracy gains (Qwen2.5-Math-7B, +4.5 pass@1), the schedule (its
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import math
 import statistics
-from support.report import diff_ci, fmt_ci, plt, preregistration, save_plot, verdict, write_report  # repo root, Agg
+from support.report import (diff_ci, fmt_ci, plt, preregistration,  # repo root, Agg
+                            save_plot, smoke_args, verdict, write_report)
 from support.outcome import SeqTable, arms_table, decide, save_json, seq_task, train
 
 import torch
@@ -239,9 +239,7 @@ def outcome(seeds: int, steps: int, save: bool) -> dict[str, dict[str, list[floa
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--smoke", action="store_true", help="2 seeds x 3 steps, print the verdict line, write no report")
-    args = ap.parse_args()
+    args = smoke_args(__doc__, "2 seeds x 3 steps, print the verdict line, write no report", threads=None)
     res = outcome(2 if args.smoke else OUT_SEEDS, 3 if args.smoke else OUT_STEPS, save=not args.smoke)
     d, d_sgd = (diff_ci(res[o]["GRPO + D³S"], res[o]["GRPO"]) for o in ("adam", "sgd"))
     word = decide(d, MARGIN)

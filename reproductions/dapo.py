@@ -19,9 +19,9 @@ The pre-registered rule is in ``PREREG`` (written before the run) and in the rep
 
 from __future__ import annotations
 
-import argparse
 
-from support.report import diff_ci, fmt_ci, mean_ci, plt, preregistration, save_plot, table, verdict, write_report
+from support.report import (diff_ci, fmt_ci, mean_ci, plt, preregistration, save_plot, smoke_args, table, verdict,
+                            write_report)
 
 import torch
 
@@ -139,10 +139,7 @@ def decide(stats: dict) -> tuple[str, str]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--smoke", action="store_true", help="2 seeds x 5 steps, print the verdict line, write no report")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
+    args = smoke_args(__doc__, "2 seeds x 5 steps, print the verdict line, write no report")
     steps, seeds = (5, 2) if args.smoke else (STEPS, SEEDS)
     checks = {"clip-higher gradient at ρ = 1.25": check_clip_higher(), "dynamic sampling: no zero advantage kept": check_dynamic_sampling(),
               "overlong 16/18/20/21 -> 0/−0.5/−1/−1": check_overlong(), "token-mean weights (10, 100) equally": check_token_mean()}

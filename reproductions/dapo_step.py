@@ -20,10 +20,9 @@ and are not tested; the library's offline LM pipeline (text_reasoning/offline_st
 
 from __future__ import annotations
 
-import argparse
 
-from support.report import (ROOT, eval_record, fmt_ci, mean_ci, plt, preregistration, save_plot, split_hash,  # root on sys.path, Agg
-                            verdict, write_report)
+from support.report import (ROOT, eval_record, fmt_ci, mean_ci, plt, preregistration, save_plot, smoke_args, split_hash,
+                            verdict, write_report)  # root on sys.path, Agg
 
 import torch
 
@@ -102,10 +101,7 @@ def fit(ref_first, ref_second, a_first, a_second, beta):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--smoke", action="store_true", help="2 seeds x 50 random trees, no report")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
+    args = smoke_args(__doc__, "2 seeds x 50 random trees, no report")
     torch.set_default_dtype(torch.float64)
     ref_first = torch.tensor([0.6, 0.4])
     ref_second = torch.tensor([[0.5, 0.5], [0.7, 0.3]])

@@ -28,14 +28,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from support.report import ROOT, eval_record, plt, preregistration, save_plot, split_hash, table, verdict, write_report
+from support.report import ROOT, eval_record, plt, preregistration, save_plot, split_hash, table, verdict, wilson, write_report
 
 SFT_CONFIG = "configs/diffusion/sft_smollm2.yaml"
 RL_CONFIG = "configs/diffusion/igpo.yaml"
@@ -46,15 +45,6 @@ SMOKE_RL = ["--model.init_args.mu", "1", "--data.init_args.prompts_per_step", "1
             "--data.init_args.train_size", "8", "--data.init_args.val_size", "2", "--checkpoint.save_last", "false"]
 RL_TAGS = ("train/reward", "train/accuracy", "train/loss", "train/all_wrong_before", "train/all_wrong_after",
            "train/rescued_groups", "train/replacements", "train/grad_norm", "perf/rollout_s", "perf/update_s")
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95 % Wilson score interval of k successes in n trials ((0, 1) for n = 0)."""
-    if n <= 0:
-        return 0.0, 1.0
-    p = k / n
-    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def advlab(*args: str, cwd: Path) -> tuple[str, float, float]:
@@ -144,7 +134,7 @@ def measure(checkpoint: str | None, problems: list[dict], *, batch: int = 25, se
                 if len(examples) < 6:
                     examples.append({"prompt": s["prompt"], "trace": s["trace"], "completion": c[:80], "correct": ok})
     n = len(problems)
-    lo, hi = wilson(correct, n)
+    lo, hi = wilson(correct / n if n > 0 else 0.0, n)
     record = EvaluationRecord.of(pol, problems, greedy=True, verifier=verifier)
     div = lambda a, b: a / b if b else 0.0  # noqa: E731  degenerate: zeros, never NaN
     return {"checkpoint": checkpoint, "n": n, "llada_loss": div(sums["llada"], sums["responses"]),

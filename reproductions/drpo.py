@@ -21,9 +21,9 @@ C = 1000. GRPO with r = 1 − L/C for correct answers gives the 800-token correc
 
 from __future__ import annotations
 
-import argparse
 
-from support.report import diff_ci, fmt_ci, mean_ci, plt, preregistration, save_plot, verdict, write_report  # root, Agg
+from support.report import (diff_ci, fmt_ci, mean_ci, plt, preregistration, save_plot, smoke_args, verdict,  # root, Agg
+                            write_report)
 from support.outcome import LengthTable, length_prompts, save_json, train
 
 import torch
@@ -112,10 +112,7 @@ def decide_drpo(d_acc: tuple[float, float, float], red: tuple[float, float, floa
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--smoke", action="store_true", help="2 seeds x 3 steps, print the verdict line, write no report")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
+    args = smoke_args(__doc__, "2 seeds x 3 steps, print the verdict line, write no report")
     res = outcome(2 if args.smoke else OUT_SEEDS, 3 if args.smoke else OUT_STEPS, save=not args.smoke)
     d_acc = diff_ci(res["DRPO"]["acc"], res["GRPO"]["acc"])
     red = mean_ci([1 - a / b for a, b in zip(res["DRPO"]["len"], res["GRPO"]["len"])])

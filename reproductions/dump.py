@@ -17,10 +17,10 @@ the same arms is the control. 300 steps, 10 seeds (paired: one seed per pair). T
 
 from __future__ import annotations
 
-import argparse
 import math
 
-from support.report import diff_ci, fmt_ci, mean_ci, plt, preregistration, save_plot, table, verdict, write_report
+from support.report import (diff_ci, fmt_ci, mean_ci, plt, preregistration, save_plot, smoke_args, table, verdict,
+                            write_report)
 
 import torch
 
@@ -100,10 +100,7 @@ def decide(d: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--smoke", action="store_true", help="2 seeds x 40 steps, print the verdict line, write no report")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
+    args = smoke_args(__doc__, "2 seeds x 40 steps, print the verdict line, write no report")
     steps, seeds = (40, 2) if args.smoke else (STEPS, SEEDS)
     unit_ok, p0 = unit_check()
     res = {env: {name: [run(fixed, name == "DUMP", s, steps) for s in progress(range(seeds), f"dump: {env}, {name}, seeds")]

@@ -19,10 +19,9 @@ Not tested: the papers' accuracy gains (Qwen2.5 7B/32B; Qwen3 8-32B).
 
 from __future__ import annotations
 
-import argparse
 
-from support.report import (diff_ci, eval_record, fmt_ci, plt, preregistration, save_plot, split_hash, verdict,  # root on sys.path, Agg
-                            write_report)
+from support.report import (diff_ci, eval_record, fmt_ci, plt, preregistration, save_plot, smoke_args, split_hash,
+                            verdict, write_report)  # root on sys.path, Agg
 
 import torch
 
@@ -131,10 +130,7 @@ PREREG = preregistration(
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--smoke", action="store_true", help="3 seeds per part, 3 rollouts, no report (< 10 s)")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
+    args = smoke_args(__doc__, "3 seeds per part, 3 rollouts, no report (< 10 s)")
     vanilla = ClippedPolicyLoss(aggregation="token_mean")
     seeds1 = range(3 if args.smoke else 50)
     drops_pg = [one_step(s, vanilla) for s in seeds1]

@@ -38,6 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "reproductions"))
 
+from support.report import mean_ci  # noqa: E402
+
 ARMS = {
     "gigpo": [],  # the recipe's estimator: GiGPO(gamma 0.95, omega 1, mean_std, per_turn)
     "grpo": ["--model.init_args.advantage", "common.advantages.group.GRPO"],
@@ -52,7 +54,6 @@ COMMON = [
     "--data.init_args.val_size", "64", "--trainer.check_val_every_n_epoch", "null",
     "--trainer.enable_progress_bar", "false",
 ]
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}
 
 
 def run(arm: str, seed: int, steps: int, out: Path) -> Path:
@@ -87,16 +88,6 @@ def read(logs: Path, steps: int) -> dict[str, float]:
     return out
 
 
-def interval(deltas: list[float]) -> tuple[float, float, float]:
-    n = len(deltas)
-    mean = sum(deltas) / n
-    if n < 2:
-        return mean, float("nan"), float("nan")
-    sd = math.sqrt(sum((d - mean) ** 2 for d in deltas) / (n - 1))
-    half = T975[n - 1] * sd / math.sqrt(n)
-    return mean, mean - half, mean + half
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=300)
@@ -122,8 +113,8 @@ def main() -> None:
                   f"greedy val {res[arm, seed]['val_final']:.3f}", flush=True)
     d_train = [100 * (res["gigpo", s]["train_last100"] - res["grpo", s]["train_last100"]) for s in args.seeds]
     d_val = [100 * (res["gigpo", s]["val_final"] - res["grpo", s]["val_final"]) for s in args.seeds]
-    m, lo, hi = interval(d_train)
-    mv, lov, hiv = interval(d_val)
+    m, lo, hi = mean_ci(d_train, one_seed_half=math.nan)
+    mv, lov, hiv = mean_ci(d_val, one_seed_half=math.nan)
     if m >= 5.0 and lo > 0:
         verdict = "reproduced"
     elif hi < 5.0 or m <= 0:

@@ -27,10 +27,10 @@ h̃ = 0 → unchanged. (4) h̃ ∈ [−1, 1] and sign(h̃) = sign(z − q); the 
 
 from __future__ import annotations
 
-import argparse
 
-from support.report import diff_ci, fmt_ci, plt, preregistration, save_plot, table, verdict, write_report  # root, Agg
-from support.outcome import LengthTable, arms_table, auc, decide, length_prompts, save_json, train
+from support.report import (diff_ci, fmt_ci, plt, preregistration,  # root, Agg
+                            save_plot, smoke_args, table, verdict, write_report)
+from support.outcome import LengthTable, arms_table, auc, decide, length_prompts, run_arms, train
 
 import torch
 from common.advantages.group import grpo
@@ -67,13 +67,7 @@ def outcome_run(arm: str, seed: int, steps: int) -> float:
 
 
 def outcome(seeds: int, steps: int, save: bool) -> dict[str, list[float]]:
-    res: dict[str, list[float]] = {"DAPO": [], "HAPO": []}
-    for s in range(seeds):
-        for arm in res:
-            res[arm].append(outcome_run(arm, s, steps))
-        if save:
-            save_json("hapo", {"metric": "exact accuracy averaged over the steps", "steps": steps, **res})
-    return res
+    return run_arms("hapo", ("DAPO", "HAPO"), outcome_run, seeds, steps, save, "exact accuracy averaged over the steps")
 
 
 def random_groups(seed: int, groups: int = 8, G: int = 8):
@@ -85,10 +79,7 @@ def random_groups(seed: int, groups: int = 8, G: int = 8):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--smoke", action="store_true", help="2 seeds x 3 steps, print the verdict line, write no report")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
+    args = smoke_args(__doc__, "2 seeds x 3 steps, print the verdict line, write no report")
     res = outcome(2 if args.smoke else OUT_SEEDS, 3 if args.smoke else OUT_STEPS, save=not args.smoke)
     d = diff_ci(res["HAPO"], res["DAPO"])
     word = decide(d, MARGIN)

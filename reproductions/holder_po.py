@@ -20,9 +20,9 @@ The headline accuracy (54.9% on math benchmarks) needs a 7B model and is not tes
 
 from __future__ import annotations
 
-import argparse
-from support.report import diff_ci, fmt_ci, plt, preregistration, save_plot, verdict, write_report  # repo root, Agg
-from support.outcome import SeqTable, arms_table, decide, save_json, seq_task, train
+from support.report import (diff_ci, fmt_ci, plt, preregistration,  # repo root, Agg
+                            save_plot, smoke_args, verdict, write_report)
+from support.outcome import SeqTable, arms_table, decide, run_arms, seq_task, train
 
 import torch
 
@@ -101,20 +101,11 @@ def outcome_run(arm: str, seed: int, steps: int) -> float:
 
 
 def outcome(seeds: int, steps: int, save: bool) -> dict[str, list[float]]:
-    res: dict[str, list[float]] = {"GRPO": [], "HölderPO": []}
-    for s in range(seeds):
-        for arm in res:
-            res[arm].append(outcome_run(arm, s, steps))
-        if save:
-            save_json("holder_po", {"metric": "final exact pass@1", "steps": steps, **res})
-    return res
+    return run_arms("holder_po", ("GRPO", "HölderPO"), outcome_run, seeds, steps, save, "final exact pass@1")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--smoke", action="store_true", help="2 seeds x 3 steps, print the verdict line, write no report")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
+    args = smoke_args(__doc__, "2 seeds x 3 steps, print the verdict line, write no report")
     global SEEDS
     if args.smoke:
         SEEDS = 3

@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from support.report import REPORTS, ROOT, plt, save_plot, table
+from support.report import REPORTS, ROOT, mean_ci, plt, save_plot, table, wilson
 
 import torch  # noqa: E402  (after support.report: the repository root on sys.path)
 import yaml  # noqa: E402
@@ -72,7 +72,6 @@ ARMS: dict[str, tuple[str, str, dict | None, str]] = {
 }
 HARD_KS, RL_KS, RL_WEIGHTS = (5, 6), (3, 4, 5, 6), (0.15, 0.15, 0.35, 0.35)  # RL mix 70 % hard / 30 % easy (§1(e))
 SFT_WEIGHTS = (0.45, 0.45, 0.05, 0.05)  # SFT mix 90 % easy / 10 % hard (§1(e) stage 1)
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 CORE = ("no_hint", "resample", "igpo")  # the arms of the claim
 LATE = 0.6  # the all-wrong rate is averaged over steps that start after 60 % of the budget (spec: steps 150-250 of 250)
 
@@ -271,16 +270,7 @@ def run_arm(arm: str, seed: int, checkpoint: str, split: list[dict], train: list
 # ---------------------------------------------------------------------------------------------------- statistics
 def t_interval(values: list[float]) -> tuple[float, float, float]:
     """Mean and the 95 % t-interval over seeds (a single value: the interval is the value)."""
-    m = statistics.fmean(values)
-    if len(values) < 2:
-        return m, m, m
-    half = T_975.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
-    return m, m - half, m + half
-
-
-def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    return mean_ci(values, one_seed_half=0.0)
 
 
 def three_way(mean: float, lo: float, hi: float, margin: float, higher: bool = True) -> str:

@@ -17,10 +17,9 @@ tested).
 
 from __future__ import annotations
 
-import argparse
 
-from support.report import (diff_ci, eval_record, fmt_ci, mean_ci, plt, preregistration, save_plot, table, verdict,
-                            write_report)
+from support.report import (diff_ci, eval_record, fmt_ci, mean_ci, plt, preregistration, save_plot, smoke_args, table,
+                            verdict, write_report)
 
 import torch
 
@@ -122,10 +121,7 @@ def train(arm: str, noise_name: str, seed: int, steps: int) -> list[float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--smoke", action="store_true", help="2 seeds x 2000 groups, print the verdict line, write no report")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
+    args = smoke_args(__doc__, "2 seeds x 2000 groups, print the verdict line, write no report")
     groups, seeds = (2000, 2) if args.smoke else (GROUPS, SEEDS)
     cells = {}
     for i, (name, noise) in enumerate(NOISES.items()):

@@ -17,10 +17,9 @@ is ``PREREG``.
 
 from __future__ import annotations
 
-import argparse
 import math
 
-from support.report import (diff_ci, eval_record, fmt_ci, mean_ci, plt, preregistration, save_plot, table,
+from support.report import (diff_ci, eval_record, fmt_ci, mean_ci, plt, preregistration, save_plot, smoke_args, table,
                             verdict, write_report)
 
 import torch
@@ -89,10 +88,7 @@ def train(estimator, seed: int, steps: int = STEPS) -> torch.Tensor:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--smoke", action="store_true", help="2 seeds x 20 steps, print the verdict line, write no report")
-    args = ap.parse_args()
-    torch.set_num_threads(1)  # (16, 10) tensors: threads only add overhead
+    args = smoke_args(__doc__, "2 seeds x 20 steps, print the verdict line, write no report")  # (16, 10) tensors: threads only add overhead
     steps, seeds = (20, 2) if args.smoke else (STEPS, SEEDS)
     ok, vals = exact_values()
     curves = {name: torch.stack([train(fn, s, steps) for s in progress(range(seeds), f"ngrpo: {name}, seeds")])

@@ -8,12 +8,14 @@ library's functions (``common.advantages.poad.bad_gae``, ``common.advantages.ist
     B  the implicit PRM on the spec's 3-step chain MDP credits the key step, 5 seeds (agentic.md §6 (e))
     C  iStar (episode RLOO + PRM step advantages) vs episode RLOO on the chain MDP, 20 seeds
 
-    OMP_NUM_THREADS=1 python reproductions/poad_oprl.py      # writes reproductions/reports/poad_oprl.{md,png}
+    OMP_NUM_THREADS=1 python reproductions/poad_oprl.py          # writes reproductions/reports/poad_oprl.{md,png}
+    OMP_NUM_THREADS=1 python reproductions/poad_oprl.py --smoke  # seconds: 2 seeds per part, a few updates; no report
 """
 
 from __future__ import annotations
 
-from support.report import REPORTS, plt, save_plot, table, verdict  # the repository root on sys.path, Agg
+from support.report import (REPORTS, eval_record, mean_ci, overall, plt, save_plot, smoke_args, split_hash, table,
+                            verdict)  # the repository root on sys.path, Agg
 
 import math
 import statistics
@@ -24,15 +26,6 @@ from common.advantages.istar import istar_turn_advantages, prm_dpo_loss, traject
 from common.advantages.poad import bad_gae, poad_token_rewards, turn_boundaries
 from common.progress import progress
 from common.segment_ops import rloo
-
-T95 = {19: 2.093, 9: 2.262, 4: 2.776}
-
-
-def interval(diff: list[float]) -> tuple[float, float, float]:
-    m, s = statistics.fmean(diff), statistics.stdev(diff)
-    h = T95[len(diff) - 1] * s / math.sqrt(len(diff))
-    return m, m - h, m + h
-
 
 # ------------------------------------------------------------------ A: BAD vs NTPO
 A_SEEDS, A_STEPS, A_N, A_LR, GAMMA = 10, 60, 16, 0.5, 0.9
@@ -78,7 +71,7 @@ def chain_success(actions: torch.Tensor) -> torch.Tensor:  # (N, 3) -> (N,) bool
     return actions[:, 1] == 2
 
 
-def prm_check(seed: int) -> dict:
+def prm_check(seed: int, steps: int = 300) -> dict:
     g = torch.Generator().manual_seed(seed)
     phi = torch.zeros(STEPS_T, ACTIONS, requires_grad=True)
     opt = torch.optim.Adam([phi], lr=0.05)
@@ -87,7 +80,7 @@ def prm_check(seed: int) -> dict:
     def step_rewards(a):  # (N, 3) -> (N, 3)
         return BETA * (torch.log_softmax(phi, 1)[torch.arange(STEPS_T), a] - log_old)
 
-    for _ in range(300):
+    for _ in range(steps):
         a = torch.randint(ACTIONS, (16, STEPS_T), generator=g)
         loss, _, _ = prm_dpo_loss(step_rewards(a).sum(1), chain_success(a), torch.zeros(16, dtype=torch.long))
         opt.zero_grad()
@@ -106,7 +99,7 @@ def prm_check(seed: int) -> dict:
 C_SEEDS, C_STEPS, C_N, C_LR = 20, 40, 16, 0.5
 
 
-def chain_run(istar: bool, seed: int) -> list[float]:
+def chain_run(istar: bool, seed: int, steps: int = C_STEPS) -> list[float]:
     """P(success) = π(a_1 = 2) before each update and at the end; one group of C_N trajectories per update."""
     g = torch.Generator().manual_seed(seed)
     theta = torch.zeros(STEPS_T, ACTIONS, dtype=torch.float64, requires_grad=True)
@@ -117,7 +110,7 @@ def chain_run(istar: bool, seed: int) -> list[float]:
     t_idx = torch.arange(STEPS_T).repeat(E)  # (U,)
     zeros_e, zeros_u = torch.zeros(E, dtype=torch.long), torch.zeros(U, dtype=torch.long)
     curve = []
-    for _ in range(C_STEPS):
+    for _ in range(steps):
         probs = torch.softmax(theta.detach(), 1)
         curve.append(float(probs[1, 2]))
         a = torch.stack([torch.multinomial(probs[t], E, replacement=True, generator=g) for t in range(STEPS_T)], 1)  # (E, 3)
@@ -145,22 +138,45 @@ def chain_run(istar: bool, seed: int) -> list[float]:
     return curve
 
 
+def record() -> str:
+    """What the reported probabilities and accuracies mean (all exact or on a fixed held-out set; no text)."""
+    return eval_record(task="A: one-step S (1 token, reward 0.8) vs L (5 tokens, reward 1.0); B, C: chain MDP, 3 steps x "
+                            "3 actions, success iff the action at step 1 is 2",
+                       prompt_template="none (tabular policies and PRM logits; no text)",
+                       answer_extraction="none: A the first token (S or L); B, C the step-1 action",
+                       eos_rule="A: S ends after 1 token, L after 5 (4 forced); B, C: fixed 3 steps",
+                       sampling="A, C: none, π(L) and P(success) = π(a_1 = 2) read exactly from the logits; B: pairwise "
+                                "preference accuracy on 400 held-out trajectories drawn uniformly (the seed's generator, "
+                                "after training)",
+                       split=f"the task definitions (train = evaluation, hash {split_hash([[0.8, 1.0, 5, GAMMA], [STEPS_T, ACTIONS, 1, 2]])}); "
+                             "B's held-out trajectories per seed",
+                       seeds=f"A 0-{A_SEEDS - 1}, B 0-4, C 0-{C_SEEDS - 1}")
+
+
 def main() -> None:
-    torch.set_num_threads(1)
-    curves = {m: [poad_run(m, s) for s in range(A_SEEDS)] for m in ("bad", "ntpo")}
+    args = smoke_args(__doc__, "2 seeds per part, a few updates, print the verdict line, no report")
+    a_seeds, a_steps, b_seeds, b_steps, c_seeds, c_steps = (2, 5, 2, 20, 2, 5) if args.smoke else (A_SEEDS, A_STEPS, 5, 300,
+                                                                                                      C_SEEDS, C_STEPS)
+    curves = {m: [poad_run(m, s, a_steps) for s in range(a_seeds)] for m in ("bad", "ntpo")}
     final = {m: [c[-1] for c in v] for m, v in curves.items()}
     allA = all(x > 0.9 for x in final["bad"]) and all(x < 0.1 for x in final["ntpo"])
     failA = statistics.fmean(final["bad"]) <= 0.5 or statistics.fmean(final["ntpo"]) >= 0.5
     vA = "reproduced" if allA else ("not reproduced" if failA else "inconclusive")
-    longer = {m: [poad_run(m, s, steps=600)[-1] for s in range(A_SEEDS)] for m in ("bad", "ntpo")}  # exploratory
-    prm = [prm_check(s) for s in range(5)]
+    prm = [prm_check(s, b_steps) for s in range(b_seeds)]
     fails = sum(not p["pass"] for p in prm)
     vB = "reproduced" if fails == 0 else ("not reproduced" if fails >= 2 else "inconclusive")
-    chain = {name: [chain_run(name == "istar", s) for s in progress(range(C_SEEDS), f"poad_oprl: {name}, seeds")]
+    chain = {name: [chain_run(name == "istar", s, c_steps) for s in progress(range(c_seeds), f"poad_oprl: {name}, seeds")]
              for name in ("rloo", "istar")}
     cfinal = {k: [c[-1] for c in v] for k, v in chain.items()}
-    mC, loC, hiC = interval([a - b for a, b in zip(cfinal["istar"], cfinal["rloo"])])
+    mC, loC, hiC = mean_ci([a - b for a, b in zip(cfinal["istar"], cfinal["rloo"])])
     vC = "reproduced" if loC > 0 else ("not reproduced" if hiC < 0 or mC <= 0 else "inconclusive")
+    details = (f"A {vA} (final π(L): BAD {statistics.fmean(final['bad']):.3f}, NTPO {statistics.fmean(final['ntpo']):.3f}); "
+               f"B {vB} ({b_seeds - fails}/{b_seeds}); C {vC} (iStar − RLOO {mC:+.3f} [{loC:+.3f}, {hiC:+.3f}])")
+    line = verdict("poad_oprl", overall([vA, vB, vC]), details, echo=False)
+    if args.smoke:
+        print(line)
+        return
+    longer = {m: [poad_run(m, s, steps=600)[-1] for s in range(A_SEEDS)] for m in ("bad", "ntpo")}  # exploratory
 
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
     for m, c in (("bad", "C0"), ("ntpo", "C1")):
@@ -183,9 +199,6 @@ def main() -> None:
              f"{5 - fails}/5 seeds pass", vB),
             ("C. final P(success), 40 updates, 20 seeds", f"RLOO {statistics.fmean(cfinal['rloo']):.3f}, "
              f"iStar {statistics.fmean(cfinal['istar']):.3f}", f"iStar − RLOO {mC:+.3f} [{loC:+.3f}, {hiC:+.3f}]", vC)]
-    details = (f"A {vA} (final π(L): BAD {statistics.fmean(final['bad']):.3f}, NTPO {statistics.fmean(final['ntpo']):.3f}); "
-               f"B {vB} ({5 - fails}/5); C {vC} (iStar − RLOO {mC:+.3f} [{loC:+.3f}, {hiC:+.3f}])")
-    line = verdict("poad_oprl", vA == vB == vC == "reproduced", details, echo=False)
     path = REPORTS / "poad_oprl.md"
     pre = path.read_text().split("\n## Results")[0].rstrip() + "\n"
     path.write_text(pre + f"""
@@ -198,8 +211,10 @@ difference (paired by seed).
 
 ![POAD vs NTPO, iStar vs RLOO](poad_oprl.png)
 
-Verdict line: `{line}`
+Verdict line: `{line}` (one verdict from the three parts: not reproduced if any part is, reproduced if all are,
+else inconclusive)
 
+{record()}
 Reading. A: the direction is the paper's (BAD moves toward the better, longer action L; NTPO toward the shorter,
 worse S, in every seed), but 60 updates at lr 0.5 are too few for the pre-registered thresholds (0.9 / 0.1): the
 expected logit step is lr·π(L)π(S)·(A_L − A_S) ≈ 0.5·0.25·0.2 per update at the start, which we did not work out

@@ -23,10 +23,9 @@ The pre-registered rule is ``PREREG``.
 
 from __future__ import annotations
 
-import argparse
 
-from support.report import (diff_ci, eval_record, fmt_ci, mean_ci, plt, preregistration, save_plot, table, verdict,
-                            write_report)
+from support.report import (diff_ci, eval_record, fmt_ci, mean_ci, plt, preregistration, save_plot, smoke_args, table,
+                            verdict, write_report)
 
 import torch
 
@@ -131,10 +130,7 @@ def steps_to(acc: torch.Tensor) -> int:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--smoke", action="store_true", help="2 seeds x 5 steps, print the verdict line, write no report")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
+    args = smoke_args(__doc__, "2 seeds x 5 steps, print the verdict line, write no report")
     steps, stale_steps, seeds = (5, 5, 2) if args.smoke else (STEPS, STALE_STEPS, SEEDS)
     serr_ok, serr_vals = check_serr()
     ccr_ok, without, with_replay = check_ccr()

@@ -42,7 +42,6 @@ from multimodal.roma.method import ROMA  # noqa: E402
 NAME = "roma"
 MARKER = "<!-- results below: written by reproductions/roma.py; everything above is the pre-registration, kept verbatim -->"
 ARMS = ("grpo", "naive", "roma", "roma_nogate", "roma_mean")
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}
 EVAL_SEED = 12345
 
 
@@ -106,14 +105,6 @@ def run(arm: str, seed: int, start: dict, args, sets: dict, train: list) -> dict
             "samples": args.steps * args.prompts * args.group_size, "curve": curve}
 
 
-def interval(diffs: list[float]) -> tuple[float, float, float]:
-    m = statistics.fmean(diffs)
-    if len(diffs) < 2:
-        return m, float("nan"), float("nan")
-    h = T95.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / math.sqrt(len(diffs))
-    return m, m - h, m + h
-
-
 def decide(d_seen, d_unseen, d_clean) -> str:
     (ms, ls, us), (mu, lu, uu), (mc, lc, uc) = d_seen, d_unseen, d_clean
     if ms >= 2.0 and mu >= 1.0 and ls > 0 and lu > 0 and -1.0 <= mc <= 1.0:
@@ -141,7 +132,7 @@ def report(runs: list[dict], args) -> str:
     verdict_line = f"{NAME}: claim not run"
     paired = [s for s in seeds if ("grpo", s) in by and ("roma", s) in by]
     if paired:
-        d = {k: interval([100 * (by[("roma", s)][k] - by[("grpo", s)][k]) for s in paired]) for k in ("seen", "unseen", "clean")}
+        d = {k: mean_ci([100 * (by[("roma", s)][k] - by[("grpo", s)][k]) for s in paired], one_seed_half=math.nan) for k in ("seen", "unseen", "clean")}
         fmt = lambda t: f"{t[0]:+.2f} [{t[1]:+.2f}, {t[2]:+.2f}]"  # noqa: E731
         complete = len(paired) >= 3 and not args.smoke
         v = decide(d["seen"], d["unseen"], d["clean"]) if complete else "inconclusive"

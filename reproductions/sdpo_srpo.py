@@ -27,11 +27,10 @@ Checks (shared/methods/text.md §13 (e), §14 (e)), all on the library's functio
 
 from __future__ import annotations
 
-import argparse
 import math
 
-from support.report import (diff_ci, eval_record, fmt_ci, plt, preregistration, save_plot, split_hash, verdict,  # root on sys.path, Agg
-                            write_report)
+from support.report import (diff_ci, eval_record, fmt_ci, plt, preregistration, save_plot, smoke_args, split_hash,
+                            verdict, write_report)  # root on sys.path, Agg
 
 import torch
 import torch.nn.functional as F
@@ -228,9 +227,7 @@ def train(method: str, seed: int) -> list[float]:
 
 def main() -> None:
     global STEPS, SEEDS
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--smoke", action="store_true", help="2 seeds x 12 steps, no report (< 10 s)")
-    args = ap.parse_args()
+    args = smoke_args(__doc__, "2 seeds x 12 steps, no report (< 10 s)", threads=None)
     if args.smoke:
         STEPS, SEEDS = 12, 2
     torch.set_num_threads(1)

@@ -25,9 +25,9 @@ Not tested: the GSM8K / MATH500 accuracies (rho-1.1B, R1-Distill-Qwen-1.5B); rea
 
 from __future__ import annotations
 
-import argparse
 
-from support.report import diff_ci, fmt_ci, mean_ci, plt, preregistration, save_plot, table, verdict, write_report
+from support.report import (diff_ci, fmt_ci, mean_ci, plt, preregistration, save_plot, smoke_args, table, verdict,
+                            write_report)
 
 import torch
 
@@ -237,9 +237,7 @@ def p_at(curve: list[float], tokens: list[int], budget: float) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--smoke", action="store_true", help="2 seeds x 4 steps, print the verdict line, write no report")
-    args = ap.parse_args()
+    args = smoke_args(__doc__, "2 seeds x 4 steps, print the verdict line, write no report", threads=None)
     steps, n_seeds = (4, 2) if args.smoke else (STEPS, SEEDS)
     checks = component_checks()
     seeds = range(n_seeds)

@@ -22,7 +22,7 @@ runs/repro_arpo_smollm2/<stage>/ (finished stages are skipped), results.json aft
 
 from __future__ import annotations
 
-from support.report import REPORTS, plt, save_plot, table, verdict  # the repository root on sys.path, Agg
+from support.report import REPORTS, mean_ci, overall, plt, save_plot, table, verdict  # the repository root on sys.path, Agg
 
 import json
 import math
@@ -45,15 +45,6 @@ from common.progress import progress
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS, K, G, STEPS, LR, P0, SEEDS = 8, 20, 8, 30, 0.5, 0.02, 30
 CC_SEEDS, CC_ARMS, CC_TOKENS = 50, 50, 512
-
-T95 = {29: 2.045, 19: 2.093, 9: 2.262, 4: 2.776}  # two-sided 95% t quantiles by degrees of freedom
-
-
-def interval(diff: list[float]) -> tuple[float, float, float]:
-    m, s = statistics.fmean(diff), statistics.stdev(diff)
-    h = T95[len(diff) - 1] * s / math.sqrt(len(diff))
-    return m, m - h, m + h
-
 
 def bandit_run(arm: str, seed: int) -> tuple[float, float, list[float], int]:
     """One seed of arm "grpo", "arpo", "drgrpo", "spear" or "spear_bs2" (exploratory: buffer_size 2). Returns (final
@@ -135,7 +126,7 @@ def main() -> None:
     nd = {k: statistics.fmean(v) for k, v in nondeg.items()}
     # A: ARPO
     dA = [a - b for a, b in zip(final["arpo"], final["grpo"])]
-    mA, loA, hiA = interval(dA)
+    mA, loA, hiA = mean_ci(dA)
     ratio_p, ratio_nd = mean["arpo"] / max(mean["grpo"], 1e-12), nd["arpo"] / max(nd["grpo"], 1e-12)
     ratios = ratio_p >= 3 and ratio_nd >= 2
     vA = "reproduced" if ratios and loA > 0 else ("not reproduced" if not ratios or hiA <= 0 else "inconclusive")
@@ -145,10 +136,10 @@ def main() -> None:
     vB = "reproduced" if smaller >= 48 else ("not reproduced" if smaller <= 44 else "inconclusive")
     # C: SPEAR self-imitation
     dC = [a - b for a, b in zip(final["spear"], final["drgrpo"])]
-    mC, loC, hiC = interval(dC)
+    mC, loC, hiC = mean_ci(dC)
     vC = "reproduced" if loC > 0 else ("not reproduced" if hiC < 0 or mC <= 0 else "inconclusive")
     dX = [a - b for a, b in zip(final["spear_bs2"], final["drgrpo"])]  # exploratory, not pre-registered
-    mX, loX, hiX = interval(dX)
+    mX, loX, hiX = mean_ci(dX)
 
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
     x = list(range(STEPS + 1))
@@ -175,7 +166,7 @@ def main() -> None:
              f"{replays['spear_bs2']:.1f} replayed rows per seed", f"− Dr.GRPO {mX:+.3f} [{loX:+.3f}, {hiX:+.3f}]", "–")]
     details = (f"A {vA} (ARPO {mean['arpo']:.3f} vs GRPO {mean['grpo']:.3f}, x{ratio_p:.1f}; non-degenerate x{ratio_nd:.1f}); "
                f"B {vB} ({smaller}/{CC_SEEDS}); C {vC} (SPEAR − Dr.GRPO {mC:+.3f} [{loC:+.3f}, {hiC:+.3f}])")
-    line = verdict("spear_arpo", vA == "reproduced" and vB == "reproduced" and vC == "reproduced", details, echo=False)
+    line = verdict("spear_arpo", overall([vA, vB, vC]), details, echo=False)
     path = REPORTS / "spear_arpo.md"
     text = path.read_text()
     pre = text.split("\n## Results")[0].rstrip() + "\n"

@@ -27,10 +27,10 @@ is within 0.02 of 0.6562; (3) MSE(SPO) < MSE(LOO, G = 4); (4) larger drift recov
 
 from __future__ import annotations
 
-import argparse
 
-from support.report import diff_ci, fmt_ci, plt, preregistration, save_plot, verdict, write_report  # repo root, Agg
-from support.outcome import SeqTable, arms_table, decide, save_json, seq_task, train
+from support.report import (diff_ci, fmt_ci, plt, preregistration,  # repo root, Agg
+                            save_plot, smoke_args, verdict, write_report)
+from support.outcome import SeqTable, arms_table, decide, run_arms, seq_task, train
 
 import torch
 
@@ -75,13 +75,7 @@ def outcome_run(arm: str, seed: int, steps: int) -> float:
 
 
 def outcome(seeds: int, steps: int, save: bool) -> dict[str, list[float]]:
-    res: dict[str, list[float]] = {"GRPO (G = 8)": [], "SPO": [], "GRPO (G = 2)": []}
-    for s in range(seeds):
-        for arm in res:
-            res[arm].append(outcome_run(arm, s, steps))
-        if save:
-            save_json("spo_stream", {"metric": "final exact pass@1", "steps": steps, **res})
-    return res
+    return run_arms("spo_stream", ("GRPO (G = 8)", "SPO", "GRPO (G = 2)"), outcome_run, seeds, steps, save, "final exact pass@1")
 
 
 
@@ -152,10 +146,7 @@ def recovery(drift: float, seeds: int = 200, jump: int = 100, horizon: int = 200
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--smoke", action="store_true", help="2 seeds x 3 steps, print the verdict line, write no report")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
+    args = smoke_args(__doc__, "2 seeds x 3 steps, print the verdict line, write no report")
     res = outcome(2 if args.smoke else OUT_SEEDS, 3 if args.smoke else OUT_STEPS, save=not args.smoke)
     d, d2 = diff_ci(res["SPO"], res["GRPO (G = 8)"]), diff_ci(res["SPO"], res["GRPO (G = 2)"])
     word = decide(d, MARGIN)

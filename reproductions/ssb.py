@@ -22,9 +22,9 @@ row that ever entered the buffer had A != 0, and (d) replay draws follow abs(A) 
 
 from __future__ import annotations
 
-import argparse
 
-from support.report import diff_ci, fmt_ci, mean_ci, plt, preregistration, save_plot, verdict, write_report  # root, Agg
+from support.report import (diff_ci, fmt_ci, mean_ci, plt, preregistration, save_plot, smoke_args, verdict,  # root, Agg
+                            write_report)
 from support.outcome import decide, save_json
 
 import torch
@@ -115,10 +115,7 @@ def steps_to(acc: torch.Tensor, level: float = 0.9) -> int:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--smoke", action="store_true", help="2 seeds x 8 steps, print the verdict line, write no report")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
+    args = smoke_args(__doc__, "2 seeds x 8 steps, print the verdict line, write no report")
     global SEEDS, STEPS
     if args.smoke:
         SEEDS, STEPS = 2, 8

@@ -24,9 +24,9 @@ The paper's efficiency claim (2.5x, −60% wall-clock with successive batching, 
 
 from __future__ import annotations
 
-import argparse
 
-from support.report import plt, preregistration, save_plot, verdict, write_report  # the repository root on sys.path, Agg
+from support.report import (plt, preregistration, save_plot,  # the repository root on sys.path, Agg
+                            smoke_args, verdict, write_report)
 
 import torch
 
@@ -77,9 +77,7 @@ def random_walks(gen):
 
 def main() -> None:
     global N
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--smoke", action="store_true", help="10^4 walks, print the verdict line, write no report")
-    args = ap.parse_args()
+    args = smoke_args(__doc__, "10^4 walks, print the verdict line, write no report", threads=None)
     if args.smoke:
         N = 10_000
     torch.set_num_threads(1)

@@ -10,6 +10,7 @@ training loop around ``common.loop.Loop``, and the pre-registered decision rule.
   entropy like the tokens of a chain of thought, but do not change the reward); the answer is correct with
   probability q_a. Exact accuracy = mean_c Σ_a π(a | c) q_a; mean length = mean_c Σ_a π(a | c) L_a.
 - :func:`train`: steps of ``loop.collect`` + ``loop.update`` with a given stepper; a metric read before each step.
+- :func:`run_arms`: every arm on every seed, the values saved after each seed.
 - :func:`decide`: the rule every report pre-registers: with the paired 95% interval [lo, hi] of method − control
   over seeds, *not reproduced* if hi < ``margin`` (a gain of the claimed kind of at least ``margin`` is excluded),
   else *reproduced* if lo > 0, else *inconclusive*.
@@ -181,6 +182,19 @@ def decide(ci: tuple[float, float, float], margin: float) -> str:
     if hi < margin:
         return "not reproduced"
     return "reproduced" if lo > 0 else "inconclusive"
+
+
+def run_arms(name: str, arms: Sequence[str], run: Callable[[str, int, int], float], seeds: int, steps: int, save: bool,
+             metric: str) -> dict[str, list[float]]:
+    """Seeds 0..seeds−1, each arm in order: ``run(arm, seed, steps)`` (one number per run); after every seed, with
+    ``save``, the values so far in ``reports/<name>.json`` (with ``metric`` and ``steps``)."""
+    res: dict[str, list[float]] = {arm: [] for arm in arms}
+    for s in range(seeds):
+        for arm in arms:
+            res[arm].append(run(arm, s, steps))
+        if save:
+            save_json(name, {"metric": metric, "steps": steps, **res})
+    return res
 
 
 def save_json(name: str, data: dict, out: Path = REPORTS) -> Path:

@@ -6,12 +6,13 @@ a markdown table, a plot, the verdict) and ``reports/<name>.png``, then prints o
 
 - the repository root on ``sys.path`` (``common``, ``retrieval``, ``speculative``, ... importable) and
   matplotlib's non-interactive ``Agg`` backend, both set on import: import this module before those packages;
-- :func:`table` (a markdown table), :func:`save_plot` and :func:`write_report` (into ``REPORTS``),
-- :func:`verdict` (the one-line verdict, printed),
+- :func:`smoke_args` (the ``--smoke`` command line most scripts share), :func:`table` (a markdown table), :func:`save_plot` and :func:`write_report` (into ``REPORTS``),
+- :func:`verdict` (the one-line verdict, printed) and :func:`overall` (one verdict from the verdicts of a claim's parts),
 - :func:`mean_sd`, :func:`fmt` and :func:`apart` (a mean ± sd over seeds, and whether two such intervals are
   disjoint),
 - :func:`t975`, :func:`mean_ci` and :func:`diff_ci` (a two-sided 95% Student-t interval of a mean over seeds, and of
-  a paired difference between two arms run on the same seeds), :func:`fmt_ci`,
+  a paired difference between two arms run on the same seeds), :func:`fmt_ci`, and :func:`wilson` (the Wilson
+  interval of one accuracy over its evaluation items),
 - :func:`preregistration` (the claim as a number, the matched control, and what counts as "not reproduced", written
   into the report before any result) and :func:`eval_record` (how an accuracy was measured, so that it can be
   compared: prompt template, answer extraction, EOS rule, sampling settings, split hash, seeds, device),
@@ -38,14 +39,29 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+import argparse  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 
-__all__ = ["REPORTS", "ROOT", "VERDICTS", "apart", "diff_ci", "eval_record", "fmt", "fmt_ci", "mean_ci", "mean_sd", "plt",
-           "preregistration", "save_plot", "split_hash", "t975", "table", "verdict", "write_report"]
+__all__ = ["REPORTS", "ROOT", "VERDICTS", "apart", "diff_ci", "eval_record", "fmt", "fmt_ci", "mean_ci", "mean_sd", "overall", "plt",
+           "preregistration", "save_plot", "smoke_args", "split_hash", "t975", "table", "verdict", "wilson", "write_report"]
 
 VERDICTS = ("reproduced", "not reproduced", "inconclusive")
+
+
+def smoke_args(doc: str | None, smoke_help: str, *, threads: int | None = 1) -> argparse.Namespace:
+    """The command line of a reproduction whose one option is ``--smoke`` (help ``smoke_help``), described by the
+    first line of its docstring ``doc``; then ``torch.set_num_threads(threads)`` unless ``threads`` is None (the
+    toys' tensors are small: threads only add overhead, and one thread keeps the numbers the reports were made with)."""
+    ap = argparse.ArgumentParser(description=(doc or "").split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help=smoke_help)
+    args = ap.parse_args()
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    return args
 
 
 def table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
@@ -93,6 +109,18 @@ def verdict(name: str, reproduced: bool | str, details: str, *, echo: bool = Tru
     return line
 
 
+def overall(parts: Iterable[str]) -> str:
+    """The verdict of a claim checked in parts (each one of :data:`VERDICTS`): *not reproduced* if any part is,
+    *reproduced* if every part is, else *inconclusive*."""
+    parts = list(parts)
+    bad = [p for p in parts if p not in VERDICTS]
+    if not parts or bad:
+        raise ValueError(f"overall needs at least one part, each one of {VERDICTS}, got {parts!r}")
+    if "not reproduced" in parts:
+        return "not reproduced"
+    return "reproduced" if all(p == "reproduced" for p in parts) else "inconclusive"
+
+
 def mean_sd(values: Iterable[float]) -> tuple[float, float]:
     """Mean and sample standard deviation over seeds (sd 0 for a single value)."""
     vals = [float(v) for v in values]
@@ -126,12 +154,16 @@ def t975(df: int) -> float:
     return _T975.get(int(df), 1.960)
 
 
-def mean_ci(values: Iterable[float]) -> tuple[float, float, float]:
+def mean_ci(values: Iterable[float], *, one_seed_half: float | None = None) -> tuple[float, float, float]:
     """Mean and the two-sided 95% Student-t interval over seeds: ``(mean, low, high)``; needs >= 2 values.
 
-    ``half = t975(n - 1) * sd / sqrt(n)``, the interval of the mean of ``n`` independent seeds.
+    ``half = t975(n - 1) * sd / sqrt(n)``, the interval of the mean of ``n`` independent seeds. A single value (a
+    one-seed smoke run) raises, unless ``one_seed_half`` is given: then ``(v, v - one_seed_half, v + one_seed_half)``
+    (``0.0``: the point itself; ``math.nan``: no interval).
     """
     vals = [float(v) for v in values]
+    if len(vals) == 1 and one_seed_half is not None:
+        return vals[0], vals[0] - one_seed_half, vals[0] + one_seed_half
     if len(vals) < 2:
         raise ValueError(f"mean_ci needs at least 2 values (seeds), got {len(vals)}")
     m, s = mean_sd(vals)
@@ -139,12 +171,22 @@ def mean_ci(values: Iterable[float]) -> tuple[float, float, float]:
     return m, m - half, m + half
 
 
-def diff_ci(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float]:
+def diff_ci(a: Sequence[float], b: Sequence[float], *, one_seed_half: float | None = None) -> tuple[float, float, float]:
     """Paired difference ``a - b`` over the same seeds (arm ``a`` and its control ``b`` run with seed i each):
-    ``mean_ci([a_i - b_i])``."""
+    ``mean_ci([a_i - b_i], one_seed_half=one_seed_half)``."""
     if len(a) != len(b):
         raise ValueError(f"diff_ci needs the same seeds in both arms, got {len(a)} and {len(b)} values")
-    return mean_ci([float(x) - float(y) for x, y in zip(a, b)])
+    return mean_ci([float(x) - float(y) for x, y in zip(a, b)], one_seed_half=one_seed_half)
+
+
+def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval ``(low, high)`` of a proportion ``p`` observed over ``n`` trials (an accuracy on
+    ``n`` evaluation items, one seed); ``(0, 1)`` for ``n <= 0``. ``z`` = the normal's 0.975 quantile."""
+    if n <= 0:
+        return 0.0, 1.0
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def fmt_ci(ci: tuple[float, float, float], digits: int = 3, signed: bool = False) -> str:
