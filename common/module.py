@@ -62,6 +62,7 @@ class PolicyOptimizationModule(L.LightningModule):
         mu: epochs over each rollout batch (GRPO's μ; 1 = one pass).
         minibatch_size: rows per optimiser step (default: the whole rollout batch, one step per rollout).
         micro_batch_size: rows per forward/backward (gradient accumulation; does not change the result).
+        micro_batch_tokens: a token budget per forward/backward instead (rows sorted by length; Loop's); exact too.
         kl_in_reward: coefficient of the per-sequence KL (k1) subtracted from the reward (0 = off; the
             in-loss KL is the loss's ``beta``), or a controller (``common.losses.kl_control.AdaptiveKLController``:
             β adapted to a target KL, checkpointed); logged as ``train/kl_coef``.
@@ -96,7 +97,7 @@ class PolicyOptimizationModule(L.LightningModule):
         group_size: int = 8,
         mu: int = 1,
         minibatch_size: int | None = None,
-        micro_batch_size: int | None = None,
+        micro_batch_size: int | None = None, micro_batch_tokens: int | None = None,
         kl_in_reward: float | KLController = 0.0,
         lr: float = 1e-5,
         weight_decay: float = 0.0,
@@ -143,7 +144,7 @@ class PolicyOptimizationModule(L.LightningModule):
         self.loop = Loop(self.policy, self.score, self.advantage, self.loss_fn, selector, list(self.methods),
                          group_size=group_size, mu=mu, minibatch_size=minibatch_size, micro_batch_size=micro_batch_size,
                          kl_in_reward=self.kl_control, max_generation_rounds=max_generation_rounds, provided=self.provides,
-                         all_reduce=all_reduce_sum, all_gather=all_gather_rows)  # over DDP ranks; identity on one
+                         micro_batch_tokens=micro_batch_tokens, all_reduce=all_reduce_sum, all_gather=all_gather_rows)  # over DDP ranks
 
     def set_rewards(self, rewards: Sequence[RewardFunction], weights: Sequence[float] | None = None) -> None:
         self.reward_fns = list(rewards)

@@ -41,6 +41,8 @@ class TextReasoningModule(PolicyOptimizationModule):
         chat_template: a Jinja chat template string, or the path of a file holding one, instead of the tokenizer's.
         gradient_checkpointing: recompute each decoder layer in the backward instead of keeping its activations
             (less memory, about one more forward; exact, shared-prompt cache included).
+        pack: padding-free forwards, each micro-batch's sequences in one packed row (``CausalLMPolicy(pack=...)``;
+            exact; bound the row with ``micro_batch_tokens``). Plain causal LMs only.
         verifier: decides correctness (accuracy, pass@k); default the task's answer check. If ``rewards`` is
             empty the verifier is also the training reward.
         system_prompt: optional system message placed before every problem.
@@ -75,6 +77,7 @@ class TextReasoningModule(PolicyOptimizationModule):
         chat_template_kwargs: dict[str, Any] | None = None,
         chat_template: str | None = None,
         policy_kind: type[CausalLMPolicy] = CausalLMPolicy,
+        pack: bool = False,
         **kwargs: Any,
     ):
         if episode is not None and environment is None:
@@ -82,7 +85,8 @@ class TextReasoningModule(PolicyOptimizationModule):
         lm = policy_kind(policy if policy is not None else TinyLlama(), sampling, rollout_backend, lora,
                             system_prompt, instruction, share_prompt, logprob_chunk_size,
                             gradient_checkpointing=gradient_checkpointing,
-                            chat_template_kwargs=chat_template_kwargs, chat_template=chat_template)
+                            chat_template_kwargs=chat_template_kwargs, chat_template=chat_template,
+                            **({"pack": True} if pack else {}))  # VLM policies take no `pack`
         agent = lm if environment is None else MultiTurnAgentPolicy(lm, environment, episode)
         if verifier is None:
             verifier = TaskReward() if environment is None else EpisodeReturn()

@@ -85,6 +85,11 @@ class CausalLMPolicy(Policy):
             recompute the layer in the backward (Chen et al. 2016, arXiv 1604.06174): activation memory of about
             one layer instead of all of them, for about one more forward. Exact, with the shared-prompt cache too
             (see :func:`checkpointed_layers`).
+        pack: run each forward padding-free: the micro-batch's prompts (each group's once under ``share_prompt``)
+            and completions concatenated into one packed row with position ids restarting per sequence and a
+            block-diagonal causal mask (:meth:`packed_hidden`; verl's remove-padding). Exact against the padded
+            path; pays where rows are many and lengths mixed. Its attention is N² over the packed row, so bound N
+            with the loop's ``micro_batch_tokens``. Batches it cannot reproduce exactly take the padded path.
     """
 
     provides = ("prompt_ids", "prompt_mask", "truncated", "behaviour_logprobs")
@@ -92,14 +97,14 @@ class CausalLMPolicy(Policy):
     def __init__(self, source: PolicySource, sampling: Sampling | None = None, backend: RolloutBackend | None = None,
                  lora: LoRA | None = None, system_prompt: str | None = None, instruction: str = "",
                  share_prompt: bool = True, logprob_chunk_size: int = 1024, gradient_checkpointing: bool = False,
-                 *, chat_template_kwargs: dict[str, Any] | None = None, chat_template: str | None = None):
+                 *, chat_template_kwargs: dict[str, Any] | None = None, chat_template: str | None = None, pack: bool = False):
         super().__init__()
         self.source, self.lora = source, lora
         self.sampling = sampling if sampling is not None else Sampling()
         self.backend = backend if backend is not None else HFBackend()
         self.system_prompt, self.instruction = system_prompt, instruction
         self.share_prompt, self.logprob_chunk_size = share_prompt, logprob_chunk_size
-        self.gradient_checkpointing = gradient_checkpointing
+        self.gradient_checkpointing, self.pack = gradient_checkpointing, pack
         self.model, self.tokenizer = source.load()
         self.chat_template_kwargs, self.chat_template = check_template_kwargs(chat_template_kwargs), read_template(chat_template)
         if self.chat_template is not None:  # this policy's own tokenizer: an export or an SFT of it uses the override too
@@ -217,16 +222,14 @@ class CausalLMPolicy(Policy):
         approximation); only the completion tokens are run per row. A batch whose group rows differ in their
         prompts takes the plain path: one forward over prompt + completion for every row.
         """
+        if self.pack and packable(batch):
+            return self.packed_hidden(model, batch)
         decoder = model.get_decoder()
         P = batch.prompt_ids.shape[1]
         attn = batch.attention_mask.long()  # (B, P + T)
         position_ids = (attn.cumsum(1) - 1).clamp(min=0)  # as generate() builds them for left padding
-        groups, inverse = torch.unique(batch.group_ids, return_inverse=True)  # (U,), (B,)
-        first = torch.full_like(groups, batch.batch_size).scatter_reduce_(
-            0, inverse, torch.arange(batch.batch_size, device=inverse.device), reduce="amin")  # (U,) a row per group
-        shared = self.share_prompt and len(groups) < batch.batch_size and bool(
-            (batch.prompt_ids == batch.prompt_ids[first][inverse]).all())
-        if not shared:
+        first, inverse = self.shared_prompts(batch)
+        if first is None:
             hidden = decoder(input_ids=batch.input_ids, attention_mask=attn, position_ids=position_ids).last_hidden_state
             return hidden[:, P - 1 : -1]
         from transformers import DynamicCache
@@ -239,6 +242,49 @@ class CausalLMPolicy(Policy):
                              past_key_values=cache, use_cache=True).last_hidden_state  # (B, T, H)
         last_prompt = prompt.last_hidden_state[inverse, -1:]  # (B, 1, H) predicts the first completion token
         return torch.cat([last_prompt, completion[:, :-1]], dim=1)
+
+    def shared_prompts(self, batch: RolloutBatch) -> tuple[Tensor | None, Tensor]:
+        """(first (U,) a row of each group, inverse (B,) each row's group) when ``share_prompt`` is on and the G rows
+        of every group carry one prompt; (None, arange(B)) otherwise (every row its own prompt)."""
+        groups, inverse = torch.unique(batch.group_ids, return_inverse=True)  # (U,), (B,)
+        first = torch.full_like(groups, batch.batch_size).scatter_reduce_(
+            0, inverse, torch.arange(batch.batch_size, device=inverse.device), reduce="amin")  # (U,) a row per group
+        shared = self.share_prompt and len(groups) < batch.batch_size and bool(
+            (batch.prompt_ids == batch.prompt_ids[first][inverse]).all())
+        return (first, inverse) if shared else (None, torch.arange(batch.batch_size, device=inverse.device))
+
+    def packed_hidden(self, model: nn.Module, batch: RolloutBatch) -> Tensor:
+        """:meth:`completion_hidden` without padding: the micro-batch's tokens in one packed row (``pack=True``).
+
+        The row holds every prompt once (each group's once under ``share_prompt``), then every row's completion,
+        padding dropped: N = Σ prompt lengths + Σ completion lengths tokens instead of B x (P + T). Position ids
+        restart at every sequence (a completion continues its prompt's), and a block-diagonal causal mask lets a
+        token see only the earlier tokens of its own segment and, for a completion, its prompt: the attention of
+        the padded path, so the hidden states are the same up to float32 rounding (verl's remove-padding, done with
+        an explicit 4D mask that SDPA and eager attention accept on any device). Shapes: -> (B, T, H).
+        """
+        pm, m = batch.prompt_mask, batch.completion_mask  # (B, P), (B, T)
+        (B, P), T = pm.shape, m.shape[1]
+        first, owner = self.shared_prompts(batch)  # owner (B,): the prompt segment each row continues
+        rows = torch.arange(B, device=m.device) if first is None else first  # (U,) the rows whose prompts are packed
+        U, upm = rows.numel(), pm[rows]  # (U, P)
+        n_p = int(upm.sum())
+        prompt_at = torch.full((U, P), -1, device=m.device).masked_scatter(upm, torch.arange(n_p, device=m.device))
+        completion_at = torch.full((B, T), -1, device=m.device).masked_scatter(
+            m, torch.arange(n_p, n_p + int(m.sum()), device=m.device))  # (B, T) index in the packed row, −1 = padding
+        ids = torch.cat([batch.prompt_ids[rows][upm], batch.completion_ids[m]])  # (N,)
+        prompt_pos = upm.long().cumsum(1) - 1  # (U, P) as the padded path's (attention-mask cumsum) for left padding
+        completion_pos = upm.long().sum(1)[owner, None] + m.long().cumsum(1) - 1  # (B, T)
+        positions = torch.cat([prompt_pos[upm], completion_pos[m]])  # (N,)
+        segment = torch.cat([torch.arange(U, device=m.device)[:, None].expand(U, P)[upm],
+                             (U + torch.arange(B, device=m.device))[:, None].expand(B, T)[m]])  # (N,)
+        sees = torch.cat([torch.arange(U, device=m.device), owner])[segment]  # (N,) the prompt segment a token sees
+        k = torch.arange(ids.numel(), device=m.device)  # (N,)
+        allowed = (k[None, :] <= k[:, None]) & ((segment[None, :] == segment[:, None]) | (segment[None, :] == sees[:, None]))
+        hidden = model.get_decoder()(input_ids=ids[None], position_ids=positions[None],
+                                     attention_mask=attention_bias(model, allowed)).last_hidden_state[0]  # (N, H)
+        predictor = torch.cat([prompt_at[owner, -1:], completion_at[:, :-1]], dim=1)  # (B, T) the token before each
+        return hidden[predictor.clamp(min=0)].masked_fill(~m[..., None], 0.0)  # (B, T, H)
 
     # ------------------------------------------------------------------ engine
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -254,6 +300,28 @@ class CausalLMPolicy(Policy):
 
     def extra_repr(self) -> str:
         return f"source={type(self.source).__name__}, lora={self.lora is not None}, backend={type(self.backend).__name__}"
+
+
+def packable(batch: RolloutBatch) -> bool:
+    """Packing reproduces the padded path where every hidden state it needs is a kept token's: prompts left-padded
+    with their last column real, completions right-padded without holes (what generation leaves)."""
+    m = batch.completion_mask  # (B, T)
+    return batch.prompt_ids is not None and bool(batch.prompt_mask[:, -1].all()) and not bool((m[:, 1:] & ~m[:, :-1]).any())
+
+
+def attention_bias(model: nn.Module, allowed: Tensor) -> Tensor:
+    """An explicit (1, 1, N, N) attention mask from ``allowed`` (N, N) bool (query, key), as the model's attention
+    takes it: bool for SDPA (True = attend), additive 0 / −inf-like for eager attention; transformers passes a 4D
+    mask through unchanged."""
+    kind = getattr(model.config, "_attn_implementation", "eager")
+    if kind == "sdpa":
+        return allowed[None, None]
+    if kind == "eager":
+        dtype = next(model.parameters()).dtype
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min)[None, None]
+    raise ValueError(f"pack: the model's attention implementation {kind!r} takes no explicit 4D mask here; expected "
+                     "'sdpa' or 'eager' (load the model with attn_implementation='sdpa') or pack=False")
 
 
 def _cache_state(cache) -> tuple[list, list[dict]]:
