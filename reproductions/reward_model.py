@@ -24,7 +24,7 @@ not run again (``--fresh`` reruns). Seeds may run in parallel processes (``--see
 written by the process that finds every seed complete. ``--smoke`` runs every stage of one seed with a tiny random
 model in one folder (a slow test runs it); it writes no report.
 
-    .venv/bin/python reproductions/reward_model.py [--seeds 0 1 2] [--grpo-steps 4] [--val-size 32]
+    .venv/bin/python reproductions/reward_model.py [--seeds 0 1 2] [--grpo-steps 2] [--val-size 32]
 """
 
 from __future__ import annotations
@@ -112,15 +112,16 @@ MARGIN = 2 / 32  # the smallest gain the claim must show to count: 2 of the 32 h
 PREREG = dict(
     claim="(1) the Bradley-Terry RM ranks >= 90% of held-out pairs (prompts never seen in training) correctly (issue "
           "16's threshold); (2) GRPO on its scores raises the held-out greedy accuracy (the task's verifier, 32 "
-          "validation prompts) more than the matched control after the same K = 4 GRPO steps: accuracy(RM arm) − "
+          "validation prompts) more than the matched control after the same K = 2 GRPO steps: accuracy(RM arm) − "
           f"accuracy(control) > 0 over seeds, a gain of at least {MARGIN:.4f} (2 of 32 prompts) being the claim's size",
     control="GRPO from the same untrained policy with the same seed, prompts, K steps, G, lr and sampling, rewarded by the "
             "same RM's scores permuted uniformly among each prompt's G completions "
             "(`support.controls.ShuffledRewardModelReward`): every group gets the same rewards, hence the same advantage "
             "magnitudes, but not the RM's ranking. Also reported: both arms' change from the untrained policy",
     seeds="GRPO seeds 0, 1, 2 (both arms per seed), all with one RM (pairs sampled and RM trained with seed 0). Amended "
-          "2026-12-08 02:00 UTC, before any result: the first version trained one RM per seed; on the shared 2-core "
-          "machine (load ~16) one RM fit took > 10 min, so the RM is shared and claim (1) is one RM's measurement",
+          "2026-12-08 02:00 and 02:06 UTC, before any result: the first version trained one RM per seed and took K = 4; "
+          "on the shared 2-core machine (load ~16) one RM fit took > 15 min and one greedy evaluation ~5 min, so the RM "
+          "is shared (claim (1) is one RM's measurement) and K = 2 (the steps of the 2026-12-07 seed-0 report)",
     not_reproduced_if="(1) the held-out pair accuracy is < 0.9; or (2) the upper end of the paired 95% "
                       "t-interval of accuracy(RM arm) − accuracy(control) is below "
                       f"{MARGIN:.4f} (a gain of the claim's size is excluded)",
@@ -190,10 +191,12 @@ def run_seed(seed: int, out: Path, export: Path, args: argparse.Namespace, stage
         extra = {"seed": seed} if arm == "control" else {}
         reward = json.dumps([{"class_path": cls, "init_args": {"path": str(export), "batch_size": 32, **extra}}])
         if arm not in results and arm in stages:
-            root = out / "runs/lightning_logs"  # the CLI's TensorBoard logger writes runs/lightning_logs/version_N
+            where = out / arm  # one folder per arm: the arms of a seed may run in parallel processes
+            where.mkdir(parents=True, exist_ok=True)
+            root = where / "runs/lightning_logs"  # the CLI's TensorBoard logger writes runs/lightning_logs/version_N
             existing = set(root.glob("version_*"))
             advlab("fit", "--config", str(GRPO_CONFIG), *seed_args, *policy, *val, "--model.init_args.rewards", reward,
-                   "--trainer.max_steps", str(steps), "--model.init_args.group_size", str(group), cwd=out)
+                   "--trainer.max_steps", str(steps), "--model.init_args.group_size", str(group), cwd=where)
             (run,) = set(root.glob("version_*")) - existing
             results[arm] = str(run / "checkpoints/last.ckpt")
             results["grpo_steps"], results["group_size"] = steps, group
@@ -201,7 +204,7 @@ def run_seed(seed: int, out: Path, export: Path, args: argparse.Namespace, stage
         key = "after" if arm == "grpo" else "control_after"
         if key not in results and key in stages and arm in results:
             results[key] = val_accuracy(advlab("validate", "--config", str(BASE_CONFIG), *seed_args, *policy, *val,
-                                               "--ckpt_path", results[arm], cwd=out))
+                                               "--ckpt_path", results[arm], cwd=out / arm))
             print(f"  seed {seed}: held-out accuracy after {arm}: {results[key]:.3f}", flush=True)
             res.save()
 
@@ -230,7 +233,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None,
                     help="where seed<S>/runs/ and results go (default runs/reward_model_repro; --smoke: a folder to give)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds to run now (the report needs 0 1 2)")
-    ap.add_argument("--grpo-steps", type=int, default=4, help="GRPO optimiser steps (both arms)")
+    ap.add_argument("--grpo-steps", type=int, default=2, help="GRPO optimiser steps (both arms)")
     ap.add_argument("--group-size", type=int, default=4, help="GRPO's G")
     ap.add_argument("--val-size", type=int, default=32, help="held-out prompts for the accuracy (the first of the recipe's)")
     ap.add_argument("--fresh", action="store_true", help="rerun every stage")
