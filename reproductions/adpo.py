@@ -142,10 +142,9 @@ def train(method: str, seed: int, *, beta: float, tau: float, beta_r: float) -> 
 
 def main() -> None:
     global STEPS, SEEDS
-    args = smoke_args(__doc__, "2 seeds x 20 steps, no report (< 10 s)", threads=None)
+    args = smoke_args(__doc__, "2 seeds x 20 steps, no report (< 10 s)")
     if args.smoke:
         STEPS, SEEDS = 20, 2
-    torch.set_num_threads(1)
     dv, dg = identity_check()
     shift = shift_check()
     settings = {"paper defaults (DPO β = 0.1; ADPO τ = 0.8, β_r = 0.5)": dict(beta=0.1, tau=0.8, beta_r=0.5),

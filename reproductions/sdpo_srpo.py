@@ -227,10 +227,9 @@ def train(method: str, seed: int) -> list[float]:
 
 def main() -> None:
     global STEPS, SEEDS
-    args = smoke_args(__doc__, "2 seeds x 12 steps, no report (< 10 s)", threads=None)
+    args = smoke_args(__doc__, "2 seeds x 12 steps, no report (< 10 s)")
     if args.smoke:
         STEPS, SEEDS = 12, 2
-    torch.set_num_threads(1)
     c = component_checks()
     checks_ok = (c["kl_forward"] == 0 and c["kl_reverse"] == 0 and c["jsd_symmetry"] < 1e-12 and c["tail_sum"] < 1e-6
                  and c["grad_0_3"] < 1e-12 and c["grad_4"] > 1e-3 and c["ema"] < 1e-6 and c["routes_ok"]
