@@ -6,6 +6,10 @@ from them; the flag off is today's loop; a resume from the method's state contin
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +24,7 @@ from common.policies.causal_lm import CausalLMPolicy
 from common.rollout.base import Sampling
 from helpers import DIGITS, digit_prompts
 
+ROOT = Path(__file__).resolve().parents[1]
 G = 4
 PROMPTS = [digit_prompts(2, seed=s) for s in range(4)]  # one prompt batch a step
 
@@ -127,3 +132,16 @@ def test_resume_from_the_methods_state_continues_exactly(one_thread):
 def test_needs_the_rollout_correction():
     with pytest.raises(ValueError, match="RolloutCorrection"):
         make([OneStepOffPolicy()], loss=ClippedPolicyLoss())
+
+
+def test_the_benchmarks_quick_mode_times_both_loops_and_writes_nothing(tmp_path):
+    env = {**os.environ, "ADVLAB_BENCH_RESULTS": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "benchmarks/overlap.py", "--quick"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r.split("|")[1].strip(): r.split("|")[2:-1] for r in proc.stdout.splitlines() if r.startswith("| ") and " s |" in r}
+    assert sorted(rows) == ["one-step overlap", "synchronous"]
+    for step, collect, update, ratio in rows.values():  # a step is its collect plus its update
+        s, c, u = (float(x.strip().removesuffix(" s")) for x in (step, collect, update))
+        assert s > 0 and abs(s - c - u) <= 0.011
+    assert "Load average" in proc.stdout and not any(tmp_path.iterdir())
