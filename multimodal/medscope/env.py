@@ -257,8 +257,7 @@ class MedScopeEnv(Environment):
 
 class MedScopeTasks(TaskSource):
     """Generated questions, one per video: prompt "Which colour is the instrument in video N during the marked phase?",
-    answer the
-    colour, meta ``video_seed``, ``evidence_start`` / ``evidence_end`` (seconds, the event window), ``question``."""
+    answer the colour, meta ``video_seed``, ``evidence_start`` / ``evidence_end`` (seconds, the event window), ``question``."""
 
     def make(self, n: int, seed: int) -> list[Problem]:
         rng, out = random.Random(seed), []

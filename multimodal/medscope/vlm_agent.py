@@ -23,15 +23,21 @@ Observation tokens are the agent's ``env_mask``: out of the loss (``RolloutBatch
 from __future__ import annotations
 
 import functools
+import json
+import random
 import re
+import weakref
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from common.batch import RolloutBatch
+from common.losses.logprobs import token_logprobs
 from common.rollout.hf import HFBackend
+from common.sft import SFTObjective, SFTSource
 from multimodal.medscope import video as V
+from multimodal.medscope.env import MedScopeEnv, MedScopeTasks
 from multimodal.vlm.model import IMAGE_TOKEN, pixels_from_uint8
 from multimodal.vlm.policy import VLMPolicy, llava_of
 
@@ -92,8 +98,6 @@ class FramesBackend(HFBackend):
     policy is held by a weak reference (the backend is the policy's submodule)."""
 
     def bind(self, policy: "MedScopeVLMPolicy") -> "FramesBackend":
-        import weakref
-
         self._policy = weakref.ref(policy)
         return self
 
@@ -155,14 +159,7 @@ class MedScopeVLMPolicy(VLMPolicy):
         return self(batch).logprobs
 
 
-
-
-
 # ---------------------------------------------------------------------- SFT warm start on tool-use trajectories
-from common.sft import SFTObjective, SFTSource  # noqa: E402
-from common.losses.logprobs import token_logprobs  # noqa: E402
-from multimodal.medscope.env import MedScopeEnv, MedScopeTasks  # noqa: E402
-
 RESULT_OPEN, RESULT_CLOSE = "<result>", "</result>"
 
 
@@ -186,9 +183,6 @@ class MedScopeTrajectories(SFTSource):
         self.env = MedScopeEnv(max_tool_calls, render="image", image_size=image_size, image_tokens=image_tokens)
 
     def make(self, n: int | None, seed: int) -> list[dict]:
-        import json
-        import random
-
         rng, out = random.Random(seed + 7), []
         for p in MedScopeTasks().make(n or 1024, seed):  # ok: host-side data generation
             task = p.as_sample()
@@ -254,4 +248,6 @@ class TrajectoryCE(SFTObjective):
         head = policy.model.get_output_embeddings()
         lp, _ = token_logprobs(h[:, :-1][m], head.weight, ids[:, 1:][m], bias=head.bias)
         return -lp.sum(), m.sum()
+
+
 __all__ = ["MedScopeVLMPolicy", "FramesBound", "images_in", "MedScopeTrajectories", "TrajectoryCE", "observation_tokens"]
