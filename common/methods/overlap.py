@@ -86,19 +86,35 @@ class Snapshot:
 
 class Pending(threading.Thread):
     """One batch sampled in the background: ``n`` samples of every prompt by ``model`` with a generator seeded
-    ``seed``; ``result()`` waits for it (and re-raises what the thread raised)."""
+    ``seed``; ``result()`` waits for it (and re-raises what the thread raised).
+
+    On a GPU the thread samples on a CUDA stream of its own, so its kernels can run beside the update's instead of
+    queueing behind them on one stream: it starts once the snapshot copy (queued on the main stream before it) is
+    done, and its tensors are marked as used by the main stream (``record_stream``) before the main thread reads
+    them, so the caching allocator does not hand their memory back to the side stream too early. (Written for the
+    GPU, not run on one in this project's tests: no GPU here.)"""
 
     def __init__(self, policy: CausalLMPolicy, model: nn.Module, tokenizer, prompts: Sequence[dict], n: int, seed: int):
         super().__init__(name="one-step-off-policy rollout", daemon=False)
         ids, mask = policy.encode(prompts)  # (P, L) each, encoded here in the main thread with the policy's tokenizer
         self.job = (policy.backend, model, tokenizer, ids, mask, n, dataclasses.replace(policy.sampling, logprobs=True))
         self.prompts, self.seed = [dict(s) for s in prompts], seed
+        self.stream = torch.cuda.Stream(ids.device) if ids.is_cuda else None
+        self.ready = torch.cuda.Event() if ids.is_cuda else None
+        if self.ready is not None:
+            self.ready.record()  # on the main stream, after the snapshot copy
         self.batch: RolloutBatch | None = None
         self.error: BaseException | None = None
 
     def run(self) -> None:
         try:
-            self.batch = sample(*self.job, seed=self.seed, prompts=self.prompts)
+            if self.stream is None:
+                self.batch = sample(*self.job, seed=self.seed, prompts=self.prompts)
+                return
+            with torch.cuda.stream(self.stream):
+                self.stream.wait_event(self.ready)
+                self.batch = sample(*self.job, seed=self.seed, prompts=self.prompts)
+            self.stream.synchronize()
         except BaseException as err:  # noqa: BLE001 - handed to the main thread by result()
             self.error = err
 
@@ -106,6 +122,12 @@ class Pending(threading.Thread):
         self.join()
         if self.error is not None:
             raise self.error
+        if self.stream is not None:
+            main = torch.cuda.current_stream(self.stream.device)
+            for f in dataclasses.fields(self.batch):
+                value = getattr(self.batch, f.name)
+                if torch.is_tensor(value) and value.is_cuda:
+                    value.record_stream(main)
         return self.batch
 
 
