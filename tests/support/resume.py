@@ -58,6 +58,20 @@ def _flatten(prefix: str, obj, out: dict) -> dict:
     return out
 
 
+def assert_checkpoints_equal(a: dict, b: dict) -> None:
+    """Two Lightning checkpoints hold the same keys and identical values (every tensor bit for bit: weights, optimiser
+    state, method state, RNG states, data position); Lightning's own bookkeeping is skipped."""
+    skip = {"callbacks", "loops", "hparams_name", "hyper_parameters", "pytorch-lightning_version", "lr_schedulers"}
+    fa = _flatten("", {k: v for k, v in a.items() if k not in skip}, {})
+    fb = _flatten("", {k: v for k, v in b.items() if k not in skip}, {})
+    assert sorted(fa) == sorted(fb), set(fa) ^ set(fb)
+    for name, va in fa.items():
+        if torch.is_tensor(va):
+            torch.testing.assert_close(fb[name], va, rtol=0, atol=0, msg=name)
+        else:
+            assert fb[name] == va, name
+
+
 def assert_sigkill_resume_exact(tmp_path: Path, run: list[str], *, max_steps: int = 6, every: int = 2,
                                 tags: tuple[str, ...] = ("train/reward", "train/loss"), timeout: float = 300) -> dict:
     """Run ``run`` (an ``advlab fit`` command line) straight and killed-then-resumed; assert they are identical.
@@ -86,15 +100,7 @@ def assert_sigkill_resume_exact(tmp_path: Path, run: list[str], *, max_steps: in
     a = torch.load(straight / "runs/lightning_logs/version_0/checkpoints/last.ckpt", map_location="cpu", weights_only=False)
     b = torch.load(broken / "runs/lightning_logs/version_1/checkpoints/last.ckpt", map_location="cpu", weights_only=False)
     assert a["global_step"] == b["global_step"] == max_steps
-    skip = {"callbacks", "loops", "hparams_name", "hyper_parameters", "pytorch-lightning_version", "lr_schedulers"}
-    fa = _flatten("", {k: v for k, v in a.items() if k not in skip}, {})
-    fb = _flatten("", {k: v for k, v in b.items() if k not in skip}, {})
-    assert sorted(fa) == sorted(fb), set(fa) ^ set(fb)
-    for name, va in fa.items():
-        if torch.is_tensor(va):
-            torch.testing.assert_close(fb[name], va, rtol=0, atol=0, msg=name)
-        else:
-            assert fb[name] == va, name
+    assert_checkpoints_equal(a, b)
     for tag in tags:
         seen_a = events(straight / "runs/lightning_logs/version_0", tag)
         seen_b = events(broken / "runs/lightning_logs/version_1", tag)

@@ -20,7 +20,7 @@ import sys
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from resume import ROOT, _flatten, events
+from resume import ROOT, assert_checkpoints_equal, events
 
 RECIPE = str(ROOT / "configs/multimodal/ga_grpo.yaml")
 REWARDS = ("[" + ", ".join("{class_path: multimodal.medscope.env.MedScopeReward, init_args: {part: %s, max_tool_calls: 3}}" % p
@@ -71,15 +71,7 @@ def test_ga_grpo_vlm_agent_recipe_resumes_exactly(tmp_path, monkeypatch, one_thr
     a = torch.load(tmp_path / "straight" / LAST.format(0), map_location="cpu", weights_only=False)
     b = torch.load(tmp_path / "broken" / LAST.format(1), map_location="cpu", weights_only=False)
     assert a["global_step"] == b["global_step"] == 3
-    skip = {"callbacks", "loops", "hparams_name", "hyper_parameters", "pytorch-lightning_version", "lr_schedulers"}
-    fa = _flatten("", {k: v for k, v in a.items() if k not in skip}, {})
-    fb = _flatten("", {k: v for k, v in b.items() if k not in skip}, {})
-    assert sorted(fa) == sorted(fb), set(fa) ^ set(fb)
-    for name, va in fa.items():
-        if torch.is_tensor(va):
-            torch.testing.assert_close(fb[name], va, rtol=0, atol=0, msg=name)
-        else:
-            assert fb[name] == va, name
+    assert_checkpoints_equal(a, b)
     for tag in TAGS:
         seen_a = events(tmp_path / "straight/runs/lightning_logs/version_0", tag)
         seen_b = events(tmp_path / "broken/runs/lightning_logs/version_1", tag)
