@@ -196,26 +196,32 @@ def main() -> None:
                         f"{median(cpu[k]) / median(cpu['padded rows']):.2f}x", fmt_bytes(kept[k]), f"{gap[k]:.1e}"]
                        for k in loops]) + "\n"
     load_after = os.getloadavg()
+    setup = (f"{name}, {args.rows} rows (G = {args.group}), prompts {prompt[0]}..{prompt[1]} tokens, completions to "
+             f"{args.max_len}, {args.threads} thread(s), {args.reps} alternating reps after a warm-up. Row variants: "
+             f"{args.micro} rows per micro-batch; token variants: budget {args.micro} x ({prompt[1]} + {args.max_len}) "
+             f"= {budget}.")
+    publish("packing", "Padded rows, token micro-batches, packing", setup, body, load_before, load_after, args)
+
+
+def publish(name: str, title: str, setup: str, body: str, load_before, load_after, args) -> None:
+    """Write ``benchmarks/results/<name>[_quick].md``: the setup line with both load averages, then ``body``; on a
+    shared machine (1-min load above SHARED_LOAD before, or above the run's threads after) the results are marked,
+    and printed instead of written unless ``args.allow_shared``."""
     reasons = []
     if load_before[0] > SHARED_LOAD:
         reasons.append(f"1-min load {load_before[0]:.2f} before the run")
     if load_after[0] > args.threads + SHARED_LOAD:
         reasons.append(f"1-min load {load_after[0]:.2f} after it")
-    head = f"**SHARED MACHINE: {'; '.join(reasons)}. Wall times are not clean.**\n\n" if reasons else ""
-    head += (f"{name}, {args.rows} rows (G = {args.group}), prompts {prompt[0]}..{prompt[1]} tokens, completions to "
-             f"{args.max_len}, {args.threads} thread(s), {args.reps} alternating reps after a warm-up. Row variants: "
-             f"{args.micro} rows per micro-batch; token variants: budget {args.micro} x ({prompt[1]} + {args.max_len}) "
-             f"= {budget}. Load average before: {', '.join(f'{x:.2f}' for x in load_before)}; after: "
-             f"{', '.join(f'{x:.2f}' for x in load_after)}.\n\n")
-    body = head + body
+    text = f"**SHARED MACHINE: {'; '.join(reasons)}. Wall times are not clean.**\n\n" if reasons else ""
+    text += (f"{setup} Load average before: {', '.join(f'{x:.2f}' for x in load_before)}; after: "
+             f"{', '.join(f'{x:.2f}' for x in load_after)}.\n\n{body}")
     if args.quick:
-        body = "**QUICK smoke run, not the benchmark.**\n\n" + body
+        text = "**QUICK smoke run, not the benchmark.**\n\n" + text
     if reasons and not args.allow_shared:
-        print(body)
+        print(text)
         print("NOT WRITTEN: the machine was shared; rerun on an idle machine or pass --allow-shared")
         sys.exit(3)
-    write_result("packing" + ("_quick" if args.quick else ""), "Padded rows, token micro-batches, packing", body)
-
+    write_result(name + ("_quick" if args.quick else ""), title, text)
 
 if __name__ == "__main__":
     main()

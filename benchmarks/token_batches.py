@@ -30,9 +30,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
 import torch  # noqa: E402
 
-from bench import fmt_s, median, progress, setup_threads, table, write_result  # noqa: E402
-
-SHARED_LOAD = 0.5
+from bench import fmt_s, median, progress, setup_threads, table  # noqa: E402
+from packing import publish  # noqa: E402 (the shared-machine check and the write)
 
 
 def make_batch(tokenizer_vocab: int, rows: int, prompt: int, min_len: int, max_len: int, seed: int = 0):
@@ -108,29 +107,14 @@ def main() -> None:
             cpu[k].append(time.process_time() - c0)
     scale = max(g.abs().max().item() for g in grads["rows"])
     gap = max((a - b).abs().max().item() for a, b in zip(grads["rows"], grads["tokens"])) / scale
-    load_after = os.getloadavg()
-    reasons = []
-    if load_before[0] > SHARED_LOAD:
-        reasons.append(f"1-min load {load_before[0]:.2f} before the run")
-    if load_after[0] > args.threads + SHARED_LOAD:
-        reasons.append(f"1-min load {load_after[0]:.2f} after it")
-    body = f"**SHARED MACHINE: {'; '.join(reasons)}. Wall times are not clean.**\n\n" if reasons else ""
-    body += (f"{name}, {args.rows} rows, prompt {P} tokens, completion lengths {args.min_len}..{args.max_len} (evenly "
+    setup = (f"{name}, {args.rows} rows, prompt {P} tokens, completion lengths {args.min_len}..{args.max_len} (evenly "
              f"spread, shuffled), {args.threads} thread(s), {args.reps} alternating reps after a warm-up. Token budget "
-             f"= {args.micro} x ({P} + {args.max_len}) = {budget}. Load average before: "
-             f"{', '.join(f'{x:.2f}' for x in load_before)}; after: {', '.join(f'{x:.2f}' for x in load_after)}.\n\n")
-    body += table(["variant", "micro-batches", "tokens through the model", "wall median", "CPU median", "CPU / rows"],
-                  [[k, micros[k], f"{tokens[k]:,}", fmt_s(median(wall[k])), fmt_s(median(cpu[k])),
-                    f"{median(cpu[k]) / median(cpu['rows']):.2f}x"] for k in loops])
+             f"= {args.micro} x ({P} + {args.max_len}) = {budget}.")
+    body = table(["variant", "micro-batches", "tokens through the model", "wall median", "CPU median", "CPU / rows"],
+                 [[k, micros[k], f"{tokens[k]:,}", fmt_s(median(wall[k])), fmt_s(median(cpu[k])),
+                   f"{median(cpu[k]) / median(cpu['rows']):.2f}x"] for k in loops])
     body += f"\nmax |grad(tokens) − grad(rows)| / max |grad(rows)| = {gap:.1e} (float32 rounding: different shapes)\n"
-    if args.quick:
-        body = "**QUICK smoke run, not the benchmark.**\n\n" + body
-    if reasons and not args.allow_shared:
-        print(body)
-        print("NOT WRITTEN: the machine was shared; rerun on an idle machine or pass --allow-shared")
-        sys.exit(3)
-    write_result("token_batches" + ("_quick" if args.quick else ""), "Micro-batches by tokens vs by rows", body)
-
+    publish("token_batches", "Micro-batches by tokens vs by rows", setup, body, load_before, os.getloadavg(), args)
 
 if __name__ == "__main__":
     main()
