@@ -270,7 +270,7 @@ def record(seeds: Sequence[int]) -> str:
                        prompt_template="none (a prompt is the task / dialogue index; tabular turn policy)",
                        answer_extraction="none: the action index at each turn",
                        eos_rule=f"none: U ends after {U_T} turns (patched up to ε mismatches during training), M after {M_T}",
-                       sampling="none: U step accuracy = mean over tasks and turns of π(expert action | turn), exact; "
+                       sampling="none: U step accuracy = mean over tasks and turns of π(expert action \\| turn), exact; "
                                 "M normalised value = (E_π[Σ r] − E_uniform) / (max − E_uniform), exact, mean over "
                                 "dialogues. Training rollouts: multinomial at T = 1, G = 8 per task",
                        split=f"the {TASKS} training tasks (train = evaluation); U experts per seed, hash "
