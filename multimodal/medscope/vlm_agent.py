@@ -101,9 +101,10 @@ class FramesBackend(HFBackend):
         self._policy = weakref.ref(policy)
         return self
 
-    def generate(self, policy, tokenizer, prompt_ids, prompt_mask, num_samples, sampling, *, greedy: bool = False):
+    def generate(self, policy, tokenizer, prompt_ids, prompt_mask, num_samples, sampling, *, greedy: bool = False,
+                 generator: torch.Generator | None = None):
         return super().generate(FramesBound(policy, self._policy()), tokenizer, prompt_ids, prompt_mask, num_samples,
-                                sampling, greedy=greedy)
+                                sampling, greedy=greedy, generator=generator)
 
 
 class MedScopeVLMPolicy(VLMPolicy):
