@@ -55,9 +55,11 @@ def test_packed_forward_equals_the_padded_path(batch, share, attn, one_thread):
         padded, packed = policy(False, share, dtype, attn), policy(True, share, dtype, attn)
         seen = []
         packed.model.get_input_embeddings().register_forward_hook(lambda mod, inp, out: seen.append(tuple(inp[0].shape)))
-        out_a, out_b = padded(batch), packed(batch)
+        out_a, out_b = padded(batch, hidden=True), packed(batch, hidden=True)
         assert seen == [(1, n_tokens)] and n_tokens < batch.batch_size * (batch.prompt_ids.shape[1] + 8)
         m = batch.completion_mask
+        torch.testing.assert_close(out_b.hidden[m], out_a.hidden[m], rtol=0, atol=tol * 100)  # hidden-state methods'
+        assert not out_b.hidden[~m].any()  # zeros off the mask
         assert bool((out_a.logprobs[m] < 0).all())  # real log-probs where it matters
         torch.testing.assert_close(out_b.logprobs, out_a.logprobs, rtol=0, atol=tol * 10)
         torch.testing.assert_close(out_b.entropy, out_a.entropy, rtol=0, atol=tol * 10)
