@@ -87,7 +87,7 @@ def rank(out: Path, smoke: bool) -> dict:
 
     def accuracy(rows: list[dict]) -> tuple[float, int]:
         if not rows:
-            return float("nan"), 0
+            return 0.0, 0  # no pairs of this kind: the report prints "—"
         samples = [{"prompt": r["prompt"]} for r in rows]
         rw, rl = reward([r["chosen"] for r in rows], samples), reward([r["rejected"] for r in rows], samples)
         return float((rw > rl).float().mean()), len(rows)
@@ -294,7 +294,8 @@ def write(r: dict, found: dict[int, dict], seeds: list[int], args: argparse.Name
                  f"{x['after'] - x['control_after']:+.3f}"] for s, x in zip(seeds, res)]
     rank_rows = [["held-out pairs (sampled incorrect vs correct: sampled or the reference) — claim 1", r["n_held_out"],
                   f"{r['held_out']:.3f} (Wilson [{lo:.3f}, {hi:.3f}])"],
-                 ["  of which sampled correct vs sampled incorrect", r["n_sampled_only"], f"{r['sampled_only']:.3f}"],
+                 ["  of which sampled correct vs sampled incorrect", r["n_sampled_only"],
+                  f"{r['sampled_only']:.3f}" if r["n_sampled_only"] else "— (no such pair)"],
                  ["diagnostic: 'The answer is N.' vs same form, N off by ±1/±10", r["n_same_form"], f"{r['same_form']:.3f}"]]
     summary = [[f"accuracy after {steps} steps, RM arm", fmt_ci(mean_ci(after)), ""],
                [f"accuracy after {steps} steps, shuffled-RM control", fmt_ci(mean_ci(ctrl)), ""],
