@@ -237,6 +237,7 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=4, help="GRPO's G")
     ap.add_argument("--val-size", type=int, default=32, help="held-out prompts for the accuracy (the first of the recipe's)")
     ap.add_argument("--fresh", action="store_true", help="rerun every stage")
+    ap.add_argument("--note", default="", help="a note on how this run went, appended to the report")
     ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated stages to run now ('report': none, "
                     "only the report from the results on disk)")
     args = ap.parse_args()
@@ -361,7 +362,7 @@ configs/text_reasoning/grpo_reward_model.yaml --seed_everything S --trainer.max_
 {group} --model.init_args.rewards '[{{"class_path": "common.rewards.model.RewardModelReward", "init_args": {{"path":
 "<rm>/runs/reward_model/export", "batch_size": 32}}}}]'` (control: class `support.controls.ShuffledRewardModelReward`,
 `"seed": S`, with `reproductions/` on `PYTHONPATH`); `advlab validate ... --ckpt_path <its last.ckpt>`.
-"""
+{chr(10) + "This run: " + args.note + chr(10) if args.note else ""}"""
     write_report("reward_model", report)
 
 
