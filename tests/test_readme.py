@@ -237,6 +237,12 @@ COMMANDS: dict[str, Run | Exempt] = {
     f"{FIRST_FIT} --model.init_args.gradient_checkpointing true": Run(TINY),
     ".venv/bin/python benchmarks/logprobs.py --threads 1 --reps 3 --allow-shared":
         Exempt("a benchmark (~15 min); tests/common/test_fused_logprobs.py checks the kernel's values and gradients"),
+    # ---- token micro-batches and packing (session 7)
+    f"{FIRST_FIT} --model.init_args.micro_batch_tokens 1024 --model.init_args.pack true": Run(TINY),
+    ".venv/bin/python benchmarks/packing.py --threads 2 --allow-shared":
+        Exempt("a benchmark (~35 min on a shared 2-core machine); tests/common/test_packing.py runs its --quick mode"),
+    ".venv/bin/python benchmarks/packing.py --quick":
+        Exempt("the benchmark's smoke mode: tests/common/test_packing.py::test_benchmark_quick_runs runs it"),
     "python benchmarks/grpo_step.py": Exempt("a benchmark against TRL (about 40 min on 2 cores; `make bench` runs it)"),
     # ---- predict and export (/work/readme_parts/h1-predict-export.md): the checkpoint of the first fit
     f"advlab predict --config {GRPO} --ckpt_path $CKPT --output predictions/val.jsonl":
