@@ -303,6 +303,9 @@ def write(r: dict, found: dict[int, dict], seeds: list[int], args: argparse.Name
                ["RM arm − control (claim 2, paired by seed)", fmt_ci(gain, signed=True), v_gain],
                ["RM arm − before", fmt_ci(rm_change, signed=True), "diagnostic"],
                ["control − before", fmt_ci(ctrl_change, signed=True), "diagnostic"]]
+    ahead = sum(a > c for a, c in zip(after, ctrl))
+    worse = (" (the shuffled scores make the policy worse: part of the gap is the control's loss, not only the RM "
+             "arm's gain)" if ctrl_change[2] < 0 else "")
     report = f"""# Neural reward model: Bradley-Terry RM on verifiable pairs, then GRPO on its scores vs a shuffled-score control
 
 InstructGPT (arXiv 2203.02155 §3.5) trains a reward model on comparisons and optimises the policy against it; here the
@@ -343,6 +346,8 @@ The shuffled control separates what the RM's ranking contributes from what any G
 this policy (GRPO at T = 1 on 32-token completions also moves the policy's style, which can change greedy accuracy
 by itself). The accuracy is on {args.val_size} prompts: one prompt is {1 / args.val_size:.3f}, and three seeds give a
 t-interval with 2 degrees of freedom (t = 4.303), so only a large, consistent gap can be resolved at this scale.
+{ahead} of {len(seeds)} seeds favour the RM arm; its change from the untrained policy is
+{fmt_ci(rm_change, signed=True)}, the control's {fmt_ci(ctrl_change, signed=True)}{worse}.
 "Before" is one greedy evaluation of the untrained policy (seed-independent), shared by the seeds. Earlier runs
 (2026-12-07, one RM per seed, no control): the RM ranked 32/32 held-out pairs in each of 3 seeds, with same-form
 diagnostics 0.61 / 0.58 / 0.59, and GRPO on its scores moved greedy accuracy 0.125 -> 0.375 / 0.125 / 0.156 after 6
