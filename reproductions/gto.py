@@ -6,7 +6,7 @@ Check (shared/methods/domains.md §6.6), at CPU scale: a tiny Llama target train
 source (speculative.data.MarkovTarget, vocabulary 32), an EAGLE-3 draft trained with the TTT loss (Phase I ->
 M0), then from the same M0 with equal steps, batches and learning rate: (1) continual token-only training,
 (2) GTO (L_token + 0.5·L_GTO, K = 4 groups x m = 4, η = 1, ε = 0.2). Both are built by the library's modules
-(speculative.module.EagleModule / GTOModule) and trained by its one step (speculative.module.draft_step). Evaluation: held-out prefixes decoded with the tree loop
+(speculative.module.EagleModule / GTOModule) and trained by the shared loop's step (common/loop.py, module.loop). Evaluation: held-out prefixes decoded with the tree loop
 (top-k 4, depth 4, 16 tokens) at T = 0 and T = 1: τ, target forwards per token, and for M0 the misalignment
 diagnostics (greedy path pruned by re-ranking; accepted path = greedy path). 3 seeds.
 Falsifiable (``PREREG``; restated with a paired 95% t interval after the first run): reproduced if τ(GTO) >= 1.03 x
@@ -30,18 +30,19 @@ from support.report import diff_ci, eval_record, fmt_ci, mean_sd, plt, preregist
 import torch
 from speculative.data import MarkovCorpus, MarkovTarget
 from speculative.decode import DecodeStats, SpeculativeDecoder, greedy_decode
-from speculative.module import EagleModule, GTOModule, draft_step, save_draft
+from common.loop import Stepper
+from speculative.module import EagleModule, GTOModule, save_draft
 
 TREE = dict(top_k=4, depth=4, total_tokens=16)
 
 
 def train(module: EagleModule, batches: list[dict], lr: float) -> list[float]:
-    """The library's step (Phase I: L_token; GTO: L_token + ω·L_GTO) with AdamW (0.9, 0.95), clip 0.5, no warm-up.
-    Returns the token-level loss of every step."""
-    params = [p for p in module.draft.parameters() if p.requires_grad]
+    """The library's step, the shared loop of the module (Phase I: L_token; GTO: L_token + ω·L_GTO) with AdamW
+    (0.9, 0.95), clip 0.5, no warm-up. Returns the token-level loss of every step."""
+    params = module.policy.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    return [float(draft_step(module.target, module.draft, batch, opt, layers=module.layers, ttt_steps=module.ttt_steps,
-                             gto=module.gto, max_grad_norm=0.5)["loss_token"]) for batch in batches]
+    stepper = Stepper(opt, params, max_grad_norm=0.5)
+    return [float(module.loop.update(module.loop.collect(batch).kept, stepper)["loss_token"]) for batch in batches]
 
 
 def batches_for(data: MarkovCorpus, steps: int, seed: int) -> list[dict]:
@@ -104,10 +105,10 @@ def main() -> None:
     phase1 = EagleModule(policy=source, **TREE, train_head=True, seed=0)
     p1_losses = train(phase1, batches_for(data, args.phase1_steps, seed=0), lr=3e-3)
     m0_path = tmp / "m0.safetensors"
-    save_draft(phase1.draft, m0_path)
-    lossless = all(torch.equal(SpeculativeDecoder(target, phase1.draft, **TREE).generate(p[None], 32),
+    save_draft(phase1.policy.draft, m0_path)
+    lossless = all(torch.equal(SpeculativeDecoder(target, phase1.policy.draft, **TREE).generate(p[None], 32),
                                greedy_decode(target, p[None], 32)) for p in prefixes[:10])
-    rows = {"M0 (EAGLE-3, Phase I)": [evaluate(target, phase1.draft, prefixes, args.new_tokens, T, 0) for T in (0.0, 1.0)]}
+    rows = {"M0 (EAGLE-3, Phase I)": [evaluate(target, phase1.policy.draft, prefixes, args.new_tokens, T, 0) for T in (0.0, 1.0)]}
     print(f"target CE {target_ce:.3f} vs source entropy {source_h:.3f}; M0 tau(T=0) {rows['M0 (EAGLE-3, Phase I)'][0]['tau']:.3f}"
           f" ({time.time() - t_start:.0f} s)", flush=True)
 
@@ -125,7 +126,7 @@ def main() -> None:
                 kw["draft_init"] = str(m0_path)
             module = arm["cls"](policy=source, **TREE, **kw)
             curves[name].append(train(module, batches, lr=3e-4))
-            results[name].append([evaluate(target, module.draft, prefixes, args.new_tokens, T, seed) for T in (0.0, 1.0)])
+            results[name].append([evaluate(target, module.policy.draft, prefixes, args.new_tokens, T, seed) for T in (0.0, 1.0)])
             print(f"seed {seed} {name}: tau(T=0) {results[name][-1][0]['tau']:.3f} tau(T=1) "
                   f"{results[name][-1][1]['tau']:.3f} ({time.time() - t_start:.0f} s)", flush=True)
 
