@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
-from bench import median, setup_threads, table, write_result  # noqa: E402  (before torch: threads, repo root)
+from bench import median, progress, setup_threads, table, write_result  # noqa: E402  (before torch: threads, repo root)
 
 import torch  # noqa: E402
 
@@ -132,7 +132,7 @@ def main() -> None:
 
     for name in arms:  # warm-up
         repetition(name, counted=False)
-    for r in range(args.reps):
+    for r in progress(range(args.reps), "repetitions (both arms)"):
         for name in (arms if r % 2 == 0 else reversed(list(arms))):
             repetition(name, counted=True)
     load_after = os.getloadavg()
