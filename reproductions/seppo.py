@@ -2,7 +2,8 @@
 reports/seppo.md, committed before any run.
 
     OMP_NUM_THREADS=1 python reproductions/seppo.py [--seeds 0 1 2] [--updates 60] [--batch 16] [--eval 128]
-    python reproductions/seppo.py --smoke
+    python reproductions/seppo.py --smoke    # seconds: an untrained tiny base, 2 seeds x 2 updates, the verdict line
+    python reproductions/seppo.py --report-only reproductions/reports/seppo_results.json
 
 A single-view base (``pretrained_base(views=1, style="broad")``, cached) is fine-tuned from the same weights per seed
 by three arms with the same winners (renders in the preferred style, seeded by the update number) and the same
@@ -15,10 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import os
 import time
 
-from support.report import REPORTS, save_plot, table
+from support.report import (REPORTS, diff_ci, eval_record, fmt_ci, plt, preregistration, save_plot, table, verdict,
+                            write_report)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -35,8 +37,21 @@ from diffusion.multiview.rewards import object_rows, preference_iou  # noqa: E40
 from diffusion.multiview.seppo import CheckpointRing, SePPO, SePPOLoss  # noqa: E402
 
 BASE = PretrainConfig(views=1, size=16, style="broad", steps=600)
+SMOKE_BASE = PretrainConfig(views=1, size=16, style="broad", steps=0, channels=(16, 32))  # untrained, --smoke only
 ARMS = ("sft", "seppo", "seppo_no_aaf")
-T_975 = {2: 4.303, 1: 12.706}
+
+PREREG = preregistration(
+    claim="(S1, headline) SePPO beats SFT on the same winners: h(SePPO) − h(SFT) > 0 (paper, SD1.5 on Pick-a-Pic: "
+          "PickScore 21.57 vs SFT 21.32). (S2) without the anchor-based flipper SePPO falls below SFT: h(SePPO w/o AAF) "
+          "− h(SFT) < 0 (paper: 20.88 < 21.32)",
+    control="SFT on the winners (the DDPM ε-loss), from the same base per seed, the same winners in the same order "
+            "(renders of the preferred style seeded by the update number), the same number of updates, batch, "
+            "optimiser and lr; evaluation on the same held-out captions and noises",
+    seeds=[0, 1, 2],
+    not_reproduced_if="over the 3 per-seed paired differences (diff_ci, 95% Student t, 2 df) the mean has the opposite "
+                      "sign to the claim (or is 0)",
+    inconclusive_if="the mean has the claimed sign but the interval includes 0; fewer than 3 seeds: at most "
+                    "inconclusive")
 
 
 def policy():
@@ -98,23 +113,15 @@ def train(arm: str, seed: int, data, updates: int, batch: int, lr: float, beta: 
     return pol, flips
 
 
-def t_interval(x):
-    n, m = len(x), float(np.mean(x))
-    if n < 2:
-        return m, float("nan"), float("nan")
-    h = T_975.get(n - 1, 1.96) * float(np.std(x, ddof=1)) / math.sqrt(n)
-    return m, m - h, m + h
-
-
 def judge(diffs, sign: int) -> str:
-    m, lo, hi = t_interval(diffs)
-    if len(diffs) < 3:
-        return "inconclusive (fewer than 3 seeds)"
-    if sign * m > 0 and ((lo > 0) if sign > 0 else (hi < 0)):
-        return "reproduced"
+    """The pre-registered rule on per-seed paired differences (``diff_ci`` of an arm and SFT); sign +1 / −1: the
+    claimed direction."""
+    if len(diffs) < 2:
+        return "inconclusive"
+    m, lo, hi = diff_ci(diffs, [0.0] * len(diffs))
     if sign * m <= 0:
         return "not reproduced"
-    return "inconclusive"
+    return "reproduced" if ((lo > 0) if sign > 0 else (hi < 0)) and len(diffs) >= 3 else "inconclusive"
 
 
 def main(argv=None) -> None:
@@ -127,7 +134,9 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--beta", type=float, default=200.0)
     p.add_argument("--every", type=int, default=10)
-    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--smoke", action="store_true",
+                   help="an untrained tiny base, 2 seeds x 2 updates x 2 images, 4 evaluation samples: the verdict "
+                        "line only, no report")
     p.add_argument("--base-steps", type=int, default=BASE.steps, help="pre-training steps of the base (cached by config)")
     p.add_argument("--out", default=str(REPORTS / "seppo_results.json"))
     p.add_argument("--report-only", metavar="JSON", help="write the report from a (possibly partial) results file")
@@ -141,7 +150,8 @@ def main(argv=None) -> None:
         return
     BASE = PretrainConfig(views=1, size=16, style="broad", steps=a.base_steps)
     if a.smoke:
-        a.seeds, a.updates, a.batch, a.eval, a.every = a.seeds[:1], 3, 4, 16, 1
+        BASE = SMOKE_BASE
+        a.seeds, a.updates, a.batch, a.eval, a.every, a.out = [0, 1], 2, 2, 4, 1, os.devnull
     torch.set_num_threads(1)
     t0 = time.process_time()
     data = MultiviewPrompts(views=1)
@@ -150,27 +160,41 @@ def main(argv=None) -> None:
     for s in a.seeds:
         prompts = [data.val_set[i % len(data.val_set)] for i in range(a.eval)]
         seeds = torch.arange(a.eval) + 1_000_003 * (s + 1)
+        s = str(s)
         res["base"][s] = float(evaluate(policy(), prompts, seeds).mean())
         for arm in ARMS:
-            pol, flips = train(arm, s, data, a.updates, a.batch, a.lr, a.beta, a.every)
+            pol, flips = train(arm, int(s), data, a.updates, a.batch, a.lr, a.beta, a.every)
             res["arms"][arm][s] = {"h": float(evaluate(pol, prompts, seeds).mean()), "flip_frac": flips}
-            print(f"{arm} seed {s}: h {res['arms'][arm][s]['h']:.4f} (base {res['base'][s]:.4f}) "
-                  f"cpu {time.process_time() - t0:.0f}s", flush=True)
-            json.dump(res, open(a.out, "w"))
+            if not a.smoke:
+                print(f"{arm} seed {s}: h {res['arms'][arm][s]['h']:.4f} (base {res['base'][s]:.4f}) "
+                      f"cpu {time.process_time() - t0:.0f}s", flush=True)
+                json.dump(res, open(a.out, "w"))
     res["cpu_seconds"] = time.process_time() - t0
+    if a.smoke:
+        verdict("seppo", *claims(res)[:2])
+        return
     json.dump(res, open(a.out, "w"))
     report(res, a)
 
 
-def report(res, a) -> None:
-    import matplotlib.pyplot as plt
-
+def claims(res):
+    """(headline verdict, details, the claim table's rows, the seeds every arm finished) from a results dict."""
     arms = res["arms"]
     seeds = [s for s in res["base"] if all(s in arms[a_] for a_ in ARMS)]  # seeds every arm finished
-    d1 = [arms["seppo"][s]["h"] - arms["sft"][s]["h"] for s in seeds]
-    d2 = [arms["seppo_no_aaf"][s]["h"] - arms["sft"][s]["h"] for s in seeds]
-    v1, v2 = judge(d1, +1), judge(d2, -1)
-    rows = [["S1 SePPO − SFT (h)", *fmt_int(d1), v1], ["S2 SePPO w/o AAF − SFT (h, claimed < 0)", *fmt_int(d2), v2]]
+    h = {arm: [arms[arm][s]["h"] for s in seeds] for arm in ARMS}
+    ci1, ci2 = diff_ci(h["seppo"], h["sft"]), diff_ci(h["seppo_no_aaf"], h["sft"])
+    v1 = judge([x - y for x, y in zip(h["seppo"], h["sft"])], +1)
+    v2 = judge([x - y for x, y in zip(h["seppo_no_aaf"], h["sft"])], -1)
+    rows = [["**S1 (headline) SePPO − SFT (h)**", fmt_ci(ci1, 4, signed=True), len(seeds), v1],
+            ["S2 SePPO w/o AAF − SFT (h, claimed < 0)", fmt_ci(ci2, 4, signed=True), len(seeds), v2]]
+    details = (f"h SePPO − SFT {fmt_ci(ci1, 4, signed=True)} over {len(seeds)} seeds; S2 SePPO w/o AAF − SFT "
+               f"{fmt_ci(ci2, 4, signed=True)} ({v2})")
+    return v1, details, rows, seeds
+
+
+def report(res, a) -> None:
+    arms = res["arms"]
+    v1, details, rows, seeds = claims(res)
     per = [["base", f"{np.mean([res['base'][s] for s in seeds]):.4f}"]] + [
         [arm, f"{np.mean([arms[arm][s]['h'] for s in seeds]):.4f}"] for arm in ARMS]
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
@@ -183,22 +207,44 @@ def report(res, a) -> None:
     ax[1].legend()
     fig.tight_layout()
     save_plot(fig, "seppo")
-    text = open(REPORTS / "seppo.md").read().split("\n## Results")[0]
-    body = ["\n## Results\n",
-            f"Run: `OMP_NUM_THREADS=1 python reproductions/seppo.py --seeds {' '.join(map(str, seeds))} --updates "
-            f"{a.updates} --batch {a.batch} --eval {a.eval} --lr {a.lr} --beta {a.beta} --every {a.every}` "
-            f"({res.get('cpu_seconds', float('nan')):.0f} CPU s). **Scale far below the spec's** (300 updates x 64; "
-            f"β not swept: {a.beta}; the ref = θ_0 / ref = latest arms were not run). Seeds finished by every arm: "
-            f"{seeds}; fewer than 3 is at most inconclusive.\n\n",
-            table(["arm", "h"], per), "\n\n", table(["claim (per-seed paired differences)", "mean", "95 % t-interval",
-                                                   "verdict"], rows), "\n\n", "![seppo](seppo.png)\n"]
-    (REPORTS / "seppo.md").write_text(text + "".join(body))
-    print(f"seppo: claim {v1} (S1); S2 {v2}: SePPO − SFT {np.mean(d1):+.4f}, w/o AAF − SFT {np.mean(d2):+.4f}")
+    line = verdict("seppo", v1, details, echo=False)
+    text = f"""# SePPO (reference checkpoints as losers, anchor-based flipper) at CPU scale
 
+Paper: Zhang et al., "SePPO: Semi-Policy Preference Optimization for Diffusion Alignment", arXiv 2410.05255 (read
+through reviews; training code not released). Spec: `shared/methods/domains.md` §3(e). Script:
+`reproductions/seppo.py` (the pre-registration below is the script's `PREREG`, fixed before the run).
 
-def fmt_int(d):
-    m, lo, hi = t_interval(d)
-    return [f"{m:+.4f}", f"[{lo:+.4f}, {hi:+.4f}]"]
+{PREREG}
+## Setup
+
+- Single-view 16x16 images, a small conditional diffusers UNet pre-trained 600 steps on a broad style distribution
+  (random size / position / saturation); winners are renderings of the preferred style (large, centred, saturated)
+  with small jitter, never generated by the model. Hidden preference h(x, c): IoU with the preferred rendering.
+- Arms from the same base per seed, the same winners, updates and batch: SFT on winners (control), SePPO (uniform
+  reference from the checkpoint ring, AAF on), SePPO without AAF (sign ≡ +1). Sampler: 4 DDIM steps, η = 1, no CFG.
+
+## Results
+
+Run: `OMP_NUM_THREADS=1 python reproductions/seppo.py --seeds {' '.join(seeds)} --updates {a.updates} --batch
+{a.batch} --eval {a.eval} --lr {a.lr} --beta {a.beta} --every {a.every}` ({res.get('cpu_seconds', float('nan')):.0f}
+CPU s). **Scale far below the spec's** (300 updates x 64; β not swept: {a.beta}; the ref = θ_0 / ref = latest arms
+were not run). Seeds finished by every arm: {seeds}.
+
+{table(["arm", "h (mean over seeds)"], per)}
+
+{table(["claim (paired over seeds)", "mean [95% CI] (diff_ci)", "seeds", "verdict"], rows)}
+
+![seppo](seppo.png)
+
+**Verdict:** `{line}`
+
+{eval_record(task="single-view text-to-image of a coloured primitive, held-out captions",
+             prompt_template="the caption (MiniLM-L6 embeddings, 12 tokens)",
+             answer_extraction="h = preference_iou: IoU of the object mask with the preferred-style rendering",
+             eos_rule="K = 4 denoising steps", sampling="DDIM η = 1, no CFG",
+             split=f"val_set captions cycled to {a.eval}, noises seeded 1_000_003·(seed+1) + i", seeds=seeds)}"""
+    write_report("seppo", text)
+    print(line, flush=True)
 
 
 if __name__ == "__main__":
