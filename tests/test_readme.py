@@ -243,6 +243,8 @@ COMMANDS: dict[str, Run | Exempt] = {
         Exempt("a benchmark (~35 min on a shared 2-core machine); tests/common/test_packing.py runs its --quick mode"),
     ".venv/bin/python benchmarks/packing.py --quick":
         Exempt("the benchmark's smoke mode: tests/common/test_packing.py::test_benchmark_quick_runs runs it"),
+    "OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python reproductions/reward_model.py --seeds 0 1 2":
+        Exempt("a measurement on SmolLM2 (an hour at load 16); its --smoke mode runs in tests/common/test_reward_model.py"),
     "python benchmarks/grpo_step.py": Exempt("a benchmark against TRL (about 40 min on 2 cores; `make bench` runs it)"),
     # ---- predict and export (/work/readme_parts/h1-predict-export.md): the checkpoint of the first fit
     f"advlab predict --config {GRPO} --ckpt_path $CKPT --output predictions/val.jsonl":
