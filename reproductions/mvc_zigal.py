@@ -144,7 +144,7 @@ def main(argv=None) -> None:
     p.add_argument("--iters", type=int, default=12)
     p.add_argument("--prompts", type=int, default=6)
     p.add_argument("--eval", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=3e-5)
     p.add_argument("--pg-advantage", choices=("joint_z", "group"), default="joint_z",
                    help="MV-PG's advantage: the batch z-score of R_mv (as MV-ZigAL's) or GRPO's per-prompt z-score")
     p.add_argument("--arms", nargs="+", default=["pg", "zigal_joint", "zigal_per_view", "mvc"])
