@@ -147,10 +147,12 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=3e-5)
     p.add_argument("--pg-advantage", choices=("joint_z", "group"), default="joint_z",
                    help="MV-PG's advantage: the batch z-score of R_mv (as MV-ZigAL's) or GRPO's per-prompt z-score")
+    p.add_argument("--prediction-type", choices=("epsilon", "sample"), default="epsilon",
+                   help="the base UNet's target (sample = x0-prediction; its own cached base, pre-trained on first use)")
     p.add_argument("--arms", nargs="+", default=["pg", "zigal_joint", "zigal_per_view", "mvc"])
     p.add_argument("--smoke", action="store_true",
-                   help="an untrained tiny base, arms MV-PG and MV-ZigAL, 2 seeds x 1 iteration x 1 prompt, 2 evaluation samples: the verdict "
-                        "line only, no report")
+                   help="an untrained tiny base, arms MV-PG and MV-ZigAL, 2 seeds x 1 iteration x 1 prompt, "
+                        "2 evaluation samples: the verdict line only, no report")
     p.add_argument("--no-report", action="store_true", help="write only the results file (a sensitivity run)")
     p.add_argument("--out", default=str(REPORTS / "mvc_zigal_results.json"))
     p.add_argument("--report-only", metavar="JSON", help="write the report from a (possibly partial) results file")
@@ -163,6 +165,7 @@ def main(argv=None) -> None:
         a.pg_advantage = res["args"].get("pg_advantage", "group")  # the first run's PG used GRPO's per-prompt z
         report(res, a)
         return
+    BASE = PretrainConfig(views=4, size=16, steps=600, prediction_type=getattr(a, "prediction_type", "epsilon"))
     if a.smoke:
         BASE = SMOKE_BASE
         a.seeds, a.iters, a.eval, a.prompts, a.no_report = [0, 1], 1, 2, 1, True
