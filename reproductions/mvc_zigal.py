@@ -148,7 +148,8 @@ def main(argv=None) -> None:
     p.add_argument("--pg-advantage", choices=("joint_z", "group"), default="joint_z",
                    help="MV-PG's advantage: the batch z-score of R_mv (as MV-ZigAL's) or GRPO's per-prompt z-score")
     p.add_argument("--prediction-type", choices=("epsilon", "sample"), default="epsilon",
-                   help="the base UNet's target (sample = x0-prediction; its own cached base, pre-trained on first use)")
+                   help="the base UNet's target (sample = x0-prediction; its own cached base, pre-trained on "
+                        "first use)")
     p.add_argument("--arms", nargs="+", default=["pg", "zigal_joint", "zigal_per_view", "mvc"])
     p.add_argument("--smoke", action="store_true",
                    help="an untrained tiny base, arms MV-PG and MV-ZigAL, 2 seeds x 1 iteration x 1 prompt, "
@@ -252,7 +253,8 @@ def claims(res: dict) -> tuple[str, str, dict, list]:
                          "not tested meaningfully (C0 not reproduced)"])
             verdicts["C1"] = "not tested meaningfully"
         else:
-            add(f"C1 MV-ZigAL − base (R_mv) >= {0.5 * gain0:.4f}", "C1", diff("zigal_joint", "base", "R_mv"), 0.5 * gain0)
+            add(f"C1 MV-ZigAL − base (R_mv) >= {0.5 * gain0:.4f}", "C1", diff("zigal_joint", "base", "R_mv"),
+                0.5 * gain0)
     if "pg" in arms:
         add("MV-PG − base (R_mv): does training degrade the base?", "pg_vs_base", diff("pg", "base", "R_mv"))
         rows[-1][3] = "(not a claim)"

@@ -42,8 +42,8 @@ ARMS = ("sft", "seppo", "seppo_no_aaf")
 
 PREREG = preregistration(
     claim="(S1, headline) SePPO beats SFT on the same winners: h(SePPO) − h(SFT) > 0 (paper, SD1.5 on Pick-a-Pic: "
-          "PickScore 21.57 vs SFT 21.32). (S2) without the anchor-based flipper SePPO falls below SFT: h(SePPO w/o AAF) "
-          "− h(SFT) < 0 (paper: 20.88 < 21.32)",
+          "PickScore 21.57 vs SFT 21.32). (S2) without the anchor-based flipper SePPO falls below SFT: "
+          "h(SePPO w/o AAF) − h(SFT) < 0 (paper: 20.88 < 21.32)",
     control="SFT on the winners (the DDPM ε-loss), from the same base per seed, the same winners in the same order "
             "(renders of the preferred style seeded by the update number), the same number of updates, batch, "
             "optimiser and lr; evaluation on the same held-out captions and noises",
