@@ -245,6 +245,10 @@ COMMANDS: dict[str, Run | Exempt] = {
         Exempt("the benchmark's smoke mode: tests/common/test_packing.py::test_benchmark_quick_runs runs it"),
     "OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python reproductions/reward_model.py --seeds 0 1 2":
         Exempt("a measurement on SmolLM2 (an hour at load 16); its --smoke mode runs in tests/common/test_reward_model.py"),
+    "OMP_NUM_THREADS=1 python reproductions/mvc_zigal.py --seeds 0 1 2 --iters 12 --prompts 6 --eval 64 --lr 3e-5":
+        Exempt("a ~4 CPU-minute reproduction (plus the cached base's pre-training); tests/diffusion/multiview/test_repro_smoke.py runs --smoke"),
+    "python reproductions/seppo.py --report-only reproductions/reports/seppo_results.json":
+        Exempt("rewrites a committed report; tests/diffusion/multiview/test_repro_smoke.py runs seppo.py --smoke"),
     "python benchmarks/grpo_step.py": Exempt("a benchmark against TRL (about 40 min on 2 cores; `make bench` runs it)"),
     # ---- predict and export (/work/readme_parts/h1-predict-export.md): the checkpoint of the first fit
     f"advlab predict --config {GRPO} --ckpt_path $CKPT --output predictions/val.jsonl":
