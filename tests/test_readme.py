@@ -249,6 +249,8 @@ COMMANDS: dict[str, Run | Exempt] = {
         Exempt("a ~4 CPU-minute reproduction (plus the cached base's pre-training); tests/diffusion/multiview/test_repro_smoke.py runs --smoke"),
     "python reproductions/seppo.py --report-only reproductions/reports/seppo_results.json":
         Exempt("rewrites a committed report; tests/diffusion/multiview/test_repro_smoke.py runs seppo.py --smoke"),
+    "python reproductions/roma.py":
+        Exempt("the toy reproduction (3 arms x 300 RL steps a seed, ~4 CPU min a seed); tests/multimodal/roma/test_repro_smoke.py runs the script (--smollm2 --smoke)"),
     "python benchmarks/grpo_step.py": Exempt("a benchmark against TRL (about 40 min on 2 cores; `make bench` runs it)"),
     # ---- predict and export (/work/readme_parts/h1-predict-export.md): the checkpoint of the first fit
     f"advlab predict --config {GRPO} --ckpt_path $CKPT --output predictions/val.jsonl":
