@@ -26,6 +26,8 @@ Data: :class:`SFTData` (a ``ResumableData``: exact data position in the checkpoi
 
 from __future__ import annotations
 
+import itertools
+
 import copy
 import random
 import time
@@ -470,12 +472,18 @@ class SFTModule(L.LightningModule):
 def encode_examples(policy: Any, objective: SFTObjective, samples: Sequence[dict], *, pack_length: int | None = None,
                     max_length: int | None = None) -> SFTBatch:
     """Tokenise ``samples`` (``prompt``, ``response``) with ``policy.encode`` (its chat template) and
-    ``objective.response_ids`` -> :class:`SFTBatch` (on the CPU)."""
+    ``objective.response_ids`` -> :class:`SFTBatch` (on the CPU). A sample with ``response_segments`` (a list of
+    str whose concatenation is ``response``) has each segment tokenised on its own."""
     tok = policy.tokenizer
     ids, mask = policy.encode(samples)  # (E, P) left-padded
     ids, mask = ids.cpu(), mask.cpu()
     prompts = [row[m].tolist() for row, m in zip(ids, mask)]  # ok: tokenisation, once per step
-    responses = tok([s["response"] for s in samples], add_special_tokens=False)["input_ids"]
+    # a response given as segments (an agent's actions and the environment's observations) is tokenised segment by
+    # segment, as its episode is at rollout time, so no BPE token straddles an action/observation boundary
+    segments = [s.get("response_segments") or [s["response"]] for s in samples]
+    flat = tok([seg for segs in segments for seg in segs], add_special_tokens=False)["input_ids"]
+    at = [0] + list(itertools.accumulate(len(segs) for segs in segments))
+    responses = [[t for piece in flat[a:b] for t in piece] for a, b in zip(at[:-1], at[1:])]
     responses = [objective.response_ids(r, tok.eos_token_id) for r in responses]
     return collate(prompts, responses, tok.pad_token_id, pack_length=pack_length, max_length=max_length)
 

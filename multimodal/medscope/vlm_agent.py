@@ -194,7 +194,10 @@ class MedScopeTrajectories(SFTSource):
             call = ("<tool_call>" + json.dumps({"name": "crop_video", "arguments": {"start_time": s, "end_time": e}})
                     + "</tool_call>")
             obs = self.env.step(call).observation
-            out.append({"prompt": first, "response": call + obs + f"<answer>{task['answer']}</answer>",
+            answer = f"<answer>{task['answer']}</answer>"
+            # tokenised segment by segment (common.sft.encode_examples), as the episode is: generation stops at
+            # </tool_call> and the observation is encoded on its own; one string would merge "><" across the boundary
+            out.append({"prompt": first, "response": call + obs + answer, "response_segments": [call, obs, answer],
                         "answer": task["answer"], "evidence_start": task["evidence_start"],
                         "evidence_end": task["evidence_end"]})
         return out

@@ -79,3 +79,23 @@ def test_sft_objective_leaves_observations_out(policy):
     assert "frames 1,2" in inside and "result>" in inside and "</result" in inside
     assert "<tool_call>" in outside and "</tool_call>" in outside and "answer>red</answer>" in outside
     assert "frames" not in outside
+
+
+def test_sft_trajectories_are_tokenised_as_the_episode_is(policy):
+    """SmolLM2's BPE merges the call's closing '>' with the observation's '<' into one '><' token when a trajectory
+    is tokenised as one string; an episode never holds that token (generation stops at </tool_call> and the
+    observation is encoded on its own), so SFT on the joined string teaches a call that never closes. The SFT
+    tokens must be the segments' own tokens, concatenated, + EOS."""
+    from common.sft import encode_examples
+    from multimodal.medscope.vlm_agent import MedScopeTrajectories, TrajectoryCE
+
+    tok = policy.tokenizer
+    samples = MedScopeTrajectories(image_size=16, image_tokens=policy.per_image).make(2, 0)
+    call, obs, answer = samples[0]["response_segments"]
+    assert call + obs + answer == samples[0]["response"] and call.endswith("</tool_call>") and obs.startswith("<")
+    enc = lambda t: tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    assert enc(call + obs) != enc(call) + enc(obs)  # the merge this guards against
+    batch = encode_examples(policy, TrajectoryCE(), samples)
+    for row, s in enumerate(samples):
+        expected = [t for seg in s["response_segments"] for t in enc(seg)] + [tok.eos_token_id]
+        assert batch.input_ids[row][batch.target_mask[row]].tolist() == expected
