@@ -251,6 +251,10 @@ COMMANDS: dict[str, Run | Exempt] = {
         Exempt("rewrites a committed report; tests/diffusion/multiview/test_repro_smoke.py runs seppo.py --smoke"),
     "python reproductions/roma.py":
         Exempt("the toy reproduction (3 arms x 300 RL steps a seed, ~4 CPU min a seed); tests/multimodal/roma/test_repro_smoke.py runs the script (--smollm2 --smoke)"),
+    "advlab fit --config configs/text_reasoning/grpo_arithmetic_overlap.yaml --evaluate true":
+        Exempt("tests/test_cli.py::test_every_text_recipe_runs_two_steps_on_a_tiny_model runs the recipe on a tiny model"),
+    "python benchmarks/overlap.py":
+        Exempt("a benchmark (SmolLM2, minutes); tests/test_overlap.py runs its --quick mode"),
     "python benchmarks/grpo_step.py": Exempt("a benchmark against TRL (about 40 min on 2 cores; `make bench` runs it)"),
     # ---- predict and export (/work/readme_parts/h1-predict-export.md): the checkpoint of the first fit
     f"advlab predict --config {GRPO} --ckpt_path $CKPT --output predictions/val.jsonl":
