@@ -30,7 +30,7 @@ import torch
 import yaml
 from ddp_state_support import ddp_args, ddp_env, instantiate, recorded_states, records
 from helpers import DIGITS
-from resume import ROOT, TINY, _flatten, cli, events, step_of
+from resume import ROOT, TINY, assert_checkpoints_equal, cli, events, step_of
 
 pytestmark = pytest.mark.slow
 
@@ -181,15 +181,7 @@ def test_dump_on_two_ranks_is_one_global_curriculum_and_a_killed_rank_resumes_ex
     a = torch.load(straight / "runs/lightning_logs/version_0/checkpoints/last.ckpt", map_location="cpu", weights_only=False)
     b = torch.load(broken / "runs/lightning_logs/version_1/checkpoints/last.ckpt", map_location="cpu", weights_only=False)
     assert a["global_step"] == b["global_step"] == steps
-    skip = {"callbacks", "loops", "hparams_name", "hyper_parameters", "pytorch-lightning_version", "lr_schedulers"}
-    fa = _flatten("", {k: v for k, v in a.items() if k not in skip}, {})
-    fb = _flatten("", {k: v for k, v in b.items() if k not in skip}, {})
-    assert sorted(fa) == sorted(fb), set(fa) ^ set(fb)
-    for name, va in fa.items():
-        if torch.is_tensor(va):
-            torch.testing.assert_close(fb[name], va, rtol=0, atol=0, msg=name)
-        else:
-            assert fb[name] == va, name
+    assert_checkpoints_equal(a, b)
     assert a["advlab_module_state_ranks"][1], "rank 1's own state (its canaries) is in the checkpoint"
     for tag in ("train/loss", "train/reward"):
         seen_a = events(straight / "runs/lightning_logs/version_0", tag)
