@@ -7,15 +7,11 @@ the library are imported once; the parametrised tests then check each script's l
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from repro_smoke import run_smokes
 
-ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = {
     "holder_po": r"final pass@1 HölderPO − GRPO [+-]\d\.\d{3} \[[+-]\d\.\d{3}, [+-]\d\.\d{3}\] over 2 seeds",
     "hapo": r"mean accuracy over the steps HAPO − DAPO [+-]\d\.\d{3} \[[+-]\d\.\d{3}, [+-]\d\.\d{3}\] over 2 seeds",
@@ -26,35 +22,11 @@ SCRIPTS = {
     "d3s": r"final pass@1 D³S − GRPO [+-]\d\.\d{3} \[[+-]\d\.\d{3}, [+-]\d\.\d{3}\] \(Adam\)",
     "drpo": r"accuracy DRPO − GRPO [+-]\d\.\d{3} \[[+-]\d\.\d{3}, [+-]\d\.\d{3}\], length reduction",
 }
-DRIVER = """
-import runpy, sys
-sys.path.insert(0, {repro!r})
-for name in {names!r}:
-    sys.argv = [name + ".py", "--smoke"]
-    print("@@" + name, flush=True)
-    runpy.run_path({repro!r} + "/" + name + ".py", run_name="__main__")
-"""
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory) -> dict[str, list[str]]:
-    reports = {n: (ROOT / f"reproductions/reports/{n}.md").read_text() for n in SCRIPTS}
-    tmp = tmp_path_factory.mktemp("smoke")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLCONFIGDIR": str(tmp)}
-    code = DRIVER.format(repro=str(ROOT / "reproductions"), names=list(SCRIPTS))
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out: dict[str, list[str]] = {}
-    current = None
-    for line in proc.stdout.splitlines():
-        if line.startswith("@@"):
-            current = line[2:]
-            out[current] = []
-        elif current is not None:
-            out[current].append(line)
-    for n, text in reports.items():  # --smoke writes no report
-        assert (ROOT / f"reproductions/reports/{n}.md").read_text() == text, n
-    return out
+    return run_smokes(list(SCRIPTS), tmp_path_factory.mktemp("smoke"))
 
 
 @pytest.mark.parametrize("name", list(SCRIPTS))
