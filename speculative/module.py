@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from common.advantages.base import AdvantageEstimator
+from common.losses.base import PolicyLoss
 from common.metrics import AcceptanceLength
 from common.models import PolicySource
 from common.module import PolicyOptimizationModule
@@ -56,7 +57,8 @@ class DraftModule(PolicyOptimizationModule):
     :class:`GTOModule`. Adds only AdamW's betas, the validation τ and the draft file written at the end of fit.
 
     Args:
-        policy: the DraftPolicy. loss: ``GTOLoss`` (ω = 0 in Phase I). advantage: ``GTOAdvantage``.
+        policy: the DraftPolicy. loss: ``GTOLoss`` (ω = 0 in Phase I; typed as the general ``PolicyLoss`` slot).
+            advantage: ``GTOAdvantage``.
         ttt_steps: the TTT unroll n of the token loss (``TokenLoss``). group_size: m (the loop's G).
         lr, weight_decay, betas, warmup_steps, max_grad_norm: AdamW, linear warm-up (common/schedules.py), clipping.
         top_k, depth, total_tokens, val_prefix, val_new_tokens, val_temperature: validation = speculative decoding
@@ -65,7 +67,7 @@ class DraftModule(PolicyOptimizationModule):
         canaries: the loop's run-time checks (off in Phase I, whose rewards are all 0 by design).
     """
 
-    def __init__(self, policy: DraftPolicy, loss: GTOLoss, advantage: AdvantageEstimator, *, ttt_steps: int,
+    def __init__(self, policy: DraftPolicy, loss: PolicyLoss, advantage: AdvantageEstimator, *, ttt_steps: int,
                  group_size: int, lr: float, weight_decay: float, betas: tuple[float, float], warmup_steps: int,
                  max_grad_norm: float, top_k: int, depth: int, total_tokens: int, save_draft: str | None,
                  val_prefix: int, val_new_tokens: int, val_temperature: float, canaries: bool):
