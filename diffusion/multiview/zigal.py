@@ -317,7 +317,7 @@ class LagrangianConstraint(nn.Module):
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
-    def update(self, mean_mv: Tensor) -> Tensor:
+    def dual_step(self, mean_mv: Tensor) -> Tensor:
         """One iteration's update from R̄_mv (a () tensor): τ first, then λ. Returns the new λ ()."""
         m = mean_mv.detach().to(self.tau)
         self.tau.copy_(torch.where(self.initialised, self.tau_beta * self.tau + (1 - self.tau_beta) * m, m))
@@ -379,7 +379,7 @@ class MVCAdvantage(Method):
     def advantages(self, r: Tensor, r_mv: Tensor) -> Tensor:
         """(N,) rewards of the global batch -> (N,) advantages; updates λ and τ in "constrained" mode."""
         if self.mode == "constrained":
-            self.constraint.update(r_mv.double().mean())
+            self.constraint.dual_step(r_mv.double().mean())
         lam = self.constraint.lam.to(torch.float64)
         if self.mode == "joint":
             adv = zscore(r_mv)

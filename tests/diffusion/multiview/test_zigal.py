@@ -141,22 +141,22 @@ def test_lagrangian_follows_asymmetric_steps_by_hand_and_stays_in_bounds():
         tau = m if tau is None else 0.99 * tau + 0.01 * m
         step = 0.1 if m < tau else 0.01
         lam = min(max(lam + step * (tau - m), 0.0), 5.0)
-        got = lag.update(torch.tensor(m, dtype=torch.float64))
+        got = lag.dual_step(torch.tensor(m, dtype=torch.float64))
         assert abs(float(lag.tau) - tau) < 1e-9 and abs(float(got) - lam) < 1e-9, (m, float(lag.tau), tau, float(got), lam)
         assert 0.0 <= float(got) <= 5.0
     # by hand, the first three: τ 0.5, 0.499, 0.50001; λ 0, 0.1·0.099, then − 0.01·0.09999
     lag2 = LagrangianConstraint()
-    lag2.update(torch.tensor(0.5, dtype=torch.float64))
+    lag2.dual_step(torch.tensor(0.5, dtype=torch.float64))
     assert float(lag2.lam) == 0.0 and float(lag2.tau) == 0.5
-    lag2.update(torch.tensor(0.4, dtype=torch.float64))
+    lag2.dual_step(torch.tensor(0.4, dtype=torch.float64))
     assert abs(float(lag2.tau) - 0.499) < 1e-12 and abs(float(lag2.lam) - 0.0099) < 1e-12
-    lag2.update(torch.tensor(0.6, dtype=torch.float64))
+    lag2.dual_step(torch.tensor(0.6, dtype=torch.float64))
     assert abs(float(lag2.tau) - 0.50001) < 1e-12 and abs(float(lag2.lam) - (0.0099 - 0.0009999)) < 1e-12
     # hit both bounds: a huge violation clamps at λ_max, a huge surplus at 0
     lag3 = LagrangianConstraint(lambda_max=2.0)
-    lag3.update(torch.tensor(1.0))
-    assert float(lag3.update(torch.tensor(-1e4))) == 2.0
-    assert float(lag3.update(torch.tensor(1e7))) == 0.0
+    lag3.dual_step(torch.tensor(1.0))
+    assert float(lag3.dual_step(torch.tensor(-1e4))) == 2.0
+    assert float(lag3.dual_step(torch.tensor(1e7))) == 0.0
     # λ, τ and the flag are buffers: they round-trip through a state dict
     fresh = LagrangianConstraint()
     fresh.load_state_dict(lag2.state_dict())
